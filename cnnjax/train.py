@@ -1,0 +1,358 @@
+"""Training: the train state, one jitted step, the epoch loop, evaluation.
+
+How data flows. A dataset that fits in device memory is put there once per run, as
+uint8. Each epoch draws a permutation on the device and cuts it into batches of
+indices; a step gathers its batch from the device-resident arrays, converts to float,
+augments (optional), scales by 1/255 and updates the parameters. The host only
+dispatches steps and, once per epoch, reads the metrics back.
+
+Every example is seen exactly once per epoch, as Keras does it: the last, partial batch
+is padded to the full batch size with weight-0 examples, so the compiled step has one
+shape and the padding changes neither the loss nor its gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+# augment(rng, images) -> images: float images in 0..255, (N, H, W, C), random per example.
+AugmentFn = Callable[[Array, Array], Array]
+History = list[dict[str, float]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (checkpointed, vmapped)."""
+
+    step: Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: Array  # raw uint32 PRNG key; each step folds in its step number for dropout / augmentation
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -> TrainState:
+    """Initialise parameters (from one split of rng) and the optimizer state."""
+    from cnnjax.models import init_params
+
+    init_rng, state_rng = jax.random.split(rng)
+    params = init_params(model, init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+
+def rmsprop_keras(learning_rate: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
+    """RMSprop as Keras defines it: eps added outside the square root, no momentum.
+
+    optax.rmsprop(eps_in_sqrt=False) is exactly Keras's update, and its accumulator
+    starts at zero like Keras's.
+    """
+    return optax.rmsprop(learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=False)
+
+
+def adam_keras(learning_rate: float = 1e-3) -> optax.GradientTransformation:
+    """Adam with Keras's defaults (beta_1 0.9, beta_2 0.999, epsilon 1e-7)."""
+    return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7)
+
+
+# --- Losses and metrics --------------------------------------------------------------
+
+
+def per_example_loss_and_correct(head: str, logits: Array, labels: Array) -> tuple[Array, Array]:
+    """Cross-entropy and 0/1 correctness per example, for a softmax or a sigmoid head."""
+    if head == "softmax":  # categorical cross-entropy on integer labels (to_categorical is implied)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = jnp.argmax(logits, axis=-1) == labels
+    elif head == "sigmoid":  # binary cross-entropy
+        labels = labels.astype(logits.dtype)
+        loss = optax.sigmoid_binary_cross_entropy(logits, labels)
+        correct = (logits > 0).astype(labels.dtype) == labels
+    else:
+        raise ValueError(f"unknown head {head!r}")
+    return loss, correct.astype(jnp.float32)
+
+
+def _weighted_totals(loss: Array, correct: Array, weights: Array) -> dict[str, Array]:
+    return {"loss_sum": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
+
+
+def zero_totals() -> dict[str, Array]:
+    return {"loss_sum": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
+
+
+def totals_to_metrics(totals: dict[str, Any]) -> dict[str, float]:
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+
+
+# --- Batching on the device ----------------------------------------------------------
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return math.ceil(num_examples / batch_size)
+
+
+def epoch_batches(rng: Array | None, num_examples: int, batch_size: int) -> tuple[Array, Array]:
+    """Index and weight matrices (steps, batch_size) covering every example once.
+
+    rng=None keeps the order (evaluation). The last batch is padded with index 0 and
+    weight 0.
+    """
+    steps = steps_per_epoch(num_examples, batch_size)
+    order = jnp.arange(num_examples) if rng is None else jax.random.permutation(rng, num_examples)
+    pad = steps * batch_size - num_examples
+    indices = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).astype(jnp.int32)
+    weights = (jnp.arange(steps * batch_size) < num_examples).astype(jnp.float32)
+    return indices.reshape(steps, batch_size), weights.reshape(steps, batch_size)
+
+
+def preprocess(images: Array, rng: Array | None = None, augment: AugmentFn | None = None) -> Array:
+    """uint8 pixels -> float, augmented (when given) on the 0..255 scale, then / 255.
+
+    Keras's ImageDataGenerator also augments first and rescales after, so a constant
+    fill value (cval) means the same in both.
+    """
+    x = images.astype(jnp.float32)
+    if augment is not None:
+        x = augment(rng, x)
+    return x / 255.0
+
+
+# --- The steps -----------------------------------------------------------------------
+
+TrainStep = Callable[..., tuple[TrainState, dict[str, Array]]]
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: AugmentFn | None = None) -> TrainStep:
+    """A pure (un-jitted) training step, to be jitted, scanned or vmapped by the caller.
+
+    train_step(state, totals, images, labels, batch_indices, batch_weights, i) takes
+    row i of the epoch's index/weight matrices, updates the state and adds the batch's
+    loss and accuracy to the running totals.
+    """
+
+    def train_step(state, totals, images, labels, batch_indices, batch_weights, i):
+        idx, w = batch_indices[i], batch_weights[i]
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        augment_rng, dropout_rng = jax.random.split(step_rng)
+        x = preprocess(images[idx], augment_rng, augment)
+        y = labels[idx]
+
+        def loss_fn(params):
+            logits = model.apply({"params": params}, x, train=True, rngs={"dropout": dropout_rng})
+            loss, correct = per_example_loss_and_correct(model.head, logits, y)
+            # Mean over the real examples: padding has weight 0 and adds nothing.
+            return jnp.sum(loss * w) / jnp.sum(w), (loss, correct)
+
+        grads, (loss, correct) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_totals = jax.tree.map(jnp.add, totals, _weighted_totals(loss, correct, w))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), new_totals
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[..., dict[str, Array]]:
+    """A pure evaluation step over row i of index/weight matrices, adding to totals."""
+
+    def eval_step(params, totals, images, labels, batch_indices, batch_weights, i):
+        idx, w = batch_indices[i], batch_weights[i]
+        logits = model.apply({"params": params}, preprocess(images[idx]), train=False)
+        loss, correct = per_example_loss_and_correct(model.head, logits, labels[idx])
+        return jax.tree.map(jnp.add, totals, _weighted_totals(loss, correct, w))
+
+    return eval_step
+
+
+def scan_steps(step_fn: Callable, num_steps: int) -> Callable:
+    """Fuse a whole epoch of steps into one XLA program with lax.scan.
+
+    Faster where dispatch dominates (GPUs); on the CPU it was measured slower than a
+    Python loop over the jitted step (see README, "Speed"), so `fit` picks per backend.
+    """
+
+    def run(carry_a, carry_b, *args):
+        def body(carry, i):
+            return step_fn(*carry, *args, i), None
+
+        (a, b), _ = jax.lax.scan(body, (carry_a, carry_b), jnp.arange(num_steps))
+        return a, b
+
+    return run
+
+
+def default_use_scan() -> bool:
+    return jax.default_backend() != "cpu"
+
+
+# --- Epoch loops ---------------------------------------------------------------------
+
+
+class _Progress:
+    """A progress bar within an epoch when attached to a terminal; silent otherwise."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, totals: dict[str, Array] | None = None) -> None:
+        if self.bar is None:
+            return
+        if totals is not None:  # reading the totals waits for the device: done only every few steps
+            self.bar.set_postfix(totals_to_metrics(jax.device_get(totals)), refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_epoch(
+    step: Callable,
+    carry: Any,
+    images: Array,
+    labels: Array,
+    batch_indices: Array,
+    batch_weights: Array,
+    scanned: bool,
+    progress: _Progress | None = None,
+) -> tuple[Any, dict[str, Array]]:
+    """Run one pass; `step` is jitted (loop) or a jitted scan of the whole epoch."""
+    totals = zero_totals()
+    if scanned:
+        return step(carry, totals, images, labels, batch_indices, batch_weights)
+    num_steps = batch_indices.shape[0]
+    for i in range(num_steps):
+        carry, totals = step(carry, totals, images, labels, batch_indices, batch_weights, np.int32(i))
+        if progress is not None:
+            progress.update(1, totals if (i + 1) % 50 == 0 else None)
+    return carry, totals
+
+
+class Trainer:
+    """Compiled train and eval steps for one model / optimizer / augmentation.
+
+    Holds only compiled functions (no training state): `fit` and `evaluate` below are
+    the ways to use it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        augment: AugmentFn | None = None,
+        use_scan: bool | None = None,
+    ):
+        self.model = model
+        self.tx = tx
+        self.use_scan = default_use_scan() if use_scan is None else use_scan
+        self._train_step = make_train_step(model, tx, augment)
+        self._eval_step = _eval_carry_adapter(make_eval_step(model))
+        self._compiled: dict[tuple, Callable] = {}
+
+    def _compile(self, kind: str, num_steps: int) -> Callable:
+        key = (kind, num_steps if self.use_scan else None)
+        if key not in self._compiled:
+            fn = self._train_step if kind == "train" else self._eval_step
+            if self.use_scan:
+                fn = scan_steps(fn, num_steps)
+            self._compiled[key] = jax.jit(fn, donate_argnums=(0, 1) if kind == "train" else (1,))
+        return self._compiled[key]
+
+    def train_epoch(
+        self, state: TrainState, images: Array, labels: Array, batch_size: int, epoch: int, progress: bool = False
+    ) -> tuple[TrainState, dict[str, float]]:
+        shuffle_rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0x5EED), epoch)
+        batch_indices, batch_weights = epoch_batches(shuffle_rng, images.shape[0], batch_size)
+        num_steps = batch_indices.shape[0]
+        bar = _Progress(num_steps, f"epoch {epoch + 1}", progress and not self.use_scan)
+        try:
+            step = self._compile("train", num_steps)
+            state, totals = run_epoch(step, state, images, labels, batch_indices, batch_weights, self.use_scan, bar)
+        finally:
+            bar.close()
+        return state, totals_to_metrics(jax.device_get(totals))
+
+    def evaluate(self, params: Any, images: Array, labels: Array, batch_size: int = 500) -> dict[str, float]:
+        batch_indices, batch_weights = epoch_batches(None, images.shape[0], batch_size)
+        step = self._compile("eval", batch_indices.shape[0])
+        _, totals = run_epoch(step, params, images, labels, batch_indices, batch_weights, self.use_scan)
+        return totals_to_metrics(jax.device_get(totals))
+
+
+def _eval_carry_adapter(eval_step):
+    """Give the eval step the (carry, totals, ...) -> (carry, totals) shape of a train step."""
+
+    def step(params, totals, *args):
+        return params, eval_step(params, totals, *args)
+
+    return step
+
+
+def format_epoch(epoch: int, epochs: int, row: dict[str, float]) -> str:
+    """A Keras-like line: 'Epoch 3/5 - 12.1s - loss: 0.0412 - accuracy: 0.9871 - ...'."""
+    metrics = " - ".join(f"{k}: {row[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in row)
+    return f"Epoch {epoch}/{epochs} - {row['seconds']:.1f}s - {metrics}"
+
+
+EpochCallback = Callable[[int, dict[str, float], TrainState], None]
+
+
+def fit(
+    trainer: Trainer,
+    state: TrainState,
+    train_data: tuple[Array, Array],
+    epochs: int,
+    batch_size: int,
+    validation_data: tuple[Array, Array] | None = None,
+    eval_batch_size: int = 500,
+    callbacks: Sequence[EpochCallback] = (),
+    verbose: bool = True,
+    progress: bool | None = None,
+    initial_epoch: int = 0,
+) -> tuple[TrainState, History]:
+    """Train for `epochs` epochs; returns the final state and one history row per epoch.
+
+    Arrays are put on the device once here. Each row holds epoch, loss, accuracy,
+    val_loss, val_accuracy (with validation data) and seconds (wall time of the epoch,
+    validation included). Training stops early, with the row marked `diverged`, when
+    the training loss is not finite: further epochs would only compute NaNs.
+    """
+    progress = sys.stdout.isatty() if progress is None else progress
+    images, labels = (jax.device_put(a) for a in train_data)
+    if validation_data is not None:
+        val_images, val_labels = (jax.device_put(a) for a in validation_data)
+    history: History = []
+    for epoch in range(initial_epoch, epochs):
+        start = time.perf_counter()
+        state, train_metrics = trainer.train_epoch(state, images, labels, batch_size, epoch, progress)
+        row: dict[str, float] = {"epoch": epoch + 1, **train_metrics}
+        if validation_data is not None:
+            val = trainer.evaluate(state.params, val_images, val_labels, eval_batch_size)
+            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        row["seconds"] = time.perf_counter() - start
+        diverged = not math.isfinite(row["loss"])
+        if diverged:
+            row["diverged"] = True
+        history.append(row)
+        if verbose:
+            print(format_epoch(epoch + 1, epochs, row) + (" - diverged (loss is not finite), stopping" if diverged else ""), flush=True)
+        for callback in callbacks:
+            callback(epoch + 1, row, state)
+        if diverged:
+            break
+    return state, history
