@@ -13,6 +13,7 @@ training behaves like the lecture's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -156,3 +157,70 @@ def predict(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
     """Class probabilities, as Keras's softmax / sigmoid output layer gives them."""
     logits = model.apply({"params": params}, images)
     return nn.softmax(logits) if model.head == "softmax" else nn.sigmoid(logits)
+
+
+def layer_outputs(model: nn.Module, params: Any, images: jax.Array, train: bool = False, rngs: Any = None) -> dict[str, jax.Array]:
+    """Every layer's output, by Keras name, in the order the layers run.
+
+    Uses flax's `capture_intermediates`, keeping the direct children of the model (the
+    Keras layers) and the model's own output under "output".
+    """
+    output, state = model.apply(
+        {"params": params}, images, train=train, rngs=rngs, capture_intermediates=True, mutable=["intermediates"]
+    )
+    captured = state["intermediates"]
+    layers = {name: value["__call__"][0] for name, value in captured.items() if name != "__call__"}
+    return {**layers, "output": output}
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """The Keras layer names in the order the layers run (dropout included when present).
+
+    Read while tracing: jax sorts dict keys in traced outputs, so the order is taken
+    from the dict flax builds, before it leaves the function.
+    """
+    names: list[str] = []
+
+    def trace(params, x):
+        outputs = layer_outputs(model, params, x)
+        names.extend(name for name in outputs if name != "output")
+        return outputs
+
+    params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    jax.eval_shape(trace, params, jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32))
+    return names
+
+
+LAYER_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D", "flatten": "Flatten", "dropout": "Dropout", "dense": "Dense"}
+
+
+def layer_type(name: str) -> str:
+    """Keras's class name for one of our layer names ("conv2d_1" -> "Conv2D")."""
+    return LAYER_TYPES[name.rstrip("0123456789").rstrip("_")]
+
+
+def summary(model: nn.Module, params: Any | None = None) -> str:
+    """The Keras `model.summary()` table: layer (type), output shape with None batch, params.
+
+    Shapes come from tracing the model (jax.eval_shape), so nothing is computed.
+    """
+    if params is None:
+        params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    dummy = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    outputs = jax.eval_shape(lambda p, x: layer_outputs(model, p, x), params, dummy)
+    rows = []
+    for name in layer_names(model):
+        out = outputs[name]
+        count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params.get(name, {})))
+        shape = "(None, " + ", ".join(str(d) for d in out.shape[1:]) + ")"
+        rows.append((f"{name} ({layer_type(name)})", shape, f"{count}"))
+    total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    widths = (max(29, max(len(r[0]) for r in rows) + 1), 26, 10)
+    line = lambda cells: "".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    rule = sum(widths)
+    out = [f'Model: "{type(model).__name__}"', "_" * rule, line(("Layer (type)", "Output Shape", "Param #")), "=" * rule]
+    for i, row in enumerate(rows):
+        out.append(line(row))
+        out.append("=" * rule if i == len(rows) - 1 else "")
+    out += [f"Total params: {total:,}", f"Trainable params: {total:,}", "Non-trainable params: 0", "_" * rule]
+    return "\n".join(out)

@@ -1,0 +1,79 @@
+"""One MNIST training epoch (batch 64, RMSprop, validation on the 10,000 test images):
+cnnjax against the lecture's Keras script (TensorFlow backend) on the same data and machine.
+
+    python benchmarks/mnist_epoch.py --data-dir ../shared/data [--epochs 2] [--skip-keras]
+
+Keras runs in its own process (benchmarks/keras_lecture.py). Each side trains for
+--epochs epochs and the fastest epoch after the first (which includes compilation) is
+compared; with --epochs 1 the first epoch is used as is. Prints seconds per epoch and the
+ratio cnnjax / Keras (below 1 means cnnjax is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from cnnjax import data, models, train
+
+HERE = Path(__file__).resolve().parent
+
+
+def best_epoch(seconds: list[float]) -> float:
+    return min(seconds[1:]) if len(seconds) > 1 else seconds[0]
+
+
+def cnnjax_epochs(data_dir: str | None, epochs: int) -> list[dict]:
+    mnist = data.load_mnist(data_dir)
+    model = models.MnistConvNet()
+    tx = train.rmsprop_keras()
+    state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
+    _, history = train.fit(
+        train.Trainer(model, tx), state, (mnist["train_images"], mnist["train_labels"]), epochs, 64,
+        (mnist["test_images"], mnist["test_labels"]), verbose=False, progress=False,
+    )
+    return history
+
+
+def keras_epochs(data_dir: str | None, epochs: int) -> list[dict] | None:
+    cmd = [sys.executable, str(HERE / "keras_lecture.py"), "mnist", "--epochs", str(epochs)]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    if result.returncode != 0:
+        print(f"Keras run failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        return None
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--skip-keras", action="store_true")
+    args = parser.parse_args()
+    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}, cpus: {os.cpu_count()}")
+    start = time.perf_counter()
+    ours = cnnjax_epochs(args.data_dir, args.epochs)
+    ours_s = best_epoch([r["seconds"] for r in ours])
+    print(f"cnnjax: epochs {[round(r['seconds'], 1) for r in ours]} s, val_accuracy {ours[-1]['val_accuracy']:.4f}; "
+          f"wall {time.perf_counter() - start:.0f} s")
+    if args.skip_keras:
+        return
+    theirs = keras_epochs(args.data_dir, args.epochs)
+    if not theirs:
+        return
+    theirs_s = best_epoch([r["seconds"] for r in theirs])
+    print(f"keras : epochs {[round(r['seconds'], 1) for r in theirs]} s, val_accuracy {theirs[-1]['val_accuracy']:.4f}")
+    print(f"epoch seconds: cnnjax {ours_s:.1f}, keras {theirs_s:.1f}; ratio cnnjax/keras = {ours_s / theirs_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()

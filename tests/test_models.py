@@ -1,0 +1,101 @@
+"""Both models: Keras layer names, output shapes and parameter counts of SPEC.md section 2."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import models
+
+MNIST_LAYERS = [
+    ("conv2d", (26, 26, 32), 320),
+    ("max_pooling2d", (13, 13, 32), 0),
+    ("conv2d_1", (11, 11, 64), 18496),
+    ("max_pooling2d_1", (5, 5, 64), 0),
+    ("conv2d_2", (3, 3, 64), 36928),
+    ("flatten", (576,), 0),
+    ("dense", (64,), 36928),
+    ("dense_1", (10,), 650),
+]
+CATS_DOGS_LAYERS = [
+    ("conv2d", (148, 148, 32), 896),
+    ("max_pooling2d", (74, 74, 32), 0),
+    ("conv2d_1", (72, 72, 64), 18496),
+    ("max_pooling2d_1", (36, 36, 64), 0),
+    ("conv2d_2", (34, 34, 128), 73856),
+    ("max_pooling2d_2", (17, 17, 128), 0),
+    ("conv2d_3", (15, 15, 128), 147584),
+    ("max_pooling2d_3", (7, 7, 128), 0),
+    ("flatten", (6272,), 0),
+    ("dense", (512,), 3211776),
+    ("dense_1", (1,), 513),
+]
+
+
+def _param_count(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize(
+    "model,layers,total",
+    [(models.MnistConvNet(), MNIST_LAYERS, 93_322), (models.CatsDogsConvNet(), CATS_DOGS_LAYERS, 3_453_121)],
+)
+def test_layer_shapes_and_parameter_counts(model, layers, total):
+    params = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
+    x = jax.ShapeDtypeStruct((2, *model.input_shape), jnp.float32)
+    outputs = jax.eval_shape(lambda p, x: models.layer_outputs(model, p, x), params, x)
+    assert models.layer_names(model) == [name for name, _, _ in layers]
+    for name, shape, count in layers:
+        assert outputs[name].shape == (2, *shape), name
+        assert _param_count(params.get(name, {})) == count, name
+    assert _param_count(params) == total
+    table = models.summary(model)
+    assert f"Total params: {total:,}" in table and f"Trainable params: {total:,}" in table
+    assert "Non-trainable params: 0" in table
+    assert "max_pooling2d_1 (MaxPooling2D) (None, 5, 5, 64)" in table or model.head == "sigmoid"
+
+
+def test_dropout_sits_after_flatten_and_adds_no_parameters():
+    model = models.CatsDogsConvNet(dropout_rate=0.5)
+    names = models.layer_names(model)
+    assert names[names.index("flatten") + 1] == "dropout"
+    params = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
+    assert _param_count(params) == 3_453_121
+    assert "dropout (Dropout)" in models.summary(model)
+
+
+def test_dropout_is_active_in_training_and_off_in_evaluation():
+    model = models.CatsDogsConvNet(dropout_rate=0.5, input_shape=(64, 64, 3))
+    params = models.init_params(model, jax.random.PRNGKey(0))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 64, 64, 3))
+    evals = [model.apply({"params": params}, x, train=False) for _ in range(2)]
+    np.testing.assert_array_equal(evals[0], evals[1])
+    inner = models.layer_outputs(model, params, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    dropped = np.asarray(inner["dropout"])
+    kept = dropped != 0
+    assert 0.35 < kept[np.asarray(inner["flatten"]) != 0].mean() < 0.65  # about half the features survive
+    np.testing.assert_allclose(dropped[kept], 2 * np.asarray(inner["flatten"])[kept], rtol=1e-6)  # inverted dropout scales by 2
+    train_out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert not np.allclose(train_out, evals[0])
+
+
+def test_keras_initialisers():
+    params = models.init_params(models.MnistConvNet(), jax.random.PRNGKey(0))
+    kernel = params["conv2d_1"]["kernel"]  # glorot_uniform: limit sqrt(6 / (fan_in + fan_out))
+    limit = np.sqrt(6 / (3 * 3 * 32 + 3 * 3 * 64))
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
+    assert all(not np.any(layer["bias"]) for layer in params.values())
+
+
+def test_model_config_round_trip_and_unknown_model():
+    model = models.CatsDogsConvNet(dropout_rate=0.5, input_shape=(64, 64, 3))
+    assert models.build_model(models.model_config(model)) == model
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model({"model": "resnet"})
+
+
+def test_predict_gives_probabilities():
+    model = models.MnistConvNet()
+    params = models.init_params(model, jax.random.PRNGKey(0))
+    probs = models.predict(model, params, jnp.ones((3, 28, 28, 1)) * 0.5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
