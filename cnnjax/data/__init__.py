@@ -1,6 +1,10 @@
 """Data sources: MNIST IDX files, image folders, TFDS; decoded once and cached."""
 
 from cnnjax.data.common import DataError, cache_root
+from cnnjax.data.folders import ImageFolder, find_cats_dogs_root, load_cats_dogs, load_image_folder, load_splits
 from cnnjax.data.mnist import load_mnist, parse_idx
 
-__all__ = ["DataError", "cache_root", "load_mnist", "parse_idx"]
+__all__ = [
+    "DataError", "ImageFolder", "cache_root", "find_cats_dogs_root", "load_cats_dogs", "load_image_folder", "load_mnist",
+    "load_splits", "parse_idx",
+]

@@ -1,0 +1,350 @@
+"""Image folders: layout errors, Keras-identical decoding, skipping bad files, the cache.
+
+Every test builds its own tiny folders in tmp_path; the real cats_and_dogs_small is never read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnjax.data import folders
+from cnnjax.data.common import DataError
+from cnnjax.data.folders import (
+    ImageFolder,
+    SkippedImageWarning,
+    find_cats_dogs_root,
+    load_image_folder,
+    load_splits,
+    load_tfds_cats_vs_dogs,
+)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    path = tmp_path_factory.mktemp("folders-cache")
+    monkeypatch.setenv("CNNJAX_CACHE_DIR", str(path))
+    return path
+
+
+def solid(path: Path, color, size=(6, 4), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def noise(path: Path, size=(37, 23), seed=0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def two_classes(root: Path) -> Path:
+    solid(root / "cats" / "a.png", (10, 0, 0))
+    solid(root / "cats" / "b.png", (20, 0, 0))
+    solid(root / "dogs" / "a.png", (0, 30, 0))
+    return root
+
+
+def cache_files(cache_dir: Path) -> list[str]:
+    return sorted(p.name for p in (cache_dir / "folders").iterdir()) if (cache_dir / "folders").is_dir() else []
+
+
+def forbid_decoding(monkeypatch) -> None:
+    def boom(*args, **kwargs):
+        raise AssertionError("decoded although it should not have")
+
+    monkeypatch.setattr(folders, "_decode_one", boom)
+
+
+# --- classes, order, values -----------------------------------------------------------------------
+
+
+def test_classes_sorted_and_files_in_keras_order(tmp_path):
+    # Created out of order; upper-case extensions count, non-images and hidden files do not.
+    solid(tmp_path / "dogs" / "z.png", (0, 0, 3))
+    solid(tmp_path / "dogs" / "b.PNG", (0, 0, 2))
+    solid(tmp_path / "cats" / "y.Jpg", (200, 200, 200))
+    solid(tmp_path / "cats" / "x.bmp", (0, 0, 1))
+    solid(tmp_path / "cats" / "sub" / "w.gif", 0, mode="L")  # sub-folders of a class count, after its files
+    solid(tmp_path / "birds" / "m.webp", (9, 9, 9))
+    (tmp_path / "cats" / "notes.txt").write_text("not an image")
+    solid(tmp_path / "cats" / ".hidden.png", (1, 1, 1))
+    solid(tmp_path / ".ipynb_checkpoints" / "q.png", (1, 1, 1))  # hidden folder: not a class
+    solid(tmp_path / "loose.png", (1, 1, 1))  # outside any class folder: ignored, as in Keras
+
+    data = load_image_folder(tmp_path, image_size=(4, 6))
+    assert isinstance(data, ImageFolder)
+    assert data.class_names == ["birds", "cats", "dogs"]
+    assert data.files == ["birds/m.webp", "cats/x.bmp", "cats/y.Jpg", "cats/sub/w.gif", "dogs/b.PNG", "dogs/z.png"]
+    assert data.labels.dtype == np.int32 and data.labels.tolist() == [0, 1, 1, 1, 2, 2]
+    assert data.images.dtype == np.uint8 and data.images.shape == (6, 4, 6, 3)
+    assert data.images[1, 0, 0].tolist() == [0, 0, 1]  # lossless formats keep exact values
+    assert data.images[4, 0, 0].tolist() == [0, 0, 2]
+    assert data.images[5].reshape(-1, 3).tolist() == [[0, 0, 3]] * 24
+    assert data.skipped == [] and len(data) == 6
+
+
+def test_modes_converted_to_rgb(tmp_path):
+    solid(tmp_path / "c" / "1_gray.png", 100, mode="L")
+    palette = Image.new("P", (6, 4), 1)
+    palette.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
+    palette.save(tmp_path / "c" / "2_palette.png")
+    solid(tmp_path / "c" / "3_rgba.png", (50, 60, 70, 0), mode="RGBA")  # alpha dropped, not composited (Keras does the same)
+    solid(tmp_path / "c" / "4_cmyk.tif", (255, 0, 0, 0), mode="CMYK")
+    solid(tmp_path / "c" / "5_cmyk_black.tif", (0, 0, 0, 255), mode="CMYK")
+    solid(tmp_path / "c" / "6_gray16.png", 100, mode="I;16")
+    solid(tmp_path / "c" / "7_gray16_bright.png", 1000, mode="I;16")  # clipped to 255 by PIL, as load_img gets it
+    data = load_image_folder(tmp_path, image_size=(4, 6))
+    assert data.images.shape == (7, 4, 6, 3)
+    first_pixels = data.images[:, 0, 0].tolist()
+    assert first_pixels == [[100] * 3, [12, 34, 56], [50, 60, 70], [0, 255, 255], [0, 0, 0], [100] * 3, [255] * 3]
+    for path, image in zip(data.files, data.images, strict=True):  # each whole image equals PIL's own conversion
+        assert np.array_equal(image, np.asarray(Image.open(tmp_path / path).convert("RGB")))
+
+
+def test_nearest_resize_equals_pil_nearest(tmp_path):
+    path = noise(tmp_path / "c" / "n.png", size=(37, 23))
+    data = load_image_folder(tmp_path, image_size=(10, 15))  # (height, width), not square: catches a swap
+    expected = np.asarray(Image.open(path).convert("RGB").resize((15, 10), Image.NEAREST))
+    assert data.images.shape == (1, 10, 15, 3)
+    assert np.array_equal(data.images[0], expected)
+
+
+def test_bilinear_on_request(tmp_path):
+    path = noise(tmp_path / "c" / "n.png", size=(37, 23))
+    bilinear = load_image_folder(tmp_path, image_size=(10, 15), interpolation="bilinear").images[0]
+    nearest = load_image_folder(tmp_path, image_size=(10, 15)).images[0]
+    assert np.array_equal(bilinear, np.asarray(Image.open(path).resize((15, 10), Image.BILINEAR)))
+    assert not np.array_equal(bilinear, nearest)  # and the cache kept the two apart
+    with pytest.raises(ValueError, match="interpolation"):
+        load_image_folder(tmp_path, interpolation="cubic-ish")
+
+
+def test_equals_keras_load_img(tmp_path):
+    keras = pytest.importorskip("keras")
+    noise(tmp_path / "c" / "n.png", size=(37, 23))
+    big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (97, 131, 3), dtype=np.uint8))
+    big.save(tmp_path / "c" / "photo.jpg", quality=85)
+    big.convert("CMYK").save(tmp_path / "c" / "print.jpg")
+    solid(tmp_path / "c" / "same_size.png", (1, 2, 3), size=(15, 10))  # no resize at the target size
+    for interpolation in ("nearest", "bilinear"):
+        data = load_image_folder(tmp_path, image_size=(10, 15), interpolation=interpolation)
+        for rel, image in zip(data.files, data.images, strict=True):
+            pil = keras.utils.load_img(str(tmp_path / rel), target_size=(10, 15), interpolation=interpolation)
+            expected = keras.utils.img_to_array(pil)
+            assert np.array_equal(image.astype(np.float32), expected), (rel, interpolation)
+
+
+# --- bad files and bad layouts --------------------------------------------------------------------
+
+
+def test_corrupt_file_skipped_with_warning(tmp_path):
+    two_classes(tmp_path)
+    (tmp_path / "cats" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    good = (tmp_path / "dogs" / "a.png").read_bytes()
+    (tmp_path / "dogs" / "cut.png").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.warns(SkippedImageWarning) as record:
+        data = load_image_folder(tmp_path, image_size=(4, 6))
+    messages = " ".join(str(w.message) for w in record)
+    assert "broken.jpg" in messages and "cut.png" in messages
+    assert data.files == ["cats/a.png", "cats/b.png", "dogs/a.png"]
+    assert data.labels.tolist() == [0, 0, 1] and len(data.images) == 3
+    assert data.skipped == ["cats/broken.jpg", "dogs/cut.png"]
+    # The cached result remembers the skipped files and warns again.
+    with pytest.warns(SkippedImageWarning) as record:
+        again = load_image_folder(tmp_path, image_size=(4, 6))
+    assert len(record) == 2 and "broken.jpg" in str(record[0].message) and "cut.png" in str(record[1].message)
+    assert again.files == data.files and again.skipped == data.skipped
+
+
+def test_class_with_only_undecodable_files_is_an_error(tmp_path):
+    solid(tmp_path / "cats" / "a.png", (1, 2, 3))
+    (tmp_path / "dogs").mkdir()
+    (tmp_path / "dogs" / "bad.png").write_bytes(b"junk")
+    with pytest.warns(SkippedImageWarning), pytest.raises(DataError, match="none of the images of class dogs"):
+        load_image_folder(tmp_path)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist; expected folder/<class>/<image>"):
+        load_image_folder(tmp_path / "nowhere")
+
+
+def test_no_class_subfolders(tmp_path):
+    solid(tmp_path / "a.png", (1, 2, 3))
+    expected = r"has only 1 loose image file\(s\), no class sub-folders; expected folder/<class>/<image>"
+    with pytest.raises(DataError, match=expected):
+        load_image_folder(tmp_path)
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(DataError, match="has no class sub-folders"):
+        load_image_folder(tmp_path)
+
+
+def test_empty_class_folder(tmp_path):
+    solid(tmp_path / "cats" / "a.png", (1, 2, 3))
+    (tmp_path / "dogs").mkdir()
+    (tmp_path / "dogs" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError) as info:
+        load_image_folder(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "dogs") in message and "holds no images" in message and "folder/<class>/<image>" in message
+    assert "\n" not in message
+
+
+# --- splits ---------------------------------------------------------------------------------------
+
+
+def test_load_splits(tmp_path):
+    two_classes(tmp_path / "train")
+    two_classes(tmp_path / "validation")
+    solid(tmp_path / "validation" / "dogs" / "b.png", (0, 40, 0))
+    data = load_splits(tmp_path, image_size=(4, 6))
+    assert list(data) == ["train", "validation"]
+    assert len(data["train"]) == 3 and len(data["validation"]) == 4
+    assert data["validation"].class_names == ["cats", "dogs"]
+
+
+def test_missing_split(tmp_path):
+    two_classes(tmp_path / "train")
+    expected = r"has no validation, test folder \(it has: train\); expected root/\{train,validation,test\}/<class>"
+    with pytest.raises(DataError, match=expected):
+        load_splits(tmp_path, splits=("train", "validation", "test"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(tmp_path / "nowhere")
+
+
+def test_mismatched_classes_fail_before_decoding(tmp_path, monkeypatch):
+    two_classes(tmp_path / "train")
+    solid(tmp_path / "validation" / "cat" / "a.png", (1, 2, 3))
+    solid(tmp_path / "validation" / "dogs" / "a.png", (1, 2, 3))
+    forbid_decoding(monkeypatch)
+    expected = r"different classes: .*train has \['cats', 'dogs'\] but .*validation has \['cat', 'dogs'\]"
+    with pytest.raises(DataError, match=expected):
+        load_splits(tmp_path)
+
+
+def test_empty_class_in_a_later_split_fails_before_decoding(tmp_path, monkeypatch):
+    two_classes(tmp_path / "train")
+    solid(tmp_path / "validation" / "cats" / "a.png", (1, 2, 3))
+    (tmp_path / "validation" / "dogs").mkdir(parents=True)
+    forbid_decoding(monkeypatch)
+    with pytest.raises(DataError, match="holds no images"):
+        load_splits(tmp_path)
+
+
+def test_find_cats_dogs_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="no data folder given.*CNNJAX_DATA_DIR"):
+        find_cats_dogs_root()
+    data = tmp_path / "cats_and_dogs_small"
+    for split in ("train", "validation", "test"):
+        (data / split / "cats").mkdir(parents=True)
+    assert find_cats_dogs_root(data) == data
+    assert find_cats_dogs_root(tmp_path) == data  # a parent of cats_and_dogs_small/
+    monkeypatch.setenv("CNNJAX_DATA_DIR", str(tmp_path))
+    assert find_cats_dogs_root() == data
+    with pytest.raises(DataError, match=r"tried .*elsewhere and .*elsewhere/cats_and_dogs_small \(from data_dir\)"):
+        find_cats_dogs_root(tmp_path / "elsewhere")
+
+
+# --- the cache ------------------------------------------------------------------------------------
+
+
+def test_second_load_comes_from_the_cache(tmp_path, cache_dir, monkeypatch):
+    two_classes(tmp_path)
+    first = load_image_folder(tmp_path, image_size=(4, 6))
+    assert len(cache_files(cache_dir)) == 1 and cache_files(cache_dir)[0].endswith(".npz")
+    forbid_decoding(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no skipped files, no damaged-cache warning
+        second = load_image_folder(tmp_path, image_size=(4, 6))
+    assert np.array_equal(second.images, first.images) and np.array_equal(second.labels, first.labels)
+    assert second.labels.dtype == np.int32 and second.class_names == first.class_names and second.files == first.files
+    with pytest.warns(SkippedImageWarning):  # another size is another key: decoded (and here refused)
+        with pytest.raises(DataError):
+            load_image_folder(tmp_path, image_size=(5, 5))
+
+
+def test_changed_added_removed_files_invalidate_the_cache(tmp_path, cache_dir):
+    two_classes(tmp_path)
+    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
+    path = solid(tmp_path / "cats" / "a.png", (99, 0, 0))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # coarse file-system clocks
+    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
+    solid(tmp_path / "dogs" / "c.png", (0, 77, 0))
+    assert load_image_folder(tmp_path, image_size=(4, 6)).files[-1] == "dogs/c.png"
+    (tmp_path / "cats" / "b.png").unlink()
+    assert load_image_folder(tmp_path, image_size=(4, 6)).files == ["cats/a.png", "dogs/a.png", "dogs/c.png"]
+    assert len(cache_files(cache_dir)) == 4
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, cache_dir):
+    two_classes(tmp_path)
+    first = load_image_folder(tmp_path, image_size=(4, 6))
+    (cached,) = (cache_dir / "folders").iterdir()
+    cached.write_bytes(cached.read_bytes()[:200])  # as if cut off
+    with pytest.warns(UserWarning, match="ignoring damaged cache file"):
+        second = load_image_folder(tmp_path, image_size=(4, 6))
+    assert np.array_equal(second.images, first.images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        third = load_image_folder(tmp_path, image_size=(4, 6))  # the rebuilt file is whole again
+    assert np.array_equal(third.images, first.images)
+
+
+def test_cache_write_is_atomic(tmp_path, cache_dir, monkeypatch):
+    two_classes(tmp_path)
+    real_savez = np.savez
+
+    def savez_then_die(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(folders.np, "savez", savez_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        load_image_folder(tmp_path, image_size=(4, 6))
+    assert cache_files(cache_dir) == []  # neither a half-written cache nor its temporary file
+
+    def savez_disk_full(file, **arrays):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(folders.np, "savez", savez_disk_full)
+    with pytest.warns(UserWarning, match="cannot write the image cache"):
+        data = load_image_folder(tmp_path, image_size=(4, 6))  # the load itself still succeeds
+    assert len(data) == 3 and cache_files(cache_dir) == []
+
+    monkeypatch.setattr(folders.np, "savez", real_savez)
+    load_image_folder(tmp_path, image_size=(4, 6))
+    assert [name.endswith(".npz") for name in cache_files(cache_dir)] == [True]
+
+
+def test_cache_false_reads_and_writes_nothing(tmp_path, cache_dir):
+    two_classes(tmp_path)
+    load_image_folder(tmp_path, image_size=(4, 6), cache=False)
+    assert cache_files(cache_dir) == []
+
+
+def test_threads_and_serial_agree(tmp_path):
+    for i in range(12):
+        noise(tmp_path / ("cats" if i % 2 else "dogs") / f"{i:02d}.png", size=(20 + i, 30 - i), seed=i)
+    serial = load_image_folder(tmp_path, image_size=(8, 9), cache=False, workers=1)
+    threaded = load_image_folder(tmp_path, image_size=(8, 9), cache=False, workers=4)
+    assert np.array_equal(serial.images, threaded.images) and serial.files == threaded.files
+
+
+# --- TFDS -----------------------------------------------------------------------------------------
+
+
+def test_tfds_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises ImportError
+    with pytest.raises(DataError, match="needs tensorflow-datasets, which is not installed.*train,validation,test"):
+        load_tfds_cats_vs_dogs()
