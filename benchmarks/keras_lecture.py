@@ -1,6 +1,6 @@
 """The lecture's own Keras code, as the peer that cnnjax's benchmarks time themselves against.
 
-Run as a separate process (`python benchmarks/keras_lecture.py mnist --epochs 1`) so
+Run as a separate process (`python benchmarks/keras_lecture.py mnist|catsdogs --epochs 1`) so
 TensorFlow and JAX never share one process. Needs the optional extra:
 `pip install -e '.[keras]'`. Prints one JSON line per epoch: {"epoch", "seconds", ...}.
 """
@@ -58,9 +58,43 @@ def mnist(args: argparse.Namespace) -> None:
     timed_epochs(model, args.epochs, x=train_images, y=train_labels, batch_size=64, validation_data=(test_images, test_labels))
 
 
+def catsdogs(args: argparse.Namespace) -> None:
+    """Lecture code, second experiment: ImageDataGenerator augmentation + Dropout(0.5), Adam 1e-3."""
+    from keras import layers, models, optimizers
+    from keras.preprocessing.image import ImageDataGenerator
+
+    from cnnjax.data.folders import find_cats_dogs_root
+
+    root = find_cats_dogs_root(args.data_dir)
+    model = models.Sequential()
+    model.add(layers.Input((150, 150, 3)))
+    model.add(layers.Conv2D(32, (3, 3), activation="relu"))
+    model.add(layers.MaxPooling2D((2, 2)))
+    model.add(layers.Conv2D(64, (3, 3), activation="relu"))
+    model.add(layers.MaxPooling2D((2, 2)))
+    model.add(layers.Conv2D(128, (3, 3), activation="relu"))
+    model.add(layers.MaxPooling2D((2, 2)))
+    model.add(layers.Conv2D(128, (3, 3), activation="relu"))
+    model.add(layers.MaxPooling2D((2, 2)))
+    model.add(layers.Flatten())
+    model.add(layers.Dropout(0.5))
+    model.add(layers.Dense(512, activation="relu"))
+    model.add(layers.Dense(1, activation="sigmoid"))
+    model.compile(loss="binary_crossentropy", metrics=["acc"], optimizer=optimizers.Adam(learning_rate=0.001))
+
+    train_datagen = ImageDataGenerator(
+        rescale=1.0 / 255, rotation_range=40, width_shift_range=0.1, height_shift_range=0.1,
+        shear_range=0.4, zoom_range=0.5, horizontal_flip=True,
+    )
+    test_datagen = ImageDataGenerator(rescale=1.0 / 255)
+    train_generator = train_datagen.flow_from_directory(str(root / "train"), target_size=(150, 150), batch_size=20, class_mode="binary")
+    valid_generator = test_datagen.flow_from_directory(str(root / "validation"), target_size=(150, 150), batch_size=20, class_mode="binary")
+    timed_epochs(model, args.epochs, x=train_generator, steps_per_epoch=100, validation_data=valid_generator, validation_steps=50)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=["mnist"])
+    parser.add_argument("experiment", choices=["mnist", "catsdogs"])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
@@ -68,7 +102,7 @@ def main() -> None:
         import keras  # noqa: F401
     except ImportError:
         sys.exit("keras is not installed: pip install -e '.[keras]' (TensorFlow backend)")
-    {"mnist": mnist}[args.experiment](args)
+    {"mnist": mnist, "catsdogs": catsdogs}[args.experiment](args)
 
 
 if __name__ == "__main__":

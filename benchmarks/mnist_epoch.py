@@ -42,8 +42,9 @@ def cnnjax_epochs(data_dir: str | None, epochs: int) -> list[dict]:
     return history
 
 
-def keras_epochs(data_dir: str | None, epochs: int) -> list[dict] | None:
-    cmd = [sys.executable, str(HERE / "keras_lecture.py"), "mnist", "--epochs", str(epochs)]
+def keras_epochs(data_dir: str | None, epochs: int, experiment: str = "mnist") -> list[dict] | None:
+    """The lecture's Keras script in its own process; one dict per epoch, or None if it failed."""
+    cmd = [sys.executable, str(HERE / "keras_lecture.py"), experiment, "--epochs", str(epochs)]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})

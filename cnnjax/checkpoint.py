@@ -115,3 +115,22 @@ def restore_train_state(path: str | os.PathLike, model: nn.Module, tx: optax.Gra
     items = _restore_items(path, targets)
     state = TrainState(step=items["progress"]["step"], params=items["params"], opt_state=items["opt_state"], rng=items["progress"]["rng"])
     return state, read_json_item(path, "meta")
+
+
+class SaveBest:
+    """An epoch callback for `train.fit`: keep the checkpoint with the lowest `monitor`.
+
+    Keras's ModelCheckpoint(save_best_only=True): after each epoch whose monitored value
+    improves on every earlier one, the state is saved to `path` (replacing the last best).
+    """
+
+    def __init__(self, path: str | os.PathLike, model: nn.Module, monitor: str = "val_loss", meta: dict[str, Any] | None = None):
+        self.path, self.model, self.monitor, self.meta = Path(path), model, monitor, meta or {}
+        self.best = float("inf")
+        self.best_epoch: int | None = None
+
+    def __call__(self, epoch: int, row: dict[str, float], state: TrainState) -> None:
+        value = row.get(self.monitor, float("nan"))
+        if value < self.best:  # NaN never compares smaller: a diverged epoch is never "best"
+            self.best, self.best_epoch = value, epoch
+            save_checkpoint(self.path, state, self.model, {**self.meta, "epoch": epoch, "metrics": row})

@@ -36,11 +36,12 @@ def config_parser(config_cls: type, description: str | None = None) -> argparse.
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
         kind = _flag_type(field.type)
+        extra = {k: field.metadata[k] for k in ("nargs", "const", "choices") if k in field.metadata}
         help_text = field.metadata.get("help", "")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
+            parser.add_argument(flag, type=kind, default=field.default, help=help_text, **extra)
     return parser
 
 

@@ -86,13 +86,17 @@ def _weighted_totals(loss: Array, correct: Array, weights: Array) -> dict[str, A
     return {"loss_sum": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
 
 
-def zero_totals() -> dict[str, Array]:
-    return {"loss_sum": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
+def zero_totals(num_seeds: int | None = None) -> dict[str, Array]:
+    shape = () if num_seeds is None else (num_seeds,)
+    return {"loss_sum": jnp.zeros(shape), "correct": jnp.zeros(shape), "count": jnp.zeros(shape)}
 
 
-def totals_to_metrics(totals: dict[str, Any]) -> dict[str, float]:
-    count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+def totals_to_metrics(totals: dict[str, Any]) -> Any:
+    """{"loss", "accuracy"} from running totals; a list of them for stacked seeds."""
+    loss_sum, correct, count = (np.asarray(totals[k], np.float64) for k in ("loss_sum", "correct", "count"))
+    if loss_sum.ndim:
+        return [{"loss": float(l / c), "accuracy": float(a / c)} for l, a, c in zip(loss_sum, correct, count)]  # noqa: E741
+    return {"loss": float(loss_sum / count), "accuracy": float(correct / count)}
 
 
 # --- Batching on the device ----------------------------------------------------------
@@ -213,7 +217,8 @@ class _Progress:
         if self.bar is None:
             return
         if totals is not None:  # reading the totals waits for the device: done only every few steps
-            self.bar.set_postfix(totals_to_metrics(jax.device_get(totals)), refresh=False)
+            metrics = totals_to_metrics(jax.device_get(totals))
+            self.bar.set_postfix(metrics if isinstance(metrics, dict) else metrics[0], refresh=False)
         self.bar.update(n)
 
     def close(self) -> None:
@@ -230,9 +235,10 @@ def run_epoch(
     batch_weights: Array,
     scanned: bool,
     progress: _Progress | None = None,
+    num_seeds: int | None = None,
 ) -> tuple[Any, dict[str, Array]]:
     """Run one pass; `step` is jitted (loop) or a jitted scan of the whole epoch."""
-    totals = zero_totals()
+    totals = zero_totals(num_seeds)
     if scanned:
         return step(carry, totals, images, labels, batch_indices, batch_weights)
     num_steps = batch_indices.shape[0]
@@ -247,7 +253,10 @@ class Trainer:
     """Compiled train and eval steps for one model / optimizer / augmentation.
 
     Holds only compiled functions (no training state): `fit` and `evaluate` below are
-    the ways to use it.
+    the ways to use it. With `num_seeds=K` every function works on K stacked train states
+    (leading axis K on every leaf, see `stack_states`) under jax.vmap: K seeds train in
+    one compiled program, each with its own initialisation, shuffling, augmentation and
+    dropout, on the same data.
     """
 
     def __init__(
@@ -256,10 +265,12 @@ class Trainer:
         tx: optax.GradientTransformation,
         augment: AugmentFn | None = None,
         use_scan: bool | None = None,
+        num_seeds: int | None = None,
     ):
         self.model = model
         self.tx = tx
         self.use_scan = default_use_scan() if use_scan is None else use_scan
+        self.num_seeds = num_seeds
         self._train_step = make_train_step(model, tx, augment)
         self._eval_step = _eval_carry_adapter(make_eval_step(model))
         self._compiled: dict[tuple, Callable] = {}
@@ -268,30 +279,55 @@ class Trainer:
         key = (kind, num_steps if self.use_scan else None)
         if key not in self._compiled:
             fn = self._train_step if kind == "train" else self._eval_step
+            if self.num_seeds is not None:
+                # Per seed: state/params, totals and (for training) the batch order; shared: data, step number.
+                batched_order = 0 if kind == "train" else None
+                fn = jax.vmap(fn, in_axes=(0, 0, None, None, batched_order, batched_order, None))
             if self.use_scan:
                 fn = scan_steps(fn, num_steps)
             self._compiled[key] = jax.jit(fn, donate_argnums=(0, 1) if kind == "train" else (1,))
         return self._compiled[key]
 
+    def _epoch_order(self, state: TrainState, num_examples: int, batch_size: int, epoch: int) -> tuple[Array, Array]:
+        def order(rng):
+            return epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch), num_examples, batch_size)
+
+        return order(state.rng) if self.num_seeds is None else jax.vmap(order)(state.rng)
+
     def train_epoch(
         self, state: TrainState, images: Array, labels: Array, batch_size: int, epoch: int, progress: bool = False
-    ) -> tuple[TrainState, dict[str, float]]:
-        shuffle_rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0x5EED), epoch)
-        batch_indices, batch_weights = epoch_batches(shuffle_rng, images.shape[0], batch_size)
-        num_steps = batch_indices.shape[0]
+    ) -> tuple[TrainState, Any]:
+        """One pass over the training data; metrics as a dict (a list of dicts for stacked seeds)."""
+        batch_indices, batch_weights = self._epoch_order(state, images.shape[0], batch_size, epoch)
+        num_steps = batch_indices.shape[-2]
         bar = _Progress(num_steps, f"epoch {epoch + 1}", progress and not self.use_scan)
         try:
             step = self._compile("train", num_steps)
-            state, totals = run_epoch(step, state, images, labels, batch_indices, batch_weights, self.use_scan, bar)
+            state, totals = run_epoch(
+                step, state, images, labels, batch_indices, batch_weights, self.use_scan, bar, self.num_seeds
+            )
         finally:
             bar.close()
         return state, totals_to_metrics(jax.device_get(totals))
 
-    def evaluate(self, params: Any, images: Array, labels: Array, batch_size: int = 500) -> dict[str, float]:
+    def evaluate(self, params: Any, images: Array, labels: Array, batch_size: int = 500) -> Any:
+        """Loss and accuracy over all of (images, labels); a list of them for stacked seeds."""
         batch_indices, batch_weights = epoch_batches(None, images.shape[0], batch_size)
         step = self._compile("eval", batch_indices.shape[0])
-        _, totals = run_epoch(step, params, images, labels, batch_indices, batch_weights, self.use_scan)
+        _, totals = run_epoch(
+            step, params, images, labels, batch_indices, batch_weights, self.use_scan, num_seeds=self.num_seeds
+        )
         return totals_to_metrics(jax.device_get(totals))
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+    """K train states -> one with a leading seed axis on every leaf (for Trainer(num_seeds=K))."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def unstack_state(state: TrainState, index: int) -> TrainState:
+    """Seed `index` of a stacked state."""
+    return jax.tree.map(lambda leaf: leaf[index], state)
 
 
 def _eval_carry_adapter(eval_step):
@@ -324,35 +360,45 @@ def fit(
     verbose: bool = True,
     progress: bool | None = None,
     initial_epoch: int = 0,
-) -> tuple[TrainState, History]:
+) -> tuple[TrainState, Any]:
     """Train for `epochs` epochs; returns the final state and one history row per epoch.
 
     Arrays are put on the device once here. Each row holds epoch, loss, accuracy,
     val_loss, val_accuracy (with validation data) and seconds (wall time of the epoch,
-    validation included). Training stops early, with the row marked `diverged`, when
-    the training loss is not finite: further epochs would only compute NaNs.
+    validation included). A run whose training loss is not finite is marked `diverged`
+    and stops: further epochs would only compute NaNs.
+
+    With a stacked state (Trainer(num_seeds=K)) the history is a list of K histories, and
+    callbacks get the list of K rows; training stops once every seed has diverged.
     """
     progress = sys.stdout.isatty() if progress is None else progress
+    stacked = trainer.num_seeds is not None
     images, labels = (jax.device_put(a) for a in train_data)
     if validation_data is not None:
         val_images, val_labels = (jax.device_put(a) for a in validation_data)
-    history: History = []
+    histories: list[History] = [[] for _ in range(trainer.num_seeds or 1)]
     for epoch in range(initial_epoch, epochs):
         start = time.perf_counter()
         state, train_metrics = trainer.train_epoch(state, images, labels, batch_size, epoch, progress)
-        row: dict[str, float] = {"epoch": epoch + 1, **train_metrics}
+        rows = [{"epoch": epoch + 1, **m} for m in (train_metrics if stacked else [train_metrics])]
         if validation_data is not None:
             val = trainer.evaluate(state.params, val_images, val_labels, eval_batch_size)
-            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        row["seconds"] = time.perf_counter() - start
-        diverged = not math.isfinite(row["loss"])
-        if diverged:
-            row["diverged"] = True
-        history.append(row)
+            for row, v in zip(rows, val if stacked else [val]):
+                row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
+        seconds = time.perf_counter() - start
+        for row, history in zip(rows, histories):
+            row["seconds"] = seconds
+            if not math.isfinite(row["loss"]) or any(h.get("diverged") for h in history):
+                row["diverged"] = True
+            history.append(row)
+        all_diverged = all(row.get("diverged") for row in rows)
         if verbose:
-            print(format_epoch(epoch + 1, epochs, row) + (" - diverged (loss is not finite), stopping" if diverged else ""), flush=True)
+            for k, row in enumerate(rows):
+                prefix = f"[seed {k}] " if stacked else ""
+                note = " - diverged (loss is not finite)" if row.get("diverged") else ""
+                print(prefix + format_epoch(epoch + 1, epochs, row) + note, flush=True)
         for callback in callbacks:
-            callback(epoch + 1, row, state)
-        if diverged:
+            callback(epoch + 1, rows if stacked else rows[0], state)
+        if all_diverged:
             break
-    return state, history
+    return state, histories if stacked else histories[0]

@@ -1,0 +1,59 @@
+"""One epoch of cats-vs-dogs experiment 2 (augmentation + Dropout(0.5), Adam, batch 20:
+2,000 training and 1,000 validation images): cnnjax against the lecture's Keras script
+(TensorFlow backend, ImageDataGenerator) on the same data and machine.
+
+    python benchmarks/catsdogs_epoch.py --data-dir ../shared/data [--epochs 2] [--skip-keras]
+
+Keras runs in its own process (benchmarks/keras_lecture.py). The fastest epoch after the
+first (which includes compilation, and for cnnjax nothing else: decoding is cached) is
+compared. Prints seconds per epoch and the ratio cnnjax / Keras (below 1: cnnjax faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+
+from benchmarks.mnist_epoch import best_epoch, keras_epochs
+from cnnjax import augment, data, models, train
+
+
+def cnnjax_epochs(data_dir: str | None, epochs: int) -> list[dict]:
+    splits = data.load_cats_dogs(data_dir, ("train", "validation"))
+    model = models.CatsDogsConvNet(dropout_rate=0.5)
+    tx = train.adam_keras(1e-3)
+    state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
+    trainer = train.Trainer(model, tx, augment=augment.make_augment_fn(augment.LECTURE))
+    _, history = train.fit(
+        trainer, state, (splits["train"].images, splits["train"].labels), epochs, 20,
+        (splits["validation"].images, splits["validation"].labels), eval_batch_size=100, verbose=False, progress=False,
+    )
+    return history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--skip-keras", action="store_true")
+    args = parser.parse_args()
+    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}, cpus: {os.cpu_count()}")
+    start = time.perf_counter()
+    ours = cnnjax_epochs(args.data_dir, args.epochs)
+    ours_s = best_epoch([r["seconds"] for r in ours])
+    print(f"cnnjax: epochs {[round(r['seconds'], 1) for r in ours]} s; wall {time.perf_counter() - start:.0f} s")
+    if args.skip_keras:
+        return
+    theirs = keras_epochs(args.data_dir, args.epochs, "catsdogs")
+    if not theirs:
+        return
+    theirs_s = best_epoch([r["seconds"] for r in theirs])
+    print(f"keras : epochs {[round(r['seconds'], 1) for r in theirs]} s")
+    print(f"epoch seconds: cnnjax {ours_s:.1f}, keras {theirs_s:.1f}; ratio cnnjax/keras = {ours_s / theirs_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
