@@ -26,7 +26,7 @@ def cnnjax_epochs(data_dir: str | None, epochs: int) -> list[dict]:
     model = models.CatsDogsConvNet(dropout_rate=0.5)
     tx = train.adam_keras(1e-3)
     state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
-    trainer = train.Trainer(model, tx, augment=augment.make_augment_fn(augment.LECTURE))
+    trainer = train.Trainer(model, tx, augment=augment.make_augment_fn(augment.AugmentConfig.LECTURE))
     _, history = train.fit(
         trainer, state, (splits["train"].images, splits["train"].labels), epochs, 20,
         (splits["validation"].images, splits["validation"].labels), eval_batch_size=100, verbose=False, progress=False,

@@ -25,7 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from cnnjax.models import build_model, init_params, model_config
-from cnnjax.train import TrainState
+from cnnjax.train import TrainState, create_train_state
 
 # orbax logs every save and restore at INFO/WARNING through absl; keep runs readable.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -101,17 +101,23 @@ def restore_model(path: str | os.PathLike) -> tuple[nn.Module, Any, dict[str, An
     return model, params, read_json_item(path, "meta")
 
 
-def restore_train_state(path: str | os.PathLike, model: nn.Module, tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, Any]]:
-    """The full TrainState (to resume training) for `model` and `tx`; errors on another architecture."""
+def restore_train_state(
+    path: str | os.PathLike, model: nn.Module, tx: optax.GradientTransformation, num_seeds: int | None = None
+) -> tuple[TrainState, dict[str, Any]]:
+    """The full TrainState (to resume training) for `model` and `tx`; errors on another architecture.
+
+    num_seeds=K restores K stacked states (as saved from `train.stack_states`).
+    """
     path = Path(path).absolute()
     _require_checkpoint(path)
     _check_architecture(path, model)
-    params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-    targets = {
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "progress": {"step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)},
-    }
+
+    def abstract_state(rng):
+        return create_train_state(model, tx, rng)
+
+    rngs = jax.ShapeDtypeStruct((2,) if num_seeds is None else (num_seeds, 2), jnp.uint32)
+    target = jax.eval_shape(abstract_state if num_seeds is None else jax.vmap(abstract_state), rngs)
+    targets = {"params": target.params, "opt_state": target.opt_state, "progress": {"step": target.step, "rng": target.rng}}
     items = _restore_items(path, targets)
     state = TrainState(step=items["progress"]["step"], params=items["params"], opt_state=items["opt_state"], rng=items["progress"]["rng"])
     return state, read_json_item(path, "meta")

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"Test accuracy: {test['accuracy']:.4f} (test loss {test['loss']:.4f})")
     runs.write_history(history, out)
     plots.plot_history(history, out / "history.png")
-    checkpoint.save_checkpoint(out / "checkpoint", state, model, {"epoch": config.epochs, "test": test, "config": dataclasses.asdict(config)})
+    meta = {"epoch": config.epochs, "test": test, "config": dataclasses.asdict(config)}
+    checkpoint.save_checkpoint(out / "checkpoint", state, model, meta)
     print(f"Wrote {out}/: config.json, history.json, history.csv, history.png, checkpoint/")
     return test
 

@@ -17,7 +17,9 @@ def shared_data_dir() -> Path:
     """
     folder = Path(os.environ.get("CNNJAX_DATA_DIR") or REPO.parent / "shared" / "data")
     if not folder.is_dir():
-        raise FileNotFoundError(f"real data not found at {folder}: set CNNJAX_DATA_DIR to the folder holding mnist/ and cats_and_dogs_small/")
+        raise FileNotFoundError(
+            f"real data not found at {folder}: set CNNJAX_DATA_DIR to the folder holding mnist/ and cats_and_dogs_small/"
+        )
     return folder
 
 
