@@ -169,7 +169,9 @@ def layer_outputs(model: nn.Module, params: Any, images: jax.Array, train: bool 
         {"params": params}, images, train=train, rngs=rngs, capture_intermediates=True, mutable=["intermediates"]
     )
     captured = state["intermediates"]
-    layers = {name: value["__call__"][0] for name, value in captured.items() if name != "__call__"}
+    # [-1]: the layer's outermost call. Dense runs nn.Dense.__call__ inside its own __call__,
+    # so flax records the pre-activation value first and the layer's output last.
+    layers = {name: value["__call__"][-1] for name, value in captured.items() if name != "__call__"}
     return {**layers, "output": output}
 
 

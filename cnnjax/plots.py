@@ -67,3 +67,77 @@ def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequenc
             ax.set_title(titles[i], fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+# --- Looking inside a convnet (cnnjax.inspect) ------------------------------------------
+
+
+def _no_ticks(ax: plt.Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_channel(activation: np.ndarray, channel: int, path: str | os.PathLike, title: str | None = None) -> Path:
+    """One channel of an activation (H, W, C), as the lecture's plt.matshow(..., cmap='viridis')."""
+    activation = np.asarray(activation)
+    fig, ax = plt.subplots(figsize=(3, 3.3))
+    ax.matshow(activation[..., channel], cmap="viridis")
+    _no_ticks(ax)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_activation_grid(layer_name: str, grid: np.ndarray, path: str | os.PathLike, images_per_row: int = 16) -> Path:
+    """A channel grid (`cnnjax.inspect.activation_grid`) as the lecture draws it.
+
+    Figure size is the grid's pixel size times 1/size (one inch per channel tile), title
+    the layer name, imshow with viridis, aspect auto, no grid lines.
+    """
+    grid = np.asarray(grid)
+    scale = images_per_row / grid.shape[1]  # 1 / size: the grid is images_per_row tiles wide
+    fig = plt.figure(figsize=(scale * grid.shape[1], max(scale * grid.shape[0], 1.0) + 0.4))
+    plt.title(layer_name)
+    plt.grid(False)
+    plt.imshow(grid, aspect="auto", cmap="viridis")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_filter_patterns(
+    images: np.ndarray, path: str | os.PathLike, title: str | None = None, labels: Sequence[str] | None = None, cols: int = 8
+) -> Path:
+    """Filter patterns (F, H, W, C) in 0..1 side by side, `cols` per row, optionally labelled."""
+    images = np.asarray(images)
+    n = len(images)
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + (0.5 if title else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, image in enumerate(images):
+        ax = axes.flat[i]
+        gray = image.shape[-1] == 1
+        ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=1)
+        if labels is not None:
+            ax.set_title(labels[i], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_heatmap(overlay: np.ndarray, heatmap: np.ndarray, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Grad-CAM: the raw class-activation heatmap (matshow, as the book shows it) and its overlay on the image."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.8))
+    left.matshow(np.asarray(heatmap), cmap="jet", vmin=0, vmax=1)
+    left.set_title("heatmap", fontsize=10)
+    right.imshow(np.asarray(overlay))
+    right.set_title("overlay", fontsize=10)
+    for ax in (left, right):
+        _no_ticks(ax)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

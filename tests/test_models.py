@@ -99,3 +99,14 @@ def test_predict_gives_probabilities():
     params = models.init_params(model, jax.random.PRNGKey(0))
     probs = models.predict(model, params, jnp.ones((3, 28, 28, 1)) * 0.5)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_captured_dense_output_is_after_its_relu():
+    model = models.MnistConvNet()
+    params = models.init_params(model, jax.random.PRNGKey(0))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+    outputs = models.layer_outputs(model, params, x)
+    assert float(outputs["dense"].min()) >= 0  # ReLU applied, as Keras's Dense(64, activation="relu") outputs
+    expected = jax.nn.relu(outputs["flatten"] @ params["dense"]["kernel"] + params["dense"]["bias"])
+    np.testing.assert_allclose(outputs["dense"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs["output"], model.apply({"params": params}, x), rtol=1e-6)

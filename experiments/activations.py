@@ -1,0 +1,144 @@
+"""Looking inside a trained convnet: the lecture's activation pictures, filter patterns, Grad-CAM.
+
+    python experiments/activations.py --checkpoint checkpoints/cats-dogs-seed0-.../checkpoint
+    python experiments/activations.py --checkpoint CKPT --image my_cat.jpg --filters --heatmap
+    python experiments/activations.py --checkpoint checkpoints/mnist-seed0-.../checkpoint --data-dir ../shared/data
+
+The model is rebuilt from the checkpoint folder alone. The image is --image, else for the
+cats-vs-dogs model the first cat of the validation split (sorted file names) of the data
+folder (--data-dir or CNNJAX_DATA_DIR), for the MNIST model the first MNIST test image; it is
+preprocessed as in training (resized to the model's input as keras load_img does, / 255).
+
+Writes into --out (default: <checkpoint>/../inspect/):
+    input.png                      the image the model sees (grayscale for MNIST)
+    channel_<layer>_<c>.png        channel --channel of the first conv layer (the lecture's matshow)
+    activations_<i>_<layer>.png    all channels of each of the first --layers conv/pool layers, 16 per row
+    filters_<layer>.png            with --filters: what --num-filters filters of --filter-layer respond to most
+    heatmap.png                    with --heatmap: Grad-CAM of --class-index (default: the predicted class)
+Bad input (no checkpoint there, an unreadable image) prints one `error: ...` line and exits
+with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cnnjax import checkpoint, data, models, plots
+from cnnjax import inspect as look
+from cnnjax.data.folders import IMAGE_EXTENSIONS, find_cats_dogs_root
+
+CLASS_NAMES = {"CatsDogsConvNet": ["cat", "dog"], "MnistConvNet": [str(d) for d in range(10)]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder a run saved")
+    parser.add_argument("--image", help="an image file (default: the first validation cat, or MNIST's first test image)")
+    parser.add_argument("--data-dir", help="data folder for the default image (default: CNNJAX_DATA_DIR)")
+    parser.add_argument("--layers", type=int, default=8, help="how many conv/pool layers to draw, from the first")
+    parser.add_argument("--channel", type=int, default=2, help="channel of the first conv layer drawn on its own")
+    parser.add_argument("--out", help="output folder (default: <checkpoint>/../inspect)")
+    parser.add_argument("--filters", action="store_true", help="draw filter patterns (gradient ascent)")
+    parser.add_argument("--filter-layer", help="layer for --filters (default: the last conv layer)")
+    parser.add_argument("--num-filters", type=int, default=16, help="the first N filters of --filter-layer")
+    parser.add_argument("--steps", type=int, default=40, help="gradient ascent steps for --filters")
+    parser.add_argument("--heatmap", action="store_true", help="draw the Grad-CAM heatmap")
+    parser.add_argument("--class-index", type=int, help="class Grad-CAM explains (default: the predicted one)")
+    return parser.parse_args(argv)
+
+
+def default_image_path(data_dir: str | os.PathLike | None) -> Path:
+    """The first cat of the validation split, by sorted file name (cat.1000.jpg in cats_and_dogs_small)."""
+    cats = find_cats_dogs_root(data_dir) / "validation" / "cats"
+    files = sorted(p for p in cats.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise data.DataError(f"no images in {cats}")
+    return files[0]
+
+
+def load_input(model, args: argparse.Namespace) -> np.ndarray:
+    """The image (H, W, C) in 0..1, preprocessed as in training."""
+    height, width, channels = model.input_shape
+    if args.image:
+        return look.load_image(args.image, (height, width), channels)
+    if isinstance(model, models.MnistConvNet):
+        return data.load_mnist(args.data_dir)["test_images"][0].astype(np.float32) / 255.0
+    return look.load_image(default_image_path(args.data_dir), (height, width), channels)
+
+
+def save_png(pixels: np.ndarray, path: Path) -> Path:
+    """An image in 0..1 as an exact-pixel PNG (grayscale for one channel), written atomically."""
+    pixels = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def check_args(model, args: argparse.Namespace, first_layer_channels: int) -> None:
+    if args.layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {args.layers}")
+    if not 0 <= args.channel < first_layer_channels:
+        raise ValueError(f"--channel must be in 0..{first_layer_channels - 1}, got {args.channel}")
+    if args.filters:
+        look.resolve_layers(model, [args.filter_layer or look.last_conv_layer(model)])
+        if args.num_filters < 1 or args.steps < 0:
+            raise ValueError("--num-filters must be at least 1 and --steps at least 0")
+    if args.heatmap and args.class_index is not None and not 0 <= args.class_index < look.num_classes(model):
+        raise ValueError(f"--class-index must be in 0..{look.num_classes(model) - 1}, got {args.class_index}")
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    # Everything that can fail on bad input happens before the first file is written.
+    try:
+        model, params, _ = checkpoint.restore_model(args.checkpoint)
+        image = load_input(model, args)
+        conv_pool = [n for n in look.resolve_layers(model) if n.startswith(("conv2d", "max_pooling2d"))]
+        # The lecture: the first layers' outputs for one image (MNIST has only 5 conv/pool layers).
+        activations = look.capture_activations(model, params, image, conv_pool[: max(args.layers, 1)])
+        check_args(model, args, activations[0][1].shape[-1])
+    except (checkpoint.CheckpointError, data.DataError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    class_names = CLASS_NAMES.get(type(model).__name__)
+    if args.filters:
+        filter_layer = args.filter_layer or look.last_conv_layer(model)
+        ascent = look.filter_ascent(model, params, filter_layer, args.num_filters, steps=args.steps)
+        print(f"{filter_layer}: mean activation {ascent.before.mean():.3g} -> {ascent.after.mean():.3g} after {args.steps} steps")
+    if args.heatmap:
+        cam = look.grad_cam(model, params, image, args.class_index)
+        label = class_names[cam.class_index] if class_names else str(cam.class_index)
+        print(f"Grad-CAM for class {label} (p = {cam.probability:.3f}); the model predicts {cam.predicted}")
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).absolute().parent / "inspect"
+    out.mkdir(parents=True, exist_ok=True)
+    written = [save_png(image, out / "input.png")]
+    # One channel of the first layer, then every channel of each layer, 16 per row.
+    first_name, first = activations[0]
+    channel_path = out / f"channel_{first_name}_{args.channel}.png"
+    written.append(plots.plot_channel(first, args.channel, channel_path, f"{first_name}, channel {args.channel}"))
+    for i, (name, activation) in enumerate(activations, start=1):
+        written.append(plots.plot_activation_grid(name, look.activation_grid(activation), out / f"activations_{i}_{name}.png"))
+    if args.filters:
+        title = f"{filter_layer}: the inputs filters respond to most ({args.steps} ascent steps)"
+        labels = [f"filter {f}" for f in ascent.filters]
+        written.append(plots.plot_filter_patterns(ascent.patterns, out / f"filters_{filter_layer}.png", title, labels))
+    if args.heatmap:
+        title = f"Grad-CAM at {look.last_conv_layer(model)}: {label} (p = {cam.probability:.2f})"
+        written.append(plots.plot_heatmap(look.overlay_heatmap(image, cam.heatmap), cam.heatmap, out / "heatmap.png", title))
+
+    print(f"Wrote {out}/:")
+    for path in written:
+        print(f"  {path.name}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
