@@ -241,7 +241,7 @@ def run_epoch(
     totals = zero_totals(num_seeds)
     if scanned:
         return step(carry, totals, images, labels, batch_indices, batch_weights)
-    num_steps = batch_indices.shape[0]
+    num_steps = batch_indices.shape[-2]  # (steps, batch) or, for stacked seeds, (seeds, steps, batch)
     for i in range(num_steps):
         carry, totals = step(carry, totals, images, labels, batch_indices, batch_weights, np.int32(i))
         if progress is not None:

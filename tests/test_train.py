@@ -110,7 +110,7 @@ def test_vmapped_seeds_equal_seeds_run_one_at_a_time():
     """
     model = models.MnistConvNet()
     tx = train.rmsprop_keras(1e-3)
-    images, labels = tiny_mnist(96)
+    images, labels = tiny_mnist(100)  # 4 steps of 32 (the last partial): not the number of seeds
     seeds = [3, 4, 5]
     sequential = []
     for seed in seeds:
@@ -119,7 +119,7 @@ def test_vmapped_seeds_equal_seeds_run_one_at_a_time():
     stacked = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in seeds])
     trainer = train.Trainer(model, tx, num_seeds=len(seeds))
     state, histories = train.fit(trainer, stacked, (images, labels), 2, 32, (images, labels), verbose=False)
-    assert len(histories) == len(seeds)
+    assert len(histories) == len(seeds) and int(state.step[0]) == 2 * 4
     for k, (seq_state, seq_history) in enumerate(sequential):
         for a, b in zip(_metrics(histories[k]), _metrics(seq_history)):
             for key in a:
