@@ -11,13 +11,9 @@ compared. Prints seconds per epoch and the ratio cnnjax / Keras (below 1: cnnjax
 
 from __future__ import annotations
 
-import argparse
-import os
-import time
-
 import jax
 
-from benchmarks.mnist_epoch import best_epoch, keras_epochs
+from mnist_epoch import compare_with_keras  # benchmarks/ is on the path when run as a script
 from cnnjax import augment, data, models, train
 
 
@@ -35,24 +31,7 @@ def cnnjax_epochs(data_dir: str | None, epochs: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--skip-keras", action="store_true")
-    args = parser.parse_args()
-    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}, cpus: {os.cpu_count()}")
-    start = time.perf_counter()
-    ours = cnnjax_epochs(args.data_dir, args.epochs)
-    ours_s = best_epoch([r["seconds"] for r in ours])
-    print(f"cnnjax: epochs {[round(r['seconds'], 1) for r in ours]} s; wall {time.perf_counter() - start:.0f} s")
-    if args.skip_keras:
-        return
-    theirs = keras_epochs(args.data_dir, args.epochs, "catsdogs")
-    if not theirs:
-        return
-    theirs_s = best_epoch([r["seconds"] for r in theirs])
-    print(f"keras : epochs {[round(r['seconds'], 1) for r in theirs]} s")
-    print(f"epoch seconds: cnnjax {ours_s:.1f}, keras {theirs_s:.1f}; ratio cnnjax/keras = {ours_s / theirs_s:.2f}")
+    compare_with_keras(__doc__.splitlines()[0], cnnjax_epochs, "catsdogs")
 
 
 if __name__ == "__main__":
