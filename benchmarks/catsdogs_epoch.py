@@ -12,8 +12,8 @@ compared. Prints seconds per epoch and the ratio cnnjax / Keras (below 1: cnnjax
 from __future__ import annotations
 
 import jax
-
 from mnist_epoch import compare_with_keras  # benchmarks/ is on the path when run as a script
+
 from cnnjax import augment, data, models, train
 
 
