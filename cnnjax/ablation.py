@@ -215,6 +215,17 @@ def run_ablation(
     return results
 
 
+def rebuild_report(out: Path) -> list[dict[str, Any]]:
+    """The table and plot from the finished settings on disk, in the order ablation.json lists them."""
+    listed = json.loads((out / "ablation.json").read_text())["settings"] if (out / "ablation.json").exists() else []
+    names = [s["name"] for s in listed] or sorted(p.parent.name for p in out.glob("*/result.json"))
+    results = collect_results(out, names)
+    if results:
+        write_table(results, out)
+        plot_curves(results, out / "curves.png")
+    return results
+
+
 def _folder_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 

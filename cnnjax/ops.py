@@ -12,6 +12,8 @@ not flipped.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -110,10 +112,41 @@ def max_pool(
 
 
 # --- What the models run: the same operations, batched (N, H, W, C), through XLA. ---
+#
+# On the CPU a stride-1 "valid" convolution takes a hand-routed path (below); elsewhere
+# (GPU, strides, "same") it is plain `lax.conv_general_dilated`. Same sums either way: the
+# results agree to float32 rounding (summation order only). Why a special path: XLA:CPU
+# (jaxlib 0.10) hands convolutions to one of two libraries, and on this 2-core AVX2 machine
+# the choice it makes is often the slow one (benchmarks/conv_grad.py prints the figures):
+#
+# - YNNPACK takes every convolution it supports. Its kernel gradient (the convolution of
+#   x with dy as the window) is 3-15x slower than Eigen's (MNIST conv 2: 19 vs 8 ms;
+#   cats-vs-dogs conv 2: 1380 vs 190 ms), and its forward pass is up to 2x slower for
+#   the larger layers (cats-vs-dogs conv 2: 190 vs 98 ms).
+# - Eigen takes what YNNPACK refuses. YNNPACK refuses (among others) a convolution whose
+#   window or output is larger than its input, so padding the input, or the window, with
+#   kh zeros on one axis, and slicing the extra output away, moves the same sums to Eigen
+#   at the price of computing kh (forward) or summing kh (gradient) rows of zeros. That is
+#   worth it while those extra rows are a small part of the layer (`_EIGEN_MAX_WASTE`).
+# - The input gradient is a convolution whose output is larger than its input: it goes to
+#   Eigen by itself; `_input_grad` only writes it in Eigen's layout.
+# - With 1-3 input channels (the first layer) a convolution is 9-27 multiply-adds per
+#   output, too little for either library (MNIST conv 1 forward: 2.4 ms in YNNPACK, 0.7 ms
+#   as 9 fused multiply-adds; its kernel gradient 5-12 ms in YNNPACK, 2.4 ms as small
+#   matrix products, image by image): plain XLA elementwise code and dots.
+#
+# Times are CPU ms on a loaded 2-core AMD EPYC (AVX2), jaxlib 0.10.2; see the benchmarks.
+
+_DIRECT_MAX_TAPS = 27  # kh * kw * C_in up to this: forward as a fused sum of taps (3x3x3)
+_EIGEN_MAX_WASTE = 0.3  # zero rows / useful rows up to this: pad to reach Eigen
 
 
 def conv2d_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "valid") -> jax.Array:
-    """Batched convolution with jax.lax; kernel (kh, kw, C_in, C_out), as flax stores it."""
+    """Batched convolution, (N, H, W, C_in) with kernel (kh, kw, C_in, C_out) as flax stores it.
+
+    Stride-1 "valid" convolutions on the CPU take `_conv_valid_fast_kernel_grad` (same
+    result, faster there); everything else is `jax.lax.conv_general_dilated`.
+    """
     padding = _check_padding(padding)
     if jax.default_backend() == "cpu" and stride == 1 and padding == "valid":
         return _conv_valid_fast_kernel_grad(x, kernel)
@@ -128,42 +161,194 @@ def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "
 
 @jax.custom_vjp
 def _conv_valid_fast_kernel_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A stride-1 'valid' convolution whose kernel gradient is nine plain matrix products.
+    """A stride-1 'valid' convolution routed, pass by pass, to the CPU code that is fast for it.
 
-    On the CPU, XLA computes the kernel gradient of a convolution as another
-    convolution that runs 2.5-3x slower than the same sums written as one matrix product
-    per kernel tap (benchmarks/conv_grad.py). The forward pass and the input gradient
-    stay with XLA's convolution, which is fast for them.
+    Forward, kernel gradient and input gradient each pick their implementation from the
+    layer's shape (see the comment above and `_forward`, `_kernel_grad`): the same sums
+    as `_lax_conv`, in another order.
     """
-    return _lax_conv(x, kernel)
+    return _forward(x, kernel)
 
 
 def _conv_fwd(x, kernel):
-    return _lax_conv(x, kernel), (x, kernel)
+    return _forward(x, kernel), (x, kernel)
 
 
 def _conv_bwd(residuals, dy):
     x, kernel = residuals
-    kh, kw, c_in, c_out = kernel.shape
-    _, oh, ow, _ = dy.shape
-    # dK[i, j] = sum over batch and positions of x[n, y+i, x+j, :]^T dy[n, y, x, :]
-    taps = jnp.stack([x[:, i : i + oh, j : j + ow, :] for i in range(kh) for j in range(kw)])
-    d_kernel = jnp.einsum("tnhwc,nhwd->tcd", taps, dy).reshape(kernel.shape)
-    _, input_vjp = jax.vjp(lambda x_: _lax_conv(x_, kernel), x)
-    return input_vjp(dy)[0], d_kernel
+    return _input_grad(dy, kernel), _kernel_grad(x, dy)
 
 
 _conv_valid_fast_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _seed_loop_under_vmap(fn: Callable[..., jax.Array], n_axis_args: tuple[int, ...], output_has_n_axis: bool):
+    """`fn` (one convolution pass), with a vmap rule of its own.
+
+    jax.vmap trains several seeds at once, i.e. with batched kernels, which jax's batching
+    rule turns into grouped convolutions (feature_group_count = seeds); with the padded
+    convolutions above those made a vmapped MNIST step (2 seeds) slower than with plain
+    lax (342 vs 280 ms, loaded machine). Rule: when only arguments with a leading batch (N)
+    axis are vmapped and the output has one too, the vmapped axis is folded into N (one
+    call); otherwise one call per vmapped index (lax.map): 265-300 ms (lax: 280-330 ms).
+    Same sums either way.
+    """
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        if output_has_n_axis and all(i in n_axis_args or not b for i, b in enumerate(in_batched)):
+            folded = [a.reshape(-1, *a.shape[2:]) if b else a for a, b in zip(args, in_batched)]
+            out = fn(*folded)
+            return out.reshape(axis_size, -1, *out.shape[1:]), True
+
+        def one(batched_args):
+            it = iter(batched_args)
+            return fn(*[next(it) if b else a for a, b in zip(args, in_batched)])
+
+        return jax.lax.map(one, [a for a, b in zip(args, in_batched) if b]), True
+
+    return wrapped
+
+
+def _taps(x: jax.Array, kh: int, kw: int) -> list[jax.Array]:
+    """The kh*kw shifted views x[:, i:i+oh, j:j+ow, :], in kernel order (i, j)."""
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    return [x[:, i : i + oh, j : j + ow, :] for i in range(kh) for j in range(kw)]
+
+
+def _forward_impl(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kh, kw, c_in, c_out = kernel.shape
+    ow = x.shape[2] - kw + 1
+    if kh * kw * c_in <= _DIRECT_MAX_TAPS:
+        # Few channels in: sum kh*kw*C_in broadcast products. XLA fuses them (with the
+        # bias and ReLU that follow) into one loop; no im2col, no library call.
+        taps = _taps(x, kh, kw)
+        w = kernel.reshape(kh * kw, c_in, c_out)
+        out = None
+        for t, tap in enumerate(taps):
+            for c in range(c_in):
+                term = tap[..., c : c + 1] * w[t, c]
+                out = term if out is None else out + term
+        return out
+    # kw zero columns on the right make the output wider than the input: YNNPACK declines,
+    # Eigen computes it, and the kw extra output columns are sliced away. Not for small
+    # maps (MNIST conv 3: 5x5 -> 3x3), where that would double the work.
+    pad = kw if kw / ow <= _EIGEN_MAX_WASTE else 0
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y[:, :, :ow, :]
+
+
+def _kernel_grad_impl(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """dK[i, j, c, d] = sum over n, y, x of x[n, y+i, x+j, c] * dy[n, y, x, d]."""
+    n, oh, ow, c_out = dy.shape
+    kh, kw, c_in = x.shape[1] - oh + 1, x.shape[2] - ow + 1, x.shape[3]
+    kernel_shape = (kh, kw, c_in, c_out)
+    if kh * kw * c_in <= _DIRECT_MAX_TAPS:
+        # First layer: per image, the (kh*kw*C_in, oh*ow) patches matrix (taps stacked on
+        # the leading axis: a cheap copy) times dy, summed over images by a scan. Image by
+        # image everything stays in cache: MNIST conv 1 2.4 ms (one big product 2.9 ms,
+        # YNNPACK 5-12 ms); cats-vs-dogs conv 1 74 ms (Eigen 97-132 ms, YNNPACK 250 ms).
+        def add_image(acc, x_dy):
+            xi, dyi = x_dy
+            patches_t = jnp.stack([tap[0, :, :, c].reshape(-1) for tap in _taps(xi[None], kh, kw) for c in range(c_in)])
+            return acc + patches_t @ dyi.reshape(oh * ow, c_out), None
+
+        d_kernel, _ = jax.lax.scan(add_image, jnp.zeros((kh * kw * c_in, c_out), dy.dtype), (x, dy))
+        return d_kernel.reshape(kernel_shape)
+    # XLA's own kernel gradient, x correlated with dy as the window (C_in plays the batch,
+    # N the contracted feature), written in the layout Eigen and YNNPACK want (XLA would
+    # insert the same transposes, but only outside loops: inside a lax.scan such a
+    # convolution falls back to a naive loop). Where it is cheap enough, kh zero rows
+    # below dy make the window taller than x: YNNPACK declines, Eigen computes it; the
+    # zero rows meet the kh rows of padding below x and add nothing.
+    pad = kh if kh / oh <= _EIGEN_MAX_WASTE else 0
+    x_t = x.transpose(3, 1, 2, 0)  # (C_in, H, W, N)
+    dy_t = jnp.pad(dy, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(1, 2, 0, 3)  # (oh+pad, ow, N, C_out)
+    out = jax.lax.conv_general_dilated(x_t, dy_t, (1, 1), ((0, pad), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out.transpose(1, 2, 0, 3)  # (C_in, kh, kw, C_out) -> (kh, kw, C_in, C_out)
+
+
+def _input_grad_impl(dy: jax.Array, kernel: jax.Array) -> jax.Array:
+    """dx: dy "fully" correlated with the kernel flipped in space, C_in and C_out swapped.
+
+    Exactly the convolution XLA derives for it, written in Eigen's layout: its output is
+    larger than its input, so YNNPACK declines it and Eigen, fast for it, computes it.
+    """
+    kh, kw = kernel.shape[:2]
+    flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # (kh, kw, C_out, C_in)
+    return jax.lax.conv_general_dilated(
+        dy, flipped, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+_forward = _seed_loop_under_vmap(_forward_impl, n_axis_args=(0,), output_has_n_axis=True)
+_kernel_grad = _seed_loop_under_vmap(_kernel_grad_impl, n_axis_args=(0, 1), output_has_n_axis=False)
+_input_grad = _seed_loop_under_vmap(_input_grad_impl, n_axis_args=(0,), output_has_n_axis=True)
 
 
 def max_pool_nhwc(x: jax.Array, window: int = 2) -> jax.Array:
     """Non-overlapping max pooling (stride = window, "valid") as a reshape and a max.
 
     Same result as `nn.max_pool(x, (w, w), (w, w))`, but its gradient is a plain
-    compare-and-select instead of XLA's select_and_scatter, which on the CPU made one
-    MNIST training step about 2.5x slower (measured: benchmarks/pool_grad.py).
+    compare-and-select (ties share it) instead of XLA's select_and_scatter, which on the
+    CPU made one MNIST training step about 2.5x slower. On the CPU the same forward and
+    gradient are written on the window's strided views (`_max_pool`), which XLA:CPU
+    fuses better; elsewhere jax differentiates the reshape-and-max itself.
     """
+    if jax.default_backend() == "cpu":
+        return _max_pool(x, window)
     n, h, w, c = x.shape
     oh, ow = h // window, w // window
     x = x[:, : oh * window, : ow * window, :]  # "valid": drop the border that fills no window
     return x.reshape(n, oh, window, ow, window, c).max(axis=(2, 4))
+
+
+def _pool_views(x: jax.Array, window: int) -> list[jax.Array]:
+    """x[:, a::w, b::w, :] for each (a, b) of the window, cropped to whole windows ("valid")."""
+    oh, ow = x.shape[1] // window, x.shape[2] // window
+    x = x[:, : oh * window, : ow * window, :]
+    return [x[:, a::window, b::window, :] for a in range(window) for b in range(window)]
+
+
+def _max_pool_forward(x: jax.Array, window: int) -> jax.Array:
+    views = _pool_views(x, window)
+    out = views[0]
+    for view in views[1:]:
+        out = jnp.maximum(out, view)  # elementwise: XLA fuses it with the ReLU before
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, window: int) -> jax.Array:
+    return _max_pool_forward(x, window)
+
+
+def _max_pool_fwd(x, window):
+    y = _max_pool_forward(x, window)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, residuals, dy):
+    """The gradient JAX derives for reshape-and-max, written out: each position equal to
+    its window's max gets dy / (number of such positions in the window), the rest 0.
+
+    Written on the window's strided views, not on a (N, oh, w, ow, w, C) reshape: XLA
+    then fuses it into fewer passes; ReLU + pool, forward and gradient, ran 1.6-2x faster
+    (MNIST layer 1: 10.1 -> 6.2 ms; cats-vs-dogs layer 1: 196 -> 100 ms; CPU ms, loaded
+    machine). Bitwise the same gradient as autodiff of reshape-and-max, ties included.
+    """
+    x, y = residuals
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    hits = [(view == y).astype(dy.dtype) for view in _pool_views(x, window)]
+    share = dy / sum(hits)  # ties share the gradient, as jax's reduce-max rule does
+    parts = [hit * share for hit in hits]  # (N, oh, ow, C) each, in window order (a, b)
+    rows = [jnp.stack(parts[a * window : (a + 1) * window], axis=3) for a in range(window)]
+    dx = jnp.stack(rows, axis=2).reshape(n, oh * window, ow * window, c)
+    if dx.shape != x.shape:  # the border "valid" pooling dropped gets no gradient
+        dx = jnp.pad(dx, ((0, 0), (0, h - oh * window), (0, w - ow * window), (0, 0)))
+    return (dx,)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--image-size", type=int, default=150)
     parser.add_argument("--train-subset", type=int, default=None, help="train on a class-balanced subset of N images")
     parser.add_argument("--out", default="checkpoints/ablation")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the table and plot from what --out holds; train nothing")
     args = parser.parse_args(argv)
+    if args.table_only:
+        results = ablation.rebuild_report(Path(args.out))
+        print((Path(args.out) / "results.md").read_text() if results else f"no finished settings in {args.out}")
+        return results
     try:
         settings = [ablation.parse_setting(spec) for spec in args.settings]
         size = (args.image_size, args.image_size)

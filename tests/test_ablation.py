@@ -106,3 +106,13 @@ def test_a_failing_setting_is_recorded_and_the_rest_runs(data, tmp_path, monkeyp
     results = ablation.run_ablation([ablation.Setting("bad"), ablation.Setting("none")], config, data, tmp_path, verbose=False)
     assert results[0]["status"].startswith("failed: RuntimeError: out of memory")
     assert results[1]["status"] == "ok"
+
+
+def test_table_can_be_rebuilt_from_disk_alone(data, tmp_path):
+    config = ablation.AblationConfig(seeds=2, epochs=1, batch_size=8, image_size=SIZE)
+    ablation.run_ablation([ablation.Setting("none")], config, data, tmp_path, verbose=False)
+    (tmp_path / "results.md").unlink()
+    (tmp_path / "curves.png").unlink()
+    results = ablation.rebuild_report(tmp_path)
+    assert [r["name"] for r in results] == ["none"] and (tmp_path / "curves.png").exists()
+    assert "| none | ok | 2 |" in (tmp_path / "results.md").read_text()
