@@ -61,7 +61,11 @@ def mnist(args: argparse.Namespace) -> None:
 def catsdogs(args: argparse.Namespace) -> None:
     """Lecture code, second experiment: ImageDataGenerator augmentation + Dropout(0.5), Adam 1e-3."""
     from keras import layers, models, optimizers
-    from keras.preprocessing.image import ImageDataGenerator
+
+    try:
+        from keras.src.legacy.preprocessing.image import ImageDataGenerator  # Keras 3 keeps it here
+    except ImportError:
+        from keras.preprocessing.image import ImageDataGenerator  # Keras 2, as in the lecture
 
     from cnnjax.data.folders import find_cats_dogs_root
 
