@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Keras, where the tests compare against it, runs on the JAX backend: no TensorFlow needed.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
