@@ -74,10 +74,6 @@ def write_history(history: Sequence[dict[str, Any]], folder: str | os.PathLike) 
     os.replace(tmp, folder / "history.csv")
 
 
-def read_history(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    return json.loads((Path(folder) / "history.json").read_text())
-
-
 def prepare_out(out: str | os.PathLike | None, name: str, seed: int) -> Path:
     """The run folder: --out when given, else checkpoints/NAME-seedN-TIME; created."""
     folder = Path(out) if out else default_out(name, seed)
