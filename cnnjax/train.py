@@ -180,24 +180,48 @@ def make_eval_step(model: nn.Module) -> Callable[..., dict[str, Array]]:
 
 
 def scan_steps(step_fn: Callable, num_steps: int) -> Callable:
-    """Fuse a whole epoch of steps into one XLA program with lax.scan.
+    """Fuse `num_steps` consecutive steps into one XLA program with lax.scan.
 
-    Faster where dispatch dominates (GPUs); on the CPU it was measured slower than a
-    Python loop over the jitted step (see README, "Speed"), so `fit` picks per backend.
+    The fused call takes the index of its first step where the single step takes its
+    step index, so an epoch is a few calls of the same compiled program.
     """
 
     def run(carry_a, carry_b, *args):
-        def body(carry, i):
-            return step_fn(*carry, *args, i), None
+        *data, start = args
 
-        (a, b), _ = jax.lax.scan(body, (carry_a, carry_b), jnp.arange(num_steps))
+        def body(carry, i):
+            return step_fn(*carry, *data, i), None
+
+        (a, b), _ = jax.lax.scan(body, (carry_a, carry_b), start + jnp.arange(num_steps))
         return a, b
 
     return run
 
 
+def steps_per_call(num_steps: int, max_calls: int = 20) -> int:
+    """How many steps one scanned call runs: a divisor of num_steps, so one program serves
+    the whole epoch, small enough that the host sees progress about every tenth of it.
+
+    Where no divisor gives at least two calls and at most `max_calls`, the whole pass is
+    one call (a prime step count: no progress within the epoch, but still one program).
+    """
+    for calls in range(min(10, num_steps), max_calls + 1):
+        if calls > 1 and num_steps % calls == 0:
+            return num_steps // calls
+    for calls in range(min(10, num_steps), 1, -1):
+        if num_steps % calls == 0:
+            return num_steps // calls
+    return num_steps
+
+
 def default_use_scan() -> bool:
-    return jax.default_backend() != "cpu"
+    """Scanned steps on every backend, by measurement (benchmarks/train_loop.py).
+
+    GPUs: dispatch per step dominates small convnets. CPU, with cnnjax.ops's convolutions
+    and pools: the scanned epoch is 10-15% faster for cats vs dogs and level for MNIST.
+    (With jax's own pooling gradient, select_and_scatter, scan was once 8x slower.)
+    """
+    return True
 
 
 # --- Epoch loops ---------------------------------------------------------------------
@@ -233,19 +257,19 @@ def run_epoch(
     labels: Array,
     batch_indices: Array,
     batch_weights: Array,
-    scanned: bool,
+    steps_each_call: int = 1,
     progress: _Progress | None = None,
     num_seeds: int | None = None,
 ) -> tuple[Any, dict[str, Array]]:
-    """Run one pass; `step` is jitted (loop) or a jitted scan of the whole epoch."""
+    """Run one pass: `step` (jitted) runs `steps_each_call` steps from the step index it is given."""
     totals = zero_totals(num_seeds)
-    if scanned:
-        return step(carry, totals, images, labels, batch_indices, batch_weights)
     num_steps = batch_indices.shape[-2]  # (steps, batch) or, for stacked seeds, (seeds, steps, batch)
-    for i in range(num_steps):
-        carry, totals = step(carry, totals, images, labels, batch_indices, batch_weights, np.int32(i))
+    report_every = max(steps_each_call, 50)
+    for start in range(0, num_steps, steps_each_call):
+        carry, totals = step(carry, totals, images, labels, batch_indices, batch_weights, np.int32(start))
         if progress is not None:
-            progress.update(1, totals if (i + 1) % 50 == 0 else None)
+            done = start + steps_each_call
+            progress.update(steps_each_call, totals if done % report_every == 0 or done == num_steps else None)
     return carry, totals
 
 
@@ -275,16 +299,21 @@ class Trainer:
         self._eval_step = _eval_carry_adapter(make_eval_step(model))
         self._compiled: dict[tuple, Callable] = {}
 
+    def _steps_each_call(self, num_steps: int) -> int:
+        return steps_per_call(num_steps) if self.use_scan else 1
+
     def _compile(self, kind: str, num_steps: int) -> Callable:
-        key = (kind, num_steps if self.use_scan else None)
+        """The jitted step (or scan of steps) for a pass of `num_steps` steps."""
+        steps_each_call = self._steps_each_call(num_steps)
+        key = (kind, steps_each_call)
         if key not in self._compiled:
             fn = self._train_step if kind == "train" else self._eval_step
             if self.num_seeds is not None:
                 # Per seed: state/params, totals and (for training) the batch order; shared: data, step number.
                 batched_order = 0 if kind == "train" else None
                 fn = jax.vmap(fn, in_axes=(0, 0, None, None, batched_order, batched_order, None))
-            if self.use_scan:
-                fn = scan_steps(fn, num_steps)
+            if steps_each_call > 1:
+                fn = scan_steps(fn, steps_each_call)
             self._compiled[key] = jax.jit(fn, donate_argnums=(0, 1) if kind == "train" else (1,))
         return self._compiled[key]
 
@@ -300,11 +329,12 @@ class Trainer:
         """One pass over the training data; metrics as a dict (a list of dicts for stacked seeds)."""
         batch_indices, batch_weights = self._epoch_order(state, images.shape[0], batch_size, epoch)
         num_steps = batch_indices.shape[-2]
-        bar = _Progress(num_steps, f"epoch {epoch + 1}", progress and not self.use_scan)
+        bar = _Progress(num_steps, f"epoch {epoch + 1}", progress)
         try:
             step = self._compile("train", num_steps)
             state, totals = run_epoch(
-                step, state, images, labels, batch_indices, batch_weights, self.use_scan, bar, self.num_seeds
+                step, state, images, labels, batch_indices, batch_weights, self._steps_each_call(num_steps), bar,
+                self.num_seeds,
             )
         finally:
             bar.close()
@@ -313,9 +343,11 @@ class Trainer:
     def evaluate(self, params: Any, images: Array, labels: Array, batch_size: int = 500) -> Any:
         """Loss and accuracy over all of (images, labels); a list of them for stacked seeds."""
         batch_indices, batch_weights = epoch_batches(None, images.shape[0], batch_size)
-        step = self._compile("eval", batch_indices.shape[0])
+        num_steps = batch_indices.shape[0]
+        step = self._compile("eval", num_steps)
         _, totals = run_epoch(
-            step, params, images, labels, batch_indices, batch_weights, self.use_scan, num_seeds=self.num_seeds
+            step, params, images, labels, batch_indices, batch_weights, self._steps_each_call(num_steps),
+            num_seeds=self.num_seeds,
         )
         return totals_to_metrics(jax.device_get(totals))
 

@@ -42,13 +42,13 @@ def test_padding_changes_neither_loss_nor_gradient():
     np.testing.assert_allclose(float(ta["loss_sum"]), float(tb["loss_sum"]), rtol=1e-5)
 
 
-def run(seed, use_scan=False, epochs=2):
+def run(seed, use_scan=False, epochs=2, batch_size=32):
     model = models.MnistConvNet()
     tx = train.rmsprop_keras(1e-3)
     state = train.create_train_state(model, tx, jax.random.PRNGKey(seed))
     images, labels = tiny_mnist()
     trainer = train.Trainer(model, tx, use_scan=use_scan)
-    return train.fit(trainer, state, (images, labels), epochs, 32, (images[:40], labels[:40]), verbose=False)
+    return train.fit(trainer, state, (images, labels), epochs, batch_size, (images[:40], labels[:40]), verbose=False)
 
 
 def _metrics(history):
@@ -65,12 +65,26 @@ def test_same_seed_same_history_other_seed_other_history():
 
 
 def test_scan_and_python_loop_agree():
-    s1, h1 = run(0, use_scan=False)
-    s2, h2 = run(0, use_scan=True)
+    # 150 examples in batches of 7: 22 steps (the last one padded), scanned as 11 calls of 2.
+    assert train.steps_per_call(22) == 2
+    s1, h1 = run(0, use_scan=False, batch_size=7)
+    s2, h2 = run(0, use_scan=True, batch_size=7)
     for a, b in zip(_metrics(h1), _metrics(h2)):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
-    assert int(s1.step) == int(s2.step) == 2 * 5
+    assert int(s1.step) == int(s2.step) == 2 * 22
+    for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_steps_per_call_divides_the_pass_into_few_calls():
+    for num_steps in range(1, 2000):
+        each = train.steps_per_call(num_steps)
+        assert num_steps % each == 0
+        calls = num_steps // each
+        assert calls <= 20 or each == 1  # few calls, or single steps for short passes
+    assert train.steps_per_call(100) == 10 and train.steps_per_call(938) == 67  # cats epoch; MNIST epoch
+    assert train.steps_per_call(101) == 101  # a prime: one call
 
 
 def test_loss_falls_and_evaluate_matches_history():
