@@ -139,6 +139,7 @@ def max_pool(
 
 _DIRECT_MAX_TAPS = 27  # kh * kw * C_in up to this: forward as a fused sum of taps (3x3x3)
 _EIGEN_MAX_WASTE = 0.3  # zero rows / useful rows up to this: pad to reach Eigen
+_UNROLL_MAX_SEEDS = 16  # vmapped over up to this many seeds: one call per seed, unrolled
 
 
 def conv2d_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "valid") -> jax.Array:
@@ -202,11 +203,12 @@ def _seed_loop_under_vmap(fn: Callable[..., jax.Array], n_axis_args: tuple[int, 
             out = fn(*folded)
             return out.reshape(axis_size, -1, *out.shape[1:]), True
 
-        def one(batched_args):
-            it = iter(batched_args)
-            return fn(*[next(it) if b else a for a, b in zip(args, in_batched)])
+        def one(index):
+            return fn(*[a[index] if b else a for a, b in zip(args, in_batched)])
 
-        return jax.lax.map(one, [a for a, b in zip(args, in_batched) if b]), True
+        if axis_size <= _UNROLL_MAX_SEEDS:
+            return jnp.stack([one(k) for k in range(axis_size)]), True
+        return jax.lax.map(one, jnp.arange(axis_size)), True
 
     return wrapped
 

@@ -264,7 +264,9 @@ def run_epoch(
     """Run one pass: `step` (jitted) runs `steps_each_call` steps from the step index it is given."""
     totals = zero_totals(num_seeds)
     num_steps = batch_indices.shape[-2]  # (steps, batch) or, for stacked seeds, (seeds, steps, batch)
-    report_every = max(steps_each_call, 50)
+    # Reading the totals waits for the device: every call when scanned (about ten per
+    # epoch), every 50 single steps otherwise.
+    report_every = steps_each_call if steps_each_call > 1 else 50
     for start in range(0, num_steps, steps_each_call):
         carry, totals = step(carry, totals, images, labels, batch_indices, batch_weights, np.int32(start))
         if progress is not None:

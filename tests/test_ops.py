@@ -77,6 +77,28 @@ def test_fast_conv_gradient_matches_lax_gradient():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("unroll_max_seeds", [16, 0])  # seeds unrolled, or lax.map over them
+@pytest.mark.parametrize("c_in", [1, 4])  # first-layer path (fused taps) and the library path
+def test_conv_under_vmap_equals_one_seed_at_a_time(monkeypatch, unroll_max_seeds, c_in):
+    """Seeds vmapped with their own kernels and inputs (the ablation's case) and with a
+    shared input (only the kernel batched): value and both gradients as seed by seed."""
+    monkeypatch.setattr(ops, "_UNROLL_MAX_SEEDS", unroll_max_seeds)
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray(rng.normal(size=(3, 2, 9, 8, c_in)), jnp.float32)
+    ks = jnp.asarray(rng.normal(size=(3, 3, 3, c_in, 5)), jnp.float32)
+    ys = jnp.asarray(rng.normal(size=(3, 2, 7, 6, 5)), jnp.float32)
+
+    def value_and_grads(x, k, y):
+        return jax.value_and_grad(lambda x, k: jnp.sum(ops.conv2d_nhwc(x, k) * y), argnums=(0, 1))(x, k)
+
+    for in_axes, x_of in (((0, 0, 0), lambda s: xs[s]), ((None, 0, 0), lambda s: xs[0])):
+        vmapped = jax.jit(jax.vmap(value_and_grads, in_axes=in_axes))(xs if in_axes[0] == 0 else xs[0], ks, ys)
+        for s in range(3):
+            one = value_and_grads(x_of(s), ks[s], ys[s])
+            for a, b in zip(jax.tree.leaves(vmapped), jax.tree.leaves(one)):
+                np.testing.assert_allclose(a[s], b, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="padding"):
         ops.conv2d(IMAGE, FILTER, padding="full")
