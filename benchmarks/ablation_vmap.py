@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from cnnjax import augment, data, models, ops, train
+from cnnjax import augment, data, models, train
 
 
 def time_steps(trainer: train.Trainer, state, images, labels, steps: int, batch_size: int) -> float:
@@ -55,18 +55,11 @@ def main() -> None:
     t_one = time_steps(one, train.create_train_state(model, tx, jax.random.PRNGKey(0)), images, labels, args.steps, 20)
     t_sequential = args.seeds * t_one  # K seeds one after another: K runs of the same compiled step
     print(f"1 seed: {t_one * 1e3:.1f} ms/step; {args.seeds} seeds one after another: {t_sequential * 1e3:.1f} ms/step")
-    # On the CPU the convolutions' vmap rule calls them once per seed, unrolled in the
-    # program (the default) or as a lax.map loop over seeds; elsewhere the rule is unused.
-    variants = {"unrolled": ops._UNROLL_MAX_SEEDS, "lax.map": 0} if jax.default_backend() == "cpu" else {"": None}
-    for name, unroll_max_seeds in variants.items():
-        if unroll_max_seeds is not None:
-            ops._UNROLL_MAX_SEEDS = unroll_max_seeds  # read when the step is traced
-        stacked = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in range(args.seeds)])
-        together = train.Trainer(model, tx, augment_fn, use_scan=use_scan, num_seeds=args.seeds)
-        t_vmap = time_steps(together, stacked, images, labels, args.steps, 20)
-        print(f"{args.seeds} seeds vmapped{' (' + name + ')' if name else ''}: {t_vmap * 1e3:.1f} ms/step; "
-              f"vmapped / one seed = {t_vmap / t_one:.2f}x (GPU goal: <= 2x for 8 seeds); "
-              f"vmapped / sequential = {t_vmap / t_sequential:.2f}")
+    stacked = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in range(args.seeds)])
+    together = train.Trainer(model, tx, augment_fn, use_scan=use_scan, num_seeds=args.seeds)
+    t_vmap = time_steps(together, stacked, images, labels, args.steps, 20)
+    print(f"{args.seeds} seeds vmapped: {t_vmap * 1e3:.1f} ms/step; vmapped / one seed = {t_vmap / t_one:.2f}x "
+          f"(GPU goal: <= 2x for 8 seeds); vmapped / sequential = {t_vmap / t_sequential:.2f}")
 
 
 if __name__ == "__main__":

@@ -77,12 +77,10 @@ def test_fast_conv_gradient_matches_lax_gradient():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("unroll_max_seeds", [16, 0])  # seeds unrolled, or lax.map over them
 @pytest.mark.parametrize("c_in", [1, 4])  # first-layer path (fused taps) and the library path
-def test_conv_under_vmap_equals_one_seed_at_a_time(monkeypatch, unroll_max_seeds, c_in):
+def test_conv_under_vmap_equals_one_seed_at_a_time(c_in):
     """Seeds vmapped with their own kernels and inputs (the ablation's case) and with a
     shared input (only the kernel batched): value and both gradients as seed by seed."""
-    monkeypatch.setattr(ops, "_UNROLL_MAX_SEEDS", unroll_max_seeds)
     rng = np.random.default_rng(3)
     xs = jnp.asarray(rng.normal(size=(3, 2, 9, 8, c_in)), jnp.float32)
     ks = jnp.asarray(rng.normal(size=(3, 3, 3, c_in, 5)), jnp.float32)
