@@ -205,11 +205,8 @@ def steps_per_call(num_steps: int, max_calls: int = 20) -> int:
     Where no divisor gives at least two calls and at most `max_calls`, the whole pass is
     one call (a prime step count: no progress within the epoch, but still one program).
     """
-    for calls in range(min(10, num_steps), max_calls + 1):
-        if calls > 1 and num_steps % calls == 0:
-            return num_steps // calls
-    for calls in range(min(10, num_steps), 1, -1):
-        if num_steps % calls == 0:
+    for calls in [*range(10, max_calls + 1), *range(9, 1, -1)]:  # about ten calls preferred
+        if calls <= num_steps and num_steps % calls == 0:
             return num_steps // calls
     return num_steps
 
