@@ -211,16 +211,6 @@ def steps_per_call(num_steps: int, max_calls: int = 20) -> int:
     return num_steps
 
 
-def default_use_scan() -> bool:
-    """Scanned steps on every backend, by measurement (benchmarks/train_loop.py).
-
-    GPUs: dispatch per step dominates small convnets. CPU, with cnnjax.ops's convolutions
-    and pools: the scanned epoch is 10-15% faster for cats vs dogs and level for MNIST.
-    (With jax's own pooling gradient, select_and_scatter, scan was once 8x slower.)
-    """
-    return True
-
-
 # --- Epoch loops ---------------------------------------------------------------------
 
 
@@ -280,6 +270,13 @@ class Trainer:
     (leading axis K on every leaf, see `stack_states`) under jax.vmap: K seeds train in
     one compiled program, each with its own initialisation, shuffling, augmentation and
     dropout, on the same data.
+
+    use_scan: run an epoch as ~10 calls of a lax.scan over steps (`steps_per_call`) rather
+    than one jitted step per call. Scanning is the default on every backend, by
+    measurement (benchmarks/train_loop.py): on GPUs per-step dispatch dominates small
+    convnets; on the CPU, with cnnjax.ops's convolutions and pools, the scanned epoch was
+    ~11% faster for cats vs dogs and 14% for MNIST. (With jax's own pooling gradient,
+    select_and_scatter, scan was once 8x slower there.)
     """
 
     def __init__(
@@ -287,12 +284,12 @@ class Trainer:
         model: nn.Module,
         tx: optax.GradientTransformation,
         augment: AugmentFn | None = None,
-        use_scan: bool | None = None,
+        use_scan: bool = True,
         num_seeds: int | None = None,
     ):
         self.model = model
         self.tx = tx
-        self.use_scan = default_use_scan() if use_scan is None else use_scan
+        self.use_scan = use_scan
         self.num_seeds = num_seeds
         self._train_step = make_train_step(model, tx, augment)
         self._eval_step = _eval_carry_adapter(make_eval_step(model))
