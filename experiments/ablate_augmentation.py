@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{len(settings)} settings x {args.seeds} seeds, {args.epochs} epochs, {len(arrays['train'][1])} training images "
           f"at {args.image_size}px; {dataclasses.asdict(config)}")
     out = Path(args.out)
-    results = ablation.run_ablation(settings, config, arrays, out)
+    try:
+        results = ablation.run_ablation(settings, config, arrays, out)
+    except KeyboardInterrupt:
+        results = ablation.rebuild_report(out)
+        done = f"{len(results)} finished settings are in {out}/results.md" if results else "no setting had finished"
+        sys.exit(f"interrupted: {done}; the same command with --out {out} skips finished settings and resumes the rest")
     print((out / "results.md").read_text() if (out / "results.md").exists() else "no results")
     print(f"Wrote {out}/: results.csv, results.md, curves.png, one folder per setting")
     return results

@@ -116,3 +116,28 @@ def test_table_can_be_rebuilt_from_disk_alone(data, tmp_path):
     results = ablation.rebuild_report(tmp_path)
     assert [r["name"] for r in results] == ["none"] and (tmp_path / "curves.png").exists()
     assert "| none | ok | 2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_script_reports_an_interrupt_and_keeps_finished_settings(tmp_path, monkeypatch):
+    from experiments import ablate_augmentation
+
+    for split, n, seed in (("train", 16, 0), ("validation", 8, 1), ("test", 8, 2)):
+        images, labels = tiny_cats_dogs(n, seed)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = tmp_path / "data" / "cats_and_dogs_small" / split / ("cats", "dogs")[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+    real_run = ablation.run_setting
+
+    def ctrl_c_during_flip(setting, *args, **kwargs):
+        if setting.name == "flip":
+            raise KeyboardInterrupt
+        return real_run(setting, *args, **kwargs)
+
+    monkeypatch.setattr(ablation, "run_setting", ctrl_c_during_flip)
+    out = tmp_path / "ablation"
+    argv = ["--data-dir", str(tmp_path / "data"), "--settings", "none", "flip", "--seeds", "2", "--epochs", "1",
+            "--batch-size", "8", "--image-size", str(SIZE), "--out", str(out)]
+    with pytest.raises(SystemExit, match="interrupted: 1 finished settings .* resumes the rest"):
+        ablate_augmentation.main(argv)
+    assert "| none | ok | 2 |" in (out / "results.md").read_text() and not (out / "flip" / "result.json").exists()
