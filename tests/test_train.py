@@ -6,6 +6,7 @@ import numpy as np
 import optax
 
 from cnnjax import models, train
+from cnnjax.augment import AugmentConfig, make_augment_fn
 
 
 def tiny_mnist(n=150, seed=0):
@@ -116,6 +117,16 @@ def test_diverging_run_is_marked_and_stops():
     assert history[-1].get("diverged") is True and len(history) < 5
 
 
+def _assert_each_seed_matches(state, histories, sequential):
+    """Seed k of a vmapped run against its own run: metrics to 1e-4 relative, parameters to 1e-4."""
+    for k, (seq_state, seq_history) in enumerate(sequential):
+        for a, b in zip(_metrics(histories[k]), _metrics(seq_history)):
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=f"seed index {k} {key}")
+        for a, b in zip(jax.tree.leaves(train.unstack_state(state, k).params), jax.tree.leaves(seq_state.params)):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def test_vmapped_seeds_equal_seeds_run_one_at_a_time():
     """K seeds in one compiled program (jax.vmap) give each seed's own run.
 
@@ -134,20 +145,13 @@ def test_vmapped_seeds_equal_seeds_run_one_at_a_time():
     trainer = train.Trainer(model, tx, num_seeds=len(seeds))
     state, histories = train.fit(trainer, stacked, (images, labels), 2, 32, (images, labels), verbose=False)
     assert len(histories) == len(seeds) and int(state.step[0]) == 2 * 4
-    for k, (seq_state, seq_history) in enumerate(sequential):
-        for a, b in zip(_metrics(histories[k]), _metrics(seq_history)):
-            for key in a:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=f"seed {seeds[k]} {key}")
-        for a, b in zip(jax.tree.leaves(train.unstack_state(state, k).params), jax.tree.leaves(seq_state.params)):
-            np.testing.assert_allclose(a, b, atol=1e-4)
+    _assert_each_seed_matches(state, histories, sequential)
     assert _metrics(histories[0]) != _metrics(histories[1])  # the seeds really differ
 
 
 def test_vmapped_seeds_with_augmentation_and_dropout_equal_seeds_run_one_at_a_time():
     """The ablation's case: each seed draws its own augmentation and dropout masks, under vmap
     exactly as alone. Same tolerance as above (float32 reassociation only)."""
-    from cnnjax.augment import AugmentConfig, make_augment_fn
-
     size = 48
     model = models.CatsDogsConvNet(dropout_rate=0.5, input_shape=(size, size, 3))
     tx = train.adam_keras(1e-3)
@@ -163,10 +167,5 @@ def test_vmapped_seeds_with_augmentation_and_dropout_equal_seeds_run_one_at_a_ti
     stacked = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in seeds])
     trainer = train.Trainer(model, tx, augment, num_seeds=len(seeds))
     state, histories = train.fit(trainer, stacked, (images, labels), 2, 8, (images, labels), verbose=False)
-    for k, (seq_state, seq_history) in enumerate(sequential):
-        for a, b in zip(_metrics(histories[k]), _metrics(seq_history)):
-            for key in a:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=f"seed {seeds[k]} {key}")
-        for a, b in zip(jax.tree.leaves(train.unstack_state(state, k).params), jax.tree.leaves(seq_state.params)):
-            np.testing.assert_allclose(a, b, atol=1e-4)
+    _assert_each_seed_matches(state, histories, sequential)
     assert _metrics(histories[0]) != _metrics(histories[1])
