@@ -2,7 +2,7 @@
 
     python experiments/ablate_augmentation.py --data-dir ../shared/data
     # a CPU-sized run (the one in README "Results"):
-    python experiments/ablate_augmentation.py --data-dir ../shared/data --image-size 64 --epochs 15 --out checkpoints/ablation-64px
+    python experiments/ablate_augmentation.py --data-dir ../shared/data --image-size 64 --epochs 20 --out checkpoints/ablation-64px
 
 Default grid: none; each transform alone at the lecture's range (flip, rotation, shift,
 shear, zoom); the lecture's full set; the full set with Dropout(0.5); dropout alone.
