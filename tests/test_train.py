@@ -117,14 +117,27 @@ def test_diverging_run_is_marked_and_stops():
     assert history[-1].get("diverged") is True and len(history) < 5
 
 
-def _assert_each_seed_matches(state, histories, sequential):
+def _fit_seeds_together_and_alone(model, tx, augment, data, epochs, batch_size, seeds):
+    """(state, histories) of the seeds vmapped, and (state, history) of each seed run alone."""
+    alone = []
+    for seed in seeds:
+        state = train.create_train_state(model, tx, jax.random.PRNGKey(seed))
+        alone.append(train.fit(train.Trainer(model, tx, augment), state, data, epochs, batch_size, data, verbose=False))
+    stacked = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in seeds])
+    trainer = train.Trainer(model, tx, augment, num_seeds=len(seeds))
+    state, histories = train.fit(trainer, stacked, data, epochs, batch_size, data, verbose=False)
+    return state, histories, alone
+
+
+def _assert_each_seed_matches(state, histories, alone):
     """Seed k of a vmapped run against its own run: metrics to 1e-4 relative, parameters to 1e-4."""
-    for k, (seq_state, seq_history) in enumerate(sequential):
+    for k, (seq_state, seq_history) in enumerate(alone):
         for a, b in zip(_metrics(histories[k]), _metrics(seq_history)):
             for key in a:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=f"seed index {k} {key}")
         for a, b in zip(jax.tree.leaves(train.unstack_state(state, k).params), jax.tree.leaves(seq_state.params)):
             np.testing.assert_allclose(a, b, atol=1e-4)
+    assert _metrics(histories[0]) != _metrics(histories[1])  # the seeds really differ
 
 
 def test_vmapped_seeds_equal_seeds_run_one_at_a_time():
@@ -136,17 +149,9 @@ def test_vmapped_seeds_equal_seeds_run_one_at_a_time():
     model = models.MnistConvNet()
     tx = train.rmsprop_keras(1e-3)
     images, labels = tiny_mnist(100)  # 4 steps of 32 (the last partial): not the number of seeds
-    seeds = [3, 4, 5]
-    sequential = []
-    for seed in seeds:
-        state = train.create_train_state(model, tx, jax.random.PRNGKey(seed))
-        sequential.append(train.fit(train.Trainer(model, tx), state, (images, labels), 2, 32, (images, labels), verbose=False))
-    stacked = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in seeds])
-    trainer = train.Trainer(model, tx, num_seeds=len(seeds))
-    state, histories = train.fit(trainer, stacked, (images, labels), 2, 32, (images, labels), verbose=False)
-    assert len(histories) == len(seeds) and int(state.step[0]) == 2 * 4
-    _assert_each_seed_matches(state, histories, sequential)
-    assert _metrics(histories[0]) != _metrics(histories[1])  # the seeds really differ
+    state, histories, alone = _fit_seeds_together_and_alone(model, tx, None, (images, labels), 2, 32, seeds=[3, 4, 5])
+    assert len(histories) == 3 and int(state.step[0]) == 2 * 4
+    _assert_each_seed_matches(state, histories, alone)
 
 
 def test_vmapped_seeds_with_augmentation_and_dropout_equal_seeds_run_one_at_a_time():
@@ -159,13 +164,5 @@ def test_vmapped_seeds_with_augmentation_and_dropout_equal_seeds_run_one_at_a_ti
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (24, size, size, 3)).astype(np.uint8)
     labels = (np.arange(24) % 2).astype(np.int32)
-    seeds = [0, 1]
-    sequential = []
-    for seed in seeds:
-        state = train.create_train_state(model, tx, jax.random.PRNGKey(seed))
-        sequential.append(train.fit(train.Trainer(model, tx, augment), state, (images, labels), 2, 8, (images, labels), verbose=False))
-    stacked = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in seeds])
-    trainer = train.Trainer(model, tx, augment, num_seeds=len(seeds))
-    state, histories = train.fit(trainer, stacked, (images, labels), 2, 8, (images, labels), verbose=False)
-    _assert_each_seed_matches(state, histories, sequential)
-    assert _metrics(histories[0]) != _metrics(histories[1])
+    state, histories, alone = _fit_seeds_together_and_alone(model, tx, augment, (images, labels), 2, 8, seeds=[0, 1])
+    _assert_each_seed_matches(state, histories, alone)
