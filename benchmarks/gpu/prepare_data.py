@@ -44,7 +44,7 @@ def main() -> None:
         for image, name in zip(folder.images, folder.files):  # same names, so the same order when loaded
             path = (tmp / split / name).with_suffix(".jpg")
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.asarray(image, np.uint8)).save(path, quality=args.quality)
+            Image.fromarray(image).save(path, quality=args.quality)
         reread = data.load_image_folder(tmp / split, SIZE, cache=False).images
         errors.append(np.abs(reread.astype(np.float32) - folder.images.astype(np.float32)).mean())
     shutil.rmtree(root, ignore_errors=True)
