@@ -2,51 +2,91 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from cnnjax import files  # noqa: E402
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Save atomically (a temporary file renamed into place) and close the figure."""
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save through `files.atomic_path` (a reader never sees half a PNG) and close the figure.
+
+    The format follows the suffix of `path` where matplotlib knows it (.png, .pdf, .svg, ...);
+    PNG otherwise.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    suffix = path.suffix[1:].lower()
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with files.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
-def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:
-    """The lecture's figure: accuracy and loss per epoch, training as dots, validation as a line."""
-    epochs = [row["epoch"] for row in history]
-    fig = plt.figure(figsize=(10, 5))
-    for panel, (metric, title, train_label, val_label) in enumerate(
-        [
-            ("accuracy", "Training and Validation Accuracy", "Training Accuracy", "Validation Accuracy"),
-            ("loss", "Training and Validation Loss", "Training Loss", "Validation Loss"),
-        ]
-    ):
-        plt.subplot(1, 2, panel + 1)
-        plt.plot(epochs, [row[metric] for row in history], "bo", label=train_label)
-        if all(f"val_{metric}" in row for row in history):
-            plt.plot(epochs, [row[f"val_{metric}"] for row in history], "r", label=val_label)
-        plt.title(title)
-        plt.xlabel("epoch")
-        plt.legend()
-    plt.suptitle("Accuracy & Loss")
-    plt.tight_layout()
-    return save_figure(fig, path)
+_HISTORY_PANELS = (
+    ("accuracy", "Training and Validation Accuracy", "Training Accuracy", "Validation Accuracy"),
+    ("loss", "Training and Validation Loss", "Training Loss", "Validation Loss"),
+)
+
+
+def _metric(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+    """One column of the history as float64, with NaN where a row has None, a non-finite value or no entry.
+
+    matplotlib leaves NaN undrawn: a gap in a line, no dot.
+    """
+    values = [row.get(key) for row in history]
+    column = np.array([math.nan if v is None else float(v) for v in values], np.float64)
+    column[~np.isfinite(column)] = math.nan
+    return column
+
+
+def history_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
+    """The lecture's two-panel "Accuracy & Loss" figure, returned unsaved (1000x500 pixels at dpi 100).
+
+    Each row is one epoch: "epoch" (1-based; the row's position when absent) and any of
+    loss, accuracy, val_loss, val_accuracy. Training is drawn as blue dots, validation as a
+    red line with small markers, so that a single epoch, or one left alone between gaps,
+    still shows. A metric that is None, NaN or infinite in a row (a diverged epoch; strict
+    JSON writes NaN as null) is left out: a gap, not an error. The x axis ticks whole
+    epochs only; a one-epoch history gets half an epoch of room on either side.
+
+    The figure is not registered with pyplot: nothing to close unless it is shown.
+    """
+    epochs = np.array([row.get("epoch", i + 1) for i, row in enumerate(history)], np.float64)
+    fig = Figure(figsize=(10, 5))
+    for panel, (metric, title, train_label, val_label) in enumerate(_HISTORY_PANELS):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        if any(metric in row for row in history):
+            ax.plot(epochs, _metric(history, metric), "bo", label=train_label)
+        if any(f"val_{metric}" in row for row in history):
+            ax.plot(epochs, _metric(history, f"val_{metric}"), "r-", marker="o", markersize=4, label=val_label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))  # one epoch: one tick, not 0.1 steps
+        if len(epochs) and epochs.min() == epochs.max():
+            ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle("Accuracy & Loss")
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """`history_figure` written to `path` (PNG, 1000x500 pixels)."""
+    return save_figure(history_figure(history), path)
 
 
 def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequence[str] | None = None, cols: int = 5) -> Path:
