@@ -165,6 +165,31 @@ def test_corrupt_file_skipped_with_warning(tmp_path):
     assert again.files == data.files and again.skipped == data.skipped
 
 
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_broken_symlink_skipped_with_warning(tmp_path, kind):
+    two_classes(tmp_path)
+    link = tmp_path / "cats" / "c.png"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "cats" / "gone.png")
+    else:  # c.png -> d.png -> c.png: os.stat raises ELOOP
+        link.symlink_to(tmp_path / "cats" / "d.png")
+        (tmp_path / "cats" / "d.png").symlink_to(link)
+    with pytest.warns(SkippedImageWarning) as record:
+        data = load_image_folder(tmp_path, image_size=(4, 6))
+    messages = [str(w.message) for w in record]
+    assert any(str(link) in m and ("dangling symlink" if kind == "dangling" else "symlink loop") in m for m in messages), messages
+    assert data.files == ["cats/a.png", "cats/b.png", "dogs/a.png"] and "cats/c.png" in data.skipped
+    with pytest.warns(SkippedImageWarning) as record:  # the cached result repeats the warnings
+        assert load_image_folder(tmp_path, image_size=(4, 6)).files == data.files
+    assert any(str(link) in str(w.message) for w in record)
+    link.unlink()
+    solid(link, (30, 0, 0))  # mended (and d.png, a link to it, with it): not served the old result from the cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedImageWarning)
+        mended = load_image_folder(tmp_path, image_size=(4, 6))
+    assert "cats/c.png" in mended.files and mended.skipped == []
+
+
 def test_class_with_only_undecodable_files_is_an_error(tmp_path):
     solid(tmp_path / "cats" / "a.png", (1, 2, 3))
     (tmp_path / "dogs").mkdir()

@@ -30,6 +30,7 @@ is only retried when it (or another file) changes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -96,6 +97,7 @@ class _Listing:
     files: list[str]  # relative, "/"-separated
     labels: list[int]
     stats: list[tuple[int, int]]  # (size, mtime_ns) per file, for the cache key
+    broken: dict[str, str] = field(default_factory=dict)  # relative path -> why it cannot be read (dangling symlink, loop)
 
 
 # --- finding the files ----------------------------------------------------------------------------
@@ -128,26 +130,41 @@ def _walk_images(class_dir: Path) -> Iterator[str]:
                 yield os.path.join(root, name)
 
 
+def _unreadable(path: str, error: OSError) -> str:
+    """Why os.stat failed, in words: the usual cases are symlinks that lead nowhere."""
+    if error.errno == errno.ELOOP:
+        return "symlink loop"
+    if os.path.islink(path) and isinstance(error, FileNotFoundError):
+        return f"dangling symlink (to {os.readlink(path)})"
+    return f"cannot be read ({type(error).__name__}: {error.strerror or error})"
+
+
 def _list_folder(folder: str | os.PathLike) -> _Listing:
     folder = Path(folder).expanduser().absolute()
     class_names = _class_names(folder)
     files: list[str] = []
     labels: list[int] = []
     stats: list[tuple[int, int]] = []
+    broken: dict[str, str] = {}
     for label, name in enumerate(class_names):
         count = 0
         for path in _walk_images(folder / name):
-            st = os.stat(path)
-            files.append(Path(os.path.relpath(path, folder)).as_posix())
+            rel = Path(os.path.relpath(path, folder)).as_posix()
+            try:
+                st = os.stat(path)
+            except OSError as e:  # a dangling symlink or a symlink loop: skipped like an undecodable file
+                broken[rel] = _unreadable(path, e)
+                st = os.lstat(path) if os.path.lexists(path) else None
+            files.append(rel)
             labels.append(label)
-            stats.append((st.st_size, st.st_mtime_ns))
+            stats.append((st.st_size, st.st_mtime_ns) if st else (-1, -1))
             count += 1
         if count == 0:
             raise DataError(
                 f"class folder {folder / name} holds no images ({' '.join(IMAGE_EXTENSIONS)}); "
                 f"every class sub-folder needs at least one: {FOLDER_LAYOUT}"
             )
-    return _Listing(folder, class_names, files, labels, stats)
+    return _Listing(folder, class_names, files, labels, stats, broken)
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -187,17 +204,26 @@ def _default_workers() -> int:
 
 
 def _decode_all(
-    paths: list[str], size_hw: tuple[int, int], resample: Image.Resampling, workers: int | None
+    paths: list[str],
+    size_hw: tuple[int, int],
+    resample: Image.Resampling,
+    workers: int | None,
+    known: dict[int, str] | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
-    """Decode into one preallocated array (no stacking copy); errors[i] is None or why file i failed."""
+    """Decode into one preallocated array (no stacking copy); errors[i] is None or why file i failed.
+
+    known: files already found unreadable (index -> why), not opened again."""
     images = np.zeros((len(paths), *size_hw, 3), np.uint8)
     size_wh = (size_hw[1], size_hw[0])
+    known = known or {}
 
     def work(i: int) -> str | None:
+        if i in known:
+            return known[i]
         try:
             images[i] = _decode_one(paths[i], size_wh, resample)
         except Exception as e:  # noqa: BLE001 - any failure of one file skips that file, not the load
-            return f"{type(e).__name__}: {e}"
+            return f"cannot be decoded ({type(e).__name__}: {e})"
         return None
 
     workers = _default_workers() if workers is None else workers
@@ -209,13 +235,14 @@ def _decode_all(
 
 def _warn_skipped(folder: Path, skipped: list[str], reasons: list[str] | None = None) -> None:
     for i, rel in enumerate(skipped):
-        why = f": {reasons[i]}" if reasons else " (cached result; fix or remove the file)"
-        warnings.warn(f"skipped {folder / rel}: cannot be decoded{why}", SkippedImageWarning, stacklevel=3)
+        why = reasons[i] if reasons else "cannot be read or decoded (cached result; fix or remove the file)"
+        warnings.warn(f"skipped {folder / rel}: {why}", SkippedImageWarning, stacklevel=3)
 
 
 def _decode_listing(listing: _Listing, size_hw: tuple[int, int], resample: Image.Resampling, workers: int | None) -> ImageFolder:
     paths = [str(listing.folder / rel) for rel in listing.files]
-    images, errors = _decode_all(paths, size_hw, resample, workers)
+    known = {i: listing.broken[rel] for i, rel in enumerate(listing.files) if rel in listing.broken}
+    images, errors = _decode_all(paths, size_hw, resample, workers, known)
     labels = np.asarray(listing.labels, np.int32)
     files = list(listing.files)
     skipped = [rel for rel, err in zip(files, errors, strict=True) if err is not None]
@@ -248,6 +275,7 @@ def _cache_key(listing: _Listing, size_hw: tuple[int, int], interpolation: str) 
         "interpolation": interpolation,
         "classes": listing.class_names,
         "files": [[rel, size, mtime] for rel, (size, mtime) in zip(listing.files, listing.stats, strict=True)],
+        "broken": listing.broken,
     })
 
 
