@@ -100,14 +100,59 @@ def test_modes_converted_to_rgb(tmp_path):
     solid(tmp_path / "c" / "3_rgba.png", (50, 60, 70, 0), mode="RGBA")  # alpha dropped, not composited (Keras does the same)
     solid(tmp_path / "c" / "4_cmyk.tif", (255, 0, 0, 0), mode="CMYK")
     solid(tmp_path / "c" / "5_cmyk_black.tif", (0, 0, 0, 255), mode="CMYK")
-    solid(tmp_path / "c" / "6_gray16.png", 100, mode="I;16")
-    solid(tmp_path / "c" / "7_gray16_bright.png", 1000, mode="I;16")  # clipped to 255 by PIL, as load_img gets it
+    solid(tmp_path / "c" / "6_gray16.png", 1000, mode="I;16")  # scaled: round(1000 * 255 / 65535) = 4, not clipped to 255
     data = load_image_folder(tmp_path, image_size=(4, 6))
-    assert data.images.shape == (7, 4, 6, 3)
+    assert data.images.shape == (6, 4, 6, 3)
     first_pixels = data.images[:, 0, 0].tolist()
-    assert first_pixels == [[100] * 3, [12, 34, 56], [50, 60, 70], [0, 255, 255], [0, 0, 0], [100] * 3, [255] * 3]
-    for path, image in zip(data.files, data.images, strict=True):  # each whole image equals PIL's own conversion
+    assert first_pixels == [[100] * 3, [12, 34, 56], [50, 60, 70], [0, 255, 255], [0, 0, 0], [4] * 3]
+    for path, image in zip(data.files[:5], data.images, strict=False):  # the 8-bit ones equal PIL's own conversion
         assert np.array_equal(image, np.asarray(Image.open(tmp_path / path).convert("RGB")))
+
+
+def gradient16(height=48, width=64) -> np.ndarray:
+    """Every 16-bit level from 0 to 65535 in steps of about 21, with values either side of a rounding edge."""
+    values = np.linspace(0, 65535, height * width).round().astype(np.uint16)
+    values[:4] = [128, 129, 385, 386]  # 128/257 = 0.498 -> 0, 129/257 = 0.502 -> 1, 385 -> 1, 386 -> 2
+    return values.reshape(height, width)
+
+
+def test_16bit_gradient_scaled_to_8bit(tmp_path):
+    values = gradient16()
+    (tmp_path / "c").mkdir()
+    Image.fromarray(values).save(tmp_path / "c" / "a_gray16.png")
+    Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes()).save(tmp_path / "c" / "b_gray16_big_endian.tif")
+    pgm = b"P5\n%d %d\n65535\n" % values.shape[::-1] + values.astype(">u2").tobytes()
+    (tmp_path / "c" / "c_gray16.ppm").write_bytes(pgm)  # a 16-bit PGM (.ppm is the extension Keras lists): PIL's mode "I"
+    names = ["a_gray16.png", "b_gray16_big_endian.tif", "c_gray16.ppm"]
+    assert [Image.open(tmp_path / "c" / n).mode for n in names] == ["I;16", "I;16B", "I"]
+    data = load_image_folder(tmp_path, image_size=values.shape)
+    assert data.files == [f"c/{n}" for n in names]
+    expected = np.round(values.astype(np.float64) * 255 / 65535)
+    for rel, image in zip(data.files, data.images, strict=True):
+        assert np.abs(image.astype(np.float64) - expected[..., None]).max() <= 1, rel
+        assert image[0, :4, 0].tolist() == [0, 1, 1, 2], rel  # rounded, not truncated
+        assert image.max() == 255 and image.min() == 0 and len(np.unique(image)) == 256, rel
+
+
+def test_16bit_in_mode_i_from_png():
+    """Older Pillow opens 16-bit PNGs as mode "I": the same scaling applies (a 32-bit TIFF "I" keeps PIL's clipping)."""
+    values = gradient16(4, 6)
+    image = Image.fromarray(values.astype(np.int32), "I")
+    image.format = "PNG"
+    scaled = folders._to_array(image, (6, 4), Image.NEAREST).astype(np.float64)
+    assert np.abs(scaled[..., 0] - np.round(values.astype(np.float64) * 255 / 65535)).max() <= 1
+    assert scaled[0, :4, 0].tolist() == [0, 1, 1, 2]
+    image.format = "TIFF"
+    clipped = folders._to_array(image, (6, 4), Image.NEAREST)
+    assert clipped[0, :4, 0].tolist() == [128, 129, 255, 255]
+
+
+def test_float_images_rounded_and_clipped(tmp_path):
+    (tmp_path / "c").mkdir()
+    floats = np.array([[-5.0, 0.4, 0.6, 100.7, 254.6, 300.0, np.nan]], np.float32)
+    Image.fromarray(floats, "F").save(tmp_path / "c" / "f.tif")
+    data = load_image_folder(tmp_path, image_size=(1, 7))
+    assert data.images[0, 0, :, 0].tolist() == [0, 0, 1, 101, 255, 255, 0]
 
 
 def test_nearest_resize_equals_pil_nearest(tmp_path):

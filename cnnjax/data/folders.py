@@ -4,9 +4,12 @@
     root/{train,validation,test}/<class>/<image>
 
 Decoding follows `keras.utils.load_img(path, target_size=(h, w))` pixel for pixel:
-PIL opens the file, `convert("RGB")` whatever the mode (L, P, RGBA, CMYK, I;16, ...;
-alpha is dropped, not composited, as Keras does), then `resize((w, h), NEAREST)` unless
-the image already has that size ("bilinear" and PIL's other filters on request). No JPEG
+PIL opens the file, `convert("RGB")` whatever the mode (L, P, RGBA, CMYK, ...; alpha is
+dropped, not composited, as Keras does), then `resize((w, h), NEAREST)` unless the image
+already has that size ("bilinear" and PIL's other filters on request). One deliberate
+difference: 16-bit grayscale (PIL modes I;16, I;16B, and I from a PNG or PGM) is scaled
+to 8 bits, round(v * 255 / 65535), where PIL and Keras clip it to 255 (all white); float
+images ("F") are rounded and clipped to 0-255 (see `_to_8bit`). No JPEG
 `draft()` mode: it decodes at a reduced DCT scale, and on cats_and_dogs_small only ~30 %
 of the images then matched load_img, for a ~15 % speed-up.
 
@@ -59,7 +62,7 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "lanczos": Image.Resampling.LANCZOS,
 }
-CACHE_VERSION = 1  # bump when the decoding or the cache layout changes
+CACHE_VERSION = 2  # bump when the decoding or the cache layout changes
 FOLDER_LAYOUT = "folder/<class>/<image>, one sub-folder per class, e.g. train/cats/cat.0.jpg and train/dogs/dog.0.jpg"
 SPLITS_LAYOUT = "root/{train,validation,test}/<class>/<image>, e.g. root/train/cats/cat.0.jpg"
 CATS_DOGS_LAYOUT = (
@@ -179,8 +182,29 @@ def _check_args(image_size: Sequence[int], interpolation: str) -> tuple[tuple[in
     return (size[0], size[1]), INTERPOLATIONS[interpolation]
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float grayscale as 8-bit "L"; every other mode unchanged.
+
+    PIL's convert("RGB") clips these to 0-255 instead of scaling, so a 16-bit image comes
+    out all white. 16-bit values v become round(v * 255 / 65535) = (v + 128) // 257 (no
+    ties are possible): modes "I;16*", and mode "I" from a PNG or PPM/PGM file, where PIL
+    keeps 16-bit samples. A 32-bit "I" from another format (TIFF) keeps PIL's clipping:
+    nothing says which range its values use. "F" (float) is taken as 0-255 like PIL
+    does, but rounded rather than truncated, with NaN as 0.
+    """
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PNG", "PPM")):
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return img
+
+
 def _to_array(img: Image.Image, size_wh: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    # The steps and the order of keras.utils.load_img(color_mode="rgb", target_size=...).
+    # The steps and the order of keras.utils.load_img(color_mode="rgb", target_size=...),
+    # except that 16-bit and float images are scaled to 8 bits first (Keras clips them).
+    img = _to_8bit(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
     if img.size != size_wh:
