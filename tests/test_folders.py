@@ -5,7 +5,11 @@ Every test builds its own tiny folders in tmp_path; the real cats_and_dogs_small
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnnjax import files
 from cnnjax.data import folders
 from cnnjax.data.common import DataError
 from cnnjax.data.folders import (
@@ -355,6 +360,75 @@ def test_changed_added_removed_files_invalidate_the_cache(tmp_path, cache_dir):
     (tmp_path / "cats" / "b.png").unlink()
     assert load_image_folder(tmp_path, image_size=(4, 6)).files == ["cats/a.png", "dogs/a.png", "dogs/c.png"]
     assert len(cache_files(cache_dir)) == 4
+
+
+def test_file_edited_with_same_size_and_mtime_is_not_served_stale(tmp_path, cache_dir):
+    """The key holds each file's content hash, not only its size and mtime."""
+    two_classes(tmp_path)
+    path = tmp_path / "cats" / "a.bmp"  # BMP: the file size depends only on the image size
+    solid(path, (10, 0, 0))
+    before = path.stat()
+    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
+    solid(path, (99, 0, 0))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)  # only the bytes differ
+    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
+    assert len(cache_files(cache_dir)) == 2
+
+
+def test_content_hashes_threads_and_serial_agree(tmp_path):
+    for i in range(7):
+        noise(tmp_path / "c" / f"{i}.png", seed=i)
+    (tmp_path / "c" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    listing = folders._list_folder(tmp_path)
+    serial = folders._content_hashes(listing, 1)
+    assert serial[:7] == [hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() for rel in listing.files[:7]]
+    assert serial[7].startswith("broken: dangling symlink")
+    for workers in (2, 3, 16):
+        assert folders._content_hashes(listing, workers) == serial
+
+
+def dead_pid() -> int:
+    pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout
+    assert not files.pid_alive(int(pid))
+    return int(pid)
+
+
+def test_orphaned_cache_temporaries_removed_on_next_load(tmp_path, cache_dir):
+    two_classes(tmp_path)
+    load_image_folder(tmp_path, image_size=(4, 6))
+    (cached,) = (cache_dir / "folders").iterdir()
+    mine = files.temporary_name(cached).name
+    orphan = cache_dir / "folders" / mine.replace(f".tmp-{os.getpid()}-", f".tmp-{dead_pid()}-")
+    living = cache_dir / "folders" / mine.replace(f".tmp-{os.getpid()}-", f".tmp-{os.getppid()}-")  # a writer still at work
+    orphan.write_bytes(b"PK\x03\x04 half a zip")
+    living.write_bytes(b"PK\x03\x04 half a zip")
+    assert orphan.name != living.name and files.pid_alive(os.getppid())
+    load_image_folder(tmp_path, image_size=(4, 6))
+    assert not orphan.exists() and living.exists() and cached.exists()
+
+
+def test_decoding_and_cache_hits_are_logged(tmp_path, cache_dir, caplog):
+    two_classes(tmp_path)
+    caplog.set_level(logging.INFO, logger="cnnjax")
+    load_image_folder(tmp_path, image_size=(4, 6))
+    (cached,) = (cache_dir / "folders").iterdir()
+    (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
+    assert record.levelno == logging.INFO
+    assert re.fullmatch(rf"decoded 3 images from {re.escape(str(tmp_path))} in \d+\.\d s; cached at {re.escape(str(cached))}",
+                        record.getMessage()), record.getMessage()
+    caplog.clear()
+    load_image_folder(tmp_path, image_size=(4, 6))
+    (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
+    assert re.match(rf"loaded 3 images of {re.escape(str(tmp_path))} from the cache {re.escape(str(cached))} in \d+\.\d\d s",
+                    record.getMessage()), record.getMessage()
+    caplog.clear()
+    (tmp_path / "dogs" / "bad.png").write_bytes(b"junk")
+    with pytest.warns(SkippedImageWarning):
+        load_image_folder(tmp_path, image_size=(4, 6), cache=False)
+    (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
+    assert record.getMessage().startswith(f"decoded 3 images (1 skipped) from {tmp_path} in ") and "not cached" in record.getMessage()
 
 
 def test_damaged_cache_is_rebuilt(tmp_path, cache_dir):

@@ -22,23 +22,31 @@ Decoding runs in a thread pool: Pillow releases the GIL while it decodes and res
 on a 2-core machine threads beat a process pool, which pays for starting workers and for
 pickling every array back (and forking after JAX has started threads is unsafe).
 
-A file that cannot be decoded is skipped with a SkippedImageWarning naming it. The result,
-skipped list included, is cached in `cache_root()/folders/<key>.npz`; the key hashes the
-absolute folder path, the image size, the interpolation, the Pillow version and every image
-file's (relative path, size, mtime_ns), so any added, removed or rewritten file invalidates
-it. A cached result with skipped files repeats their warnings on every load; a skipped file
-is only retried when it (or another file) changes.
+A file that cannot be read or decoded (a broken image, a dangling symlink, a symlink loop)
+is skipped with a SkippedImageWarning naming it. The result, skipped list included, is
+cached in `cache_root()/folders/<key>.npz`, written atomically (`cnnjax.files`; the
+temporaries of killed processes are removed on the next load). The key hashes the absolute
+folder path, the image size, the interpolation, the Pillow version and every image file's
+relative path and sha256, so any added, removed or edited file invalidates it, even one
+rewritten with the same size and mtime. The price: every load reads and hashes every file
+(in threads, each a slice of the files), which on cats_and_dogs_small/train makes a warm
+(cached) load about 1.5 to 2 times as long as a (size, mtime) key did, still a small
+fraction of decoding. A cached result with skipped files repeats their warnings on
+every load; a skipped file is only retried when it (or another file) changes.
+
+Each load logs one INFO line (logger "cnnjax.data.folders"): images decoded or loaded from
+the cache, the folder, the time taken and the cache file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
 import json
+import logging
 import os
-import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +58,9 @@ import PIL
 from PIL import Image
 
 from cnnjax.data.common import DataError, cache_root, data_dir_from_env, tfds_reachable
+from cnnjax.files import atomic_write, clean_orphans
+
+log = logging.getLogger(__name__)
 
 # Keras's flow_from_directory list (png jpg jpeg bmp ppm tif tiff) plus gif and webp.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -99,7 +110,6 @@ class _Listing:
     class_names: list[str]
     files: list[str]  # relative, "/"-separated
     labels: list[int]
-    stats: list[tuple[int, int]]  # (size, mtime_ns) per file, for the cache key
     broken: dict[str, str] = field(default_factory=dict)  # relative path -> why it cannot be read (dangling symlink, loop)
 
 
@@ -147,27 +157,24 @@ def _list_folder(folder: str | os.PathLike) -> _Listing:
     class_names = _class_names(folder)
     files: list[str] = []
     labels: list[int] = []
-    stats: list[tuple[int, int]] = []
     broken: dict[str, str] = {}
     for label, name in enumerate(class_names):
         count = 0
         for path in _walk_images(folder / name):
             rel = Path(os.path.relpath(path, folder)).as_posix()
             try:
-                st = os.stat(path)
+                os.stat(path)
             except OSError as e:  # a dangling symlink or a symlink loop: skipped like an undecodable file
                 broken[rel] = _unreadable(path, e)
-                st = os.lstat(path) if os.path.lexists(path) else None
             files.append(rel)
             labels.append(label)
-            stats.append((st.st_size, st.st_mtime_ns) if st else (-1, -1))
             count += 1
         if count == 0:
             raise DataError(
                 f"class folder {folder / name} holds no images ({' '.join(IMAGE_EXTENSIONS)}); "
                 f"every class sub-folder needs at least one: {FOLDER_LAYOUT}"
             )
-    return _Listing(folder, class_names, files, labels, stats, broken)
+    return _Listing(folder, class_names, files, labels, broken)
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -290,7 +297,40 @@ def _hash(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _cache_key(listing: _Listing, size_hw: tuple[int, int], interpolation: str) -> str:
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # hashlib lets other threads run while it hashes a buffer this big
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_hashes(listing: _Listing, workers: int | None) -> list[str]:
+    """sha256 of every file's bytes, or why it could not be read, in listing order.
+
+    Threads each take one contiguous slice of the files: handing them out one by one costs
+    more in thread switching than hashing a 20 kB JPEG does (measured 1.5x slower on 2 cores).
+    """
+    paths = [str(listing.folder / rel) for rel in listing.files]
+
+    def one(i: int) -> str:
+        if listing.files[i] in listing.broken:
+            return f"broken: {listing.broken[listing.files[i]]}"
+        try:
+            return _file_digest(paths[i])
+        except OSError as e:  # decoding will fail on it too and skip it with a warning
+            return f"unreadable: {type(e).__name__}"
+
+    workers = max(1, min(_default_workers() if workers is None else workers, len(paths)))
+    if workers == 1:
+        return [one(i) for i in range(len(paths))]
+    step = -(-len(paths) // workers)
+    slices = [range(start, min(start + step, len(paths))) for start in range(0, len(paths), step)]
+    with ThreadPoolExecutor(len(slices), thread_name_prefix="cnnjax-hash") as pool:
+        return [digest for part in pool.map(lambda indices: [one(i) for i in indices], slices) for digest in part]
+
+
+def _cache_key(listing: _Listing, size_hw: tuple[int, int], interpolation: str, workers: int | None = None) -> str:
     return _hash({
         "version": CACHE_VERSION,
         "pillow": PIL.__version__,  # another libjpeg can decode other pixels
@@ -298,13 +338,23 @@ def _cache_key(listing: _Listing, size_hw: tuple[int, int], interpolation: str) 
         "image_size": list(size_hw),
         "interpolation": interpolation,
         "classes": listing.class_names,
-        "files": [[rel, size, mtime] for rel, (size, mtime) in zip(listing.files, listing.stats, strict=True)],
-        "broken": listing.broken,
+        "files": [[rel, digest] for rel, digest in zip(listing.files, _content_hashes(listing, workers), strict=True)],
     })
 
 
+def _cache_folder() -> Path:
+    return cache_root() / "folders"
+
+
 def _cache_path(key: str) -> Path:
-    return cache_root() / "folders" / f"{key}.npz"
+    return _cache_folder() / f"{key}.npz"
+
+
+def _clean_cache_folder() -> None:
+    """Remove the temporaries that writers killed mid-write left behind (their process is gone)."""
+    removed = clean_orphans(_cache_folder())
+    if removed:
+        log.info("removed %d unfinished cache file(s) of dead processes from %s", len(removed), _cache_folder())
 
 
 def _read_cache(path: Path, key: str, size_hw: tuple[int, int]) -> ImageFolder | None:
@@ -327,17 +377,11 @@ def _read_cache(path: Path, key: str, size_hw: tuple[int, int]) -> ImageFolder |
     return ImageFolder(images, labels, class_names, files, skipped)
 
 
-def _write_cache(path: Path, key: str, result: ImageFolder) -> None:
-    """Write to a temporary file in the same folder, then os.replace: readers see the old file or
-    the whole new one, never half of one, even when this process is killed mid-write."""
+def _write_cache(path: Path, key: str, result: ImageFolder) -> bool:
+    """Write atomically (cnnjax.files): readers see no file or the whole new one, never half of
+    one, even when this process is killed mid-write. False (with a warning) when it cannot."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    except OSError as e:
-        warnings.warn(f"cannot write the image cache in {path.parent} ({e}); decoding again next time", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, "wb") as f:
             # Uncompressed: 2000 images at 150x150 are 135 MB and load in a fraction of a second;
             # zlib would take seconds each way for little gain on photos.
             np.savez(
@@ -349,34 +393,45 @@ def _write_cache(path: Path, key: str, result: ImageFolder) -> None:
                 files=np.array(result.files, dtype=str),
                 skipped=np.array(result.skipped, dtype=str),
             )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if not isinstance(e, OSError):
-            raise
+    except OSError as e:
         warnings.warn(f"cannot write the image cache {path} ({e}); decoding again next time", stacklevel=3)
+        return False
+    return True
 
 
 # --- public API -----------------------------------------------------------------------------------
+
+
+def _counted(result: ImageFolder) -> str:
+    return f"{len(result)} images" + (f" ({len(result.skipped)} skipped)" if result.skipped else "")
 
 
 def _load_listing(
     listing: _Listing, image_size: Sequence[int], interpolation: str, cache: bool, workers: int | None
 ) -> ImageFolder:
     size_hw, resample = _check_args(image_size, interpolation)
+    start = time.perf_counter()
     if not cache:
-        return _decode_listing(listing, size_hw, resample, workers)
-    key = _cache_key(listing, size_hw, interpolation)
+        result = _decode_listing(listing, size_hw, resample, workers)
+        log.info("decoded %s from %s in %.1f s; not cached (cache=False)", _counted(result), listing.folder, time.perf_counter() - start)
+        return result
+    _clean_cache_folder()
+    key = _cache_key(listing, size_hw, interpolation, workers)
     path = _cache_path(key)
     cached = _read_cache(path, key, size_hw)
     if cached is not None:
+        log.info(
+            "loaded %s of %s from the cache %s in %.2f s (every file's content hash checked)",
+            _counted(cached), listing.folder, path, time.perf_counter() - start,
+        )
         _warn_skipped(listing.folder, cached.skipped)
         return cached
     result = _decode_listing(listing, size_hw, resample, workers)
-    _write_cache(path, key, result)
+    written = _write_cache(path, key, result)
+    log.info(
+        "decoded %s from %s in %.1f s; %s",
+        _counted(result), listing.folder, time.perf_counter() - start, f"cached at {path}" if written else "not cached (see warning)",
+    )
     return result
 
 
@@ -492,9 +547,13 @@ def load_tfds_cats_vs_dogs(
         })
         for split, _ in TFDS_SPLIT_SIZES
     }
+    start = time.perf_counter()
     if cache:
+        _clean_cache_folder()
         cached = {split: _read_cache(_cache_path(key), key, size_hw) for split, key in keys.items()}
         if all(r is not None for r in cached.values()):
+            log.info("loaded TFDS cats_vs_dogs (%s) from the cache %s in %.2f s",
+                     ", ".join(f"{s} {len(r)}" for s, r in cached.items()), _cache_folder(), time.perf_counter() - start)
             return cached  # type: ignore[return-value]
     try:
         import tensorflow_datasets as tfds
@@ -511,6 +570,8 @@ def load_tfds_cats_vs_dogs(
             raise DataError(f"TFDS 'cats_vs_dogs' is not prepared and downloading is off ({_first_line(e)})") from e
         if not tfds_reachable():
             raise DataError("TFDS 'cats_vs_dogs' is not prepared and its download server cannot be reached") from e
+        log.info("downloading TFDS cats_vs_dogs (Microsoft's Kaggle cats and dogs zip, several hundred MB) from TFDS's "
+                 "download server into TFDS's data folder ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
         try:
             ds = tfds.load("cats_vs_dogs", download=True, **kwargs)
         except Exception as e2:  # noqa: BLE001
@@ -548,6 +609,8 @@ def load_tfds_cats_vs_dogs(
         )
         if cache:
             _write_cache(_cache_path(keys[split]), keys[split], results[split])
+    log.info("decoded TFDS cats_vs_dogs (%s) in %.1f s%s", ", ".join(f"{s} {len(r)}" for s, r in results.items()),
+             time.perf_counter() - start, f"; cached in {_cache_folder()}" if cache else "")
     return results
 
 
