@@ -25,6 +25,7 @@ from cnnjax.data.folders import (
     ImageFolder,
     SkippedImageWarning,
     find_cats_dogs_root,
+    load_cats_dogs,
     load_image_folder,
     load_splits,
     load_tfds_cats_vs_dogs,
@@ -328,6 +329,23 @@ def test_find_cats_dogs_root(tmp_path, monkeypatch):
     assert find_cats_dogs_root() == data
     with pytest.raises(DataError, match=r"tried .*elsewhere and .*elsewhere/cats_and_dogs_small \(from data_dir\)"):
         find_cats_dogs_root(tmp_path / "elsewhere")
+
+
+def test_find_cats_dogs_root_takes_the_splits_needed(tmp_path, monkeypatch):
+    """A folder with only test/ serves `evaluate.py --split test`; the default still needs train/ and validation/."""
+    monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
+    data = tmp_path / "cats_and_dogs_small"
+    two_classes(data / "test")
+    assert find_cats_dogs_root(tmp_path, ("test",)) == data
+    assert find_cats_dogs_root(data, ["test"]) == data
+    with pytest.raises(DataError, match=r"neither holds train/ and validation/\."):
+        find_cats_dogs_root(tmp_path)
+    with pytest.raises(DataError, match=r"neither holds validation/ and test/\."):
+        find_cats_dogs_root(tmp_path, ("validation", "test"))
+    with pytest.raises(ValueError, match="splits"):
+        find_cats_dogs_root(tmp_path, "test")  # a string, not a sequence of names
+    loaded = load_cats_dogs(tmp_path, ("test",), image_size=(4, 6))
+    assert list(loaded) == ["test"] and loaded["test"].files == ["cats/a.png", "cats/b.png", "dogs/a.png"]
 
 
 # --- the cache ------------------------------------------------------------------------------------

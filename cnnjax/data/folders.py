@@ -489,11 +489,14 @@ def load_splits(
     return {s: _load_listing(listings[s], image_size, interpolation, cache, workers) for s in splits}
 
 
-def find_cats_dogs_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder holding train/ and validation/ (and usually test/) of cats vs dogs.
+def find_cats_dogs_root(data_dir: str | os.PathLike | None = None, splits: Sequence[str] = ("train", "validation")) -> Path:
+    """The folder holding the cats-vs-dogs splits that are needed (by default train/ and validation/).
 
     data_dir, else $CNNJAX_DATA_DIR, may be that folder itself or a parent of cats_and_dogs_small/.
+    Pass the splits actually used: evaluating on ("test",) needs only test/.
     """
+    if isinstance(splits, str) or not splits:
+        raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
     if data_dir is not None:
         base, source = Path(data_dir).expanduser(), "data_dir"
     else:
@@ -505,12 +508,12 @@ def find_cats_dogs_root(data_dir: str | os.PathLike | None = None) -> Path:
         base, source = env.expanduser(), "CNNJAX_DATA_DIR"
     tried = []
     for candidate in (base, base / "cats_and_dogs_small"):
-        if (candidate / "train").is_dir() and (candidate / "validation").is_dir():
+        if all((candidate / split).is_dir() for split in splits):
             return candidate
         tried.append(str(candidate))
+    needed = " and ".join(f"{split}/" for split in splits)
     raise DataError(
-        f"cats vs dogs not found: tried {' and '.join(tried)} (from {source}); neither holds train/ and validation/. "
-        f"Expected {CATS_DOGS_LAYOUT}"
+        f"cats vs dogs not found: tried {' and '.join(tried)} (from {source}); neither holds {needed}. Expected {CATS_DOGS_LAYOUT}"
     )
 
 
@@ -625,7 +628,7 @@ def load_cats_dogs(
     With neither a folder nor TFDS, one DataError says how to lay out the folders.
     """
     if data_dir is not None or data_dir_from_env() is not None:
-        return load_splits(find_cats_dogs_root(data_dir), splits, image_size, interpolation)
+        return load_splits(find_cats_dogs_root(data_dir, splits), splits, image_size, interpolation)
     try:
         tfds_splits = load_tfds_cats_vs_dogs(image_size, interpolation)
     except DataError as e:
