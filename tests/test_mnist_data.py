@@ -72,6 +72,17 @@ def test_cut_off_gzip_stream(tmp_path):
         load_mnist(tmp_path)
 
 
+def test_garbage_after_a_valid_gzip_header(tmp_path):
+    """zlib.error (not OSError/EOFError) from a stream that starts right and then is noise: still one clear DataError."""
+    write_mnist(tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:10] + bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
+    with pytest.raises(DataError) as info:
+        load_mnist(tmp_path)
+    message = str(info.value)
+    assert str(path) in message and "damaged" in message and "re-download it" in message and "\n" not in message
+
+
 def test_image_label_count_mismatch(tmp_path):
     write_mnist(tmp_path, images_count=7)
     with pytest.raises(DataError, match="7 images but 5 labels"):

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,8 @@ def _read(path: Path) -> bytes:
     try:
         with opener(path, "rb") as f:
             return f.read()
-    except (OSError, EOFError) as e:  # a cut-off gzip stream
-        raise DataError(f"{path}: cannot be read ({e}); the file is damaged, re-download it") from e
+    except (OSError, EOFError, zlib.error) as e:  # a cut-off gzip stream, a bad CRC, garbage after the gzip header
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged, re-download it") from e
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
