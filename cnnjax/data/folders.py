@@ -46,6 +46,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -58,7 +59,7 @@ import PIL
 from PIL import Image
 
 from cnnjax.data.common import DataError, cache_root, data_dir_from_env, tfds_reachable
-from cnnjax.files import atomic_write, clean_orphans
+from cnnjax.files import atomic_path, atomic_write, clean_orphans
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,12 @@ CATS_DOGS_LAYOUT = (
     "<dir>/{train,validation,test}/{cats,dogs}/*.jpg (as in the lecture's cats_and_dogs_small), "
     "or a parent <dir>/cats_and_dogs_small/ holding those"
 )
+# The book's cats_and_dogs_small: per class, images 0-999 for train, 1000-1499 validation, 1500-1999 test.
+BOOK_SPLIT_SIZES = (("train", 1000), ("validation", 500), ("test", 500))
 # The deterministic TFDS subset: per class, the first 1000 in TFDS order for train, next 500, next 500.
-TFDS_SPLIT_SIZES = (("train", 1000), ("validation", 500), ("test", 500))
+TFDS_SPLIT_SIZES = BOOK_SPLIT_SIZES
+# Kaggle's "Dogs vs. Cats" train/ names its files cat.0.jpg ... cat.12499.jpg and dog.0.jpg ...
+KAGGLE_CLASSES = (("cat", "cats"), ("dog", "dogs"))
 
 
 class SkippedImageWarning(UserWarning):
@@ -634,3 +639,138 @@ def load_cats_dogs(
     except DataError as e:
         raise DataError(f"cats vs dogs: no --data-dir or CNNJAX_DATA_DIR, and TFDS failed ({e}). Expected {CATS_DOGS_LAYOUT}") from None
     return {split: tfds_splits[split] for split in splits}
+
+
+# --- the lecture's small split from Kaggle's Dogs vs. Cats ------------------------------------------
+
+
+@dataclass
+class SmallSplit:
+    """What prepare_small_split did: images per split (both classes), files copied, files already there."""
+
+    out: Path
+    counts: dict[str, int]
+    copied: int
+    present: int
+
+
+def _check_sizes(sizes: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    checked = [(str(split), int(n)) for split, n in sizes]
+    if not checked or any(n < 1 for _, n in checked) or len({split for split, _ in checked}) != len(checked):
+        raise ValueError(f"sizes must be distinct (split, count) pairs with counts >= 1, got {sizes!r}")
+    return checked
+
+
+def kaggle_train_folder(kaggle_dir: str | os.PathLike) -> Path:
+    """The folder holding Kaggle's cat.N.jpg / dog.N.jpg: kaggle_dir itself or its train/ (the zip's layout)."""
+    folder = Path(kaggle_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"Kaggle folder {folder} does not exist; pass the train/ folder of Kaggle's Dogs vs. Cats (cat.0.jpg, ...)")
+    if not (folder / "cat.0.jpg").exists() and (folder / "train" / "cat.0.jpg").exists():
+        return folder / "train"
+    return folder
+
+
+def small_split_plan(
+    kaggle_dir: str | os.PathLike, out: str | os.PathLike, sizes: Sequence[tuple[str, int]] = BOOK_SPLIT_SIZES
+) -> list[tuple[Path, Path]]:
+    """(source, destination) for every file of the small split, as the book makes it: per class the
+    first sizes[0] images (by number) to the first split, the next sizes[1] to the second, ...,
+    as out/<split>/{cats,dogs}/<same file name>."""
+    sizes = _check_sizes(sizes)
+    kaggle, out = Path(kaggle_dir).expanduser(), Path(out).expanduser()
+    plan = []
+    for prefix, class_folder in KAGGLE_CLASSES:
+        index = 0
+        for split, n in sizes:
+            for i in range(index, index + n):
+                name = f"{prefix}.{i}.jpg"
+                plan.append((kaggle / name, out / split / class_folder / name))
+            index += n
+    return plan
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def _checked_source(path: Path) -> str:
+    """sha256 of a source file's bytes after PIL decoded those very bytes; raises for a bad file."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+    return hashlib.sha256(data).hexdigest()
+
+
+def prepare_small_split(
+    kaggle_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    sizes: Sequence[tuple[str, int]] = BOOK_SPLIT_SIZES,
+    workers: int | None = None,
+) -> SmallSplit:
+    """Copy the book's cats_and_dogs_small out of Kaggle's Dogs vs. Cats train folder (see small_split_plan).
+
+    Everything is checked before anything is written: every source exists and decodes with PIL,
+    and no destination holds a different file (DataError naming the first bad file). Then each
+    missing file is copied atomically (cnnjax.files) and its bytes compared with the source's.
+    Safe to rerun: identical files already there are left alone, and the temporaries of a run
+    that was killed midway are removed, so the next run completes it.
+    """
+    kaggle = kaggle_train_folder(kaggle_dir)
+    out = Path(out).expanduser()
+    sizes = _check_sizes(sizes)
+    plan = small_split_plan(kaggle, out, sizes)
+    per_class = sum(n for _, n in sizes)
+    workers = _default_workers() if workers is None else max(1, workers)
+    start = time.perf_counter()
+
+    missing = [src for src, _ in plan if not src.is_file()]
+    if missing:
+        raise DataError(
+            f"{missing[0]} is missing{_more(missing)}: --kaggle-dir must be Kaggle's Dogs vs. Cats train folder, holding "
+            + " and ".join(f"{prefix}.0.jpg ... {prefix}.{per_class - 1}.jpg" for prefix, _ in KAGGLE_CLASSES)
+        )
+
+    def check(src: Path) -> str | BaseException:
+        try:
+            return _checked_source(src)
+        except Exception as e:  # noqa: BLE001 - any failure means this file cannot be used
+            return e
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="cnnjax-check") as pool:
+        digests = list(pool.map(check, [src for src, _ in plan]))
+    bad = [(src, d) for (src, _), d in zip(plan, digests, strict=True) if isinstance(d, BaseException)]
+    if bad:
+        src, e = bad[0]
+        raise DataError(
+            f"{src} cannot be decoded ({type(e).__name__}: {_first_line(e)}){_more(bad)}; replace it with the file from the Kaggle download"
+        )
+    log.info("checked %d Kaggle images in %s (all there, all decode) in %.1f s", len(plan), kaggle, time.perf_counter() - start)
+
+    to_copy = []
+    for (src, dest), digest in zip(plan, digests, strict=True):
+        if not os.path.lexists(dest):
+            to_copy.append((src, dest, digest))
+        elif dest.is_symlink() or not dest.is_file() or _file_digest(str(dest)) != digest:
+            raise DataError(f"refusing to overwrite {dest}: it differs from {src}; move it away or choose another --out")
+
+    start = time.perf_counter()
+    for folder in sorted({dest.parent for _, dest in plan}):
+        clean_orphans(folder)  # what a killed run was writing when it died
+
+    def copy(item: tuple[Path, Path, str]) -> None:
+        src, dest, digest = item
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+            if _file_digest(str(tmp)) != digest:  # raising here removes the temporary: dest is never a bad copy
+                raise DataError(f"copying {src} to {dest} gave different bytes (did the source change?); run again")
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="cnnjax-copy")
+    try:
+        for _ in pool.map(copy, to_copy):
+            pass
+    finally:  # on an error or Ctrl-C, the copies not yet started are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+    present = len(plan) - len(to_copy)
+    log.info("copied %d files into %s in %.1f s (%d already there)", len(to_copy), out, time.perf_counter() - start, present)
+    return SmallSplit(out, {split: n * len(KAGGLE_CLASSES) for split, n in sizes}, len(to_copy), present)
