@@ -137,7 +137,7 @@ def _lax_float64(x, kernel, ct):
 
 
 def _value_and_vjp(conv):
-    """(x, kernel, cotangent) -> (conv(x, kernel), d_input, d_kernel), jitted like the models."""
+    """(x, kernel, cotangent) -> (conv(x, kernel), d_input, d_kernel); the tests jit it, as the models run."""
 
     def f(x, kernel, ct):
         y, vjp = jax.vjp(conv, x, kernel)
