@@ -62,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -73,7 +72,6 @@ __all__ = [
     "FILL_MODES",
     "AugmentConfig",
     "affine_transform",
-    "make_augment_fn",
     "random_augment",
     "sample_params",
 ]
@@ -338,9 +336,10 @@ def sample_params(rng: Array, config: AugmentConfig, n: int, height: int, width:
     (degrees), zx, zy, flip (horizontal, bool) and vflip (bool), in the units
     :func:`affine_transform` takes. Ranges that are zero give exact identity values.
     """
-    # One (8, n) draw of independent U[0, 1) variates, one row per parameter: a single
-    # random-bits call compiles and runs faster than eight.
-    u = jax.random.uniform(rng, (8, n), jnp.float32)
+    # Eight independent U[0, 1) variates per image, one row per parameter. Image i draws
+    # from rng folded with i, its position in the (global) batch, so what an image gets
+    # does not depend on how the batch is split over devices.
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (8,), jnp.float32))(jnp.arange(n)).T
     zeros, ones = jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32)
 
     def between(row: int, lo: float, hi: float, identity: Array) -> Array:
@@ -388,18 +387,3 @@ def random_augment(rng: Array, images: Array, config: AugmentConfig) -> Array:
         config.cval,
         config.order,
     )
-
-
-def make_augment_fn(config: AugmentConfig | None) -> Callable[[Array, Array], Array] | None:
-    """The ``augment(rng, images) -> images`` function for ``cnnjax.train`` (its ``AugmentFn``).
-
-    Returns None when there is nothing to do (no config, or an identity one), so the
-    training step skips augmentation entirely.
-    """
-    if config is None or config.is_identity:
-        return None
-
-    def augment(rng: Array, images: Array) -> Array:
-        return random_augment(rng, images, config)
-
-    return augment

@@ -13,6 +13,7 @@ training behaves like the lecture's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -70,6 +71,26 @@ class MaxPooling2D(nn.Module):
         return max_pool_nhwc(x, 2)
 
 
+class Dropout(nn.Module):
+    """Keras's Dropout: in training, zero each unit with probability `rate` and scale the rest by 1/(1-rate).
+
+    Each example's mask comes from its own key, the step's "dropout" key folded with the
+    example's position in the global batch, so the masks do not depend on how the batch
+    is split over devices (nn.Dropout draws one mask for the whole array).
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0:
+            return x
+        rng = self.make_rng("dropout")
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(x.shape[0]))
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(keys)
+        return jnp.where(keep, x / (1.0 - self.rate), 0.0)
+
+
 class Flatten(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -118,7 +139,7 @@ class CatsDogsConvNet(nn.Module):
         x = MaxPooling2D(name="max_pooling2d_3")(x)
         x = Flatten(name="flatten")(x)
         if self.dropout_rate > 0:
-            x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+            x = Dropout(self.dropout_rate, name="dropout")(x, train)
         x = Dense(512, activation="relu", name="dense")(x)
         return Dense(1, name="dense_1")(x)[:, 0]  # sigmoid lives in the loss
 
@@ -145,6 +166,40 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     if "input_shape" in config:
         config["input_shape"] = tuple(config["input_shape"])
     return MODELS[name](**config)
+
+
+def from_config(name: str, image_size: int, dropout: float = 0.0) -> nn.Module:
+    """The model a config's model and data sections describe (see cnnjax.config)."""
+    if name == "mnist":
+        return MnistConvNet()
+    if name == "cats_dogs":
+        return CatsDogsConvNet(dropout_rate=dropout, input_shape=(image_size, image_size, 3))
+    raise ValueError(f"unknown model {name!r}; known: mnist, cats_dogs")
+
+
+def _fits(model: nn.Module, size: int) -> bool:
+    """Whether every layer keeps an output of at least 1 pixel for a size x size input."""
+    probe = model.clone(input_shape=(size, size, model.input_shape[2]))
+    try:
+        params = jax.eval_shape(lambda: init_params(probe, jax.random.PRNGKey(0)))
+        x = jax.ShapeDtypeStruct((1, size, size, model.input_shape[2]), jnp.float32)
+        outputs = jax.eval_shape(lambda p, x: layer_outputs(probe, p, x), params, x)
+    except Exception:  # noqa: BLE001 - a layer whose output would be empty fails to trace
+        return False
+    return all(min(out.shape[1:], default=1) >= 1 for out in jax.tree.leaves(outputs))
+
+
+@functools.lru_cache(maxsize=16)
+def min_input_size(model: nn.Module) -> int:
+    """The smallest square input every layer of `model` can take, found by tracing its layers
+    (no arithmetic copied from them): 46 for the cats-vs-dogs convnet."""
+    lo, hi = 1, model.input_shape[0]  # the model's own size fits
+    if not _fits(model, hi):
+        raise ValueError(f"{type(model).__name__} does not fit its own input shape {model.input_shape}")
+    while lo < hi:  # fitting is monotone in the size
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if not _fits(model, mid) else (lo, mid)
+    return lo
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> Any:

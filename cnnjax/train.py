@@ -1,10 +1,16 @@
-"""Training: the train state, one jitted step, the epoch loop, evaluation.
+"""Training: the train state, one step, the epoch loop, evaluation, on a (seed, data) device mesh.
 
 How data flows. A dataset that fits in device memory is put there once per run, as
-uint8. Each epoch draws a permutation on the device and cuts it into batches of
-indices; a step gathers its batch from the device-resident arrays, converts to float,
-augments (optional), scales by 1/255 and updates the parameters. The host only
-dispatches steps and, once per epoch, reads the metrics back.
+uint8, replicated on every device. Each epoch draws, per seed, a permutation on the
+device and cuts it into batches of indices; a step gathers its batch from the resident
+arrays, converts to float, augments (optional), scales by 1/255 and updates the
+parameters. The host only dispatches steps and, once per call, reads the totals back.
+
+One code path for every run. The train state always has a leading seed axis (K=1 for a
+single run); the step is written for one seed and the global batch and runs under
+jax.vmap over seeds; jit's shardings spread seeds over the mesh's `seed` axis and each
+batch over its `data` axis (cnnjax.mesh). Randomness is drawn per example from its
+position in the global batch, so 1, 2 or 8 devices compute the same numbers.
 
 Every example is seen exactly once per epoch, as Keras does it: the last, partial batch
 is padded to the full batch size with weight-0 examples, so the compiled step has one
@@ -13,11 +19,12 @@ shape and the padding changes neither the loss nor its gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -25,25 +32,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
+
+from cnnjax import mesh as meshlib
+from cnnjax.augment import AugmentConfig, random_augment
 
 Array = jax.Array
-# augment(rng, images) -> images: float images in 0..255, (N, H, W, C), random per example.
-AugmentFn = Callable[[Array, Array], Array]
-History = list[dict[str, float]]
+History = list[dict[str, Any]]
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything that changes during training, as one pytree (checkpointed, vmapped)."""
+    """Everything that changes during training, as one pytree (checkpointed; stacked over seeds)."""
 
-    step: Array  # int32 scalar: optimizer steps taken
+    step: Array  # int32: optimizer steps taken
     params: Any
     opt_state: Any
     rng: Array  # raw uint32 PRNG key; each step folds in its step number for dropout / augmentation
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -> TrainState:
-    """Initialise parameters (from one split of rng) and the optimizer state."""
+    """Initialise parameters (from one split of rng) and the optimizer state, for one seed."""
     from cnnjax.models import init_params
 
     init_rng, state_rng = jax.random.split(rng)
@@ -51,18 +60,75 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
 
+class KerasRMSpropState(NamedTuple):
+    velocity: Any
+
+
 def rmsprop_keras(learning_rate: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
-    """RMSprop as Keras defines it: eps added outside the square root, no momentum.
+    """Keras 3's RMSprop (no momentum, not centered), operation for operation:
 
-    optax.rmsprop(eps_in_sqrt=False) is exactly Keras's update, and its accumulator
-    starts at zero like Keras's.
+        velocity = rho * velocity + (1 - rho) * g**2      (velocity starts at 0)
+        w -= lr * g / sqrt(velocity + epsilon)
+
+    Epsilon sits inside the square root, as in Keras 3 and TensorFlow's tf.keras (Keras
+    2.0 added it outside; optax.rmsprop's default rounds differently).
     """
-    return optax.rmsprop(learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=False)
+
+    def init(params):
+        return KerasRMSpropState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None):
+        del params
+        velocity = jax.tree.map(lambda v, g: rho * v + (1 - rho) * jnp.square(g), state.velocity, grads)
+        updates = jax.tree.map(lambda v, g: -((learning_rate * g) / jnp.sqrt(v + epsilon)), velocity, grads)
+        return updates, KerasRMSpropState(velocity)
+
+    return optax.GradientTransformation(init, update)
 
 
-def adam_keras(learning_rate: float = 1e-3) -> optax.GradientTransformation:
-    """Adam with Keras's defaults (beta_1 0.9, beta_2 0.999, epsilon 1e-7)."""
-    return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7)
+class KerasAdamState(NamedTuple):
+    count: Array  # int32: steps taken
+    momentum: Any
+    velocity: Any
+
+
+def adam_keras(
+    learning_rate: float = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7
+) -> optax.GradientTransformation:
+    """Keras 3's Adam, operation for operation (not amsgrad):
+
+        t = step + 1;  alpha = lr * sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        m += (g - m) * (1 - beta_1);  v += (g**2 - v) * (1 - beta_2)
+        w -= m * alpha / (sqrt(v) + epsilon)
+
+    Keras folds the bias corrections into the learning rate, so its epsilon acts like
+    optax.adam's epsilon divided by sqrt(1 - beta_2**t): 31.6x larger at step 1.
+    """
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return KerasAdamState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None):
+        del params
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        alpha = learning_rate * jnp.sqrt(1 - jnp.power(jnp.float32(beta_2), t)) / (1 - jnp.power(jnp.float32(beta_1), t))
+        momentum = jax.tree.map(lambda m, g: m + (g - m) * (1 - beta_1), state.momentum, grads)
+        velocity = jax.tree.map(lambda v, g: v + (jnp.square(g) - v) * (1 - beta_2), state.velocity, grads)
+        updates = jax.tree.map(lambda m, v: -((m * alpha) / (jnp.sqrt(v) + epsilon)), momentum, velocity)
+        return updates, KerasAdamState(count, momentum, velocity)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(optim: Any) -> optax.GradientTransformation:
+    """The optimizer a config's optim section describes (cnnjax.config.OptimConfig)."""
+    if optim.name == "rmsprop":
+        return rmsprop_keras(optim.learning_rate, optim.rho, optim.epsilon)
+    if optim.name == "adam":
+        return adam_keras(optim.learning_rate, optim.beta_1, optim.beta_2, optim.epsilon)
+    raise ValueError(f"unknown optimizer {optim.name!r}; known: rmsprop, adam")
 
 
 # --- Losses and metrics --------------------------------------------------------------
@@ -86,17 +152,14 @@ def _weighted_totals(loss: Array, correct: Array, weights: Array) -> dict[str, A
     return {"loss_sum": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
 
 
-def zero_totals(num_seeds: int | None = None) -> dict[str, Array]:
-    shape = () if num_seeds is None else (num_seeds,)
-    return {"loss_sum": jnp.zeros(shape), "correct": jnp.zeros(shape), "count": jnp.zeros(shape)}
+def zero_totals(num_seeds: int) -> dict[str, Array]:
+    return {"loss_sum": jnp.zeros((num_seeds,)), "correct": jnp.zeros((num_seeds,)), "count": jnp.zeros((num_seeds,))}
 
 
-def totals_to_metrics(totals: dict[str, Any]) -> Any:
-    """{"loss", "accuracy"} from running totals; a list of them for stacked seeds."""
-    loss_sum, correct, count = (np.asarray(totals[k], np.float64) for k in ("loss_sum", "correct", "count"))
-    if loss_sum.ndim:
-        return [{"loss": float(l / c), "accuracy": float(a / c)} for l, a, c in zip(loss_sum, correct, count)]  # noqa: E741
-    return {"loss": float(loss_sum / count), "accuracy": float(correct / count)}
+def totals_to_metrics(totals: dict[str, Any]) -> list[dict[str, float]]:
+    """One {"loss", "accuracy"} per seed from running totals."""
+    loss_sum, correct, count = (np.asarray(totals[k], np.float64).reshape(-1) for k in ("loss_sum", "correct", "count"))
+    return [{"loss": float(s / c), "accuracy": float(a / c)} for s, a, c in zip(loss_sum, correct, count)]
 
 
 # --- Batching on the device ----------------------------------------------------------
@@ -120,63 +183,73 @@ def epoch_batches(rng: Array | None, num_examples: int, batch_size: int) -> tupl
     return indices.reshape(steps, batch_size), weights.reshape(steps, batch_size)
 
 
-def preprocess(images: Array, rng: Array | None = None, augment: AugmentFn | None = None) -> Array:
+def epoch_rng(state_rng: Array, epoch: int | Array) -> Array:
+    """The key of one seed's shuffling in one epoch (0-based)."""
+    return jax.random.fold_in(jax.random.fold_in(state_rng, 0x5EED), epoch)
+
+
+def preprocess(images: Array, rng: Array | None = None, augment: AugmentConfig | None = None) -> Array:
     """uint8 pixels -> float, augmented (when given) on the 0..255 scale, then / 255.
 
     Keras's ImageDataGenerator also augments first and rescales after, so a constant
     fill value (cval) means the same in both.
     """
     x = images.astype(jnp.float32)
-    if augment is not None:
-        x = augment(rng, x)
+    if augment is not None and not augment.is_identity:
+        x = random_augment(rng, x, augment)
     return x / 255.0
 
 
-# --- The steps -----------------------------------------------------------------------
-
-TrainStep = Callable[..., tuple[TrainState, dict[str, Array]]]
+# --- The steps (one seed, one global batch) ------------------------------------------
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: AugmentFn | None = None) -> TrainStep:
-    """A pure (un-jitted) training step, to be jitted, scanned or vmapped by the caller.
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, augment: AugmentConfig | None = None) -> Callable:
+    """A pure training step on one batch: step(state, totals, images, labels, weights) -> (state, totals).
 
-    train_step(state, totals, images, labels, batch_indices, batch_weights, i) takes
-    row i of the epoch's index/weight matrices, updates the state and adds the batch's
-    loss and accuracy to the running totals.
+    images are uint8 (B, H, W, C); weight-0 rows are padding. Augmentation and dropout
+    draw from the state's key folded with its step number (then per example).
     """
 
-    def train_step(state, totals, images, labels, batch_indices, batch_weights, i):
-        idx, w = batch_indices[i], batch_weights[i]
+    def train_step(state, totals, images, labels, weights):
         step_rng = jax.random.fold_in(state.rng, state.step)
         augment_rng, dropout_rng = jax.random.split(step_rng)
-        x = preprocess(images[idx], augment_rng, augment)
-        y = labels[idx]
+        x = preprocess(images, augment_rng, augment)
 
         def loss_fn(params):
             logits = model.apply({"params": params}, x, train=True, rngs={"dropout": dropout_rng})
-            loss, correct = per_example_loss_and_correct(model.head, logits, y)
+            loss, correct = per_example_loss_and_correct(model.head, logits, labels)
             # Mean over the real examples: padding has weight 0 and adds nothing.
-            return jnp.sum(loss * w) / jnp.sum(w), (loss, correct)
+            return jnp.sum(loss * weights) / jnp.sum(weights), (loss, correct)
 
         grads, (loss, correct) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_totals = jax.tree.map(jnp.add, totals, _weighted_totals(loss, correct, w))
+        new_totals = jax.tree.map(jnp.add, totals, _weighted_totals(loss, correct, weights))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), new_totals
 
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[..., dict[str, Array]]:
-    """A pure evaluation step over row i of index/weight matrices, adding to totals."""
+def make_eval_step(model: nn.Module) -> Callable:
+    """A pure evaluation step on one batch: step(params, totals, images, labels, weights) -> (params, totals)."""
 
-    def eval_step(params, totals, images, labels, batch_indices, batch_weights, i):
-        idx, w = batch_indices[i], batch_weights[i]
-        logits = model.apply({"params": params}, preprocess(images[idx]), train=False)
-        loss, correct = per_example_loss_and_correct(model.head, logits, labels[idx])
-        return jax.tree.map(jnp.add, totals, _weighted_totals(loss, correct, w))
+    def eval_step(params, totals, images, labels, weights):
+        logits = model.apply({"params": params}, preprocess(images), train=False)
+        loss, correct = per_example_loss_and_correct(model.head, logits, labels)
+        return params, jax.tree.map(jnp.add, totals, _weighted_totals(loss, correct, weights))
 
     return eval_step
+
+
+def gathering(step: Callable) -> Callable:
+    """The step for a dataset in device memory: it takes row i of the epoch's index and weight
+    matrices and gathers its batch from the resident arrays."""
+
+    def gathered(carry, totals, images, labels, batch_indices, batch_weights, i):
+        idx = batch_indices[i]
+        return step(carry, totals, images[idx], labels[idx], batch_weights[i])
+
+    return gathered
 
 
 def scan_steps(step_fn: Callable, num_steps: int) -> Callable:
@@ -228,8 +301,7 @@ class _Progress:
         if self.bar is None:
             return
         if totals is not None:  # reading the totals waits for the device: done only every few steps
-            metrics = totals_to_metrics(jax.device_get(totals))
-            self.bar.set_postfix(metrics if isinstance(metrics, dict) else metrics[0], refresh=False)
+            self.bar.set_postfix(totals_to_metrics(meshlib.to_host(totals))[0], refresh=False)
         self.bar.update(n)
 
     def close(self) -> None:
@@ -237,196 +309,273 @@ class _Progress:
             self.bar.close()
 
 
-def run_epoch(
-    step: Callable,
-    carry: Any,
-    images: Array,
-    labels: Array,
-    batch_indices: Array,
-    batch_weights: Array,
-    steps_each_call: int = 1,
-    progress: _Progress | None = None,
-    num_seeds: int | None = None,
-) -> tuple[Any, dict[str, Array]]:
-    """Run one pass: `step` (jitted) runs `steps_each_call` steps from the step index it is given."""
-    totals = zero_totals(num_seeds)
-    num_steps = batch_indices.shape[-2]  # (steps, batch) or, for stacked seeds, (seeds, steps, batch)
-    # Reading the totals waits for the device: every call when scanned (about ten per
-    # epoch), every 50 single steps otherwise.
-    report_every = steps_each_call if steps_each_call > 1 else 50
-    for start in range(0, num_steps, steps_each_call):
-        carry, totals = step(carry, totals, images, labels, batch_indices, batch_weights, np.int32(start))
-        if progress is not None:
-            done = start + steps_each_call
-            progress.update(steps_each_call, totals if done % report_every == 0 or done == num_steps else None)
-    return carry, totals
+@dataclasses.dataclass(frozen=True)
+class DeviceData:
+    """A dataset resident on the devices (replicated): uint8 images and int32 labels."""
+
+    images: Array
+    labels: Array
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
 
 
 class Trainer:
-    """Compiled train and eval steps for one model / optimizer / augmentation.
+    """Compiled train and eval steps for one model / optimizer / augmentation on one mesh.
 
-    Holds only compiled functions (no training state): `fit` and `evaluate` below are
-    the ways to use it. With `num_seeds=K` every function works on K stacked train states
-    (leading axis K on every leaf, see `stack_states`) under jax.vmap: K seeds train in
-    one compiled program, each with its own initialisation, shuffling, augmentation and
-    dropout, on the same data.
+    Holds only compiled functions (no training state): `init`, `train_epoch`, `evaluate`
+    and `fit` below are the ways to use it. Every state it takes and returns holds
+    `num_seeds` seeds stacked on a leading axis; each seed has its own initialisation,
+    shuffling, augmentation and dropout, on the same data.
 
     use_scan: run an epoch as ~10 calls of a lax.scan over steps (`steps_per_call`) rather
     than one jitted step per call. Scanning is the default on every backend, by
     measurement (benchmarks/train_loop.py): on GPUs per-step dispatch dominates small
     convnets; on the CPU, with cnnjax.ops's convolutions and pools, the scanned epoch was
-    ~11% faster for cats vs dogs and 14% for MNIST. (With jax's own pooling gradient,
-    select_and_scatter, scan was once 8x slower there.)
+    faster too. (With jax's own pooling gradient, select_and_scatter, scan was once 8x
+    slower there.)
     """
 
     def __init__(
         self,
         model: nn.Module,
         tx: optax.GradientTransformation,
-        augment: AugmentFn | None = None,
+        augment: AugmentConfig | None = None,
+        num_seeds: int = 1,
+        mesh: Mesh | None = None,
         use_scan: bool = True,
-        num_seeds: int | None = None,
     ):
-        self.model = model
-        self.tx = tx
-        self.use_scan = use_scan
-        self.num_seeds = num_seeds
-        self._train_step = make_train_step(model, tx, augment)
-        self._eval_step = _eval_carry_adapter(make_eval_step(model))
+        if num_seeds < 1:
+            raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
+        self.model, self.tx, self.num_seeds, self.use_scan = model, tx, num_seeds, use_scan
+        self.augment = None if augment is None or augment.is_identity else augment
+        self.mesh = meshlib.make_mesh(num_seeds) if mesh is None else mesh
+        if num_seeds % self.mesh.shape[meshlib.SEED]:
+            raise ValueError(f"{num_seeds} seeds cannot be spread over a seed axis of {self.mesh.shape[meshlib.SEED]} devices")
+        self.train_step = make_train_step(model, tx, self.augment)
+        self.eval_step = make_eval_step(model)
+        self._seeded = meshlib.sharding(self.mesh, meshlib.SEED)
+        self._replicated = meshlib.replicated(self.mesh)
         self._compiled: dict[tuple, Callable] = {}
+
+    # --- state and data ---
+
+    def _init_one(self, seed: Array) -> TrainState:
+        return create_train_state(self.model, self.tx, jax.random.PRNGKey(seed))
+
+    def init(self, seeds: Sequence[int]) -> TrainState:
+        """Fresh states for `seeds` (one per seed, stacked), placed on the mesh."""
+        if len(seeds) != self.num_seeds:
+            raise ValueError(f"this trainer trains {self.num_seeds} seeds, got {len(seeds)}")
+        fn = jax.jit(jax.vmap(self._init_one), out_shardings=self._seeded)
+        return fn(meshlib.put(np.asarray(seeds, np.uint32), self._seeded))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of a state (the target of a checkpoint restore)."""
+        shapes = jax.eval_shape(jax.vmap(self._init_one), jax.ShapeDtypeStruct((self.num_seeds,), jnp.uint32))
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self._seeded), shapes)
+
+    def put(self, images: Any, labels: Any) -> DeviceData:
+        """A host dataset on the devices, once per run (replicated: each device gathers its own batch rows)."""
+        if isinstance(images, jax.Array) and isinstance(labels, jax.Array):
+            return DeviceData(images, labels)
+        return DeviceData(meshlib.put(images, self._replicated), meshlib.put(np.asarray(labels, np.int32), self._replicated))
+
+    def _as_data(self, data: DeviceData | tuple) -> DeviceData:
+        return data if isinstance(data, DeviceData) else self.put(*data)
+
+    # --- compiled functions ---
 
     def _steps_each_call(self, num_steps: int) -> int:
         return steps_per_call(num_steps) if self.use_scan else 1
 
     def _compile(self, kind: str, num_steps: int) -> Callable:
-        """The jitted step (or scan of steps) for a pass of `num_steps` steps."""
+        """The jitted (scan of) gathering step(s) of a pass of `num_steps` steps, vmapped over seeds."""
         steps_each_call = self._steps_each_call(num_steps)
         key = (kind, steps_each_call)
         if key not in self._compiled:
-            fn = self._train_step if kind == "train" else self._eval_step
-            if self.num_seeds is not None:
-                # Per seed: state/params, totals and (for training) the batch order; shared: data, step number.
-                batched_order = 0 if kind == "train" else None
-                fn = jax.vmap(fn, in_axes=(0, 0, None, None, batched_order, batched_order, None))
+            step = gathering(self.train_step if kind == "train" else self.eval_step)
+            # Per seed: state / params, totals and (for training) the batch order; shared: data, step number.
+            order_axis = 0 if kind == "train" else None
+            fn = jax.vmap(step, in_axes=(0, 0, None, None, order_axis, order_axis, None))
             if steps_each_call > 1:
                 fn = scan_steps(fn, steps_each_call)
-            self._compiled[key] = jax.jit(fn, donate_argnums=(0, 1) if kind == "train" else (1,))
+            order = meshlib.sharding(self.mesh, *((meshlib.SEED,) if kind == "train" else ()), None, meshlib.DATA)
+            r, s = self._replicated, self._seeded
+            self._compiled[key] = jax.jit(
+                fn,
+                in_shardings=(s, s, r, r, order, order, r),
+                out_shardings=(s, s),
+                donate_argnums=(0, 1) if kind == "train" else (1,),
+            )
         return self._compiled[key]
 
-    def _epoch_order(self, state: TrainState, num_examples: int, batch_size: int, epoch: int) -> tuple[Array, Array]:
-        def order(rng):
-            return epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch), num_examples, batch_size)
+    def _run(self, kind: str, carry: Any, data: DeviceData, indices: Array, weights: Array, bar: _Progress | None) -> tuple[Any, Any]:
+        num_steps = indices.shape[-2]
+        steps_each_call = self._steps_each_call(num_steps)
+        step = self._compile(kind, num_steps)
+        totals = jax.device_put(zero_totals(self.num_seeds), self._seeded)
+        # Reading the totals waits for the device: every call when scanned (about ten per
+        # epoch), every 50 single steps otherwise.
+        report_every = steps_each_call if steps_each_call > 1 else 50
+        for start in range(0, num_steps, steps_each_call):
+            carry, totals = step(carry, totals, data.images, data.labels, indices, weights, np.int32(start))
+            if bar is not None:
+                done = start + steps_each_call
+                bar.update(steps_each_call, totals if done % report_every == 0 or done == num_steps else None)
+        return carry, totals
 
-        return order(state.rng) if self.num_seeds is None else jax.vmap(order)(state.rng)
+    def epoch_order(self, state: TrainState, num_examples: int, batch_size: int, epoch: int) -> tuple[Array, Array]:
+        """Per seed, the epoch's index and weight matrices (K, steps, batch), sharded over seed and data."""
+        meshlib.check_batch(self.mesh, batch_size)
+        fn = self._compiled.get(("order", num_examples, batch_size))
+        if fn is None:
+            def order(rng, epoch):
+                return epoch_batches(epoch_rng(rng, epoch), num_examples, batch_size)
 
-    def train_epoch(
-        self, state: TrainState, images: Array, labels: Array, batch_size: int, epoch: int, progress: bool = False
-    ) -> tuple[TrainState, Any]:
-        """One pass over the training data; metrics as a dict (a list of dicts for stacked seeds)."""
-        batch_indices, batch_weights = self._epoch_order(state, images.shape[0], batch_size, epoch)
-        num_steps = batch_indices.shape[-2]
-        bar = _Progress(num_steps, f"epoch {epoch + 1}", progress)
+            fn = jax.jit(jax.vmap(order, in_axes=(0, None)),
+                         out_shardings=meshlib.sharding(self.mesh, meshlib.SEED, None, meshlib.DATA))
+            self._compiled[("order", num_examples, batch_size)] = fn
+        return fn(state.rng, jnp.int32(epoch))
+
+    def train_epoch(self, state: TrainState, data: DeviceData | tuple, batch_size: int, epoch: int,
+                    progress: bool = False) -> tuple[TrainState, list[dict[str, float]]]:
+        """One pass over the training data (epoch is 0-based); metrics per seed."""
+        data = self._as_data(data)
+        indices, weights = self.epoch_order(state, len(data), batch_size, epoch)
+        bar = _Progress(indices.shape[-2], f"epoch {epoch + 1}", progress)
         try:
-            step = self._compile("train", num_steps)
-            state, totals = run_epoch(
-                step, state, images, labels, batch_indices, batch_weights, self._steps_each_call(num_steps), bar,
-                self.num_seeds,
-            )
+            state, totals = self._run("train", state, data, indices, weights, bar)
         finally:
             bar.close()
-        return state, totals_to_metrics(jax.device_get(totals))
+        return state, totals_to_metrics(meshlib.to_host(totals))
 
-    def evaluate(self, params: Any, images: Array, labels: Array, batch_size: int = 500) -> Any:
-        """Loss and accuracy over all of (images, labels); a list of them for stacked seeds."""
-        batch_indices, batch_weights = epoch_batches(None, images.shape[0], batch_size)
-        num_steps = batch_indices.shape[0]
-        step = self._compile("eval", num_steps)
-        _, totals = run_epoch(
-            step, params, images, labels, batch_indices, batch_weights, self._steps_each_call(num_steps),
-            num_seeds=self.num_seeds,
-        )
-        return totals_to_metrics(jax.device_get(totals))
+    def evaluate(self, params: Any, data: DeviceData | tuple, batch_size: int = 500) -> list[dict[str, float]]:
+        """Loss and accuracy over all of `data`, per seed (params stacked over seeds)."""
+        data = self._as_data(data)
+        meshlib.check_batch(self.mesh, batch_size, "eval batch size")
+        indices, weights = epoch_batches(None, len(data), batch_size)
+        order = meshlib.sharding(self.mesh, None, meshlib.DATA)
+        indices, weights = jax.device_put(indices, order), jax.device_put(weights, order)
+        _, totals = self._run("eval", params, data, indices, weights, None)
+        return totals_to_metrics(meshlib.to_host(totals))
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
-    """K train states -> one with a leading seed axis on every leaf (for Trainer(num_seeds=K))."""
+    """Single-seed states -> one with a leading seed axis on every leaf."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
-def unstack_state(state: TrainState, index: int) -> TrainState:
-    """Seed `index` of a stacked state."""
-    return jax.tree.map(lambda leaf: leaf[index], state)
+def seed_slice(tree: Any, index: int) -> Any:
+    """Seed `index` of a tree stacked over seeds (a TrainState, or params)."""
+    return jax.tree.map(lambda leaf: leaf[index], tree)
 
 
-def _eval_carry_adapter(eval_step):
-    """Give the eval step the (carry, totals, ...) -> (carry, totals) shape of a train step."""
-
-    def step(params, totals, *args):
-        return params, eval_step(params, totals, *args)
-
-    return step
-
-
-def format_epoch(epoch: int, epochs: int, row: dict[str, float]) -> str:
+def format_epoch(epoch: int, epochs: int, row: dict[str, Any]) -> str:
     """A Keras-like line: 'Epoch 3/5 - 12.1s - loss: 0.0412 - accuracy: 0.9871 - ...'."""
     metrics = " - ".join(f"{k}: {row[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in row)
     return f"Epoch {epoch}/{epochs} - {row['seconds']:.1f}s - {metrics}"
 
 
-EpochCallback = Callable[[int, dict[str, float], TrainState], None]
+@dataclasses.dataclass
+class FitResult:
+    """Where `fit` stopped: the state, each seed's history, and the epoch (1-based) at which a
+    seed's loss stopped being finite (None while it trains)."""
+
+    state: TrainState
+    histories: list[History]
+    diverged: list[int | None]
+
+    @property
+    def all_diverged(self) -> bool:
+        return all(d is not None for d in self.diverged)
+
+
+# callback(epoch, result) after every epoch: epoch is 1-based, result.histories holds its rows.
+EpochCallback = Callable[[int, FitResult], None]
+
+
+def _is_finite(row: dict[str, Any]) -> bool:
+    return all(math.isfinite(row[k]) for k in ("loss", "val_loss") if k in row)
 
 
 def fit(
     trainer: Trainer,
     state: TrainState,
-    train_data: tuple[Array, Array],
+    train_data: DeviceData | tuple,
     epochs: int,
     batch_size: int,
-    validation_data: tuple[Array, Array] | None = None,
+    validation_data: DeviceData | tuple | None = None,
     eval_batch_size: int = 500,
     callbacks: Sequence[EpochCallback] = (),
     verbose: bool = True,
     progress: bool | None = None,
     initial_epoch: int = 0,
-) -> tuple[TrainState, Any]:
-    """Train for `epochs` epochs; returns the final state and one history row per epoch.
+    histories: Sequence[History] | None = None,
+    diverged: Sequence[int | None] | None = None,
+) -> FitResult:
+    """Train from epoch `initial_epoch` (0-based; with the histories so far) to `epochs`.
 
-    Arrays are put on the device once here. Each row holds epoch, loss, accuracy,
-    val_loss, val_accuracy (with validation data) and seconds (wall time of the epoch,
-    validation included). A run whose training loss is not finite is marked `diverged`
-    and stops: further epochs would only compute NaNs.
+    Each history row holds epoch (1-based), loss, accuracy, val_loss and val_accuracy
+    (with validation data) and seconds (wall time of the epoch, validation included).
 
-    With a stacked state (Trainer(num_seeds=K)) the history is a list of K histories, and
-    callbacks get the list of K rows; training stops once every seed has diverged.
+    A seed whose loss stops being finite is diverged: its row is marked `diverged`, its
+    state goes back to the end of the previous epoch (the last finite state) and stays
+    there, and its history ends. Training stops once every seed has diverged.
     """
-    progress = sys.stdout.isatty() if progress is None else progress
-    stacked = trainer.num_seeds is not None
-    images, labels = (jax.device_put(a) for a in train_data)
-    if validation_data is not None:
-        val_images, val_labels = (jax.device_put(a) for a in validation_data)
-    histories: list[History] = [[] for _ in range(trainer.num_seeds or 1)]
+    progress = (sys.stdout.isatty() and meshlib.is_main_process()) if progress is None else progress
+    verbose = verbose and meshlib.is_main_process()
+    train_data = trainer._as_data(train_data)
+    val_data = None if validation_data is None else trainer._as_data(validation_data)
+    result = FitResult(state, [list(h) for h in histories] if histories else [[] for _ in range(trainer.num_seeds)],
+                       list(diverged) if diverged else [None] * trainer.num_seeds)
+    keep = _select_seeds(trainer)
     for epoch in range(initial_epoch, epochs):
         start = time.perf_counter()
-        state, train_metrics = trainer.train_epoch(state, images, labels, batch_size, epoch, progress)
-        rows = [{"epoch": epoch + 1, **m} for m in (train_metrics if stacked else [train_metrics])]
-        if validation_data is not None:
-            val = trainer.evaluate(state.params, val_images, val_labels, eval_batch_size)
-            for row, v in zip(rows, val if stacked else [val]):
+        before = jax.tree.map(jnp.copy, result.state)  # the train step reuses the state's buffers
+        state, train_metrics = trainer.train_epoch(result.state, train_data, batch_size, epoch, progress)
+        rows = [{"epoch": epoch + 1, **m} for m in train_metrics]
+        if val_data is not None:
+            for row, v in zip(rows, trainer.evaluate(state.params, val_data, eval_batch_size)):
                 row.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
         seconds = time.perf_counter() - start
-        for row, history in zip(rows, histories):
+        frozen = []
+        for k, row in enumerate(rows):
             row["seconds"] = seconds
-            if not math.isfinite(row["loss"]) or any(h.get("diverged") for h in history):
+            if result.diverged[k] is not None:
+                frozen.append(True)  # diverged earlier: its history has ended
+                continue
+            if not _is_finite(row):
                 row["diverged"] = True
-            history.append(row)
-        all_diverged = all(row.get("diverged") for row in rows)
+                result.diverged[k] = epoch + 1
+            result.histories[k].append(row)
+            frozen.append(result.diverged[k] is not None)
+        result.state = keep(np.asarray(frozen), before, state) if any(frozen) else state
         if verbose:
             for k, row in enumerate(rows):
-                prefix = f"[seed {k}] " if stacked else ""
+                if result.diverged[k] is not None and result.diverged[k] < epoch + 1:
+                    continue
+                prefix = f"[seed {k}] " if trainer.num_seeds > 1 else ""
                 note = " - diverged (loss is not finite)" if row.get("diverged") else ""
                 print(prefix + format_epoch(epoch + 1, epochs, row) + note, flush=True)
         for callback in callbacks:
-            callback(epoch + 1, rows if stacked else rows[0], state)
-        if all_diverged:
+            callback(epoch + 1, result)
+        if result.all_diverged:
             break
-    return state, histories if stacked else histories[0]
+    return result
+
+
+def _select_seeds(trainer: Trainer) -> Callable[[np.ndarray, TrainState, TrainState], TrainState]:
+    """where(frozen[k], old, new) per seed, compiled once, keeping the state's sharding."""
+
+    @jax.jit
+    def select(frozen, old, new):
+        def pick(o, n):
+            return jnp.where(frozen.reshape((-1,) + (1,) * (n.ndim - 1)), o, n)
+
+        return jax.tree.map(pick, old, new)
+
+    def keep(frozen: np.ndarray, old: TrainState, new: TrainState) -> TrainState:
+        return jax.device_put(select(meshlib.put(frozen, trainer._seeded), old, new), trainer._seeded)
+
+    return keep

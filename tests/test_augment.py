@@ -318,16 +318,16 @@ def test_jit_vmap_and_determinism():
         np.testing.assert_allclose(stacked[i], f(x, theta[i]), atol=1e-3)
 
 
-def test_make_augment_fn_in_the_train_step_preprocess():
+def test_preprocess_augments_on_the_0_255_scale_then_rescales():
     from cnnjax import train
 
-    assert augment.make_augment_fn(AugmentConfig()) is None
-    assert augment.make_augment_fn(None) is None
-    fn = augment.make_augment_fn(AugmentConfig.LECTURE)
     images = jnp.asarray(np.random.default_rng(9).integers(0, 256, (5, 24, 24, 3)).astype(np.uint8))
-    out = jax.jit(train.preprocess, static_argnums=2)(images, jax.random.PRNGKey(0), fn)
+    rng = jax.random.PRNGKey(0)
+    out = jax.jit(train.preprocess, static_argnums=2)(images, rng, AugmentConfig.LECTURE)
     assert out.shape == images.shape and out.dtype == jnp.float32
-    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    np.testing.assert_allclose(out, augment.random_augment(rng, images.astype(jnp.float32), AugmentConfig.LECTURE) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(train.preprocess(images, rng, AugmentConfig()), images / 255.0)  # identity: nothing drawn
+    np.testing.assert_array_equal(train.preprocess(images), images / 255.0)
 
 
 def test_lecture_configs():

@@ -1,21 +1,12 @@
 """The training loop: batching covers every example once, padding is inert, runs are reproducible."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from cnnjax import models, train
-from cnnjax.augment import AugmentConfig, make_augment_fn
-
-
-def tiny_mnist(n=150, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    images = rng.integers(0, 60, (n, 28, 28, 1)).astype(np.uint8)
-    for i, label in enumerate(labels):  # a learnable signal: a bright bar whose row is the label
-        images[i, 2 + 2 * label : 4 + 2 * label, 4:24, 0] = 250
-    return images, labels
+from cnnjax.augment import AugmentConfig
+from tests.conftest import tiny_mnist
 
 
 def test_epoch_batches_cover_every_example_once():
@@ -31,12 +22,13 @@ def test_padding_changes_neither_loss_nor_gradient():
     tx = optax.sgd(0.1)
     state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
     images, labels = tiny_mnist(10)
-    step = jax.jit(train.make_train_step(model, tx))
+    step = jax.jit(train.gathering(train.make_train_step(model, tx)))
+    totals = jax.tree.map(lambda t: t[0], train.zero_totals(1))
     # 10 examples in one batch of 10, or padded into a batch of 16: same update.
     idx10, w10 = train.epoch_batches(None, 10, 10)
     idx16, w16 = train.epoch_batches(None, 10, 16)
-    a, ta = step(state, train.zero_totals(), images, labels, idx10, w10, 0)
-    b, tb = step(state, train.zero_totals(), images, labels, idx16, w16, 0)
+    a, ta = step(state, totals, images, labels, idx10, w10, 0)
+    b, tb = step(state, totals, images, labels, idx16, w16, 0)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert float(ta["count"]) == float(tb["count"]) == 10
@@ -46,10 +38,10 @@ def test_padding_changes_neither_loss_nor_gradient():
 def run(seed, use_scan=False, epochs=2, batch_size=32):
     model = models.MnistConvNet()
     tx = train.rmsprop_keras(1e-3)
-    state = train.create_train_state(model, tx, jax.random.PRNGKey(seed))
     images, labels = tiny_mnist()
     trainer = train.Trainer(model, tx, use_scan=use_scan)
-    return train.fit(trainer, state, (images, labels), epochs, batch_size, (images[:40], labels[:40]), verbose=False)
+    result = train.fit(trainer, trainer.init([seed]), (images, labels), epochs, batch_size, (images[:40], labels[:40]), verbose=False)
+    return train.seed_slice(result.state, 0), result.histories[0]
 
 
 def _metrics(history):
@@ -93,40 +85,58 @@ def test_loss_falls_and_evaluate_matches_history():
     assert history[-1]["loss"] < history[0]["loss"]
     model = models.MnistConvNet()
     images, labels = tiny_mnist()
-    metrics = train.Trainer(model, train.rmsprop_keras()).evaluate(state.params, images[:40], labels[:40], batch_size=7)
+    trainer = train.Trainer(model, train.rmsprop_keras())
+    metrics = trainer.evaluate(train.stack_states([state]).params, (images[:40], labels[:40]), batch_size=7)[0]
     np.testing.assert_allclose(metrics["loss"], history[-1]["val_loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["accuracy"], history[-1]["val_accuracy"])
 
 
-def test_rmsprop_matches_keras_update_rule():
-    """Keras RMSprop: v = rho v + (1 - rho) g^2; w -= lr g / (sqrt(v) + eps)."""
-    tx = train.rmsprop_keras(1e-3, 0.9, 1e-7)
-    w = jnp.array([1.0, -2.0])
-    g = jnp.array([0.5, 1e-4])
-    updates, _ = tx.update(g, tx.init(w), w)
-    v = 0.1 * g**2
-    np.testing.assert_allclose(updates, -1e-3 * g / (jnp.sqrt(v) + 1e-7), rtol=1e-6)
-
-
-def test_diverging_run_is_marked_and_stops():
+def test_diverging_run_stops_and_keeps_the_last_finite_state():
     model = models.MnistConvNet()
     tx = optax.sgd(1e30)
-    state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
     images, labels = tiny_mnist(64)
-    _, history = train.fit(train.Trainer(model, tx), state, (images, labels), 5, 16, verbose=False)
-    assert history[-1].get("diverged") is True and len(history) < 5
+    trainer = train.Trainer(model, tx)
+    start = trainer.init([0])
+    kept = jax.tree.map(np.array, start)
+    result = train.fit(trainer, start, (images, labels), 5, 16, (images, labels), verbose=False)
+    assert result.diverged == [1] and len(result.histories[0]) == 1 and result.histories[0][0]["diverged"] is True
+    # The epoch that produced NaN is undone: the state is the last finite one (here, the initial one).
+    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(kept)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_diverging_seed_is_frozen_while_the_others_train():
+    """Seed 1's weights are made huge (finite) after epoch 1, so its loss overflows in epoch 2:
+    it is marked diverged there, goes back to its last finite state and stays; seed 0 trains on."""
+    model = models.MnistConvNet()
+    tx = train.rmsprop_keras(1e-3)
+    images, labels = tiny_mnist(64)
+    trainer = train.Trainer(model, tx, num_seeds=2)
+    result = train.fit(trainer, trainer.init([0, 1]), (images, labels), 1, 16, (images, labels), verbose=False)
+    huge = result.state.replace(params=jax.tree.map(lambda p: p.at[1].set(1e30), result.state.params))
+    before = jax.tree.map(np.array, huge)  # fit reuses the state's buffers
+    result = train.fit(trainer, huge, (images, labels), 3, 16, (images, labels), verbose=False, initial_epoch=1,
+                       histories=result.histories, diverged=result.diverged)
+    assert result.diverged == [None, 2]
+    assert [row["epoch"] for row in result.histories[1]] == [1, 2] and result.histories[1][-1]["diverged"]
+    assert [row["epoch"] for row in result.histories[0]] == [1, 2, 3] and not any(r.get("diverged") for r in result.histories[0])
+    final = jax.tree.map(np.asarray, result.state)
+    for a, b in zip(jax.tree.leaves(train.seed_slice(final, 1)), jax.tree.leaves(train.seed_slice(before, 1))):
+        np.testing.assert_array_equal(a, b)  # frozen at its last finite state, step count included
+    assert int(final.step[0]) == int(before.step[0]) + 2 * 4
+    assert not np.array_equal(final.params["dense"]["kernel"][0], before.params["dense"]["kernel"][0])
 
 
 def _fit_seeds_together_and_alone(model, tx, augment, data, epochs, batch_size, seeds):
     """(state, histories) of the seeds vmapped, and (state, history) of each seed run alone."""
     alone = []
     for seed in seeds:
-        state = train.create_train_state(model, tx, jax.random.PRNGKey(seed))
-        alone.append(train.fit(train.Trainer(model, tx, augment), state, data, epochs, batch_size, data, verbose=False))
-    stacked = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in seeds])
+        trainer = train.Trainer(model, tx, augment)
+        result = train.fit(trainer, trainer.init([seed]), data, epochs, batch_size, data, verbose=False)
+        alone.append((train.seed_slice(result.state, 0), result.histories[0]))
     trainer = train.Trainer(model, tx, augment, num_seeds=len(seeds))
-    state, histories = train.fit(trainer, stacked, data, epochs, batch_size, data, verbose=False)
-    return state, histories, alone
+    result = train.fit(trainer, trainer.init(seeds), data, epochs, batch_size, data, verbose=False)
+    return result.state, result.histories, alone
 
 
 def _assert_each_seed_matches(state, histories, alone):
@@ -135,7 +145,7 @@ def _assert_each_seed_matches(state, histories, alone):
         for a, b in zip(_metrics(histories[k]), _metrics(seq_history)):
             for key in a:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=f"seed index {k} {key}")
-        for a, b in zip(jax.tree.leaves(train.unstack_state(state, k).params), jax.tree.leaves(seq_state.params)):
+        for a, b in zip(jax.tree.leaves(train.seed_slice(state, k).params), jax.tree.leaves(seq_state.params)):
             np.testing.assert_allclose(a, b, atol=1e-4)
     assert _metrics(histories[0]) != _metrics(histories[1])  # the seeds really differ
 
@@ -150,7 +160,7 @@ def test_vmapped_seeds_equal_seeds_run_one_at_a_time():
     tx = train.rmsprop_keras(1e-3)
     images, labels = tiny_mnist(100)  # 4 steps of 32 (the last partial): not the number of seeds
     state, histories, alone = _fit_seeds_together_and_alone(model, tx, None, (images, labels), 2, 32, seeds=[3, 4, 5])
-    assert len(histories) == 3 and int(state.step[0]) == 2 * 4
+    assert len(histories) == 3 and np.asarray(state.step).tolist() == [2 * 4] * 3
     _assert_each_seed_matches(state, histories, alone)
 
 
@@ -160,9 +170,8 @@ def test_vmapped_seeds_with_augmentation_and_dropout_equal_seeds_run_one_at_a_ti
     size = 48
     model = models.CatsDogsConvNet(dropout_rate=0.5, input_shape=(size, size, 3))
     tx = train.adam_keras(1e-3)
-    augment = make_augment_fn(AugmentConfig.LECTURE)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (24, size, size, 3)).astype(np.uint8)
     labels = (np.arange(24) % 2).astype(np.int32)
-    state, histories, alone = _fit_seeds_together_and_alone(model, tx, augment, (images, labels), 2, 8, seeds=[0, 1])
+    state, histories, alone = _fit_seeds_together_and_alone(model, tx, AugmentConfig.LECTURE, (images, labels), 2, 8, seeds=[0, 1])
     _assert_each_seed_matches(state, histories, alone)
