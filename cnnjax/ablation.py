@@ -1,19 +1,25 @@
-"""Ablations of augmentation settings: several seeds per setting, trained together.
+"""Ablations: a grid of settings, each a list of overrides of one recipe, several seeds each.
 
-A setting is a name, an augmentation config and a dropout rate. All seeds of one setting
-train in one compiled program (`train.Trainer(num_seeds=K)`: jax.vmap over stacked
-parameters, optimizer states and keys), each seed with its own initialisation,
-shuffling, augmentation and dropout.
+A setting is a name and overrides by path, e.g. ("rotation", {"augment.rotation_range": 40}).
+Every setting is a run of `cnnjax.runs` (its own folder, checkpoints, resume, history),
+of the base recipe with the setting's overrides:
 
-On disk, under the ablation folder:
-    <setting>/latest/        stacked train state after the last finished epoch (resume point)
-    <setting>/best/          per seed, the parameters of its lowest validation loss
-    <setting>/result.json    written last: histories, per-seed summary, test accuracy, wall time
-    results.csv, results.md, curves.png
-A setting with result.json is finished and never redone; one with latest/ resumes from
-it; the table is always rebuilt from the result files. A setting whose seeds all diverge
-(NaN loss) is recorded as diverged, and an error inside one setting is recorded as
-failed; neither stops the ablation.
+    OUT/ablation.json            the base recipe and the settings
+    OUT/<setting>/seeds/         one run of K seeds together (seeds="vmap"), or
+    OUT/<setting>/seed<N>/       one run per seed (seeds="sequential")
+    OUT/<setting>/result.json    written last: histories, per-seed summary, test accuracy
+    OUT/<setting>/error.json     instead, when the setting failed (retried on the next run)
+    OUT/results.csv, results.md, curves.png
+
+How the seeds of a setting run: "vmap" trains them in one compiled program, the seeds
+spread over the mesh's seed axis; "sequential" trains one after another. "auto" takes
+vmap on accelerators and sequential on the CPU, where vmapped seeds measured slower
+than running them in turn (benchmarks/ablation_vmap.py).
+
+A finished setting (result.json) is never redone; an unfinished one resumes from its
+latest checkpoint; a failed one is tried again. The table is always rebuilt from the
+result files, and each seed's test accuracy comes from its own best checkpoint (lowest
+validation loss).
 """
 
 from __future__ import annotations
@@ -21,223 +27,242 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import checkpoint, models, plots, runs, train
-from cnnjax.augment import AugmentConfig, make_augment_fn
+from cnnjax import config as configlib
+from cnnjax import files, mesh, models, plots, runs, train
+from cnnjax.augment import AugmentConfig
+from cnnjax.config import Config, ConfigError
 
 LECTURE = AugmentConfig.LECTURE
+SEED_MODES = ("auto", "vmap", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
-    augment: AugmentConfig = AugmentConfig()
-    dropout: float = 0.0
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, name: str, overrides: Mapping[str, Any] | None = None) -> Setting:
+        return cls(name, tuple(sorted((overrides or {}).items())))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "overrides": dict(self.overrides)}
 
 
 def default_settings() -> list[Setting]:
     """No augmentation; each transform alone at the lecture's range; the full set; with dropout; dropout alone."""
+    lecture = {f"augment.{f.name}": getattr(LECTURE, f.name) for f in dataclasses.fields(AugmentConfig)}
     return [
-        Setting("none"),
-        Setting("flip", AugmentConfig(horizontal_flip=True)),
-        Setting("rotation", AugmentConfig(rotation_range=LECTURE.rotation_range)),
-        Setting("shift", AugmentConfig(width_shift_range=LECTURE.width_shift_range, height_shift_range=LECTURE.height_shift_range)),
-        Setting("shear", AugmentConfig(shear_range=LECTURE.shear_range)),
-        Setting("zoom", AugmentConfig(zoom_range=LECTURE.zoom_range)),
-        Setting("lecture", LECTURE),
-        Setting("lecture+dropout", LECTURE, 0.5),
-        Setting("dropout", AugmentConfig(), 0.5),
+        Setting.of("none"),
+        Setting.of("flip", {"augment.horizontal_flip": True}),
+        Setting.of("rotation", {"augment.rotation_range": LECTURE.rotation_range}),
+        Setting.of("shift", {"augment.width_shift_range": LECTURE.width_shift_range,
+                             "augment.height_shift_range": LECTURE.height_shift_range}),
+        Setting.of("shear", {"augment.shear_range": LECTURE.shear_range}),
+        Setting.of("zoom", {"augment.zoom_range": LECTURE.zoom_range}),
+        Setting.of("lecture", lecture),
+        Setting.of("lecture+dropout", {**lecture, "model.dropout": 0.5}),
+        Setting.of("dropout", {"model.dropout": 0.5}),
     ]
 
 
-def parse_setting(spec: str) -> Setting:
-    """A default setting by name ("zoom"), or your own: "NAME:field=value,..." where a field
-    is an AugmentConfig field or dropout, e.g. "rot20:rotation_range=20,dropout=0.3"."""
+def _short_names() -> dict[str, list[str]]:
+    names: dict[str, list[str]] = {}
+    for path in configlib.paths():
+        names.setdefault(path.split(".")[1], []).append(path)
+    return names
+
+
+def parse_setting(spec: str, base: Config | None = None) -> Setting:
+    """A default setting by name ("zoom"), or your own: "NAME:field=value,..." where a field is a
+    full path (augment.rotation_range) or a field name that only one section has (rotation_range,
+    dropout). A name two sections share (interpolation) must be given by its path.
+    """
     defaults = {s.name: s for s in default_settings()}
     if ":" not in spec:
         if spec not in defaults:
-            raise ValueError(f"unknown setting {spec!r}; known: {', '.join(defaults)}, or NAME:field=value,...")
+            raise ConfigError(f"unknown setting {spec!r}; known: {', '.join(defaults)}, or NAME:field=value,...")
         return defaults[spec]
     name, _, body = spec.partition(":")
-    fields = {f.name: f.type for f in dataclasses.fields(AugmentConfig)}
-    augment_kwargs: dict[str, Any] = {}
-    dropout = 0.0
+    if not name or not all(c.isalnum() or c in "-_.+" for c in name):
+        raise ConfigError(f"setting {spec!r}: the name must be letters, digits or -_.+")
+    short = _short_names()
+    overrides: dict[str, Any] = {}
     for item in filter(None, body.split(",")):
         key, eq, value = item.partition("=")
-        if not eq or (key not in fields and key != "dropout"):
-            raise ValueError(f"setting {spec!r}: {item!r} is not field=value with a field of {', '.join([*fields, 'dropout'])}")
-        if key == "dropout":
-            dropout = float(value)
-        elif key in ("horizontal_flip", "vertical_flip"):
-            augment_kwargs[key] = value.lower() in ("1", "true", "yes")
-        elif key in ("fill_mode", "interpolation"):
-            augment_kwargs[key] = value
-        else:
-            augment_kwargs[key] = float(value)
-    return Setting(name or "custom", AugmentConfig(**augment_kwargs), dropout)
+        if not eq:
+            raise ConfigError(f"setting {spec!r}: {item!r} is not field=value")
+        if "." not in key:
+            paths = short.get(key, [])
+            if len(paths) != 1:
+                hint = f"it is {' and '.join(paths)}: give the path" if paths else "no section has it"
+                raise ConfigError(f"setting {spec!r}: field {key!r} is ambiguous or unknown ({hint})")
+            key = paths[0]
+        overrides[key] = value
+    resolved = configlib.flatten(configlib.override(base or configlib.catsdogs(1), overrides))  # every value parsed and checked
+    return Setting.of(name, {path: resolved[path] for path in overrides})
 
 
-@dataclasses.dataclass(frozen=True)
-class AblationConfig:
-    seeds: int = 3
-    epochs: int = 30
-    batch_size: int = 20
-    learning_rate: float = 1e-3
-    image_size: int = 150
-    eval_batch_size: int = 100
+def setting_config(base: Config, setting: Setting) -> Config:
+    cfg = configlib.override(base, dict(setting.overrides))
+    return dataclasses.replace(cfg, name=f"{base.name}-{setting.name}")
 
 
-def _where_improved(improved: jax.Array, new: Any, old: Any) -> Any:
-    """Per seed, `new` where improved else `old` (leaves have a leading seed axis)."""
-    return jax.tree.map(lambda n, o: jnp.where(improved.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
-
-
-def run_setting(
-    setting: Setting,
-    config: AblationConfig,
-    data: dict[str, tuple[np.ndarray, np.ndarray]],
-    folder: Path,
-    verbose: bool = True,
-) -> dict[str, Any]:
-    """Train all seeds of one setting together (resuming from folder/latest), write result.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    size = config.image_size
-    model = models.CatsDogsConvNet(dropout_rate=setting.dropout, input_shape=(size, size, 3))
-    tx = train.adam_keras(config.learning_rate)
-    trainer = train.Trainer(model, tx, augment=make_augment_fn(setting.augment), num_seeds=config.seeds)
-    meta: dict[str, Any] = {"histories": [[] for _ in range(config.seeds)], "best_val_loss": [math.inf] * config.seeds, "wall": 0.0}
-    if (folder / "latest").exists():
-        state, meta = checkpoint.restore_train_state(folder / "latest", model, tx, num_seeds=config.seeds)
-        best_state, _ = checkpoint.restore_train_state(folder / "best", model, tx, num_seeds=config.seeds)
-        if verbose:
-            print(f"[{setting.name}] resuming after epoch {len(meta['histories'][0])}")
-    else:
-        state = train.stack_states([train.create_train_state(model, tx, jax.random.PRNGKey(s)) for s in range(config.seeds)])
-        best_state = jax.tree.map(jnp.copy, state)  # a copy: the train step donates (reuses) the state's buffers
-    histories = meta["histories"]
-    best_val_loss = np.array([v if v is not None else math.inf for v in meta["best_val_loss"]])
-    run_meta = {"setting": _setting_dict(setting), "config": dataclasses.asdict(config)}
-
-    def after_epoch(epoch: int, rows: list[dict[str, float]], state: train.TrainState) -> None:
-        nonlocal best_state, best_val_loss
-        for history, row in zip(histories, rows):
-            history.append(row)
-        val_loss = np.array([row.get("val_loss", math.nan) for row in rows])
-        improved = val_loss < best_val_loss  # NaN never improves
-        best_val_loss = np.where(improved, val_loss, best_val_loss)
-        best_state = _where_improved(jnp.asarray(improved), state, best_state)
-        wall = meta["wall"] + time.perf_counter() - start
-        # best first, then latest: a crash between the two resumes from the older latest with a newer best,
-        # which only matters if that epoch is redone, and then best is recomputed from equal or better data.
-        checkpoint.save_checkpoint(folder / "best", best_state, model, run_meta)
-        best = [None if math.isinf(v) else v for v in best_val_loss]  # JSON has no infinity
-        progress = {**run_meta, "histories": histories, "best_val_loss": best, "wall": wall}
-        checkpoint.save_checkpoint(folder / "latest", state, model, progress)
-
-    start = time.perf_counter()
-    done = len(histories[0])
-    state, _ = train.fit(
-        trainer, state, data["train"], config.epochs, config.batch_size, data["validation"],
-        eval_batch_size=config.eval_batch_size, callbacks=[after_epoch], verbose=verbose, initial_epoch=done,
-    )
-    wall = meta["wall"] + time.perf_counter() - start
-
-    test = data.get("test")
-    test_metrics = trainer.evaluate(best_state.params, *test, config.eval_batch_size) if test is not None else None
-    result = summarize(setting, histories, test_metrics, wall)
-    runs.write_json(folder / "result.json", {**run_meta, **result, "histories": histories})
-    shutil.rmtree(folder / "latest", ignore_errors=True)  # finished: best/ and result.json are what's kept
-    return result
-
-
-def _setting_dict(setting: Setting) -> dict[str, Any]:
-    return {"name": setting.name, "augment": dataclasses.asdict(setting.augment), "dropout": setting.dropout}
-
-
-def summarize(setting: Setting, histories: list[list[dict]], test: list[dict] | None, wall: float) -> dict[str, Any]:
-    """Per seed: best and final validation accuracy, final validation loss, best epoch, test accuracy."""
-    seeds = []
-    for k, history in enumerate(histories):
-        diverged = any(row.get("diverged") for row in history)
-        finite = [row for row in history if math.isfinite(row.get("val_loss", math.nan))]
-        best = min(finite, key=lambda row: row["val_loss"]) if finite else None
-        seeds.append({
-            "best_val_accuracy": max((row["val_accuracy"] for row in history), default=math.nan),
-            "final_val_accuracy": history[-1]["val_accuracy"] if history else math.nan,
-            "final_val_loss": history[-1]["val_loss"] if history else math.nan,
-            "best_epoch": best["epoch"] if best else math.nan,
-            "test_accuracy": test[k]["accuracy"] if test and best else math.nan,
-            "diverged": diverged,
-        })
-    status = "diverged" if all(s["diverged"] for s in seeds) else ("partly diverged" if any(s["diverged"] for s in seeds) else "ok")
-    return {"name": setting.name, "status": status, "seeds": seeds, "wall_seconds": wall, "epochs": len(histories[0])}
-
-
-def run_ablation(
-    settings: Sequence[Setting],
-    config: AblationConfig,
-    data: dict[str, tuple[np.ndarray, np.ndarray]],
-    out: Path,
-    verbose: bool = True,
-) -> list[dict[str, Any]]:
-    """Every setting in turn (finished ones skipped), then the table and the plot."""
-    out.mkdir(parents=True, exist_ok=True)
-    runs.write_json(out / "ablation.json", {"config": dataclasses.asdict(config), "settings": [_setting_dict(s) for s in settings]})
-    for setting in settings:
-        folder = out / _folder_name(setting.name)
-        if (folder / "result.json").exists():
-            if verbose:
-                print(f"[{setting.name}] finished earlier, skipped")
-            continue
-        try:
-            run_setting(setting, config, data, folder, verbose)
-        except Exception as e:  # noqa: BLE001 - one broken setting must not end the whole ablation
-            folder.mkdir(parents=True, exist_ok=True)
-            runs.write_json(folder / "result.json", {
-                "setting": _setting_dict(setting), "name": setting.name, "status": f"failed: {type(e).__name__}: {e}",
-                "seeds": [], "histories": [], "wall_seconds": math.nan, "traceback": traceback.format_exc(),
-            })
-            print(f"[{setting.name}] failed: {type(e).__name__}: {e}")
-    results = collect_results(out, [s.name for s in settings])
-    write_table(results, out)
-    plot_curves(results, out / "curves.png")
-    return results
-
-
-def rebuild_report(out: Path) -> list[dict[str, Any]]:
-    """The table and plot from the finished settings on disk, in the order ablation.json lists them."""
-    listed = json.loads((out / "ablation.json").read_text())["settings"] if (out / "ablation.json").exists() else []
-    names = [s["name"] for s in listed] or sorted(p.parent.name for p in out.glob("*/result.json"))
-    results = collect_results(out, names)
-    if results:
-        write_table(results, out)
-        plot_curves(results, out / "curves.png")
-    return results
+def resolve_mode(mode: str) -> str:
+    """auto: vmapped seeds on an accelerator, seeds in turn on the CPU (faster there, by measurement)."""
+    if mode not in SEED_MODES:
+        raise ConfigError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "sequential" if jax.default_backend() == "cpu" else "vmap"
 
 
 def _folder_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 
 
+def _run_configs(cfg: Config, folder: Path, mode: str) -> list[Config]:
+    """The run(s) of one setting: K seeds in one folder, or one folder per seed."""
+    runs_cfg = dataclasses.replace(cfg.run, resume=True, tensorboard=cfg.run.tensorboard)
+    if mode == "vmap":
+        return [dataclasses.replace(cfg, run=dataclasses.replace(runs_cfg, out=str(folder / "seeds")))]
+    return [
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k, seeds=1),
+                            run=dataclasses.replace(runs_cfg, out=str(folder / f"seed{cfg.train.seed + k}")))
+        for k in range(cfg.train.seeds)
+    ]
+
+
+def run_setting(setting: Setting, base: Config, splits: runs.Splits, test: tuple[np.ndarray, np.ndarray] | None,
+                folder: Path, mode: str = "auto", verbose: bool = True) -> dict[str, Any]:
+    """Train every seed of one setting (resuming where it stopped), then write its result.json."""
+    mode = resolve_mode(mode)
+    cfg = setting_config(base, setting)
+    model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
+    trainer = None  # one compiled trainer serves every seed run of the setting
+    histories: list[train.History] = []
+    tests: list[float] = []
+    wall = 0.0  # training time: the seeds of one run share each epoch's seconds
+    for run_cfg in _run_configs(cfg, folder, mode):
+        run_folder = runs.RunFolder.open(run_cfg)
+        try:
+            run_folder.write_config({"config": configlib.to_dict(run_cfg), "setting": setting.as_dict(),
+                                     "class_names": splits.class_names, "model": models.model_config(model)})
+            result = runs.train_run(run_cfg, model, splits, run_folder, verbose=verbose, trainer=trainer)
+            trainer = result.trainer
+        finally:
+            run_folder.close()
+        histories += result.histories
+        wall += sum(row["seconds"] for row in result.histories[0])
+        tests += [_test_accuracy(run_folder.path, k, result, test, cfg) for k in range(len(result.seeds))]
+    summary = summarize(setting, histories, tests, wall)
+    record = {"setting": setting.as_dict(), "config": configlib.to_dict(cfg), "mode": mode, **summary, "histories": histories}
+    files.write_json(folder / "result.json", record)
+    (folder / "error.json").unlink(missing_ok=True)
+    return record
+
+
+def _test_accuracy(run_folder: Path, seed_index: int, result: runs.RunResult, test: tuple | None, cfg: Config) -> float:
+    """Test accuracy of the seed's best checkpoint (lowest validation loss), or NaN without one."""
+    if test is None or result.best[seed_index] is None:
+        return math.nan
+    _, params, _ = runs.load_model(run_folder, "best", seed_index)
+    trainer = train.Trainer(result.trainer.model, result.trainer.tx, mesh=mesh.make_mesh(1, jax.local_devices()[:1]))
+    return trainer.evaluate(train.stack_states([params]), test, cfg.train.eval_batch_size)[0]["accuracy"]
+
+
+def summarize(setting: Setting, histories: Sequence[train.History], tests: Sequence[float], wall: float) -> dict[str, Any]:
+    """Per seed: best and final validation accuracy, final and best validation loss, best epoch, test accuracy."""
+    seeds = []
+    for history, test in zip(histories, tests):
+        best = runs.best_epochs([history])[0]
+        finite = [row for row in history if not row.get("diverged")]
+        last = finite[-1] if finite else None
+        seeds.append({
+            "best_val_accuracy": max((row["val_accuracy"] for row in finite), default=math.nan),
+            "final_val_accuracy": last["val_accuracy"] if last else math.nan,
+            "final_val_loss": last["val_loss"] if last else math.nan,
+            "best_val_loss": best["val_loss"] if best else math.nan,
+            "best_epoch": best["epoch"] if best else math.nan,
+            "test_accuracy": test,
+            "diverged": any(row.get("diverged") for row in history),
+        })
+    diverged = [s["diverged"] for s in seeds]
+    status = "diverged" if all(diverged) else ("partly diverged" if any(diverged) else "ok")
+    return {"name": setting.name, "status": status, "seeds": seeds, "epochs": max((len(h) for h in histories), default=0),
+            "wall_seconds": wall}
+
+
+def run_ablation(settings: Sequence[Setting], base: Config, splits: runs.Splits, test: tuple[np.ndarray, np.ndarray] | None,
+                 out: Path, mode: str = "auto", verbose: bool = True) -> list[dict[str, Any]]:
+    """Every setting in turn (finished ones skipped, failed ones retried), then the table and the plot.
+
+    Returns every setting's record, failed ones with status "failed: ..."."""
+    mode = resolve_mode(mode)
+    out.mkdir(parents=True, exist_ok=True)
+    files.clean_orphans(out)
+    files.write_json(out / "ablation.json", {"config": configlib.to_dict(base), "mode": mode,
+                                             "settings": [s.as_dict() for s in settings]})
+    if verbose:
+        how = "together in one program (vmap)" if mode == "vmap" else "one after another"
+        print(f"{len(settings)} settings x {base.train.seeds} seeds; the seeds of a setting train {how} "
+              f"({jax.default_backend()}, {jax.device_count()} device(s))", flush=True)
+    for setting in settings:
+        folder = out / _folder_name(setting.name)
+        if (folder / "result.json").exists():
+            if verbose:
+                print(f"[{setting.name}] finished earlier, skipped", flush=True)
+            continue
+        if verbose:
+            print(f"[{setting.name}] {dict(setting.overrides) or 'the base recipe'}", flush=True)
+        try:
+            run_setting(setting, base, splits, test, folder, mode, verbose)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one broken setting must not end the whole ablation
+            files.write_json(folder / "error.json", {"setting": setting.as_dict(), "error": f"{type(e).__name__}: {e}",
+                                                     "traceback": traceback.format_exc()})
+            print(f"[{setting.name}] failed: {type(e).__name__}: {e} (retried on the next run)", flush=True)
+    return rebuild_report(out, [s.name for s in settings])
+
+
+def rebuild_report(out: Path, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The table and plot from the settings on disk, in the order ablation.json lists them."""
+    if names is None:
+        listed = json.loads((out / "ablation.json").read_text())["settings"] if (out / "ablation.json").exists() else []
+        names = [s["name"] for s in listed] or sorted(p.parent.name for p in out.glob("*/result.json"))
+    results = collect_results(out, names)
+    if results:
+        write_table(results, out)
+        plot_curves([r for r in results if r.get("histories")], out / "curves.png")
+    return results
+
+
 def collect_results(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
-    """The result.json of each named setting, in that order (missing ones left out)."""
+    """Each named setting's result.json, or its error.json as a failed record; unstarted ones left out."""
     results = []
     for name in names:
-        path = out / _folder_name(name) / "result.json"
-        if path.exists():
-            results.append(json.loads(path.read_text()))
+        folder = out / _folder_name(name)
+        if (folder / "result.json").exists():
+            results.append(json.loads((folder / "result.json").read_text()))
+        elif (folder / "error.json").exists():
+            error = json.loads((folder / "error.json").read_text())
+            results.append({"name": name, "status": f"failed: {error['error']}", "seeds": [], "histories": [],
+                            "wall_seconds": math.nan})
     return results
+
+
+def failed(results: Sequence[dict[str, Any]]) -> list[str]:
+    return [r["name"] for r in results if str(r["status"]).startswith("failed")]
 
 
 COLUMNS = [
@@ -249,73 +274,80 @@ COLUMNS = [
 ]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the finite values; NaN when there are none."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return math.nan, math.nan
     return float(np.mean(finite)), float(np.std(finite))
 
 
-def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         row: dict[str, Any] = {"setting": result["name"], "status": result["status"], "seeds": len(result["seeds"])}
         for key, _ in COLUMNS:
-            mean, std = _mean_std([s[key] for s in result["seeds"]])
-            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([s[key] for s in result["seeds"]])
         row["wall_seconds"] = result.get("wall_seconds", math.nan)
         rows.append(row)
     return rows
 
 
-def write_table(results: list[dict[str, Any]], out: Path) -> None:
-    """results.csv (every number) and results.md (mean ± std over seeds)."""
-    rows = table_rows(results)
-    if not rows:
-        return
-    import csv
+def format_cell(key: str, mean: float, std: float) -> str:
+    fmt = ".1f" if key == "best_epoch" else ".3f"
+    return "n/a" if math.isnan(mean) else f"{mean:{fmt}} ± {std:{fmt}}"
 
-    with open(out / ".results.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / ".results.csv.tmp").replace(out / "results.csv")
+
+def write_table(results: Sequence[dict[str, Any]], out: Path) -> None:
+    """results.csv (every number) and results.md (mean ± std over seeds)."""
+    import csv
+    import io
+
+    rows = table_rows(results)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(out / "results.csv", buffer.getvalue())
     header = ["setting", "status", "seeds", *(label for _, label in COLUMNS), "wall (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["setting"], row["status"], str(row["seeds"])]
-        for key, _ in COLUMNS:
-            mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-            fmt = ".1f" if key == "best_epoch" else ".3f"
-            cells.append("n/a" if math.isnan(mean) else f"{mean:{fmt}} ± {std:{fmt}}")
+        cells += [format_cell(key, row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in COLUMNS]
         cells.append("n/a" if math.isnan(row["wall_seconds"]) else f"{row['wall_seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    (out / ".results.md.tmp").write_text("\n".join(lines) + "\n")
-    (out / ".results.md.tmp").replace(out / "results.md")
+    files.write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
-def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+def curve_stats(histories: Sequence[train.History], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(epochs, mean, std) of `key` over seeds, per epoch, up to the shortest history; NaN where every seed lacks it."""
+    epochs = min(len(h) for h in histories)
+    values = np.array([[np.nan if row.get(key) is None else row[key] for row in h[:epochs]] for h in histories], np.float64)
+    with warnings.catch_warnings():  # a diverged setting is all NaN: plotted as a gap, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.arange(1, epochs + 1), np.nanmean(values, 0), np.nanstd(values, 0)
+
+
+def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
     """Mean validation accuracy and loss per epoch for every setting, with a ±1 std band."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for result in results:
         histories = [h for h in result.get("histories", []) if h]
         if not histories:
             continue
-        epochs = min(len(h) for h in histories)
         for ax, key in zip(axes, ("val_accuracy", "val_loss")):
-            values = np.array([[row.get(key, math.nan) for row in h[:epochs]] for h in histories], np.float64)
-            with warnings.catch_warnings():  # a diverged setting is all NaN: plotted as a gap, not a warning
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
-            x = np.arange(1, epochs + 1)
-            (line,) = ax.plot(x, mean, label=f"{result['name']} ({result['status']})" if result["status"] != "ok" else result["name"])
+            x, mean, std = curve_stats(histories, key)
+            label = result["name"] if result["status"] == "ok" else f"{result['name']} ({result['status']})"
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     for ax, title in zip(axes, ("Validation accuracy (mean ± std over seeds)", "Validation loss (mean ± std over seeds)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    plots.save_figure(fig, path)
+    return plots.save_figure(fig, path)

@@ -1,142 +1,163 @@
-"""Saving and restoring a train state with orbax, the model's description beside it.
+"""Checkpoints: named pytrees plus a JSON description, one folder per epoch, kept by orbax.
 
-A checkpoint is one folder holding:
-    params/, opt_state/, progress/   the TrainState, as orbax arrays
-    model/                           JSON: `cnnjax.models.model_config(model)`
-    meta/                            JSON: whatever the caller adds (epoch, metrics, run config)
-so the folder alone says which architecture it holds: `restore_model` rebuilds it
-without any training flags. Saving is atomic: orbax writes into a temporary folder
-that replaces the old checkpoint only once complete, so an interrupted save never
-leaves a half-written checkpoint behind.
+    RUN/checkpoints/<epoch>/
+        <tree>/          one orbax item per pytree the caller names (params, opt_state, ...)
+        description/     JSON: whatever the caller says the checkpoint is (epoch, config,
+                         model, class names, history, best-so-far)
+
+`Checkpoints` wraps orbax's CheckpointManager: every save is atomic (orbax writes into
+a temporary folder and renames it when complete; temporaries a killed process left are
+removed when the manager opens the folder), the latest `keep_latest` saves are kept, and
+for each named metric the save where it was lowest (orbax's BestN preservation policy),
+so a run's best epoch (per seed) is never deleted.
+
+This module knows pytrees and JSON, nothing about models or training: the caller builds
+the abstract target of a restore (jax.eval_shape, with shardings) and reads the
+description. `read_description` / `restore_trees` open a single epoch folder directly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
-from cnnjax.models import build_model, init_params, model_config
-from cnnjax.train import TrainState, create_train_state
+from cnnjax.files import strict_json
 
 # orbax logs every save and restore at INFO/WARNING through absl; keep runs readable.
 logging.getLogger("absl").setLevel(logging.ERROR)
 
+DESCRIPTION = "description"
+
 
 class CheckpointError(Exception):
-    """A checkpoint that is missing, incomplete or of another architecture."""
+    """A checkpoint that is missing, incomplete or does not fit what is asked of it."""
+
+
+def _finite_or_inf(value: Any) -> float:
+    return float(value) if value is not None and math.isfinite(value) else math.inf
+
+
+class Checkpoints:
+    """The checkpoints of one run folder (see the module docstring).
+
+    tree_names: the pytrees each save holds. best_metrics: metric names (lower is better)
+    whose best save is kept besides the latest ones, e.g. ["val_loss/0", "val_loss/1"].
+    """
+
+    def __init__(self, directory: str | os.PathLike, tree_names: Sequence[str], keep_latest: int = 2,
+                 best_metrics: Sequence[str] = (), read_only: bool = False):
+        self.directory = Path(directory).absolute()
+        self.tree_names = tuple(tree_names)
+        policies: list[Any] = [checkpoint_managers.LatestN(keep_latest)]
+        policies += [
+            checkpoint_managers.BestN(get_metric_fn=lambda metrics, name=name: _finite_or_inf(metrics.get(name)), n=1, reverse=True)
+            for name in best_metrics
+        ]
+        # best_fn only makes orbax write each save's metrics to disk (the preservation policy
+        # decides what is kept): without them a reopened folder would not know its old
+        # checkpoints' metrics, and a resumed run would keep stale ones forever.
+        first = best_metrics[0] if best_metrics else None
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=(lambda metrics: _finite_or_inf(metrics.get(first))) if first else None,
+            best_mode="min",
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=False,  # a save is complete when save() returns: the epoch is safe
+            create=not read_only,
+            read_only=read_only,
+        )
+        handlers = {name: ocp.StandardCheckpointHandler() for name in self.tree_names}
+        handlers[DESCRIPTION] = ocp.JsonCheckpointHandler()
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=tuple(handlers), item_handlers=handlers)
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:  # orbax removes a killed save's temporary folder in the background: wait for it
+            cleanup.result()
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, trees: Mapping[str, Any], description: Mapping[str, Any], metrics: Mapping[str, float] = ()) -> Path:
+        """Save the trees and the description as step `step` (replacing an existing one of that number)."""
+        if set(trees) != set(self.tree_names):
+            raise ValueError(f"save needs the trees {self.tree_names}, got {tuple(trees)}")
+        if step in self._manager.all_steps():  # a redone epoch after a crash: the same content again
+            self._manager.delete(step)
+        args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+        args[DESCRIPTION] = ocp.args.JsonSave(strict_json(dict(description)))
+        metrics = {k: _finite_or_inf(v) for k, v in dict(metrics).items()}
+        self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics or None, force=True)
+        return self.path(step)
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def description(self, step: int) -> dict[str, Any]:
+        return read_description(self.path(step))
+
+    def restore(self, step: int, abstract: Mapping[str, Any]) -> dict[str, Any]:
+        """The named trees of step `step`, shaped (and sharded) like `abstract`."""
+        return restore_trees(self.path(step), abstract)
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / DESCRIPTION).is_dir()
+
+
+def _require(path: Path) -> None:
+    if not is_checkpoint(path):
+        raise CheckpointError(f"{path} is not a cnnjax checkpoint (no {DESCRIPTION}/ inside); pass a run folder or one of its "
+                              "checkpoints/<epoch> folders")
 
 
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def save_checkpoint(path: str | os.PathLike, state: TrainState, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
-    """Write `state` and the model's description to `path`, replacing what was there."""
+def read_description(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON description of one checkpoint folder."""
     path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.saving-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    progress = {"step": state.step, "rng": state.rng}
-    _checkpointer().save(
-        staging,
-        ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            progress=ocp.args.StandardSave(progress),
-            model=ocp.args.JsonSave(model_config(model)),
-            meta=ocp.args.JsonSave(meta or {}),
-        ),
-    )
-    # Swap in the finished folder; the old one is removed only after the new one is in place.
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(staging, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    _require(path)
+    return _checkpointer().restore(path, ocp.args.Composite(**{DESCRIPTION: ocp.args.JsonRestore()}))[DESCRIPTION]
 
 
-def _require_checkpoint(path: Path) -> None:
-    if not (path / "model").is_dir() or not (path / "params").is_dir():
-        raise CheckpointError(f"{path} is not a cnnjax checkpoint (no model/ and params/ inside); pass the folder a run saved")
+def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[str, Any]:
+    """The named trees of one checkpoint folder, shaped (and sharded, where the leaves say so) like `abstract`.
 
-
-def read_json_item(path: str | os.PathLike, item: str) -> dict[str, Any]:
-    """The `model` or `meta` JSON of a checkpoint."""
+    Leaves of `abstract` are arrays or jax.ShapeDtypeStruct (from jax.eval_shape); only the
+    trees named are read.
+    """
     path = Path(path).absolute()
-    _require_checkpoint(path)
-    return _checkpointer().restore(path, ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
-
-
-def _check_architecture(path: Path, model: nn.Module) -> None:
-    saved = read_json_item(path, "model")
-    wanted = model_config(model)
-    if saved != wanted:
-        raise CheckpointError(f"{path} holds a different architecture: saved {saved}, asked for {wanted}")
-
-
-def _restore_items(path: Path, targets: dict[str, Any]) -> dict[str, Any]:
-    abstract = {k: jax.tree.map(ocp.utils.to_shape_dtype_struct, v) for k, v in targets.items()}
+    _require(path)
+    missing = [name for name in abstract if not (path / name).is_dir()]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)}; it was saved by another kind of run")
+    targets = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree) for name, tree in abstract.items()}
     try:
-        return _checkpointer().restore(path, ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0][:200]})") from None
-
-
-def restore_model(path: str | os.PathLike) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Rebuild the model from the checkpoint folder alone: (model, params, meta)."""
-    path = Path(path).absolute()
-    model = build_model(read_json_item(path, "model"))
-    target = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-    params = _restore_items(path, {"params": target})["params"]
-    return model, params, read_json_item(path, "meta")
-
-
-def restore_train_state(
-    path: str | os.PathLike, model: nn.Module, tx: optax.GradientTransformation, num_seeds: int | None = None
-) -> tuple[TrainState, dict[str, Any]]:
-    """The full TrainState (to resume training) for `model` and `tx`; errors on another architecture.
-
-    num_seeds=K restores K stacked states (as saved from `train.stack_states`).
-    """
-    path = Path(path).absolute()
-    _require_checkpoint(path)
-    _check_architecture(path, model)
-
-    def abstract_state(rng):
-        return create_train_state(model, tx, rng)
-
-    rngs = jax.ShapeDtypeStruct((2,) if num_seeds is None else (num_seeds, 2), jnp.uint32)
-    target = jax.eval_shape(abstract_state if num_seeds is None else jax.vmap(abstract_state), rngs)
-    targets = {"params": target.params, "opt_state": target.opt_state, "progress": {"step": target.step, "rng": target.rng}}
-    items = _restore_items(path, targets)
-    state = TrainState(step=items["progress"]["step"], params=items["params"], opt_state=items["opt_state"], rng=items["progress"]["rng"])
-    return state, read_json_item(path, "meta")
-
-
-class SaveBest:
-    """An epoch callback for `train.fit`: keep the checkpoint with the lowest `monitor`.
-
-    Keras's ModelCheckpoint(save_best_only=True): after each epoch whose monitored value
-    improves on every earlier one, the state is saved to `path` (replacing the last best).
-    """
-
-    def __init__(self, path: str | os.PathLike, model: nn.Module, monitor: str = "val_loss", meta: dict[str, Any] | None = None):
-        self.path, self.model, self.monitor, self.meta = Path(path), model, monitor, meta or {}
-        self.best = float("inf")
-        self.best_epoch: int | None = None
-
-    def __call__(self, epoch: int, row: dict[str, float], state: TrainState) -> None:
-        value = row.get(self.monitor, float("nan"))
-        if value < self.best:  # NaN never compares smaller: a diverged epoch is never "best"
-            self.best, self.best_epoch = value, epoch
-            save_checkpoint(self.path, state, self.model, {**self.meta, "epoch": epoch, "metrics": row})
+        restored = _checkpointer().restore(
+            path, ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()})
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} does not fit what was asked for ({str(e).splitlines()[0][:200]})") from None
+    return {name: restored[name] for name in abstract}

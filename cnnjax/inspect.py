@@ -40,20 +40,25 @@ LayerSpec = int | Sequence[str] | None
 # --- Loading one image, as keras.utils.load_img does -------------------------------------
 
 
-def load_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3) -> np.ndarray:
-    """One image file as float32 (h, w, channels) in 0..1: Keras's load_img + img_to_array / 255.
+def load_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3, interpolation: str = "nearest") -> np.ndarray:
+    """One image file as float32 (h, w, channels) in 0..1, as the model saw images in training.
 
-    PIL opens it, converts to RGB (or L for a 1-channel model), resizes to (w, h) with
-    NEAREST (load_img's default) and the pixels are scaled by 1/255 as in training.
-    Raises OSError (PIL's UnidentifiedImageError included) when the file cannot be read.
+    The steps of Keras's load_img + img_to_array / 255: PIL opens it, converts to RGB (or L
+    for a 1-channel model), resizes to (w, h) with `interpolation` (the run's
+    data.interpolation; nearest is load_img's default), scales by 1/255. Raises OSError
+    (PIL's UnidentifiedImageError included) when the file cannot be read.
     """
+    from cnnjax.data.folders import INTERPOLATIONS
+
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     height, width = size
     with Image.open(path) as img:
         img = img.convert("L" if channels == 1 else "RGB")
         if img.size != (width, height):
-            img = img.resize((width, height), Image.Resampling.NEAREST)
+            img = img.resize((width, height), INTERPOLATIONS[interpolation])
         pixels = np.asarray(img, dtype=np.float32)
     return (pixels[..., None] if channels == 1 else pixels) / 255.0
 

@@ -1,28 +1,45 @@
 """Which augmentation matters, and how much: a grid of settings, several seeds each.
 
-    python experiments/ablate_augmentation.py --data-dir ../shared/data
+    python experiments/ablate_augmentation.py --data-dir DIR
     # a CPU-sized run (the one in README "Results"):
-    python experiments/ablate_augmentation.py --data-dir ../shared/data --image-size 64 --epochs 20 --out checkpoints/ablation-64px
+    python experiments/ablate_augmentation.py --data-dir DIR --image-size 64 --epochs 20 --out checkpoints/ablation-64px
 
-Default grid: none; each transform alone at the lecture's range (flip, rotation, shift,
-shear, zoom); the lecture's full set; the full set with Dropout(0.5); dropout alone.
---settings picks a subset or adds your own ("rot20:rotation_range=20,dropout=0.3").
-All seeds of a setting train together (jax.vmap), each with its own initialisation,
-shuffling, augmentation and dropout. Interrupt it and run it again with the same --out:
-finished settings are skipped, an unfinished one resumes from its last epoch.
-Writes into --out: results.csv, results.md, curves.png, and one folder per setting.
+The base recipe is experiment 1 of cnnjax.config.catsdogs (Adam 1e-3, batch 20, no
+augmentation, no dropout), with any field overridden by its path (--optim.learning_rate
+1e-4). Default grid: none; each transform alone at the lecture's range (flip, rotation,
+shift, shear, zoom); the lecture's full set; the full set with Dropout(0.5); dropout
+alone. --settings picks a subset or adds your own ("rot20:rotation_range=20,dropout=0.3",
+or by path: "sharp:augment.interpolation=nearest").
+
+--seed-mode: vmap trains a setting's seeds in one program (spread over the devices),
+sequential one after another, auto picks by backend (sequential on the CPU, where it
+measured faster). Interrupt it and run the same command again: finished settings are
+skipped, an unfinished one resumes from its latest checkpoint, a failed one is retried.
+Writes into --out: results.csv, results.md, curves.png, and one run folder per setting.
+Exit codes: 0 done, 2 bad flags or data, 4 some setting failed (its error.json says why),
+130 interrupted.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from cnnjax import ablation, data
+from cnnjax import ablation, config, data, models, runs
+
+ALIASES = {
+    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
+    "--seed": "train.seed", "--seeds": "train.seeds", "--image-size": "data.image_size", "--data-dir": "data.data_dir",
+}
+
+
+def base_recipe() -> config.Config:
+    """Experiment 1's recipe, 30 epochs, 3 seeds: what every setting overrides."""
+    cfg = config.catsdogs(1)
+    return dataclasses.replace(cfg, name="ablation", train=dataclasses.replace(cfg.train, epochs=30, seeds=3))
 
 
 def subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,44 +54,59 @@ def subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int = 0)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--settings", nargs="+", default=[s.name for s in ablation.default_settings()])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--image-size", type=int, default=150)
+    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=[s.name for s in ablation.default_settings()],
+                        help="setting names, or NAME:field=value,... (default: the whole grid)")
+    parser.add_argument("--seed-mode", default="auto", choices=ablation.SEED_MODES)
     parser.add_argument("--train-subset", type=int, default=None, help="train on a class-balanced subset of N images")
     parser.add_argument("--out", default="checkpoints/ablation")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table and plot from what --out holds; train nothing")
+    config.add_flags(parser, base_recipe(), ALIASES)
+    runs.add_flags(parser)
     args = parser.parse_args(argv)
-    if args.table_only:
-        results = ablation.rebuild_report(Path(args.out))
-        print((Path(args.out) / "results.md").read_text() if results else f"no finished settings in {args.out}")
-        return results
-    try:
-        settings = [ablation.parse_setting(spec) for spec in args.settings]
-        size = (args.image_size, args.image_size)
-        splits = data.load_cats_dogs(args.data_dir, ("train", "validation", "test"), size)
-    except (ValueError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    arrays = {name: (split.images, split.labels) for name, split in splits.items()}
-    arrays["train"] = subset(*arrays["train"], args.train_subset)
-    config = ablation.AblationConfig(
-        seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, image_size=args.image_size
-    )
-    print(f"{len(settings)} settings x {args.seeds} seeds, {args.epochs} epochs, {len(arrays['train'][1])} training images "
-          f"at {args.image_size}px; {dataclasses.asdict(config)}")
     out = Path(args.out)
-    try:
-        results = ablation.run_ablation(settings, config, arrays, out)
-    except KeyboardInterrupt:
+    if args.table_only:
         results = ablation.rebuild_report(out)
-        done = f"{len(results)} finished settings are in {out}/results.md" if results else "no setting had finished"
-        sys.exit(f"interrupted: {done}; the same command with --out {out} skips finished settings and resumes the rest")
-    print((out / "results.md").read_text() if (out / "results.md").exists() else "no results")
-    print(f"Wrote {out}/: results.csv, results.md, curves.png, one folder per setting")
+        print((out / "results.md").read_text() if results else f"no finished settings in {out}")
+        return results
+    with runs.exit_on_bad_input():
+        runs.start(args)
+        overrides = config.overrides_from_args(args)
+        unsupported = sorted(p for p in overrides if p.startswith("run."))
+        if unsupported:
+            raise config.ConfigError(f"{', '.join(unsupported)}: the ablation sets each setting's run folder itself (use --out)")
+        base = runs.check_config(config.override(base_recipe(), overrides))
+        settings = [ablation.parse_setting(spec, base) for spec in args.settings]
+        if len({s.name for s in settings}) != len(settings):
+            raise config.ConfigError("two settings have the same name; give each its own")
+        for setting in settings:
+            runs.check_config(ablation.setting_config(base, setting))
+        if args.train_subset is not None and args.train_subset < 2:
+            raise config.ConfigError(f"--train-subset must be at least 2 (one image per class), got {args.train_subset}")
+        size = (base.data.image_size, base.data.image_size)
+        folders = data.load_cats_dogs(base.data.data_dir, ("train", "validation", "test"), size, base.data.interpolation)
+        model = models.from_config(base.model.name, base.data.image_size)
+        splits = runs.Splits(subset(folders["train"].images, folders["train"].labels, args.train_subset),
+                             (folders["validation"].images, folders["validation"].labels), folders["train"].class_names)
+        runs.check_classes(model, splits.class_names, [splits.train[1], splits.validation[1]], "the data folder")
+        test = (folders["test"].images, folders["test"].labels)
+    print(f"{len(settings)} settings x {base.train.seeds} seeds, {base.train.epochs} epochs, {len(splits.train[1])} training "
+          f"images at {base.data.image_size}px", flush=True)
+    try:
+        results = ablation.run_ablation(settings, base, splits, test, out, args.seed_mode)
+    except KeyboardInterrupt:
+        results = ablation.rebuild_report(out, [s.name for s in settings])
+        done = len(results) - len(ablation.failed(results))
+        print(f"\ninterrupted: {done} finished setting(s) are in {out}/results.md; the same command skips them and resumes "
+              "the rest", file=sys.stderr, flush=True)
+        raise SystemExit(runs.EXIT_INTERRUPTED) from None
+    print((out / "results.md").read_text() if (out / "results.md").exists() else "no results", flush=True)
+    print(f"Wrote {out}/: results.csv, results.md, curves.png, one run folder per setting", flush=True)
+    failed = ablation.failed(results)
+    if failed:
+        print(f"error: {len(failed)} setting(s) failed: {', '.join(failed)} (see their error.json); run the same command "
+              "again to retry them", file=sys.stderr, flush=True)
+        raise SystemExit(runs.EXIT_FAILED)
     return results
 
 

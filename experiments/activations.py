@@ -1,15 +1,17 @@
 """Looking inside a trained convnet: the lecture's activation pictures, filter patterns, Grad-CAM.
 
-    python experiments/activations.py --checkpoint checkpoints/cats-dogs-seed0-.../checkpoint
-    python experiments/activations.py --checkpoint CKPT --image my_cat.jpg --filters --heatmap
-    python experiments/activations.py --checkpoint checkpoints/mnist-seed0-.../checkpoint --data-dir ../shared/data
+    python experiments/activations.py --checkpoint checkpoints/catsdogs-exp2-seed0-...   # its best epoch
+    python experiments/activations.py --checkpoint RUN --image my_cat.jpg --filters --heatmap
+    python experiments/activations.py --checkpoint checkpoints/mnist-seed0-... --which latest
 
-The model is rebuilt from the checkpoint folder alone. The image is --image, else for the
-cats-vs-dogs model the first cat of the validation split (sorted file names) of the data
-folder (--data-dir or CNNJAX_DATA_DIR), for the MNIST model the first MNIST test image; it is
-preprocessed as in training (resized to the model's input as keras load_img does, / 255).
+The model is rebuilt from the checkpoint alone (a run folder: its best epoch, or --which
+latest / an epoch number; RUN/best; or one RUN/checkpoints/<epoch> folder). The image is
+--image, else for the cats-vs-dogs model the first cat of the validation split (sorted file
+names) of the data folder (--data-dir or CNNJAX_DATA_DIR), for the MNIST model the first
+MNIST test image; it is preprocessed as in training (resized to the model's input with
+the run's resize filter, data.interpolation, / 255).
 
-Writes into --out (default: <checkpoint>/../inspect/):
+Writes into --out (default: RUN/inspect/):
     input.png                      the image the model sees (grayscale for MNIST)
     channel_<layer>_<c>.png        channel --channel of the first conv layer (the lecture's matshow)
     activations_<i>_<layer>.png    all channels of each of the first --layers conv/pool layers, 16 per row
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnjax import checkpoint, data, models, plots
+from cnnjax import config, data, files, models, plots, runs
 from cnnjax import inspect as look
 from cnnjax.data.folders import IMAGE_EXTENSIONS, find_cats_dogs_root
 
@@ -37,13 +39,15 @@ CLASS_NAMES = {"CatsDogsConvNet": ["cat", "dog"], "MnistConvNet": [str(d) for d 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder a run saved")
+    parser = config.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a run folder, RUN/best, RUN/latest or RUN/checkpoints/<epoch>")
+    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
+    parser.add_argument("--seed-index", type=int, default=0, help="which seed of a run that trained several (0-based)")
     parser.add_argument("--image", help="an image file (default: the first validation cat, or MNIST's first test image)")
     parser.add_argument("--data-dir", help="data folder for the default image (default: CNNJAX_DATA_DIR)")
     parser.add_argument("--layers", type=int, default=8, help="how many conv/pool layers to draw, from the first")
     parser.add_argument("--channel", type=int, default=2, help="channel of the first conv layer drawn on its own")
-    parser.add_argument("--out", help="output folder (default: <checkpoint>/../inspect)")
+    parser.add_argument("--out", help="output folder (default: RUN/inspect)")
     parser.add_argument("--filters", action="store_true", help="draw filter patterns (gradient ascent)")
     parser.add_argument("--filter-layer", help="layer for --filters (default: the last conv layer)")
     parser.add_argument("--num-filters", type=int, default=16, help="the first N filters of --filter-layer")
@@ -62,22 +66,26 @@ def default_image_path(data_dir: str | os.PathLike | None) -> Path:
     return files[0]
 
 
-def load_input(model, args: argparse.Namespace) -> np.ndarray:
-    """The image (H, W, C) in 0..1, preprocessed as in training."""
+def load_input(model, args: argparse.Namespace, interpolation: str) -> np.ndarray:
+    """The image (H, W, C) in 0..1, preprocessed as in training (the run's resize filter)."""
     height, width, channels = model.input_shape
     if args.image:
-        return look.load_image(args.image, (height, width), channels)
+        return look.load_image(args.image, (height, width), channels, interpolation)
     if isinstance(model, models.MnistConvNet):
         return data.load_mnist(args.data_dir)["test_images"][0].astype(np.float32) / 255.0
-    return look.load_image(default_image_path(args.data_dir), (height, width), channels)
+    return look.load_image(default_image_path(args.data_dir), (height, width), channels, interpolation)
+
+
+def run_folder_of(checkpoint_dir: Path) -> Path:
+    """RUN for RUN/checkpoints/<epoch>; the checkpoint folder itself otherwise."""
+    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir
 
 
 def save_png(pixels: np.ndarray, path: Path) -> Path:
     """An image in 0..1 as an exact-pixel PNG (grayscale for one channel), written atomically."""
     pixels = np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(tmp, format="PNG")
     return path
 
 
@@ -98,13 +106,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     # Everything that can fail on bad input happens before the first file is written.
     try:
-        model, params, _ = checkpoint.restore_model(args.checkpoint)
-        image = load_input(model, args)
+        which = int(args.which) if args.which.isdigit() else args.which
+        model, params, description = runs.load_model(args.checkpoint, which, args.seed_index)
+        interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
+        image = load_input(model, args, interpolation)
         conv_pool = [n for n in look.resolve_layers(model) if n.startswith(("conv2d", "max_pooling2d"))]
         # The lecture: the first layers' outputs for one image (MNIST has only 5 conv/pool layers).
         activations = look.capture_activations(model, params, image, conv_pool[: max(args.layers, 1)])
         check_args(model, args, activations[0][1].shape[-1])
-    except (checkpoint.CheckpointError, data.DataError, OSError, ValueError) as e:
+    except (runs.CheckpointError, data.DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     class_names = CLASS_NAMES.get(type(model).__name__)
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         label = class_names[cam.class_index] if class_names else str(cam.class_index)
         print(f"Grad-CAM for class {label} (p = {cam.probability:.3f}); the model predicts {cam.predicted}")
 
-    out = Path(args.out) if args.out else Path(args.checkpoint).absolute().parent / "inspect"
+    out = Path(args.out) if args.out else run_folder_of(Path(description["path"])) / "inspect"
     out.mkdir(parents=True, exist_ok=True)
     written = [save_png(image, out / "input.png")]
     # One channel of the first layer, then every channel of each layer, 16 per row.

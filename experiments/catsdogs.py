@@ -1,19 +1,25 @@
-"""Cats vs dogs from scratch: the lecture's two experiments.
+"""Cats vs dogs from scratch: the lecture's two experiments (cnnjax.config.catsdogs).
 
     # experiment 1: no augmentation, no dropout, Adam 1e-3, batch 20, 30 epochs (overfits)
-    python experiments/catsdogs.py --data-dir ../shared/data
+    python experiments/catsdogs.py --data-dir DIR
     # experiment 2: the lecture's augmentation + Dropout(0.5) after Flatten, 100 epochs
-    python experiments/catsdogs.py --data-dir ../shared/data --dropout
+    python experiments/catsdogs.py --data-dir DIR --dropout
+    # continue a killed run where it stopped
+    python experiments/catsdogs.py --data-dir DIR --dropout --resume --out checkpoints/catsdogs-exp2-...
 
-Pieces can be changed one by one: --augment none|lecture|preview, each transform's range
-(--rotation-range 20 ...), --dropout RATE, --epochs, --batch-size, --learning-rate,
---seed, --image-size, --interpolation, --out.
+DIR holds train/ and validation/ (and test/), each with cats/ and dogs/ (Keras's
+flow_from_directory layout; experiments/prepare_catsdogs.py builds it from Kaggle's
+download). Change one piece at a time: --augment none|lecture|preview, then any field by
+its path (--augment.rotation_range 20, --model.dropout 0.3, --optim.learning_rate 1e-4);
+--help lists them all with their defaults.
 
 Expected (README "Results"): experiment 1 reaches training accuracy near 1.0 while
 validation accuracy stalls near 0.70; experiment 2 ends near 0.80-0.85.
-Writes into --out: config.json, history.json/.csv, history.png, preview.png (one
-training image and four augmented versions), checkpoint/ (final) and best/ (lowest
-validation loss). Evaluate a checkpoint on the test split with experiments/evaluate.py.
+Writes into --out: config.json, preview.png (one training image and four augmented
+versions), history.json/.csv, history.png, checkpoints/<epoch>/ (the latest epochs and
+the one of lowest validation loss), tensorboard/. Evaluate a checkpoint on the test
+split with experiments/evaluate.py. Exit codes: 0 done, 2 bad flags / data / run folder,
+3 diverged, 130 interrupted (resumable).
 """
 
 from __future__ import annotations
@@ -24,119 +30,62 @@ import sys
 import jax
 import numpy as np
 
-from cnnjax import augment, checkpoint, data, models, plots, runs, train
-from cnnjax.data import folders
+from cnnjax import augment, config, plots, runs
+
+ALIASES = {
+    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
+    "--seed": "train.seed", "--seeds": "train.seeds", "--image-size": "data.image_size", "--data-dir": "data.data_dir",
+    "--input": "data.input", "--out": "run.out", "--resume": "run.resume",
+    "--rotation-range": "augment.rotation_range", "--width-shift-range": "augment.width_shift_range",
+    "--height-shift-range": "augment.height_shift_range", "--shear-range": "augment.shear_range",
+    "--zoom-range": "augment.zoom_range", "--horizontal-flip": "augment.horizontal_flip", "--fill-mode": "augment.fill_mode",
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class CatsDogsConfig:
-    epochs: int | None = dataclasses.field(default=None, metadata={"help": "default: 30, or 100 with --dropout"})
-    batch_size: int = 20
-    learning_rate: float = 1e-3  # Adam, Keras defaults otherwise
-    seed: int = 0
-    dropout: float = dataclasses.field(
-        default=0.0, metadata={"help": "experiment 2: --dropout alone means 0.5, the lecture's augmentation and 100 epochs",
-                               "nargs": "?", "const": 0.5}
-    )
-    augment: str | None = dataclasses.field(
-        default=None, metadata={"help": "none | lecture | preview (default: none, lecture with --dropout)"}
-    )
-    rotation_range: float | None = None
-    width_shift_range: float | None = None
-    height_shift_range: float | None = None
-    shear_range: float | None = dataclasses.field(default=None, metadata={"help": "degrees"})
-    zoom_range: float | None = None
-    horizontal_flip: bool | None = None
-    fill_mode: str | None = None
-    image_size: int = 150
-    interpolation: str = dataclasses.field(default="nearest", metadata={"help": "resize on load: nearest (as Keras) or bilinear"})
-    data_dir: str | None = dataclasses.field(
-        default=None, metadata={"help": "folder holding train/ and validation/ (or cats_and_dogs_small/)"}
-    )
-    out: str | None = dataclasses.field(default=None, metadata={"help": "run folder (default: checkpoints/catsdogs-seedN-TIME)"})
-
-    @property
-    def experiment(self) -> int:
-        return 2 if self.dropout > 0 else 1
-
-    def resolved_epochs(self) -> int:
-        return self.epochs if self.epochs is not None else (100 if self.experiment == 2 else 30)
-
-    def augmentation(self) -> augment.AugmentConfig:
-        """The preset (--augment), then each range given on the command line on top of it."""
-        preset = self.augment or ("lecture" if self.experiment == 2 else "none")
-        presets = {
-            "none": augment.AugmentConfig(),
-            "lecture": augment.AugmentConfig.LECTURE,
-            "preview": augment.AugmentConfig.LECTURE_PREVIEW,
-        }
-        if preset not in presets:
-            raise ValueError(f"--augment must be one of {', '.join(presets)}, got {preset!r}")
-        overrides = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(augment.AugmentConfig)
-            if hasattr(self, f.name) and getattr(self, f.name) is not None
-        }
-        return dataclasses.replace(presets[preset], **overrides)
+def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object]:
+    """Experiment 1, or 2 with --dropout; then --augment's preset; then every field flag given. Checked."""
+    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dropout", nargs="?", const=0.5, type=float, metavar="RATE",
+                        help="experiment 2: the lecture's augmentation, 100 epochs and Dropout(RATE) after Flatten (RATE: 0.5)")
+    parser.add_argument("--augment", choices=tuple(config.AUGMENT_PRESETS), metavar="PRESET",
+                        help="augmentation preset, none | lecture | preview (default: none; lecture with --dropout)")
+    config.add_flags(parser, config.catsdogs(1), ALIASES, {"experiment 2": config.catsdogs(2)})
+    runs.add_flags(parser)
+    args = parser.parse_args(argv)
+    with runs.exit_on_bad_input():
+        overrides = config.overrides_from_args(args)
+        recipe = config.catsdogs(2 if args.dropout is not None else 1)
+        if args.dropout is not None:
+            if overrides.get("model.dropout", args.dropout) != args.dropout:
+                raise config.ConfigError(f"--dropout {args.dropout} and --model.dropout {overrides['model.dropout']} disagree")
+            overrides["model.dropout"] = args.dropout
+        if args.augment is not None:
+            recipe = dataclasses.replace(recipe, augment=config.AUGMENT_PRESETS[args.augment])
+        cfg = runs.check_config(config.override(recipe, overrides))
+    return cfg, args
 
 
-def write_preview(images: np.ndarray, config: augment.AugmentConfig, path, seed: int) -> None:
+def write_preview(images: np.ndarray, augmentation: augment.AugmentConfig, path, seed: int) -> None:
     """The lecture's preview: one training image and four augmented versions of it."""
-    shown = config if not config.is_identity else augment.AugmentConfig.LECTURE_PREVIEW
+    shown = augmentation if not augmentation.is_identity else augment.AugmentConfig.LECTURE_PREVIEW
     image = images[7 if len(images) > 7 else 0]  # the lecture shows train/cats' 8th file
     batch = np.repeat(image[None].astype(np.float32), 4, axis=0)
     augmented = augment.random_augment(jax.random.PRNGKey(seed), batch, shown)
     grid = np.concatenate([image[None] / 255.0, np.clip(np.asarray(augmented) / 255.0, 0, 1)])
-    plots.plot_image_grid(grid, path, ["original"] + [f"augmented {i}" for i in range(1, 5)])
+    title = "augmented" if not augmentation.is_identity else "lecture preview settings"
+    plots.plot_image_grid(grid, path, ["original"] + [f"{title} {i}" for i in range(1, 5)])
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    config = runs.parse_config(CatsDogsConfig, argv, __doc__.splitlines()[0])
-    try:
-        augmentation = config.augmentation()
-        size = (config.image_size, config.image_size)
-        splits = folders.load_cats_dogs(config.data_dir, ("train", "validation"), size, config.interpolation)
-    except (ValueError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    train_set, val_set = splits["train"], splits["validation"]
-    print(f"train: {len(train_set.labels)} images, validation: {len(val_set.labels)}, classes {train_set.class_names}")
+def main(argv: list[str] | None = None) -> runs.RunResult:
+    cfg, args = resolve_config(argv)
 
-    out = runs.prepare_out(config.out, f"catsdogs-exp{config.experiment}", config.seed)
-    run_config = {**dataclasses.asdict(config), "epochs": config.resolved_epochs(), "augmentation": dataclasses.asdict(augmentation)}
-    runs.write_json(out / "config.json", run_config)
-    write_preview(train_set.images, augmentation, out / "preview.png", config.seed)
+    def preview(folder: runs.RunFolder, splits: runs.Splits) -> None:
+        write_preview(splits.train[0], cfg.augment, folder.path / "preview.png", cfg.train.seed)
 
-    model = models.CatsDogsConvNet(dropout_rate=config.dropout, input_shape=(*size, 3))
-    print(models.summary(model))
-    tx = train.adam_keras(config.learning_rate)
-    state = train.create_train_state(model, tx, jax.random.PRNGKey(config.seed))
-    trainer = train.Trainer(model, tx, augment=augment.make_augment_fn(augmentation))
-    save_best = checkpoint.SaveBest(out / "best", model, "val_loss", {"config": run_config})
-    rows: list[dict[str, float]] = []
-
-    def keep_history(epoch: int, row: dict[str, float], state: train.TrainState) -> None:
-        """History on disk after every epoch, so an interrupted run keeps what it learned."""
-        rows.append(row)
-        runs.write_history(rows, out)
-
-    state, history = train.fit(
-        trainer,
-        state,
-        (train_set.images, train_set.labels),
-        epochs=config.resolved_epochs(),
-        batch_size=config.batch_size,
-        validation_data=(val_set.images, val_set.labels),
-        eval_batch_size=100,
-        callbacks=[save_best, keep_history],
-    )
-    runs.write_history(history, out)
-    plots.plot_history(history, out / "history.png")
-    checkpoint.save_checkpoint(out / "checkpoint", state, model, {"epoch": len(history), "metrics": history[-1], "config": run_config})
-    best = min(history, key=lambda row: row["val_loss"])
-    print(f"Final val_accuracy {history[-1]['val_accuracy']:.4f}; best val_loss {best['val_loss']:.4f} "
-          f"at epoch {best['epoch']} (val_accuracy {best['val_accuracy']:.4f}), kept in {out / 'best'}")
-    print(f"Wrote {out}/: config.json, history.json, history.csv, history.png, preview.png, checkpoint/, best/")
-    return history
+    result = runs.execute(cfg, args, argv, before_training=preview)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+    return result
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ a run killed midway is completed (copies are atomic). Prints one summary line.
 from __future__ import annotations
 
 import argparse
-import logging
 
+from cnnjax import runs
 from cnnjax.data import DataError, folders
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> folders.SmallSplit:
     parser.add_argument("--sizes", type=int, nargs=3, default=default_sizes, metavar=("TRAIN", "VALIDATION", "TEST"),
                         help=f"images per class in each split (default: the book's {' '.join(map(str, default_sizes))})")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines; no-op if logging is set up
+    runs.setup_logging()  # the library's progress lines
     sizes = list(zip((split for split, _ in folders.BOOK_SPLIT_SIZES), args.sizes))
     try:
         result = folders.prepare_small_split(args.kaggle_dir, args.out, sizes)

@@ -1,132 +1,171 @@
-"""The ablation runner: table and plot for every setting, resume after a kill, divergence reported."""
+"""The ablation: settings as overrides, resume and retry, the table recomputed from the runs, best checkpoints."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from cnnjax import ablation, checkpoint
+from cnnjax import ablation, config, runs, train
 from cnnjax.augment import AugmentConfig
+from tests.conftest import CATS_SIZE, tiny_cats_dogs, write_cats_dogs_folder
 
-SIZE = 48  # the smallest square input the cats-vs-dogs convnet takes is 46
-
-
-def tiny_cats_dogs(n=24, seed=0):
-    """Dark images with a bright square (class 1) or without (class 0)."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 80, (n, SIZE, SIZE, 3)).astype(np.uint8)
-    labels = (np.arange(n) % 2).astype(np.int32)
-    images[labels == 1, 12:36, 12:36] = 230
-    return images, labels
+BASE = dataclasses.replace(
+    config.override(config.catsdogs(1), {"data.image_size": CATS_SIZE, "train.epochs": 2, "train.batch_size": 8,
+                                         "train.eval_batch_size": 10, "train.seeds": 2}),
+    name="ablation",
+)
 
 
 @pytest.fixture()
-def data():
-    train = tiny_cats_dogs(24)
-    return {"train": train, "validation": tiny_cats_dogs(10, 1), "test": tiny_cats_dogs(10, 2)}
+def splits():
+    train_set = tiny_cats_dogs(24)
+    return runs.Splits(train_set, tiny_cats_dogs(10, 1), ["cats", "dogs"])
 
 
-CONFIG = ablation.AblationConfig(seeds=2, epochs=2, batch_size=8, image_size=SIZE, eval_batch_size=10)
+@pytest.fixture()
+def test_set():
+    return tiny_cats_dogs(10, 2)
 
 
-def test_parse_settings():
-    assert ablation.parse_setting("zoom").augment == AugmentConfig(zoom_range=0.5)
+def test_settings_are_overrides_of_the_recipe():
+    assert ablation.parse_setting("zoom") == ablation.Setting.of("zoom", {"augment.zoom_range": 0.5})
     custom = ablation.parse_setting("mine:rotation_range=20,horizontal_flip=true,dropout=0.3")
-    assert custom == ablation.Setting("mine", AugmentConfig(rotation_range=20, horizontal_flip=True), 0.3)
-    with pytest.raises(ValueError, match="unknown setting"):
+    assert custom == ablation.Setting.of("mine", {"augment.rotation_range": 20.0, "augment.horizontal_flip": True,
+                                                  "model.dropout": 0.3})
+    assert ablation.setting_config(BASE, ablation.parse_setting("lecture")).augment == AugmentConfig.LECTURE
+    by_path = ablation.parse_setting("sharp:augment.interpolation=nearest")
+    assert ablation.setting_config(BASE, by_path).augment.interpolation == "nearest"
+    assert ablation.setting_config(BASE, by_path).data.interpolation == "nearest"  # untouched: a section of its own
+    with pytest.raises(config.ConfigError, match="unknown setting"):
         ablation.parse_setting("colour")
-    with pytest.raises(ValueError, match="field=value"):
+    with pytest.raises(config.ConfigError, match="interpolation.*data.interpolation and augment.interpolation"):
+        ablation.parse_setting("x:interpolation=bilinear")  # two sections have it: the path is required
+    with pytest.raises(config.ConfigError, match="brightness"):
         ablation.parse_setting("x:brightness=2")
+    with pytest.raises(config.ConfigError, match="fill_mode"):
+        ablation.parse_setting("x:fill_mode=mirror")
     names = [s.name for s in ablation.default_settings()]
     assert names == ["none", "flip", "rotation", "shift", "shear", "zoom", "lecture", "lecture+dropout", "dropout"]
 
 
-def test_resume_after_a_kill_and_skip_finished_settings(data, tmp_path, monkeypatch):
-    settings = [ablation.Setting("none"), ablation.Setting("flip", AugmentConfig(horizontal_flip=True), 0.5)]
-    real_save = checkpoint.save_checkpoint
+@pytest.mark.parametrize("mode", ["vmap", "sequential"])
+def test_table_is_the_runs_recomputed_and_best_checkpoints_hold_the_best_epoch(splits, test_set, tmp_path, mode):
+    settings = [ablation.Setting.of("none"), ablation.Setting.of("zoom", {"augment.zoom_range": 0.5})]
+    results = ablation.run_ablation(settings, BASE, splits, test_set, tmp_path, mode, verbose=False)
+    assert [r["name"] for r in results] == ["none", "zoom"] and all(r["mode"] == mode for r in results)
+    # Every mean ± std cell of results.md, recomputed from the result files.
+    table = (tmp_path / "results.md").read_text().splitlines()
+    for result, line in zip(results, table[2:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == [result["name"], "ok", "2"]
+        for (key, _), cell in zip(ablation.COLUMNS, cells[3:]):
+            values = [s[key] for s in result["seeds"]]
+            digits = ".1f" if key == "best_epoch" else ".3f"
+            assert cell == f"{np.mean(values):{digits}} ± {np.std(values):{digits}}"
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
+    trainer_model = None
+    for result in results:
+        folder = tmp_path / result["name"]
+        for k, (seed, history) in enumerate(zip(result["seeds"], result["histories"])):
+            losses = [row["val_loss"] for row in history]
+            assert seed["best_epoch"] == 1 + int(np.argmin(losses))
+            # The seed's best checkpoint holds exactly the best epoch's parameters: evaluating it gives that epoch's metrics.
+            run_folder = folder / "seeds" if mode == "vmap" else folder / f"seed{k}"
+            model, params, description = runs.load_model(run_folder, "best", k if mode == "vmap" else 0)
+            assert description["epoch"] == seed["best_epoch"]
+            trainer_model = train.Trainer(model, train.adam_keras(), mesh=None)
+            metrics = trainer_model.evaluate(train.stack_states([params]), splits.validation, 10)[0]
+            best_row = history[seed["best_epoch"] - 1]
+            np.testing.assert_allclose(metrics["loss"], best_row["val_loss"], rtol=1e-5)
+            assert metrics["accuracy"] == best_row["val_accuracy"]
+            test_metrics = trainer_model.evaluate(train.stack_states([params]), test_set, 10)[0]
+            assert seed["test_accuracy"] == test_metrics["accuracy"]
 
-    def killed_after_first_epoch_of_flip(path, state, model, meta=None):
-        real_save(path, state, model, meta)
-        if path.parent.name == "flip" and path.name == "latest":
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C right after epoch 1 was saved
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", killed_after_first_epoch_of_flip)
+def test_curves_plot_the_mean_and_std_over_seeds(splits, tmp_path):
+    results = ablation.run_ablation([ablation.Setting.of("none")], dataclasses.replace(BASE, train=dataclasses.replace(
+        BASE.train, epochs=1)), splits, None, tmp_path, "vmap", verbose=False)
+    x, mean, std = ablation.curve_stats(results[0]["histories"], "val_loss")
+    values = [h[0]["val_loss"] for h in results[0]["histories"]]
+    assert x.tolist() == [1] and mean[0] == pytest.approx(np.mean(values)) and std[0] == pytest.approx(np.std(values))
+    assert results[0]["seeds"][0]["test_accuracy"] is None  # no test split: null (NaN) in result.json, not invented
+    assert "| n/a |" in (tmp_path / "results.md").read_text()
+
+
+def test_resume_after_an_interrupt_and_skip_finished_settings(splits, test_set, tmp_path, monkeypatch):
+    settings = [ablation.Setting.of("none"), ablation.Setting.of("flip", {"augment.horizontal_flip": True, "model.dropout": 0.5})]
+    real_fit = train.fit
+
+    def interrupted_after_first_epoch_of_flip(trainer, *args, callbacks=(), **kwargs):
+        def stop(epoch, result):
+            if trainer.model.dropout_rate == 0.5 and epoch == 1:
+                raise KeyboardInterrupt  # Ctrl-C right after epoch 1 was saved
+
+        return real_fit(trainer, *args, callbacks=[*callbacks, stop], **kwargs)
+
+    monkeypatch.setattr(train, "fit", interrupted_after_first_epoch_of_flip)
     with pytest.raises(KeyboardInterrupt):
-        ablation.run_ablation(settings, CONFIG, data, tmp_path, verbose=False)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+        ablation.run_ablation(settings, BASE, splits, test_set, tmp_path, "vmap", verbose=False)
+    monkeypatch.setattr(train, "fit", real_fit)
     none_result = (tmp_path / "none" / "result.json").read_text()
     assert not (tmp_path / "flip" / "result.json").exists()
-    first_epoch = checkpoint.read_json_item(tmp_path / "flip" / "latest", "meta")["histories"]
-    assert [len(h) for h in first_epoch] == [1, 1]
+    first_epoch = runs.read_history(tmp_path / "flip" / "seeds")
+    assert [len(h) for h in first_epoch.values()] == [1, 1]
 
     trained = []
     real_run = ablation.run_setting
     monkeypatch.setattr(ablation, "run_setting", lambda setting, *a, **k: trained.append(setting.name) or real_run(setting, *a, **k))
-    results = ablation.run_ablation(settings, CONFIG, data, tmp_path, verbose=False)
+    results = ablation.run_ablation(settings, BASE, splits, test_set, tmp_path, "vmap", verbose=False)
     assert trained == ["flip"]  # "none" was finished: not redone
     assert (tmp_path / "none" / "result.json").read_text() == none_result
     flip = json.loads((tmp_path / "flip" / "result.json").read_text())
     assert [len(h) for h in flip["histories"]] == [2, 2]
-    assert [h[0] for h in flip["histories"]] == [h[0] for h in first_epoch]  # epoch 1 kept, not retrained
-    assert not (tmp_path / "flip" / "latest").exists() and (tmp_path / "flip" / "best").is_dir()
+    assert [h[0] for h in flip["histories"]] == [h[0] for h in first_epoch.values()]  # epoch 1 kept, not retrained
     assert [r["name"] for r in results] == ["none", "flip"]
 
 
-def test_table_and_plot_hold_every_setting(data, tmp_path):
-    settings = [ablation.Setting("none"), ablation.Setting("zoom", AugmentConfig(zoom_range=0.5))]
-    ablation.run_ablation(settings, CONFIG, data, tmp_path, verbose=False)
-    table = (tmp_path / "results.md").read_text()
-    csv = (tmp_path / "results.csv").read_text().splitlines()
-    assert len(csv) == 3 and csv[0].startswith("setting,status,seeds,best_val_accuracy_mean")
-    for name in ("none", "zoom"):
-        assert f"| {name} | ok | 2 |" in table
-    assert Image.open(tmp_path / "curves.png").size[0] > 0
-    result = json.loads((tmp_path / "zoom" / "result.json").read_text())
-    assert len(result["seeds"]) == 2 and 0 <= result["seeds"][0]["test_accuracy"] <= 1
-
-
-def test_a_diverging_setting_is_reported_not_fatal(data, tmp_path):
-    config = ablation.AblationConfig(seeds=2, epochs=3, batch_size=8, image_size=SIZE, learning_rate=1e12)
-    results = ablation.run_ablation([ablation.Setting("none")], config, data, tmp_path, verbose=False)
+def test_a_diverging_setting_is_reported_and_keeps_finite_checkpoints(splits, tmp_path):
+    base = config.override(BASE, {"optim.learning_rate": 1e12, "train.epochs": 3})
+    results = ablation.run_ablation([ablation.Setting.of("none")], base, splits, None, tmp_path, "vmap", verbose=False)
     assert results[0]["status"] == "diverged"
     assert "| none | diverged | 2 |" in (tmp_path / "results.md").read_text()
+    history = json.loads((tmp_path / "none" / "seeds" / "history.json").read_text())
+    assert all(row["loss"] is None for row in history if row.get("diverged"))  # strict JSON: NaN as null
+    # Both seeds diverged in epoch 1: no finite state beyond the initial one, so nothing was saved (never a NaN checkpoint).
+    assert list((tmp_path / "none" / "seeds" / "checkpoints").iterdir()) == []
 
 
-def test_a_failing_setting_is_recorded_and_the_rest_runs(data, tmp_path, monkeypatch):
+def test_a_failed_setting_is_retried_and_the_script_exits_non_zero(tmp_path, monkeypatch, capsys):
+    from experiments import ablate_augmentation
+
+    data = write_cats_dogs_folder(tmp_path / "data")
     real_run = ablation.run_setting
+    broken = {"on": True}
 
-    def broken(setting, *args, **kwargs):
-        if setting.name == "bad":
+    def sometimes_broken(setting, *args, **kwargs):
+        if setting.name == "flip" and broken["on"]:
             raise RuntimeError("out of memory")
         return real_run(setting, *args, **kwargs)
 
-    monkeypatch.setattr(ablation, "run_setting", broken)
-    config = ablation.AblationConfig(seeds=2, epochs=1, batch_size=8, image_size=SIZE)
-    results = ablation.run_ablation([ablation.Setting("bad"), ablation.Setting("none")], config, data, tmp_path, verbose=False)
-    assert results[0]["status"].startswith("failed: RuntimeError: out of memory")
-    assert results[1]["status"] == "ok"
+    monkeypatch.setattr(ablation, "run_setting", sometimes_broken)
+    out = tmp_path / "ablation"
+    argv = ["--data-dir", str(data), "--settings", "none", "flip", "--seeds", "2", "--epochs", "1", "--batch-size", "8",
+            "--train.eval_batch_size", "8", "--image-size", str(CATS_SIZE), "--out", str(out), "--seed-mode", "vmap"]
+    with pytest.raises(SystemExit) as exit_info:
+        ablate_augmentation.main(argv)
+    assert exit_info.value.code == runs.EXIT_FAILED
+    assert "1 setting(s) failed: flip" in capsys.readouterr().err
+    assert "failed: RuntimeError: out of memory" in (out / "results.md").read_text()
+    broken["on"] = False
+    results = ablate_augmentation.main(argv)  # the failed setting is tried again, and now works
+    assert [r["status"] for r in results] == ["ok", "ok"] and not (out / "flip" / "error.json").exists()
 
 
-def test_table_can_be_rebuilt_from_disk_alone(data, tmp_path):
-    config = ablation.AblationConfig(seeds=2, epochs=1, batch_size=8, image_size=SIZE)
-    ablation.run_ablation([ablation.Setting("none")], config, data, tmp_path, verbose=False)
-    (tmp_path / "results.md").unlink()
-    (tmp_path / "curves.png").unlink()
-    results = ablation.rebuild_report(tmp_path)
-    assert [r["name"] for r in results] == ["none"] and (tmp_path / "curves.png").exists()
-    assert "| none | ok | 2 |" in (tmp_path / "results.md").read_text()
-
-
-def test_the_script_reports_an_interrupt_and_keeps_finished_settings(tmp_path, monkeypatch):
+def test_the_script_reports_an_interrupt_and_keeps_finished_settings(tmp_path, monkeypatch, capsys):
     from experiments import ablate_augmentation
 
-    for split, n, seed in (("train", 16, 0), ("validation", 8, 1), ("test", 8, 2)):
-        images, labels = tiny_cats_dogs(n, seed)
-        for i, (image, label) in enumerate(zip(images, labels)):
-            folder = tmp_path / "data" / "cats_and_dogs_small" / split / ("cats", "dogs")[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{i}.png")
+    data = write_cats_dogs_folder(tmp_path / "data")
     real_run = ablation.run_setting
 
     def ctrl_c_during_flip(setting, *args, **kwargs):
@@ -136,8 +175,10 @@ def test_the_script_reports_an_interrupt_and_keeps_finished_settings(tmp_path, m
 
     monkeypatch.setattr(ablation, "run_setting", ctrl_c_during_flip)
     out = tmp_path / "ablation"
-    argv = ["--data-dir", str(tmp_path / "data"), "--settings", "none", "flip", "--seeds", "2", "--epochs", "1",
-            "--batch-size", "8", "--image-size", str(SIZE), "--out", str(out)]
-    with pytest.raises(SystemExit, match="interrupted: 1 finished settings .* resumes the rest"):
+    argv = ["--data-dir", str(data), "--settings", "none", "flip", "--seeds", "2", "--epochs", "1", "--batch-size", "8",
+            "--train.eval_batch_size", "8", "--image-size", str(CATS_SIZE), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
         ablate_augmentation.main(argv)
+    assert exit_info.value.code == runs.EXIT_INTERRUPTED
+    assert "interrupted: 1 finished setting(s)" in capsys.readouterr().err
     assert "| none | ok | 2 |" in (out / "results.md").read_text() and not (out / "flip" / "result.json").exists()

@@ -13,8 +13,8 @@ import optax
 import pytest
 from PIL import Image
 
-from cnnjax import checkpoint, models, train
 from cnnjax import inspect as look
+from cnnjax import models, runs, train
 from experiments import activations as script
 from tests.conftest import shared_data_dir
 
@@ -229,8 +229,10 @@ def test_grad_cam_highlights_the_square_that_decides_the_class():
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     trainer = train.Trainer(model, tx)
-    state, history = train.fit(trainer, state, square_images(rng, 512), epochs=3, batch_size=32, verbose=False, progress=False)
-    assert history[-1]["accuracy"] > 0.95
+    result = train.fit(trainer, train.stack_states([state]), square_images(rng, 512), epochs=3, batch_size=32, verbose=False,
+                       progress=False)
+    assert result.histories[0][-1]["accuracy"] > 0.95
+    state = train.seed_slice(result.state, 0)
     quadrants = [(0, 0), (0, 1), (1, 0), (1, 1)] * 2
     images, _ = square_images(rng, len(quadrants), quadrants)
     for image, (qy, qx) in zip(images, quadrants, strict=True):
@@ -291,10 +293,8 @@ def test_overlay_heatmap_upsamples_and_blends():
 
 
 def save_untrained(model, folder):
-    params = numpy_params(model)
-    tx = optax.sgd(0.1)  # no optimizer state to write
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-    return checkpoint.save_checkpoint(folder / "checkpoint", state, model, {"epoch": 0})
+    """A checkpoint of untrained parameters, as a run would leave it: FOLDER/checkpoints/0."""
+    return runs.save_model(folder, model, numpy_params(model), epoch=0)
 
 
 def assert_pngs(paths):
@@ -327,7 +327,7 @@ def test_script_on_an_mnist_checkpoint_uses_the_first_test_image(tmp_path):
     data_dir = shared_data_dir()
     argv = ["--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--heatmap", "--filters", "--num-filters", "4"]
     written = script.main(argv)
-    out = tmp_path / "run" / "inspect"  # the default: beside the checkpoint
+    out = tmp_path / "run" / "inspect"  # the default: in the run folder
     assert all(p.parent == out for p in written)
     names = [p.name for p in written]
     assert names[2:7] == [f"activations_{i}_{n}.png" for i, (n, _) in enumerate(MNIST_SHAPES[:5], 1)]

@@ -1,0 +1,228 @@
+"""Runs that survive: resume after SIGKILL at any moment, refusals, the lock, divergence, data checked first.
+
+The kill tests run the real experiment scripts in a subprocess (tests/_killed_run.py kills it
+at a chosen moment), resume them, and compare with an uninterrupted run of the same seed:
+same history (but for the seconds), bitwise the same parameters, the same best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import runs, train
+from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder, write_mnist_folder
+
+MNIST_ARGS = ["--epochs", "3", "--batch-size", "32", "--train.eval_batch_size", "32"]
+CATS_ARGS = ["--dropout", "--epochs", "3", "--batch-size", "8", "--train.eval_batch_size", "8", "--image-size", str(CATS_SIZE)]
+
+
+def run_script(args: list[str], env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def latest_params(folder: Path):
+    return jax.tree.map(np.asarray, runs.load_model(folder, "latest")[1])
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same training: history, latest parameters, best epoch and its parameters."""
+    assert without_seconds(json.loads((a / "history.json").read_text())) == without_seconds(json.loads((b / "history.json").read_text()))
+    for x, y in zip(jax.tree.leaves(latest_params(a)), jax.tree.leaves(latest_params(b))):
+        np.testing.assert_array_equal(x, y)
+    assert runs.find_checkpoint(a, "best").name == runs.find_checkpoint(b, "best").name
+    best_a, best_b = runs.load_model(a, "best")[1], runs.load_model(b, "best")[1]
+    for x, y in zip(jax.tree.leaves(best_a), jax.tree.leaves(best_b)):
+        np.testing.assert_array_equal(x, y)
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == sorted(p.name for p in (b / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def mnist_data(tmp_path_factory) -> Path:
+    return write_mnist_folder(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="module")
+def mnist_reference(mnist_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = run_script(["experiments/mnist.py", *MNIST_ARGS, "--data-dir", str(mnist_data), "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("point,epoch", [("compile", 1), ("mid-epoch", 2), ("mid-save", 2), ("after-save", 2)])
+def test_mnist_killed_at_any_moment_resumes_to_the_uninterrupted_run(point, epoch, mnist_data, mnist_reference, tmp_path):
+    out = tmp_path / "run"
+    argv = [*MNIST_ARGS, "--data-dir", str(mnist_data), "--out", str(out)]
+    killed = run_script(["-m", "tests._killed_run", "mnist", point, str(epoch), "--", *argv])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    if point in ("mid-epoch", "mid-save", "after-save"):  # the epochs before the kill are on disk, history included
+        assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == list(range(1, epoch))
+    refused = run_script(["experiments/mnist.py", *argv])  # without --resume: refused, nothing touched
+    assert refused.returncode == 2 and "add --resume" in refused.stderr
+    resumed = run_script(["experiments/mnist.py", *argv, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "taking it over" in resumed.stdout  # the dead process's lock
+    if point != "compile":
+        assert "Resuming" in resumed.stdout
+    assert_same_run(out, mnist_reference)
+    leftovers = [p.name for p in out.rglob("*") if ".tmp-" in p.name or "orbax-checkpoint-tmp" in p.name]
+    assert leftovers == [] and not (out / ".lock").exists()
+
+
+def test_catsdogs_killed_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path):
+    data = write_cats_dogs_folder(tmp_path / "data")
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    done = run_script(["experiments/catsdogs.py", *CATS_ARGS, "--data-dir", str(data), "--out", str(reference)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    argv = [*CATS_ARGS, "--data-dir", str(data), "--out", str(out)]
+    killed = run_script(["-m", "tests._killed_run", "catsdogs", "mid-epoch", "2", "--", *argv])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    start = time.perf_counter()
+    resumed = run_script(["experiments/catsdogs.py", *argv, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming" in resumed.stdout and time.perf_counter() - start > 0
+    assert_same_run(out, reference)
+
+
+def test_resume_with_another_recipe_is_refused_naming_the_fields(mnist_data, mnist_reference, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in mnist_reference.rglob("*")}
+    argv = [*MNIST_ARGS, "--data-dir", str(mnist_data), "--out", str(mnist_reference), "--resume"]
+    refused = run_script(["experiments/mnist.py", *argv, "--learning-rate", "0.01", "--seed", "3"])
+    assert refused.returncode == 2
+    err = refused.stderr.strip()
+    assert "\n" not in err and "optim.learning_rate: 0.001 -> 0.01" in err and "train.seed: 0 -> 3" in err
+    assert {p: p.stat().st_mtime_ns for p in mnist_reference.rglob("*")} == before  # nothing touched
+
+
+def test_resume_of_a_finished_run_changes_nothing_and_resume_of_an_empty_folder_starts_fresh(mnist_data, mnist_reference, tmp_path):
+    history = (mnist_reference / "history.json").read_text()
+    again = run_script(["experiments/mnist.py", *MNIST_ARGS, "--data-dir", str(mnist_data), "--out", str(mnist_reference), "--resume"])
+    assert again.returncode == 0 and "Resuming" in again.stdout and "Epoch" not in again.stdout
+    assert (mnist_reference / "history.json").read_text() == history
+    fresh = tmp_path / "fresh"  # Keras's BackupAndRestore: nothing to restore, so start from the beginning
+    started = run_script(["experiments/mnist.py", *MNIST_ARGS, "--epochs", "1", "--data-dir", str(mnist_data), "--out", str(fresh),
+                          "--resume"])
+    assert started.returncode == 0 and "Epoch 1/1" in started.stdout
+
+
+def test_a_folder_in_use_by_a_live_process_is_refused(mnist_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
+    refused = run_script(["experiments/mnist.py", *MNIST_ARGS, "--data-dir", str(mnist_data), "--out", str(out), "--resume"])
+    assert refused.returncode == 2 and f"in use by process {os.getpid()}" in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "0"], "train.epochs must be an integer >= 1, got 0"),
+    (["--epochs", "-1"], "train.epochs must be an integer >= 1, got -1"),
+    (["--batch-size", "0"], "train.batch_size must be an integer >= 1, got 0"),
+    (["--learning-rate", "-1"], "optim.learning_rate must be a finite number > 0"),
+    (["--learning-rate", "nan"], "optim.learning_rate must be a finite number > 0"),
+    (["--seeds", "0"], "train.seeds must be an integer >= 1"),
+    (["--optim.name", "sgd"], "optim.name must be one of rmsprop, adam"),
+    (["--model.dropout", "0.5"], "the MNIST convnet has no Dropout layer"),
+    (["--data.image_size", "32"], "data.image_size must be 28 for MNIST"),
+    (["--train.epochs", "2", "--epochs", "3"], "train.epochs given twice"),
+    (["--augment.fill_mode", "mirror"], "fill_mode must be one of"),
+    (["--augment.rotation_range", "-5"], "rotation_range must be >= 0"),
+    (["--data-dir", "/nonexistent/mnist"], "--data-dir /nonexistent/mnist does not exist"),
+    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flags_are_one_line_exit_2_and_no_run_folder(flags, message, tmp_path, capsys):
+    from experiments import mnist as experiment
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main([*flags, "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--image-size", "32"], "needs at least 46x46 pixels"),
+    (["--dropout", "1.0"], "model.dropout must be in [0, 1)"),
+    (["--dropout", "0.3", "--model.dropout", "0.4"], "disagree"),
+    (["--data.interpolation", "cubic"], "data.interpolation must be one of nearest, bilinear"),
+    (["--augment", "heavy"], "invalid choice: 'heavy'"),
+    (["--augment.interpolation", "bicubic"], "interpolation must be one of ('bilinear', 'nearest')"),
+    (["--interpolation", "bilinear"], "unrecognized arguments: --interpolation"),  # two sections have it: only by path
+])
+def test_catsdogs_bad_flags_are_one_line_exit_2_and_no_run_folder(flags, message, tmp_path, capsys):
+    from experiments import catsdogs as experiment
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main([*flags, "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("classes,message", [
+    (("cats", "dogs", "foxes"), "has 3 classes (cats, dogs, foxes) but the model needs exactly 2"),
+    (("cats",), "has 1 classes (cats) but the model needs exactly 2"),
+])
+def test_a_folder_without_two_classes_is_refused_before_training(classes, message, tmp_path, capsys):
+    from experiments import catsdogs as experiment
+
+    data = write_cats_dogs_folder(tmp_path / "data", classes=classes)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main([*CATS_ARGS, "--data-dir", str(data), "--out", str(out)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_labels_outside_the_models_range_are_an_error():
+    from cnnjax import models
+
+    with pytest.raises(runs.DataError, match="labels run from 0 to 10, outside 0..9"):
+        runs.check_classes(models.MnistConvNet(), [str(d) for d in range(10)], [np.arange(11)], "MNIST")
+
+
+def test_divergence_stops_keeps_the_last_finite_state_and_exits_3(tmp_path, monkeypatch, capsys):
+    """Epoch 2 turns the parameters to NaN: training stops, the checkpoints hold epoch 1, the history is strict JSON."""
+    from experiments import catsdogs as experiment
+
+    data = write_cats_dogs_folder(tmp_path / "data")
+    real_epoch = train.Trainer.train_epoch
+
+    def nan_in_epoch_2(self, state, data, batch_size, epoch, progress=False):
+        state, metrics = real_epoch(self, state, data, batch_size, epoch, progress)
+        if epoch == 1:
+            state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+            metrics = [{"loss": float("nan"), "accuracy": 0.5} for _ in metrics]
+        return state, metrics
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", nan_in_epoch_2)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main([*CATS_ARGS, "--data-dir", str(data), "--out", str(out)])
+    assert exit_info.value.code == runs.EXIT_DIVERGED == 3
+    printed = capsys.readouterr().out
+    assert "Diverged at epoch 2" in printed and "lower learning rate" in printed and "Final val_accuracy" not in printed
+    history = json.loads((out / "history.json").read_text())  # strict JSON: json.loads would take NaN, so read the text
+    assert "NaN" not in (out / "history.json").read_text() and history[1]["loss"] is None and history[1]["diverged"] is True
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["1"]
+    _, params, description = runs.load_model(out, "latest")
+    assert description["epoch"] == 1 and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.tree.map(np.asarray, params)))
+    assert runs.find_checkpoint(out, "best").name == "1"
