@@ -47,7 +47,7 @@ def _field(default: Any, help: str, recipe: bool = True, choices: Sequence[str] 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     dataset: str = _field("mnist", "which data: mnist or cats_dogs", choices=DATASETS)
-    data_dir: str | None = _field(None, "folder holding the data (default: CNNJAX_DATA_DIR, then the user cache / TFDS)", recipe=False)
+    data_dir: str | None = _field(None, "folder holding the data; none: CNNJAX_DATA_DIR, else the user cache or a download", recipe=False)
     image_size: int = _field(28, "images are resized to image_size x image_size on load (MNIST: 28 only)")
     interpolation: str = _field("nearest", "resize filter on load, as keras.utils.load_img", choices=INTERPOLATIONS)
     validation_split: str = _field("test", "the split validated on after every epoch")
@@ -402,6 +402,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("allow_abbrev", False)  # --augment must never be read as --augment.rotation_range
+        kwargs.setdefault("usage", "%(prog)s [flags] (--help lists every flag with its default)")
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:

@@ -104,6 +104,7 @@ def check_args(model, args: argparse.Namespace, first_layer_channels: int) -> No
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
+    runs.setup_logging()
     # Everything that can fail on bad input happens before the first file is written.
     try:
         which = int(args.which) if args.which.isdigit() else args.which

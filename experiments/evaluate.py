@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--interpolation", default=None, help="resize filter (default: the one the run trained with)")
     parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args(argv)
+    runs.setup_logging()
     with runs.exit_on_bad_input():
         if args.batch_size < 1:
             raise config.ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
