@@ -1,6 +1,6 @@
 """Make the lecture's cats_and_dogs_small from Kaggle's "Dogs vs. Cats" download.
 
-    python experiments/prepare_catsdogs.py --kaggle-dir ~/Downloads/dogs-vs-cats/train --out ../shared/data/cats_and_dogs_small
+    python experiments/prepare_catsdogs.py --kaggle-dir ~/Downloads/dogs-vs-cats/train --out data/cats_and_dogs_small
 
 --kaggle-dir is Kaggle's train folder (cat.0.jpg ... cat.12499.jpg, dog.0.jpg ...; the
 folder holding train/ works too). As the book does, per class images 0-999 go to train,
