@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from cnnjax.data.folders import (
     load_splits,
     load_tfds_cats_vs_dogs,
 )
+from tests.conftest import dead_pid, write_noise_image, write_solid_image, write_two_classes
 
 
 @pytest.fixture(autouse=True)
@@ -37,26 +37,6 @@ def cache_dir(tmp_path_factory, monkeypatch) -> Path:
     path = tmp_path_factory.mktemp("folders-cache")
     monkeypatch.setenv("CNNJAX_CACHE_DIR", str(path))
     return path
-
-
-def solid(path: Path, color, size=(6, 4), mode="RGB") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, color).save(path)
-    return path
-
-
-def noise(path: Path, size=(37, 23), seed=0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-def two_classes(root: Path) -> Path:
-    solid(root / "cats" / "a.png", (10, 0, 0))
-    solid(root / "cats" / "b.png", (20, 0, 0))
-    solid(root / "dogs" / "a.png", (0, 30, 0))
-    return root
 
 
 def cache_files(cache_dir: Path) -> list[str]:
@@ -75,16 +55,16 @@ def forbid_decoding(monkeypatch) -> None:
 
 def test_classes_sorted_and_files_in_keras_order(tmp_path):
     # Created out of order; upper-case extensions count, non-images and hidden files do not.
-    solid(tmp_path / "dogs" / "z.png", (0, 0, 3))
-    solid(tmp_path / "dogs" / "b.PNG", (0, 0, 2))
-    solid(tmp_path / "cats" / "y.Jpg", (200, 200, 200))
-    solid(tmp_path / "cats" / "x.bmp", (0, 0, 1))
-    solid(tmp_path / "cats" / "sub" / "w.gif", 0, mode="L")  # sub-folders of a class count, after its files
-    solid(tmp_path / "birds" / "m.webp", (9, 9, 9))
+    write_solid_image(tmp_path / "dogs" / "z.png", (0, 0, 3))
+    write_solid_image(tmp_path / "dogs" / "b.PNG", (0, 0, 2))
+    write_solid_image(tmp_path / "cats" / "y.Jpg", (200, 200, 200))
+    write_solid_image(tmp_path / "cats" / "x.bmp", (0, 0, 1))
+    write_solid_image(tmp_path / "cats" / "sub" / "w.gif", 0, mode="L")  # sub-folders of a class count, after its files
+    write_solid_image(tmp_path / "birds" / "m.webp", (9, 9, 9))
     (tmp_path / "cats" / "notes.txt").write_text("not an image")
-    solid(tmp_path / "cats" / ".hidden.png", (1, 1, 1))
-    solid(tmp_path / ".ipynb_checkpoints" / "q.png", (1, 1, 1))  # hidden folder: not a class
-    solid(tmp_path / "loose.png", (1, 1, 1))  # outside any class folder: ignored, as in Keras
+    write_solid_image(tmp_path / "cats" / ".hidden.png", (1, 1, 1))
+    write_solid_image(tmp_path / ".ipynb_checkpoints" / "q.png", (1, 1, 1))  # hidden folder: not a class
+    write_solid_image(tmp_path / "loose.png", (1, 1, 1))  # outside any class folder: ignored, as in Keras
 
     data = load_image_folder(tmp_path, image_size=(4, 6))
     assert isinstance(data, ImageFolder)
@@ -99,14 +79,14 @@ def test_classes_sorted_and_files_in_keras_order(tmp_path):
 
 
 def test_modes_converted_to_rgb(tmp_path):
-    solid(tmp_path / "c" / "1_gray.png", 100, mode="L")
+    write_solid_image(tmp_path / "c" / "1_gray.png", 100, mode="L")
     palette = Image.new("P", (6, 4), 1)
     palette.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
     palette.save(tmp_path / "c" / "2_palette.png")
-    solid(tmp_path / "c" / "3_rgba.png", (50, 60, 70, 0), mode="RGBA")  # alpha dropped, not composited (Keras does the same)
-    solid(tmp_path / "c" / "4_cmyk.tif", (255, 0, 0, 0), mode="CMYK")
-    solid(tmp_path / "c" / "5_cmyk_black.tif", (0, 0, 0, 255), mode="CMYK")
-    solid(tmp_path / "c" / "6_gray16.png", 1000, mode="I;16")  # scaled: round(1000 * 255 / 65535) = 4, not clipped to 255
+    write_solid_image(tmp_path / "c" / "3_rgba.png", (50, 60, 70, 0), mode="RGBA")  # alpha dropped, not composited (Keras does the same)
+    write_solid_image(tmp_path / "c" / "4_cmyk.tif", (255, 0, 0, 0), mode="CMYK")
+    write_solid_image(tmp_path / "c" / "5_cmyk_black.tif", (0, 0, 0, 255), mode="CMYK")
+    write_solid_image(tmp_path / "c" / "6_gray16.png", 1000, mode="I;16")  # scaled: round(1000 * 255 / 65535) = 4, not clipped to 255
     data = load_image_folder(tmp_path, image_size=(4, 6))
     assert data.images.shape == (6, 4, 6, 3)
     first_pixels = data.images[:, 0, 0].tolist()
@@ -162,7 +142,7 @@ def test_float_images_rounded_and_clipped(tmp_path):
 
 
 def test_nearest_resize_equals_pil_nearest(tmp_path):
-    path = noise(tmp_path / "c" / "n.png", size=(37, 23))
+    path = write_noise_image(tmp_path / "c" / "n.png", size=(37, 23))
     data = load_image_folder(tmp_path, image_size=(10, 15))  # (height, width), not square: catches a swap
     expected = np.asarray(Image.open(path).convert("RGB").resize((15, 10), Image.NEAREST))
     assert data.images.shape == (1, 10, 15, 3)
@@ -170,7 +150,7 @@ def test_nearest_resize_equals_pil_nearest(tmp_path):
 
 
 def test_bilinear_on_request(tmp_path):
-    path = noise(tmp_path / "c" / "n.png", size=(37, 23))
+    path = write_noise_image(tmp_path / "c" / "n.png", size=(37, 23))
     bilinear = load_image_folder(tmp_path, image_size=(10, 15), interpolation="bilinear").images[0]
     nearest = load_image_folder(tmp_path, image_size=(10, 15)).images[0]
     assert np.array_equal(bilinear, np.asarray(Image.open(path).resize((15, 10), Image.BILINEAR)))
@@ -180,12 +160,12 @@ def test_bilinear_on_request(tmp_path):
 
 
 def test_equals_keras_load_img(tmp_path):
-    keras = pytest.importorskip("keras")
-    noise(tmp_path / "c" / "n.png", size=(37, 23))
+    import keras  # a dev dependency: missing, it fails; it never skips
+    write_noise_image(tmp_path / "c" / "n.png", size=(37, 23))
     big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (97, 131, 3), dtype=np.uint8))
     big.save(tmp_path / "c" / "photo.jpg", quality=85)
     big.convert("CMYK").save(tmp_path / "c" / "print.jpg")
-    solid(tmp_path / "c" / "same_size.png", (1, 2, 3), size=(15, 10))  # no resize at the target size
+    write_solid_image(tmp_path / "c" / "same_size.png", (1, 2, 3), size=(15, 10))  # no resize at the target size
     for interpolation in ("nearest", "bilinear"):
         data = load_image_folder(tmp_path, image_size=(10, 15), interpolation=interpolation)
         for rel, image in zip(data.files, data.images, strict=True):
@@ -198,7 +178,7 @@ def test_equals_keras_load_img(tmp_path):
 
 
 def test_corrupt_file_skipped_with_warning(tmp_path):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     (tmp_path / "cats" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     good = (tmp_path / "dogs" / "a.png").read_bytes()
     (tmp_path / "dogs" / "cut.png").write_bytes(good[: len(good) // 2])  # truncated
@@ -218,7 +198,7 @@ def test_corrupt_file_skipped_with_warning(tmp_path):
 
 @pytest.mark.parametrize("kind", ["dangling", "loop"])
 def test_broken_symlink_skipped_with_warning(tmp_path, kind):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     link = tmp_path / "cats" / "c.png"
     if kind == "dangling":
         link.symlink_to(tmp_path / "cats" / "gone.png")
@@ -234,7 +214,7 @@ def test_broken_symlink_skipped_with_warning(tmp_path, kind):
         assert load_image_folder(tmp_path, image_size=(4, 6)).files == data.files
     assert any(str(link) in str(w.message) for w in record)
     link.unlink()
-    solid(link, (30, 0, 0))  # mended (and d.png, a link to it, with it): not served the old result from the cache
+    write_solid_image(link, (30, 0, 0))  # mended (and d.png, a link to it, with it): not served the old result from the cache
     with warnings.catch_warnings():
         warnings.simplefilter("error", SkippedImageWarning)
         mended = load_image_folder(tmp_path, image_size=(4, 6))
@@ -242,7 +222,7 @@ def test_broken_symlink_skipped_with_warning(tmp_path, kind):
 
 
 def test_class_with_only_undecodable_files_is_an_error(tmp_path):
-    solid(tmp_path / "cats" / "a.png", (1, 2, 3))
+    write_solid_image(tmp_path / "cats" / "a.png", (1, 2, 3))
     (tmp_path / "dogs").mkdir()
     (tmp_path / "dogs" / "bad.png").write_bytes(b"junk")
     with pytest.warns(SkippedImageWarning), pytest.raises(DataError, match="none of the images of class dogs"):
@@ -255,7 +235,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_no_class_subfolders(tmp_path):
-    solid(tmp_path / "a.png", (1, 2, 3))
+    write_solid_image(tmp_path / "a.png", (1, 2, 3))
     expected = r"has only 1 loose image file\(s\), no class sub-folders; expected folder/<class>/<image>"
     with pytest.raises(DataError, match=expected):
         load_image_folder(tmp_path)
@@ -265,7 +245,7 @@ def test_no_class_subfolders(tmp_path):
 
 
 def test_empty_class_folder(tmp_path):
-    solid(tmp_path / "cats" / "a.png", (1, 2, 3))
+    write_solid_image(tmp_path / "cats" / "a.png", (1, 2, 3))
     (tmp_path / "dogs").mkdir()
     (tmp_path / "dogs" / "readme.txt").write_text("no images here")
     with pytest.raises(DataError) as info:
@@ -279,9 +259,9 @@ def test_empty_class_folder(tmp_path):
 
 
 def test_load_splits(tmp_path):
-    two_classes(tmp_path / "train")
-    two_classes(tmp_path / "validation")
-    solid(tmp_path / "validation" / "dogs" / "b.png", (0, 40, 0))
+    write_two_classes(tmp_path / "train")
+    write_two_classes(tmp_path / "validation")
+    write_solid_image(tmp_path / "validation" / "dogs" / "b.png", (0, 40, 0))
     data = load_splits(tmp_path, image_size=(4, 6))
     assert list(data) == ["train", "validation"]
     assert len(data["train"]) == 3 and len(data["validation"]) == 4
@@ -289,7 +269,7 @@ def test_load_splits(tmp_path):
 
 
 def test_missing_split(tmp_path):
-    two_classes(tmp_path / "train")
+    write_two_classes(tmp_path / "train")
     expected = r"has no validation, test folder \(it has: train\); expected root/\{train,validation,test\}/<class>"
     with pytest.raises(DataError, match=expected):
         load_splits(tmp_path, splits=("train", "validation", "test"))
@@ -298,9 +278,9 @@ def test_missing_split(tmp_path):
 
 
 def test_mismatched_classes_fail_before_decoding(tmp_path, monkeypatch):
-    two_classes(tmp_path / "train")
-    solid(tmp_path / "validation" / "cat" / "a.png", (1, 2, 3))
-    solid(tmp_path / "validation" / "dogs" / "a.png", (1, 2, 3))
+    write_two_classes(tmp_path / "train")
+    write_solid_image(tmp_path / "validation" / "cat" / "a.png", (1, 2, 3))
+    write_solid_image(tmp_path / "validation" / "dogs" / "a.png", (1, 2, 3))
     forbid_decoding(monkeypatch)
     expected = r"different classes: .*train has \['cats', 'dogs'\] but .*validation has \['cat', 'dogs'\]"
     with pytest.raises(DataError, match=expected):
@@ -308,8 +288,8 @@ def test_mismatched_classes_fail_before_decoding(tmp_path, monkeypatch):
 
 
 def test_empty_class_in_a_later_split_fails_before_decoding(tmp_path, monkeypatch):
-    two_classes(tmp_path / "train")
-    solid(tmp_path / "validation" / "cats" / "a.png", (1, 2, 3))
+    write_two_classes(tmp_path / "train")
+    write_solid_image(tmp_path / "validation" / "cats" / "a.png", (1, 2, 3))
     (tmp_path / "validation" / "dogs").mkdir(parents=True)
     forbid_decoding(monkeypatch)
     with pytest.raises(DataError, match="holds no images"):
@@ -335,7 +315,7 @@ def test_find_cats_dogs_root_takes_the_splits_needed(tmp_path, monkeypatch):
     """A folder with only test/ serves `evaluate.py --split test`; the default still needs train/ and validation/."""
     monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
     data = tmp_path / "cats_and_dogs_small"
-    two_classes(data / "test")
+    write_two_classes(data / "test")
     assert find_cats_dogs_root(tmp_path, ("test",)) == data
     assert find_cats_dogs_root(data, ["test"]) == data
     with pytest.raises(DataError, match=r"neither holds train/ and validation/\."):
@@ -352,7 +332,7 @@ def test_find_cats_dogs_root_takes_the_splits_needed(tmp_path, monkeypatch):
 
 
 def test_second_load_comes_from_the_cache(tmp_path, cache_dir, monkeypatch):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     first = load_image_folder(tmp_path, image_size=(4, 6))
     assert len(cache_files(cache_dir)) == 1 and cache_files(cache_dir)[0].endswith(".npz")
     forbid_decoding(monkeypatch)
@@ -367,13 +347,13 @@ def test_second_load_comes_from_the_cache(tmp_path, cache_dir, monkeypatch):
 
 
 def test_changed_added_removed_files_invalidate_the_cache(tmp_path, cache_dir):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
-    path = solid(tmp_path / "cats" / "a.png", (99, 0, 0))
+    path = write_solid_image(tmp_path / "cats" / "a.png", (99, 0, 0))
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # coarse file-system clocks
     assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
-    solid(tmp_path / "dogs" / "c.png", (0, 77, 0))
+    write_solid_image(tmp_path / "dogs" / "c.png", (0, 77, 0))
     assert load_image_folder(tmp_path, image_size=(4, 6)).files[-1] == "dogs/c.png"
     (tmp_path / "cats" / "b.png").unlink()
     assert load_image_folder(tmp_path, image_size=(4, 6)).files == ["cats/a.png", "dogs/a.png", "dogs/c.png"]
@@ -382,12 +362,12 @@ def test_changed_added_removed_files_invalidate_the_cache(tmp_path, cache_dir):
 
 def test_file_edited_with_same_size_and_mtime_is_not_served_stale(tmp_path, cache_dir):
     """The key holds each file's content hash, not only its size and mtime."""
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     path = tmp_path / "cats" / "a.bmp"  # BMP: the file size depends only on the image size
-    solid(path, (10, 0, 0))
+    write_solid_image(path, (10, 0, 0))
     before = path.stat()
     assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
-    solid(path, (99, 0, 0))
+    write_solid_image(path, (99, 0, 0))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = path.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)  # only the bytes differ
@@ -397,7 +377,7 @@ def test_file_edited_with_same_size_and_mtime_is_not_served_stale(tmp_path, cach
 
 def test_content_hashes_threads_and_serial_agree(tmp_path):
     for i in range(7):
-        noise(tmp_path / "c" / f"{i}.png", seed=i)
+        write_noise_image(tmp_path / "c" / f"{i}.png", seed=i)
     (tmp_path / "c" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     listing = folders._list_folder(tmp_path)
     serial = folders._content_hashes(listing, 1)
@@ -407,14 +387,8 @@ def test_content_hashes_threads_and_serial_agree(tmp_path):
         assert folders._content_hashes(listing, workers) == serial
 
 
-def dead_pid() -> int:
-    pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout
-    assert not files.pid_alive(int(pid))
-    return int(pid)
-
-
 def test_orphaned_cache_temporaries_removed_on_next_load(tmp_path, cache_dir):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     load_image_folder(tmp_path, image_size=(4, 6))
     (cached,) = (cache_dir / "folders").iterdir()
     mine = files.temporary_name(cached).name
@@ -428,7 +402,7 @@ def test_orphaned_cache_temporaries_removed_on_next_load(tmp_path, cache_dir):
 
 
 def test_decoding_and_cache_hits_are_logged(tmp_path, cache_dir, caplog):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     caplog.set_level(logging.INFO, logger="cnnjax")
     load_image_folder(tmp_path, image_size=(4, 6))
     (cached,) = (cache_dir / "folders").iterdir()
@@ -450,7 +424,7 @@ def test_decoding_and_cache_hits_are_logged(tmp_path, cache_dir, caplog):
 
 
 def test_damaged_cache_is_rebuilt(tmp_path, cache_dir):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     first = load_image_folder(tmp_path, image_size=(4, 6))
     (cached,) = (cache_dir / "folders").iterdir()
     cached.write_bytes(cached.read_bytes()[:200])  # as if cut off
@@ -464,7 +438,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, cache_dir):
 
 
 def test_cache_write_is_atomic(tmp_path, cache_dir, monkeypatch):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     real_savez = np.savez
 
     def savez_then_die(file, **arrays):
@@ -490,14 +464,14 @@ def test_cache_write_is_atomic(tmp_path, cache_dir, monkeypatch):
 
 
 def test_cache_false_reads_and_writes_nothing(tmp_path, cache_dir):
-    two_classes(tmp_path)
+    write_two_classes(tmp_path)
     load_image_folder(tmp_path, image_size=(4, 6), cache=False)
     assert cache_files(cache_dir) == []
 
 
 def test_threads_and_serial_agree(tmp_path):
     for i in range(12):
-        noise(tmp_path / ("cats" if i % 2 else "dogs") / f"{i:02d}.png", size=(20 + i, 30 - i), seed=i)
+        write_noise_image(tmp_path / ("cats" if i % 2 else "dogs") / f"{i:02d}.png", size=(20 + i, 30 - i), seed=i)
     serial = load_image_folder(tmp_path, image_size=(8, 9), cache=False, workers=1)
     threaded = load_image_folder(tmp_path, image_size=(8, 9), cache=False, workers=4)
     assert np.array_equal(serial.images, threaded.images) and serial.files == threaded.files

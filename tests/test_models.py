@@ -6,30 +6,9 @@ import numpy as np
 import pytest
 
 from cnnjax import models
+from tests.conftest import CATS_DOGS_LAYERS, MNIST_LAYERS
 
-MNIST_LAYERS = [
-    ("conv2d", (26, 26, 32), 320),
-    ("max_pooling2d", (13, 13, 32), 0),
-    ("conv2d_1", (11, 11, 64), 18496),
-    ("max_pooling2d_1", (5, 5, 64), 0),
-    ("conv2d_2", (3, 3, 64), 36928),
-    ("flatten", (576,), 0),
-    ("dense", (64,), 36928),
-    ("dense_1", (10,), 650),
-]
-CATS_DOGS_LAYERS = [
-    ("conv2d", (148, 148, 32), 896),
-    ("max_pooling2d", (74, 74, 32), 0),
-    ("conv2d_1", (72, 72, 64), 18496),
-    ("max_pooling2d_1", (36, 36, 64), 0),
-    ("conv2d_2", (34, 34, 128), 73856),
-    ("max_pooling2d_2", (17, 17, 128), 0),
-    ("conv2d_3", (15, 15, 128), 147584),
-    ("max_pooling2d_3", (7, 7, 128), 0),
-    ("flatten", (6272,), 0),
-    ("dense", (512,), 3211776),
-    ("dense_1", (1,), 513),
-]
+KERAS_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D", "flatten": "Flatten", "dropout": "Dropout", "dense": "Dense"}
 
 
 def _param_count(tree) -> int:
@@ -52,7 +31,11 @@ def test_layer_shapes_and_parameter_counts(model, layers, total):
     table = models.summary(model)
     assert f"Total params: {total:,}" in table and f"Trainable params: {total:,}" in table
     assert "Non-trainable params: 0" in table
-    assert "max_pooling2d_1 (MaxPooling2D) (None, 5, 5, 64)" in table or model.head == "sigmoid"
+    # Every layer's row, read back: name (type), output shape, parameter count, in the model's order.
+    rows = [line.split() for line in table.splitlines() if line.split() and line.split()[0] in models.layer_names(model)]
+    expected = [(name, f"({KERAS_TYPES[name.rstrip('_0123456789')]})", f"(None, {', '.join(map(str, shape))})", count)
+                for name, shape, count in layers]
+    assert [(row[0], row[1], " ".join(row[2:-1]), int(row[-1])) for row in rows] == expected
 
 
 def test_dropout_sits_after_flatten_and_adds_no_parameters():

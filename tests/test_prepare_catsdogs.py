@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 from cnnjax import files
 from cnnjax.data import DataError, folders, load_splits
 from experiments import prepare_catsdogs as script
+from tests.conftest import dead_pid
 
 SIZES = ["--sizes", "3", "2", "2"]  # per class: cat.0-2 train, cat.3-4 validation, cat.5-6 test
 SPLITS = {"train": range(0, 3), "validation": range(3, 5), "test": range(5, 7)}
@@ -50,12 +49,6 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def dead_pid() -> int:
-    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
-    assert not files.pid_alive(pid) and pid != os.getpid()
-    return pid
 
 
 def test_main_makes_the_split_with_the_same_names_and_bytes(tmp_path, capsys):
