@@ -14,52 +14,12 @@ import pytest
 from PIL import Image
 
 from cnnjax import inspect as look
-from cnnjax import models, runs, train
+from cnnjax import models, plots, runs, train
 from experiments import activations as script
-from tests.conftest import shared_data_dir
+from tests.conftest import CATS_DOGS_LAYERS, MNIST_LAYERS, numpy_params, png_pixels, quadrant_square_images
 
-MNIST_SHAPES = [
-    ("conv2d", (26, 26, 32)),
-    ("max_pooling2d", (13, 13, 32)),
-    ("conv2d_1", (11, 11, 64)),
-    ("max_pooling2d_1", (5, 5, 64)),
-    ("conv2d_2", (3, 3, 64)),
-    ("flatten", (576,)),
-    ("dense", (64,)),
-    ("dense_1", (10,)),
-]
-CATS_SHAPES = [
-    ("conv2d", (148, 148, 32)),
-    ("max_pooling2d", (74, 74, 32)),
-    ("conv2d_1", (72, 72, 64)),
-    ("max_pooling2d_1", (36, 36, 64)),
-    ("conv2d_2", (34, 34, 128)),
-    ("max_pooling2d_2", (17, 17, 128)),
-    ("conv2d_3", (15, 15, 128)),
-    ("max_pooling2d_3", (7, 7, 128)),
-    ("flatten", (6272,)),
-    ("dense", (512,)),
-    ("dense_1", (1,)),
-]
-
-
-def numpy_params(model, seed: int = 0):
-    """Keras-style initial parameters (glorot uniform kernels, zero biases) drawn with numpy.
-
-    Same distribution as `models.init_params`, without compiling jax's random number
-    generator for every parameter shape: on a busy 2-core CPU that took 10-15 s per model.
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if path[-1].key != "kernel":
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        receptive = int(np.prod(leaf.shape[:-2]))
-        limit = np.sqrt(6 / (receptive * (leaf.shape[-2] + leaf.shape[-1])))
-        return jnp.asarray(rng.uniform(-limit, limit, leaf.shape), leaf.dtype)
-
-    shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+MNIST_SHAPES = [(name, shape) for name, shape, _ in MNIST_LAYERS]
+CATS_SHAPES = [(name, shape) for name, shape, _ in CATS_DOGS_LAYERS]
 
 
 @pytest.fixture(scope="module")
@@ -200,21 +160,6 @@ class TinySigmoidNet(TinyNet):
     head: ClassVar[str] = "sigmoid"
 
 
-def square_images(rng: np.random.Generator, n: int, quadrants=None):
-    """Noise; class 1 adds a bright 5x5 square inside one quadrant (random, or the given ones), class 0 not.
-
-    The square decides the class wherever it is, so Grad-CAM for class 1 should point at it.
-    """
-    images = rng.integers(0, 60, (n, 20, 20, 1)).astype(np.uint8)
-    labels = np.ones(n, np.int32) if quadrants is not None else rng.integers(0, 2, n).astype(np.int32)
-    quadrants = rng.integers(0, 2, (n, 2)) if quadrants is None else np.asarray(quadrants)
-    for image, label, (qy, qx) in zip(images, labels, quadrants, strict=True):
-        if label == 1:
-            top, left = rng.integers(0, 6, 2) + 10 * np.array([qy, qx])
-            image[top : top + 5, left : left + 5] = 255
-    return images, labels
-
-
 def quadrant_mass(heatmap: np.ndarray) -> np.ndarray:
     """Share of the heatmap (upsampled to the 20x20 image) in each quadrant: [[TL, TR], [BL, BR]]."""
     big = np.asarray(jax.image.resize(jnp.asarray(heatmap), (20, 20), "bilinear"))
@@ -229,12 +174,12 @@ def test_grad_cam_highlights_the_square_that_decides_the_class():
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     trainer = train.Trainer(model, tx)
-    result = train.fit(trainer, train.stack_states([state]), square_images(rng, 512), epochs=3, batch_size=32, verbose=False,
+    result = train.fit(trainer, train.stack_states([state]), quadrant_square_images(rng, 512), epochs=3, batch_size=32, verbose=False,
                        progress=False)
     assert result.histories[0][-1]["accuracy"] > 0.95
     state = train.seed_slice(result.state, 0)
     quadrants = [(0, 0), (0, 1), (1, 0), (1, 1)] * 2
-    images, _ = square_images(rng, len(quadrants), quadrants)
+    images, _ = quadrant_square_images(rng, len(quadrants), quadrants)
     for image, (qy, qx) in zip(images, quadrants, strict=True):
         cam = look.grad_cam(model, state.params, image / 255.0)
         assert cam.predicted == cam.class_index == 1 and cam.probability > 0.5
@@ -297,15 +242,25 @@ def save_untrained(model, folder):
     return runs.save_model(folder, model, numpy_params(model), epoch=0)
 
 
-def assert_pngs(paths):
-    for path in paths:
-        with Image.open(path) as img:
-            assert img.format == "PNG"
-            img.load()
+def assert_pictures_of(out, model, params, image, layers, channel, tmp_path):
+    """input.png, the channel picture and every activation grid in `out` are, pixel for pixel, the
+    pictures of `image` (H, W, C in 0..1) through `params`, drawn here from the activations."""
+    pixels = np.round(np.asarray(image) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(png_pixels(out / "input.png"), pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    captured = look.capture_activations(model, params, image, layers)
+    expected = tmp_path / "expected"
+    first_name, first = captured[0]
+    drawn = plots.plot_channel(first, channel, expected / "channel.png", f"{first_name}, channel {channel}")
+    np.testing.assert_array_equal(png_pixels(out / f"channel_{first_name}_{channel}.png"), png_pixels(drawn))
+    for i, (name, activation) in enumerate(captured, 1):
+        drawn = plots.plot_activation_grid(name, look.activation_grid(activation), expected / f"{i}.png")
+        np.testing.assert_array_equal(png_pixels(out / f"activations_{i}_{name}.png"), png_pixels(drawn), err_msg=name)
+    return captured
 
 
 def test_script_on_a_cats_checkpoint_and_a_small_image(tmp_path, capsys):
-    ckpt = save_untrained(models.CatsDogsConvNet(), tmp_path / "run")
+    model = models.CatsDogsConvNet()
+    ckpt = save_untrained(model, tmp_path / "run")
     image_file = tmp_path / "tiny.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)).save(image_file)
     out = tmp_path / "out"
@@ -315,33 +270,46 @@ def test_script_on_a_cats_checkpoint_and_a_small_image(tmp_path, capsys):
     expected = ["input.png", "channel_conv2d_2.png", *[f"activations_{i}_{n}.png" for i, n in enumerate(layers, 1)]]
     assert [p.name for p in written] == [*expected, "filters_conv2d.png", "heatmap.png"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temporaries left
-    assert_pngs(written)
-    with Image.open(out / "input.png") as img:
-        assert img.size == (150, 150) and img.mode == "RGB"
+    # The image as the model sees it: load_img's nearest resize to 150x150 (a checkpoint without a config), / 255.
+    with Image.open(image_file) as img:
+        image = np.asarray(img.convert("RGB").resize((150, 150), Image.NEAREST), np.float32) / 255
+    params = numpy_params(model)
+    assert_pictures_of(out, model, params, image, layers, 2, tmp_path)
+    ascent = look.filter_ascent(model, params, "conv2d", 3, steps=1)
+    drawn = plots.plot_filter_patterns(ascent.patterns, tmp_path / "filters.png",
+                                       "conv2d: the inputs filters respond to most (1 ascent steps)", ["filter 0", "filter 1", "filter 2"])
+    np.testing.assert_array_equal(png_pixels(out / "filters_conv2d.png"), png_pixels(drawn))
     printed = capsys.readouterr().out
     assert "heatmap.png" in printed and "activations_8_max_pooling2d_3.png" in printed
 
 
-def test_script_on_an_mnist_checkpoint_uses_the_first_test_image(tmp_path):
-    ckpt = save_untrained(models.MnistConvNet(), tmp_path / "run")
-    data_dir = shared_data_dir()
-    argv = ["--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--heatmap", "--filters", "--num-filters", "4"]
+@pytest.mark.slow  # the real MNIST (a download on a machine without it)
+def test_script_on_an_mnist_checkpoint_uses_the_first_test_image(tmp_path, mnist_dir):
+    model = models.MnistConvNet()
+    ckpt = save_untrained(model, tmp_path / "run")
+    argv = ["--checkpoint", str(ckpt), "--data-dir", str(mnist_dir), "--heatmap", "--filters", "--num-filters", "4"]
     written = script.main(argv)
     out = tmp_path / "run" / "inspect"  # the default: in the run folder
     assert all(p.parent == out for p in written)
     names = [p.name for p in written]
     assert names[2:7] == [f"activations_{i}_{n}.png" for i, (n, _) in enumerate(MNIST_SHAPES[:5], 1)]
     assert names[7:] == ["filters_conv2d_2.png", "heatmap.png"]
-    assert_pngs(written)
     from cnnjax.data import load_mnist
 
-    with Image.open(out / "input.png") as img:
-        assert img.mode == "L"
-        np.testing.assert_array_equal(np.asarray(img), load_mnist(data_dir)["test_images"][0, ..., 0])
+    image = load_mnist(mnist_dir)["test_images"][0].astype(np.float32) / 255  # a 7
+    assert png_pixels(out / "input.png").ndim == 2  # grayscale
+    params = numpy_params(model)
+    assert_pictures_of(out, model, params, image, [n for n, _ in MNIST_SHAPES[:5]], 2, tmp_path)
+    cam = look.grad_cam(model, params, image)
+    title = f"Grad-CAM at conv2d_2: {cam.class_index} (p = {cam.probability:.2f})"
+    drawn = plots.plot_heatmap(look.overlay_heatmap(image, cam.heatmap), cam.heatmap, tmp_path / "heatmap.png", title)
+    np.testing.assert_array_equal(png_pixels(out / "heatmap.png"), png_pixels(drawn))
 
 
-def test_default_cats_image_is_the_first_validation_cat():
-    assert script.default_image_path(shared_data_dir()).name == "cat.1000.jpg"
+def test_default_cats_image_is_the_first_validation_cat(cats_photos):
+    """cat.1000.jpg in cats_and_dogs_small (the real one, or one made with its file names in another order)."""
+    assert script.default_image_path(cats_photos) == cats_photos / "validation" / "cats" / "cat.1000.jpg"
+    assert script.default_image_path(cats_photos.parent) == cats_photos / "validation" / "cats" / "cat.1000.jpg"
 
 
 @pytest.mark.parametrize("problem", ["no checkpoint", "unreadable image", "bad channel"])
