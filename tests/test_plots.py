@@ -6,16 +6,31 @@ import math
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
-from PIL import Image
 
 from cnnjax import files, plots
+from tests.conftest import png_pixels
 
 
 def history(n: int) -> list[dict]:
     return [
         {"epoch": e, "loss": 1.0 / e, "accuracy": 1 - 0.5 / e, "val_loss": 1.2 / e, "val_accuracy": 0.9 - 0.3 / e} for e in range(1, n + 1)
     ]
+
+
+def rendered(fig) -> np.ndarray:
+    """The figure's pixels as Agg draws them at its own size (dpi 100: 1000x500 for the history figure)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
+
+
+def assert_png_shows(path, rows: list[dict]) -> None:
+    """The PNG file is, pixel for pixel, the figure history_figure(rows) draws (whose content check_panels reads back)."""
+    pixels = png_pixels(path)
+    assert pixels.shape == (500, 1000, 4)
+    np.testing.assert_array_equal(pixels, rendered(plots.history_figure(rows)))
 
 
 def lines(ax) -> dict:
@@ -93,13 +108,16 @@ def test_none_and_nan_are_gaps(tmp_path):
     expected[3]["val_accuracy"] = None
     check_panels(fig, expected)
     path = plots.save_figure(fig, tmp_path / "history.png")
-    assert Image.open(path).size == (1000, 500)
+    assert_png_shows(path, rows)
+    # The gaps are in the picture too: the figure of the rows without the bad values draws the same pixels.
+    assert_png_shows(path, [{k: v for k, v in row.items() if v is not None and np.isfinite(v)} for row in rows])
 
 
-def test_all_none_does_not_crash(tmp_path):
+def test_all_none_draws_empty_panels(tmp_path):
     rows = [{"epoch": 1, "loss": None, "accuracy": None, "val_loss": None, "val_accuracy": None}]
     path = plots.plot_history(rows, tmp_path / "history.png")
-    assert Image.open(path).size == (1000, 500)
+    check_panels(plots.history_figure(rows), rows)
+    assert_png_shows(path, rows)
 
 
 def test_training_only_history_has_no_validation_line():
@@ -119,9 +137,7 @@ def test_plot_history_writes_a_png_of_the_figure_size_through_atomic_path(tmp_pa
     path = plots.plot_history(history(3), tmp_path / "run" / "history.png")
     assert path == tmp_path / "run" / "history.png"
     assert used == [path]
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        assert image.size == (1000, 500)  # figsize (10, 5) at dpi 100
+    assert_png_shows(path, history(3))  # figsize (10, 5) at dpi 100
     assert sorted(p.name for p in path.parent.iterdir()) == ["history.png"], "no temporary left behind"
 
 
