@@ -157,7 +157,6 @@ def test_known_directions():
 
 @pytest.fixture(scope="module")
 def keras_image():
-    pytest.importorskip("keras")
     try:
         from keras.src.legacy.preprocessing import image
     except ImportError:  # Keras 2 layout
@@ -218,7 +217,7 @@ def test_sample_params_laws():
     cfg = AugmentConfig(
         rotation_range=40,
         width_shift_range=0.1,
-        height_shift_range=0.2,
+        height_shift_range=0.3,  # 0.1 x 200 = 20 px across, 0.3 x 100 = 30 px down: a swapped range or size shows
         shear_range=10,
         zoom_range=0.5,
         horizontal_flip=True,
@@ -237,7 +236,7 @@ def test_sample_params_laws():
 
     uniform(p["theta"], -40, 40)
     uniform(p["tx"], -20, 20)  # width_shift_range x width (200)
-    uniform(p["ty"], -20, 20)  # height_shift_range x height (100)
+    uniform(p["ty"], -30, 30)  # height_shift_range x height (100)
     uniform(p["shear"], -10, 10)  # degrees
     uniform(p["zx"], 0.5, 1.5)
     uniform(p["zy"], 0.5, 1.5)
