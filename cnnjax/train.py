@@ -19,12 +19,14 @@ shape and the padding changes neither the loss nor its gradient.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import flax
 import flax.linen as nn
@@ -441,6 +443,8 @@ class Trainer:
     def train_epoch(self, state: TrainState, data: DeviceData | tuple, batch_size: int, epoch: int,
                     progress: bool = False) -> tuple[TrainState, list[dict[str, float]]]:
         """One pass over the training data (epoch is 0-based); metrics per seed."""
+        if is_host_fed(data):
+            return self.train_epoch_host(state, data, batch_size, epoch, progress)
         data = self._as_data(data)
         indices, weights = self.epoch_order(state, len(data), batch_size, epoch)
         bar = _Progress(indices.shape[-2], f"epoch {epoch + 1}", progress)
@@ -452,6 +456,8 @@ class Trainer:
 
     def evaluate(self, params: Any, data: DeviceData | tuple, batch_size: int = 500) -> list[dict[str, float]]:
         """Loss and accuracy over all of `data`, per seed (params stacked over seeds)."""
+        if is_host_fed(data):
+            return self.evaluate_host(params, data, batch_size)
         data = self._as_data(data)
         meshlib.check_batch(self.mesh, batch_size, "eval batch size")
         indices, weights = epoch_batches(None, len(data), batch_size)
@@ -459,6 +465,128 @@ class Trainer:
         indices, weights = jax.device_put(indices, order), jax.device_put(weights, order)
         _, totals = self._run("eval", params, data, indices, weights, None)
         return totals_to_metrics(meshlib.to_host(totals))
+
+    # --- host-fed data (cnnjax.data.stream): batches delivered by the host, step by step ---
+
+    def _compile_host(self, kind: str) -> Callable:
+        """One step per call on a (K, B, ...) batch for training (each seed its own rows) or a
+        (B, ...) batch shared by the seeds for evaluation: the same step as the gathering path."""
+        key = (kind, "host")
+        if key not in self._compiled:
+            if kind == "train":
+                fn = jax.vmap(self.train_step, in_axes=(0, 0, 0, 0, 0))
+                batch = meshlib.sharding(self.mesh, meshlib.SEED, meshlib.DATA)
+            else:
+                fn = jax.vmap(self.eval_step, in_axes=(0, 0, None, None, None))
+                batch = meshlib.sharding(self.mesh, meshlib.DATA)
+            s = self._seeded
+            # The totals are not donated: the loop waits on the totals of the step before the
+            # last to keep the host from queueing the whole epoch (and its batches) ahead.
+            self._compiled[key] = jax.jit(fn, in_shardings=(s, s, batch, batch, batch), out_shardings=(s, s),
+                                          donate_argnums=(0,) if kind == "train" else ())
+        return self._compiled[key]
+
+    def _run_host(self, kind: str, carry: Any, batches: Iterable[tuple[np.ndarray, ...]], global_batch: tuple[int, ...],
+                  num_steps: int, bar: _Progress | None) -> tuple[Any, Any]:
+        step = self._compile_host(kind)
+        sharding = meshlib.sharding(self.mesh, *((meshlib.SEED,) if kind == "train" else ()), meshlib.DATA)
+        totals = jax.device_put(zero_totals(self.num_seeds), self._seeded)
+        waiting: collections.deque = collections.deque()
+        done = 0
+        for images, labels, weights in prefetch_to_devices(batches, sharding, global_batch):
+            carry, totals = step(carry, totals, images, labels, weights)
+            waiting.append(totals)
+            if len(waiting) > 2:
+                jax.block_until_ready(waiting.popleft())
+            done += 1
+            if bar is not None:
+                bar.update(1, totals if done % max(1, num_steps // 10) == 0 or done == num_steps else None)
+        if done != num_steps:
+            raise RuntimeError(f"the host delivered {done} batches for a pass of {num_steps} steps")
+        return carry, totals
+
+    def train_epoch_host(self, state: TrainState, data: HostData, batch_size: int, epoch: int,
+                         progress: bool = False) -> tuple[TrainState, list[dict[str, float]]]:
+        """train_epoch for data the host delivers: per seed the same order (host_epoch_order) and
+        the same step, fed (K, B, ...) batches placed over (seed, data), two ahead of the step.
+        Each process reads only its block of every global batch."""
+        meshlib.check_batch(self.mesh, batch_size)
+        indices, weights = host_epoch_order(meshlib.to_host(state.rng), data.num_examples, batch_size, epoch)
+        seeds, rows = local_block(meshlib.sharding(self.mesh, meshlib.SEED, meshlib.DATA), (self.num_seeds, batch_size))
+        batches = data.host_batches(indices[seeds, :, rows], weights[seeds, :, rows])
+        bar = _Progress(indices.shape[1], f"epoch {epoch + 1}", progress)
+        try:
+            state, totals = self._run_host("train", state, batches, (self.num_seeds, batch_size), indices.shape[1], bar)
+        finally:
+            bar.close()
+        return state, totals_to_metrics(meshlib.to_host(totals))
+
+    def evaluate_host(self, params: Any, data: HostData, batch_size: int = 500) -> list[dict[str, float]]:
+        """evaluate for data the host delivers, in file order, each batch shared by the seeds."""
+        meshlib.check_batch(self.mesh, batch_size, "eval batch size")
+        indices, weights = (np.asarray(a)[None] for a in epoch_batches(None, data.num_examples, batch_size))
+        (rows,) = local_block(meshlib.sharding(self.mesh, meshlib.DATA), (batch_size,))
+        batches = ((x[0], y[0], w[0]) for x, y, w in data.host_batches(indices[:, :, rows], weights[:, :, rows]))
+        _, totals = self._run_host("eval", params, batches, (batch_size,), indices.shape[1], None)
+        return totals_to_metrics(meshlib.to_host(totals))
+
+
+class HostData(Protocol):
+    """What a host-fed dataset (cnnjax.data.stream.Stream) offers the Trainer: its size, and the
+    batches of given index and weight matrices (K, steps, B) as (K, B, ...) uint8 images, labels and
+    weights, step by step. A row it could not read comes back with weight 0."""
+
+    num_examples: int
+
+    def host_batches(self, indices: np.ndarray, weights: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
+
+
+def is_host_fed(data: Any) -> bool:
+    return hasattr(data, "host_batches")
+
+
+def host_epoch_order(rngs: np.ndarray, num_examples: int, batch_size: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trainer.epoch_order's index and weight matrices (K, steps, batch) as numpy, computed on the
+    host's CPU from the seeds' keys (the same function: threefry draws the same bits everywhere)."""
+    cpu = jax.devices("cpu")[0]
+    indices, weights = _host_order_fn(num_examples, batch_size)(jax.device_put(np.asarray(rngs), cpu), jax.device_put(np.int32(epoch), cpu))
+    return np.asarray(indices), np.asarray(weights)
+
+
+@functools.lru_cache(maxsize=8)
+def _host_order_fn(num_examples: int, batch_size: int) -> Callable:
+    return jax.jit(jax.vmap(lambda rng, epoch: epoch_batches(epoch_rng(rng, epoch), num_examples, batch_size), in_axes=(0, None)))
+
+
+def local_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The block of a global array of `shape` that this process's devices hold under `sharding`, one
+    slice per axis (the whole array in a single process). Raises when the block is not contiguous."""
+    pieces = {tuple(s.indices(n)[:2] for s, n in zip(index, shape)) for index in sharding.addressable_devices_indices_map(shape).values()}
+    block = tuple(slice(min(p[d][0] for p in pieces), max(p[d][1] for p in pieces)) for d in range(len(shape)))
+    if math.prod(b.stop - b.start for b in block) != sum(math.prod(hi - lo for lo, hi in p) for p in pieces):
+        raise ValueError(f"this process's devices hold a non-contiguous part of a {shape} batch; use a mesh whose "
+                         "processes each hold whole blocks")
+    return block
+
+
+def prefetch_to_devices(batches: Iterable[tuple[np.ndarray, ...]], sharding: jax.sharding.Sharding,
+                        global_shape: tuple[int, ...], ahead: int = 2) -> Iterator[tuple[Array, ...]]:
+    """Host batches as global arrays placed with `sharding`, `ahead` batches on the devices before
+    the one handed out. Each process gives its own block (local_block); the global batch has
+    `global_shape` on its leading axes."""
+    queue: collections.deque = collections.deque()
+
+    def put(local: np.ndarray) -> Array:
+        if jax.process_count() == 1:
+            return jax.device_put(local, sharding)
+        return jax.make_array_from_process_local_data(sharding, local, (*global_shape, *local.shape[len(global_shape):]))
+
+    for batch in batches:
+        queue.append(tuple(put(np.asarray(a)) for a in batch))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
@@ -525,8 +653,8 @@ def fit(
     """
     progress = (sys.stdout.isatty() and meshlib.is_main_process()) if progress is None else progress
     verbose = verbose and meshlib.is_main_process()
-    train_data = trainer._as_data(train_data)
-    val_data = None if validation_data is None else trainer._as_data(validation_data)
+    train_data = train_data if is_host_fed(train_data) else trainer._as_data(train_data)
+    val_data = validation_data if validation_data is None or is_host_fed(validation_data) else trainer._as_data(validation_data)
     result = FitResult(state, [list(h) for h in histories] if histories else [[] for _ in range(trainer.num_seeds)],
                        list(diverged) if diverged else [None] * trainer.num_seeds)
     keep = _select_seeds(trainer)
