@@ -1,0 +1,318 @@
+"""Streaming input (cnnjax.data.stream): an epoch through tf.data is the in-memory epoch, every example
+once per seed and epoch (in one process or split over two), bounded host memory, a broken file skipped
+mid-stream, TFDS by name (mocked), the input choice, and a core that never imports TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnjax import train
+from cnnjax.augment import AugmentConfig
+from cnnjax.data import DataError, folders, stream
+from cnnjax.data.folders import SkippedImageWarning
+from tests.conftest import REPO, write_cats_dogs_folder
+
+pytest.importorskip("tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)")
+
+SIZE = 24
+
+
+class TinyNet(nn.Module):
+    """A conv, Dropout and a sigmoid head: the cats-vs-dogs interface, compiled in a second."""
+
+    input_shape: tuple[int, int, int] = (SIZE, SIZE, 3)
+    head: ClassVar[str] = "sigmoid"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=(3, 3))(x)).reshape(x.shape[0], -1)
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(1)(x)[..., 0]
+
+
+def numbered_folder(root: Path, n: int, size: int = SIZE) -> Path:
+    """root/{cats,dogs}/NN.png: image i is filled with the value 10 + i, so a pixel says which file it is."""
+    for i in range(n):
+        folder = root / ("cats", "dogs")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((size + 8, size + 4, 3), 10 + i, np.uint8)).save(folder / f"{i:02d}.png")
+    return root
+
+
+def file_ids(images: np.ndarray) -> np.ndarray:
+    return images[..., 0, 0, 0].astype(int) - 10
+
+
+# --- The same epoch as in memory ------------------------------------------------------------------
+
+
+def test_host_order_is_the_device_order():
+    trainer = train.Trainer(TinyNet(), train.adam_keras(), num_seeds=3)
+    state = trainer.init([0, 1, 2])
+    for epoch in (0, 4):
+        device = jax.device_get(trainer.epoch_order(state, 53, 8, epoch))
+        host = train.host_epoch_order(jax.device_get(state.rng), 53, 8, epoch)
+        for d, h in zip(device, host):
+            np.testing.assert_array_equal(d, h)
+    assert not np.array_equal(host[0][0], host[0][1])  # each seed its own order
+
+
+def test_stream_epoch_equals_memory_epoch(tmp_path):
+    """Two seeds, augmentation and dropout on, a padded last batch: same losses, same parameters."""
+    root = write_cats_dogs_folder(tmp_path / "data", {"train": 16, "validation": 8}, size=SIZE + 6)
+    memory = {s: folders.load_image_folder(root / s, (SIZE, SIZE)) for s in ("train", "validation")}
+    streams = {s: stream.Stream(stream.FolderSource(root / s, (SIZE, SIZE))) for s in ("train", "validation")}
+    np.testing.assert_array_equal(streams["train"].labels, memory["train"].labels)
+    trainer = train.Trainer(TinyNet(), train.adam_keras(1e-2), AugmentConfig.LECTURE, num_seeds=2)
+
+    def fit(train_data, val_data):
+        result = train.fit(trainer, trainer.init([0, 1]), train_data, 2, 6, val_data, eval_batch_size=5, verbose=False)
+        return result.state, result.histories
+
+    a, history_a = fit((memory["train"].images, memory["train"].labels), (memory["validation"].images, memory["validation"].labels))
+    b, history_b = fit(streams["train"], streams["validation"])
+    for ha, hb in zip(history_a, history_b):  # per seed, per epoch
+        for ra, rb in zip(ha, hb):
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                assert abs(ra[key] - rb[key]) <= 1e-5, (key, ra, rb)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    assert history_a[0][1]["loss"] != history_a[1][1]["loss"]  # the seeds differ, so the test can tell them apart
+
+
+# --- Every example once per seed and epoch -------------------------------------------------------
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_every_example_once_per_seed_and_epoch(tmp_path, processes):
+    n, batch, seeds = 11, 4, 2
+    source = stream.FolderSource(numbered_folder(tmp_path / "numbered", n), (SIZE, SIZE))
+    data = stream.Stream(source)
+    index_of = {int(Path(f).stem): i for i, f in enumerate(source.files)}  # the listing has cats first, then dogs
+    for epoch in (0, 1):
+        indices, weights = train.host_epoch_order(np.array([[0, 7], [0, 8]], np.uint32), n, batch, epoch)
+        seen = [[] for _ in range(seeds)]
+        parts = []
+        for p in range(processes):  # each process: a common order, its block of rows of every batch
+            rows = slice(p * batch // processes, (p + 1) * batch // processes)
+            part = []
+            for images, labels, w in data.host_batches(indices[:, :, rows], weights[:, :, rows]):
+                assert images.shape == (seeds, batch // processes, SIZE, SIZE, 3) and images.dtype == np.uint8
+                for k in range(seeds):
+                    ids = np.array([index_of[i] for i in file_ids(images[k][w[k] > 0])], int)
+                    np.testing.assert_array_equal(labels[k][w[k] > 0], source.labels[ids])
+                    seen[k].extend(ids.tolist())
+                    part.extend((k, i) for i in ids)
+                assert not images[w == 0].any()  # padding is never read
+            parts.append(set(part))
+        for k in range(seeds):
+            assert sorted(seen[k]) == list(range(n)), (epoch, k, seen[k])
+        assert seen[0] != seen[1]  # two seeds, two orders
+        if processes == 2:
+            assert parts[0] and parts[1] and not parts[0] & parts[1]
+
+
+def test_local_block_of_a_process():
+    class TwoOfFour:  # the map a process holding devices 2 and 3 of a (1, 4) data axis sees
+        def addressable_devices_indices_map(self, shape):
+            return {"d2": (slice(0, 1), slice(4, 6)), "d3": (slice(0, 1), slice(6, 8))}
+
+    class Scattered:
+        def addressable_devices_indices_map(self, shape):
+            return {"d0": (slice(0, 1), slice(0, 2)), "d3": (slice(0, 1), slice(6, 8))}
+
+    assert train.local_block(TwoOfFour(), (1, 8)) == (slice(0, 1), slice(4, 8))
+    with pytest.raises(ValueError, match="non-contiguous"):
+        train.local_block(Scattered(), (1, 8))
+
+
+# --- A broken file ---------------------------------------------------------------------------------
+
+
+def test_broken_file_mid_stream_is_skipped_with_a_warning(tmp_path):
+    root = numbered_folder(tmp_path / "numbered", 12)
+    (root / "cats" / "06.png").write_bytes(b"not a png at all")
+    data = stream.Stream(stream.FolderSource(root, (SIZE, SIZE)))
+    trainer = train.Trainer(TinyNet(), train.adam_keras())
+    state = trainer.init([0])
+    with pytest.warns(SkippedImageWarning, match=r"skipped .*cats/06\.png: cannot be decoded"):
+        state, metrics = trainer.train_epoch(state, data, 4, 0)
+    assert np.isfinite(metrics[0]["loss"])
+    indices, weights = train.host_epoch_order(jax.device_get(state.rng), 12, 4, 1)
+    with pytest.warns(SkippedImageWarning, match="06.png"):
+        batches = list(data.host_batches(indices, weights))
+    total = sum(float(w.sum()) for _, _, w in batches)
+    seen = sorted(i for images, _, w in batches for i in file_ids(images[0][w[0] > 0]))
+    assert total == 11 and seen == [i for i in range(12) if i != 6]
+
+
+# --- Host memory stays bounded ----------------------------------------------------------------------
+
+MEMORY_SCRIPT = r"""
+import json, sys, threading, time
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from cnnjax import train
+from cnnjax.data import folders, stream
+
+root, n, size, budget = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = np.random.default_rng(0)
+for i in range(n):  # smooth random pictures: JPEGs of a few kB that decode to size x size x 3 bytes
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    folder = root / ("cats", "dogs")[i % 2]
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(small).resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.jpg", quality=90)
+    if i < 32:
+        (root.parent / "warm" / folder.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(small).resize((size, size), Image.BILINEAR).save(root.parent / "warm" / folder.name / f"{i}.jpg")
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+peak, stop = [0], threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+
+big = stream.Stream(stream.FolderSource(root, (size, size)))
+choice, why = stream.choose_input("auto", big.nbytes, (budget, "test budget"))
+warm = stream.Stream(stream.FolderSource(root.parent / "warm", (size, size)))
+rngs = np.zeros((1, 2), np.uint32)
+from cnnjax import mesh
+sharding = mesh.sharding(mesh.make_mesh(1), mesh.SEED, mesh.DATA)
+
+def epoch(data, order):  # the Trainer's data path: tf.data, then two batches ahead on the device
+    total = 0.0
+    for images, labels, w in train.prefetch_to_devices(data.host_batches(*order), sharding, (1, 16)):
+        total += float(w.sum())
+    return total
+
+order = train.host_epoch_order(rngs, big.num_examples, 16, 0)  # compiled here, not inside the measurement
+for e in range(3):
+    epoch(warm, train.host_epoch_order(rngs, warm.num_examples, 16, e))
+base = rss()
+threading.Thread(target=sample, daemon=True).start()
+seen = epoch(big, order)
+stop.set(); time.sleep(0.01)
+stream_growth = peak[0] - base
+base = rss()
+loaded = folders.load_image_folder(root, (size, size), cache=False)
+memory_growth = rss() - base
+print(json.dumps({"choice": choice, "nbytes": big.nbytes, "seen": seen, "stream_growth": stream_growth,
+                  "memory_growth": memory_growth, "loaded": int(loaded.images.nbytes)}))
+"""
+
+# The bound, measured: after a warm-up, streaming a 50 MiB or a 147 MiB folder grew RSS by 12-14 MiB
+# (batches of 16 x 160 x 160 x 3 = 1.2 MiB, a few in flight, plus allocator slack that does not grow
+# with the set), while loading the same folders into memory grew it by the whole set.
+STREAM_GROWTH_BOUND = 32 * 2**20
+
+
+def test_host_memory_stays_bounded_while_streaming(tmp_path):
+    n, size, budget = 1500, 160, 20 * 2**20
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "big"), str(n), str(size), str(budget)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["nbytes"] == n * size * size * 3 >= 5 * budget  # several times the budget
+    assert result["choice"] == "stream" and result["seen"] == n
+    assert result["stream_growth"] < STREAM_GROWTH_BOUND, result
+    assert result["memory_growth"] >= 0.8 * result["nbytes"], result  # the same measurement sees a whole-set load
+
+
+# --- TFDS by name and split -----------------------------------------------------------------------
+
+
+def test_tfds_source_by_name_and_split_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=9):
+        source = stream.TfdsSource("mnist", "train")
+        decoded_by_tfds = tfds.data_source("mnist", split="train")
+        assert len(source) == 9 and source.image_shape == (28, 28, 1) and source.class_names[:2] == ["0", "1"]
+        data = stream.Stream(source)
+        indices, weights = train.host_epoch_order(np.zeros((1, 2), np.uint32), 9, 4, 0)
+        batches = list(data.host_batches(indices, weights))
+        assert [b[0].shape for b in batches] == [(1, 4, 28, 28, 1)] * 3
+        flat = indices[0].reshape(-1)
+        for step, (images, labels, w) in enumerate(batches):
+            for j in np.flatnonzero(w[0] > 0):
+                record = decoded_by_tfds[int(flat[step * 4 + j])]
+                np.testing.assert_array_equal(images[0, j], record["image"])  # PIL's pixels are TFDS's
+                assert labels[0, j] == record["label"]
+        cats = stream.TfdsSource("cats_vs_dogs", "train", image_size=(SIZE, SIZE))
+        image, label = cats.read(3)
+        assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8 and label in (0, 1)
+        assert cats.describe(3) == "tfds:cats_vs_dogs/train[3]"
+
+
+def test_tfds_not_prepared_and_offline_fails_fast(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(stream, "tfds_reachable", lambda *a, **k: False)
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="TFDS 'mnist' is not prepared and its download server cannot be reached"):
+        stream.TfdsSource("mnist", "train", data_dir=tmp_path)
+    with pytest.raises(DataError, match="TFDS 'mnist' is not prepared and downloading is off"):
+        stream.TfdsSource("mnist", "train", data_dir=tmp_path, download=False)
+    with pytest.raises(DataError, match="TFDS has no dataset 'no_such_dataset'"):
+        stream.TfdsSource("no_such_dataset", "train", data_dir=tmp_path)
+    assert time.perf_counter() - start < 30
+    assert not any(tmp_path.iterdir())  # nothing downloaded, nothing prepared
+
+
+# --- Choosing the input ---------------------------------------------------------------------------
+
+
+def test_auto_keeps_memory_under_the_budget_and_streams_over_it():
+    budget = (100 * 2**20, "test")
+    assert stream.choose_input("auto", 100 * 2**20, budget)[0] == "memory"
+    choice, why = stream.choose_input("auto", 100 * 2**20 + 1, budget)
+    assert choice == "stream" and "exceed the 100 MiB budget" in why
+    assert stream.choose_input("memory", 10 * 2**30, budget)[0] == "memory"
+    assert stream.choose_input("stream", 1, budget)[0] == "stream"
+    limit, rule = stream.memory_budget(jax.devices("cpu"))
+    assert 0 < limit <= 2 * 2**30 and "at most 2 GiB" in rule
+
+
+def test_without_tensorflow_stream_is_one_clear_error_and_auto_is_memory(monkeypatch, tmp_path, capsys):
+    from experiments import catsdogs
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # importing it now raises ImportError
+    with pytest.raises(DataError, match=r"TensorFlow is not installed: pip install 'cnnjax\[tfds\]'"):
+        stream.choose_input("stream", 1)
+    choice, why = stream.choose_input("auto", 10 * 2**30, (2**20, "test"))
+    assert choice == "memory" and "streaming needs TensorFlow (pip install 'cnnjax[tfds]')" in why
+    root = write_cats_dogs_folder(tmp_path / "data", {"train": 4, "validation": 2})
+    with pytest.raises(SystemExit) as e:
+        catsdogs.main(["--input", "stream", "--data-dir", str(root), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "pip install 'cnnjax[tfds]'" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_core_never_imports_tensorflow():
+    code = textwrap.dedent("""
+        import sys
+        import cnnjax.train, cnnjax.runs, cnnjax.data, cnnjax.data.stream, cnnjax.ablation
+        from cnnjax.data import stream
+        stream.choose_input("auto", 1)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
