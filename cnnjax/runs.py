@@ -131,18 +131,31 @@ def load_data(cfg: Config, model: Any) -> Splits:
     if cfg.data.data_dir is not None and not Path(cfg.data.data_dir).expanduser().is_dir():
         raise DataError(f"--data-dir {cfg.data.data_dir} does not exist; pass the folder that holds the data")
     if cfg.data.dataset == "mnist":
+        if cfg.data.input == "stream":
+            raise DataError("--input stream is for image folders and TFDS image sets (cats_dogs); MNIST (55 MB as uint8) "
+                            "always fits in memory: use --input memory or auto")
         if cfg.data.validation_split not in ("test", "train"):
             raise DataError(f"MNIST has the splits train and test, not {cfg.data.validation_split!r}")
+        log.info("input: memory (%s)", "--input memory" if cfg.data.input == "memory" else "auto: MNIST's 55 MB of uint8 images always fit")
         mnist = data.load_mnist(cfg.data.data_dir)
         split = cfg.data.validation_split
         splits = Splits((mnist["train_images"], mnist["train_labels"]), (mnist[f"{split}_images"], mnist[f"{split}_labels"]),
                         [str(d) for d in range(10)])
         where = "MNIST"
     else:
+        from cnnjax.data import stream
+
         size = (cfg.data.image_size, cfg.data.image_size)
-        folders = data.load_cats_dogs(cfg.data.data_dir, ("train", cfg.data.validation_split), size, cfg.data.interpolation)
-        train_set, val_set = folders["train"], folders[cfg.data.validation_split]
-        splits = Splits((train_set.images, train_set.labels), (val_set.images, val_set.labels), list(train_set.class_names))
+        wanted = ("train", cfg.data.validation_split)
+        # --input: memory, stream or auto (logs its choice); streams read as (images, labels) pairs too.
+        streams = stream.cats_dogs_streams(cfg.data.input, cfg.data.data_dir, wanted, size, cfg.data.interpolation)
+        if streams is not None:
+            train_set, val_set = streams["train"], streams[cfg.data.validation_split]
+            splits = Splits(train_set, val_set, list(train_set.class_names))  # type: ignore[arg-type]
+        else:
+            folders = data.load_cats_dogs(cfg.data.data_dir, wanted, size, cfg.data.interpolation)
+            train_set, val_set = folders["train"], folders[cfg.data.validation_split]
+            splits = Splits((train_set.images, train_set.labels), (val_set.images, val_set.labels), list(train_set.class_names))
         where = "the data folder"
     check_classes(model, splits.class_names, [splits.train[1], splits.validation[1]], where)
     return splits
@@ -179,12 +192,15 @@ class RunFolder:
         """Check, create and lock the run folder (process 0); other processes only find it."""
         path = Path(cfg.run.out).expanduser() if cfg.run.out else default_out(cfg.name, cfg.train.seed)
         folder = cls(path.absolute(), cfg.run.resume, meshlib.is_main_process())
+        refusal = None
         if folder.writer:
-            folder._prepare(cfg)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"run folder {folder.path}")
+            try:
+                folder._prepare(cfg)
+            except RunError as e:
+                refusal = str(e)
+        refusal = meshlib.from_process_0(refusal)  # every process stops with process 0's words, none waits for it
+        if refusal is not None:
+            raise RunError(refusal)
         return folder
 
     def _prepare(self, cfg: Config) -> None:
