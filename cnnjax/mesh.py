@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,15 +61,34 @@ def cluster_detected() -> str | None:
     return None
 
 
+class JoinError(ValueError):
+    """The processes of a run could not meet (a wrong address, port or process count, or a process that never came)."""
+
+
+# A process of a run of several stopped because another one did (killed, crashed, lost its host):
+# the run folder keeps every finished epoch, so all processes can start again with --resume.
+EXIT_LOST = 5
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               heartbeat_timeout_seconds: int = 30) -> None:
+               heartbeat_timeout_seconds: int = 30, shutdown_timeout_seconds: int = 60) -> None:
     """Join the other processes of this run, or do nothing for a single process.
 
     With the three arguments, jax.distributed.initialize(...) with them; with none, the
     no-argument call only where a cluster environment is detected (SLURM, Open MPI, ...),
-    else nothing. On the CPU the collectives go through gloo. A process that dies makes
-    the others fail within about `heartbeat_timeout_seconds` instead of waiting forever.
+    else nothing. On the CPU the collectives go through gloo. Call it before anything
+    else touches jax (jax.distributed refuses to join once a backend has started);
+    calling it again does nothing.
+
+    When a process dies, the others stop instead of waiting for it: a collective that
+    loses its peer raises, and `_exit_on_error` turns that into one line on stderr and
+    exit code EXIT_LOST without waiting at jax's shutdown barrier; where no collective
+    notices (a silent host), jax's coordination service stops every process after
+    `heartbeat_timeout_seconds` with its own fatal message. A process that leaves with an
+    error of its own waits at most `shutdown_timeout_seconds` for the others.
     """
+    if jax.distributed.is_initialized():  # the scripts join before checking their config, and execute() asks again
+        return
     given = [a is not None for a in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):
         raise ValueError("--coordinator-address, --num-processes and --process-id go together: give all three or none")
@@ -81,10 +101,70 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise ValueError(f"--coordinator-address must be HOST:PORT, got {coordinator_address!r}")
     if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": heartbeat_timeout_seconds, "initialization_timeout": 120}
+    kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": heartbeat_timeout_seconds, "initialization_timeout": 120,
+                              "shutdown_timeout_seconds": shutdown_timeout_seconds}
     if all(given):
         kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - jax raises bare RuntimeErrors / XLA errors: one line says what failed
+        where = coordinator_address or "the address the cluster environment gives"
+        raise JoinError(f"could not join the other processes at {where}: {_first_line(e)}") from None
+    if jax.process_count() > 1:
+        sys.excepthook = _exit_on_error
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:limit]
+
+
+_PEER_MARKERS = ("gloo", "coordination service", "heartbeat", "connection reset", "connection closed", "socket closed",
+                 "deadline_exceeded", "unavailable", "barrier")
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether an error says that another process of the run is gone (rather than a bug here)."""
+    return any(marker in str(error).lower() for marker in _PEER_MARKERS)
+
+
+def _exit_on_error(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+    """sys.excepthook of a process in a run of several.
+
+    An uncaught error ends the process at once (os._exit): the normal exit would first wait
+    at jax's shutdown barrier for processes that are themselves blocked in a collective
+    waiting for this one. A lost peer is one line; anything else keeps its traceback.
+    """
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    if lost_contact(error):
+        code = EXIT_LOST
+        message = (f"error: {where} lost contact with the other processes of this run ({_first_line(error)}); another "
+                   "process stopped, see its log. Every finished epoch is kept: start all processes again with --resume")
+    else:
+        code = 1
+        sys.__excepthook__(kind, error, tb)
+        message = f"error: {where} stopped: {kind.__name__}: {_first_line(error)}"
+    try:
+        sys.stdout.flush()
+        print(message, file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
+
+
+def from_process_0(message: str | None, size: int = 4096) -> str | None:
+    """Process 0's `message` (None: nothing to say) on every process, e.g. its refusal of the run
+    folder, so the others stop with the same words instead of waiting for it. A sync point."""
+    if jax.process_count() == 1:
+        return message
+    from jax.experimental import multihost_utils
+
+    buffer = np.zeros(size, np.uint8)
+    if message is not None:
+        encoded = message.encode()[: size - 1]
+        buffer[0] = 1
+        buffer[1 : 1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return bytes(shared[1:]).rstrip(b"\0").decode(errors="replace") if shared[0] else None
 
 
 def is_main_process() -> bool:

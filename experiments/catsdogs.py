@@ -53,6 +53,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     with runs.exit_on_bad_input():
+        runs.start(args)  # before check_config: jax.distributed must join before anything starts jax's backend
         overrides = config.overrides_from_args(args)
         recipe = config.catsdogs(2 if args.dropout is not None else 1)
         if args.dropout is not None:

@@ -31,6 +31,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     with runs.exit_on_bad_input():
+        runs.start(args)  # before check_config: jax.distributed must join before anything starts jax's backend
         cfg = runs.check_config(config.override(config.mnist(), config.overrides_from_args(args)))
     return cfg, args
 
