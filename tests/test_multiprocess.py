@@ -1,0 +1,161 @@
+"""Two processes on this machine (127.0.0.1, CPU, gloo collectives) train like one, and survive one another.
+
+Each test starts experiments/mnist.py as two processes (tests/_mp_worker.py runs them, records
+what each writes in the run folder and can SIGKILL one as an epoch starts) and compares with
+the same run as a single process. The data is tiny (write_mnist_folder); 200 training images
+make the last batch of every epoch a padded one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cnnjax import mesh
+from tests.conftest import REPO, write_mnist_folder
+
+ARGS = ["--epochs", "3", "--batch-size", "32", "--train.eval_batch_size", "32"]
+TOLERANCE = 1e-5
+LOST_WITHIN_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+class Launch:
+    """N processes of one run of experiments/mnist.py, each with its own logs and write report."""
+
+    def __init__(self, tmp: Path, name: str, argv: list[str], out: Path, num_processes: int = 2, die: dict[int, int] | None = None):
+        self.dir = tmp / name
+        self.dir.mkdir()
+        address = f"127.0.0.1:{free_port()}"
+        self.procs = []
+        for i in range(num_processes):
+            flags = ["--coordinator-address", address, "--num-processes", str(num_processes), "--process-id", str(i)]
+            kill = ["--die-in-epoch", str(die[i])] if die and i in die else []
+            cmd = [sys.executable, "-m", "tests._mp_worker", "--watch", str(out), "--report", str(self.dir / f"writes{i}"), *kill,
+                   "--", "experiments/mnist.py", *argv, *flags]
+            with open(self.dir / f"out{i}", "w") as stdout, open(self.dir / f"err{i}", "w") as stderr:
+                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=stdout, stderr=stderr))
+
+    def wait(self, timeout: float = 240) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(max(1.0, deadline - time.monotonic())) for p in self.procs]
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+    def out(self, i: int) -> str:
+        return (self.dir / f"out{i}").read_text()
+
+    def err(self, i: int) -> str:
+        return (self.dir / f"err{i}").read_text()
+
+    def writes(self, i: int) -> list[str]:
+        return (self.dir / f"writes{i}").read_text().splitlines()
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())
+
+
+def assert_same_history(a: list[dict], b: list[dict]) -> None:
+    assert [row["epoch"] for row in a] == [row["epoch"] for row in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert abs(x[key] - y[key]) <= TOLERANCE, (x["epoch"], key, x[key], y[key])
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture(scope="module")
+def mnist_data(tmp_path_factory) -> Path:
+    return write_mnist_folder(tmp_path_factory.mktemp("mnist"), n_train=200, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def single_process(mnist_data, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("single") / "run"
+    done = subprocess.run([sys.executable, "experiments/mnist.py", *ARGS, "--data-dir", str(mnist_data), "--out", str(out)],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return history(out)
+
+
+def wait_for_survivor(launch: Launch, victim: int) -> tuple[int, list[str]]:
+    """The victim's SIGKILL, then the other process's exit within LOST_WITHIN_S: (its code, its error lines)."""
+    survivor = 1 - victim
+    assert launch.procs[victim].wait(240) == -signal.SIGKILL, launch.err(victim)[-3000:]
+    try:  # a bound, not a speed: the survivor must not wait for the dead process
+        launch.procs[survivor].wait(LOST_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"process {survivor} still runs {LOST_WITHIN_S} s after process {victim} died")
+    return launch.wait()[survivor], error_lines(launch.err(survivor))
+
+
+def assert_only_process_0_writes(launch: Launch) -> None:
+    """Process 1 writes nothing in the run folder through Python but its own orbax metadata."""
+    assert any("/history.json" in line for line in launch.writes(0))  # the hook does see writes
+    others = [line for line in launch.writes(1) if "/checkpoints/" not in line or "process_1" not in line]
+    assert others == [], others[:5]
+
+
+def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(mnist_data, single_process, tmp_path):
+    """Epoch 2 starts and process 1 is SIGKILLed: process 0 exits with one line (EXIT_LOST). Both
+    resume; epoch 3 starts and process 0, the coordinator, is SIGKILLed: process 1 stops too. Both
+    resume again and finish with the single-process history. Process 0 alone writes the run
+    folder; a start without --resume is refused by both processes in the same words."""
+    out = tmp_path / "run"
+    argv = [*ARGS, "--data-dir", str(mnist_data), "--out", str(out)]
+
+    first = Launch(tmp_path, "first", argv, out, die={1: 2})
+    code, lines = wait_for_survivor(first, victim=1)
+    assert code == mesh.EXIT_LOST, first.err(0)[-3000:]
+    assert len(lines) == 1 and "lost contact with the other processes" in lines[0] and "--resume" in lines[0], lines
+    assert "Traceback" not in first.err(0)
+    assert not (out / ".lock").exists()  # the survivor let go of the folder
+    assert [row["epoch"] for row in history(out)] == [1]
+
+    second = Launch(tmp_path, "second", [*argv, "--resume"], out, die={0: 3})
+    code, lines = wait_for_survivor(second, victim=0)
+    assert code != 0
+    # The coordinator is gone: our line, or jax's own fatal one where its error poll comes first.
+    assert lines or "another task died" in second.err(1), second.err(1)[-3000:]
+    assert "Resuming" in second.out(0) and "after epoch 1" in second.out(0)
+    assert [row["epoch"] for row in history(out)] == [1, 2]
+
+    third = Launch(tmp_path, "third", [*argv, "--resume"], out)
+    assert third.wait() == [0, 0], third.err(0)[-3000:] + third.err(1)[-3000:]
+    assert "taking it over" in third.out(0) and "after epoch 2" in third.out(0)  # the killed process 0's lock
+    assert "devices: 2 x cpu (cpu), 2 process(es), mesh seed=1 x data=2" in third.out(0)
+    assert "Epoch 3/3" in third.out(0) and "Epoch" not in third.out(1)
+    assert_same_history(history(out), single_process)
+    devices = json.loads((out / "config.json").read_text())["devices"]
+    assert devices["count"] == 2 and devices["processes"] == 2 and devices["mesh"] == {"seed": 1, "data": 2}
+    for launch in (first, second, third):
+        assert_only_process_0_writes(launch)
+
+    refused = Launch(tmp_path, "refused", argv, out)
+    assert refused.wait() == [2, 2]
+    first_words, second_words = error_lines(refused.err(0)), error_lines(refused.err(1))
+    assert first_words == second_words and len(first_words) == 1 and "add --resume" in first_words[0]
