@@ -41,7 +41,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cluster_detected() -> str | None:
-    """The name of a cluster environment jax.distributed can read by itself (SLURM, Open MPI, ...), if any."""
+    """The name of a cluster environment jax.distributed can read by itself (SLURM, Open MPI, ...)
+    that launched several processes, if any.
+
+    A single task (`srun python ...` with --ntasks=1) is not joined: jax.distributed would
+    then give the process one GPU of the node (its SLURM local id) instead of all of them.
+    """
     try:
         from jax._src import clusters  # private: the same detection jax.distributed.initialize() runs
     except ImportError:  # pragma: no cover - a jax without it: fall back to the environment
@@ -49,7 +54,8 @@ def cluster_detected() -> str | None:
     if clusters is not None:
         for env in getattr(clusters.ClusterEnv, "_cluster_types", []):
             try:
-                if env.is_env_present() and env.__name__ not in ("GceTpuCluster", "GkeTpuCluster"):
+                if (env.is_env_present() and env.__name__ not in ("GceTpuCluster", "GkeTpuCluster")
+                        and env.get_process_count() > 1):
                     return env.__name__
             except Exception:  # noqa: BLE001 - a detector that fails means "not this cluster"
                 continue

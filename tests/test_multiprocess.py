@@ -159,3 +159,29 @@ def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(m
     assert refused.wait() == [2, 2]
     first_words, second_words = error_lines(refused.err(0)), error_lines(refused.err(1))
     assert first_words == second_words and len(first_words) == 1 and "add --resume" in first_words[0]
+
+
+def test_a_single_cluster_task_is_not_joined_and_several_are(monkeypatch):
+    """`srun --ntasks=1 python ...` stays one process with every local device (joining would give it one GPU)."""
+    for name, value in {"SLURM_JOB_ID": "12", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert mesh.cluster_detected() is None
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert mesh.cluster_detected() == "SlurmCluster"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-processes", "2"], "go together: give all three or none"),
+    (["--coordinator-address", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "must be HOST:PORT"),
+    (["--coordinator-address", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in 0..1"),
+])
+def test_bad_process_flags_are_one_line_exit_2(flags, message, tmp_path, capsys):
+    from experiments import mnist as experiment
+
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main([*flags, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "run").exists()
