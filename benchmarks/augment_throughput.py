@@ -29,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.augment import AugmentConfig, random_augment
+from cnnjax import config
+from cnnjax.augment import random_augment
 
-SIZE = 150
-CONFIG = AugmentConfig.LECTURE
+RECIPE = config.catsdogs(2)  # the lecture's experiment 2: its augmentation at its image size
+SIZE = RECIPE.data.image_size
+CONFIG = RECIPE.augment
 
 
 def time_loop(step, seconds: float, min_calls: int = 3) -> tuple[int, float]:

@@ -3,7 +3,8 @@ plain `jax.lax` against `cnnjax.ops` (the CPU-routed versions), same process, sa
 
     python benchmarks/conv_grad.py [--models mnist,cats] [--reps 7] [--tune-malloc]
 
-For every conv layer of MnistConvNet (batch 64) and CatsDogsConvNet (batch 20) it times
+For every conv layer of MnistConvNet and CatsDogsConvNet, at the batch size and image size of
+their recipes (cnnjax.config; the shapes are read from the models' layers), it times
   fwd   the convolution alone,
   grad  forward + kernel gradient (+ input gradient, except for the first layer, whose
         input is the data): what one training step needs from the layer,
@@ -27,29 +28,27 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.mnist_step import reshape_max_pool, tune_malloc  # noqa: E402
-from cnnjax import ops  # noqa: E402
+from benchmarks.common import recipe  # noqa: E402
+from benchmarks.mnist_step import RECIPES, reshape_max_pool, tune_malloc  # noqa: E402
+from cnnjax import models, ops  # noqa: E402
 
-# (name, batch, height, width, C_in, C_out): the 3x3 "valid" convs of the two models.
-CONV_LAYERS = {
-    "mnist": [("conv2d", 64, 28, 28, 1, 32), ("conv2d_1", 64, 13, 13, 32, 64), ("conv2d_2", 64, 5, 5, 64, 64)],
-    "cats": [
-        ("conv2d", 20, 150, 150, 3, 32),
-        ("conv2d_1", 20, 74, 74, 32, 64),
-        ("conv2d_2", 20, 36, 36, 64, 128),
-        ("conv2d_3", 20, 17, 17, 128, 128),
-    ],
-}
-# (name, batch, height, width, C): the inputs of the max pools (outputs of the convs above).
-POOL_LAYERS = {
-    "mnist": [("max_pooling2d", 64, 26, 26, 32), ("max_pooling2d_1", 64, 11, 11, 64)],
-    "cats": [
-        ("max_pooling2d", 20, 148, 148, 32),
-        ("max_pooling2d_1", 20, 72, 72, 64),
-        ("max_pooling2d_2", 20, 34, 34, 128),
-        ("max_pooling2d_3", 20, 15, 15, 128),
-    ],
-}
+
+def layer_shapes(name: str) -> tuple[list[tuple], list[tuple]]:
+    """The conv layers (name, batch, height, width, C_in, C_out) and the max-pool inputs (name,
+    batch, height, width, C) of the recipe's model at its batch size, read from the model's layers."""
+    cfg = recipe(RECIPES[name])
+    model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
+    previous = (cfg.train.batch_size, *model.input_shape)
+    params = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
+    outputs = jax.eval_shape(lambda p, x: models.layer_outputs(model, p, x), params, jax.ShapeDtypeStruct(previous, jnp.float32))
+    convs, pools = [], []
+    for layer in models.layer_names(model):
+        if models.layer_type(layer) == "Conv2D":
+            convs.append((layer, *previous, outputs[layer].shape[-1]))
+        elif models.layer_type(layer) == "MaxPooling2D":
+            pools.append((layer, *previous))
+        previous = outputs[layer].shape
+    return convs, pools
 
 
 def lax_conv(x, k):
@@ -104,8 +103,9 @@ def main() -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; ms per call, best of {args.reps}: wall (CPU)")
     rng = np.random.default_rng(0)
     for model in args.models.split(","):
+        conv_layers, pool_layers = layer_shapes(model)
         print(f"\n{model}: convolutions{'':30s}lax                    ours           lax/ours   max rel diff")
-        for i, (name, n, h, w, c_in, c_out) in enumerate(CONV_LAYERS[model]):
+        for i, (name, n, h, w, c_in, c_out) in enumerate(conv_layers):
             x = jnp.asarray(rng.standard_normal((n, h, w, c_in)), jnp.float32)
             k = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)) * np.sqrt(2 / (9 * c_in)), jnp.float32)
             dy = jnp.asarray(rng.standard_normal((n, h - 2, w - 2, c_out)), jnp.float32)
@@ -121,7 +121,7 @@ def main() -> None:
                 flush=True,
             )
         print(f"{model}: ReLU + 2x2 max pool, forward + gradient   reshape-and-max        ours           ratio")
-        for name, n, h, w, c in POOL_LAYERS[model]:
+        for name, n, h, w, c in pool_layers:
             pre = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
             g = jnp.asarray(rng.standard_normal((n, h // 2, w // 2, c)), jnp.float32)
             fns = {

@@ -1,5 +1,5 @@
-"""One MNIST training epoch (batch 64, RMSprop, validation on the 10,000 test images):
-cnnjax against the lecture's Keras script (TensorFlow backend) on the same data and machine.
+"""One MNIST training epoch (cnnjax.config.mnist(): batch 64, RMSprop, validation on the 10,000
+test images): cnnjax against the lecture's Keras script (TensorFlow backend) on the same data and machine.
 
     python benchmarks/mnist_epoch.py --data-dir ../shared/data [--epochs 2] [--skip-keras]
 
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import jax
 
-from cnnjax import data, models, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
+from benchmarks.common import real_data, recipe, trainer_for  # noqa: E402
+from cnnjax import train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,16 +32,19 @@ def best_epoch(seconds: list[float]) -> float:
     return min(seconds[1:]) if len(seconds) > 1 else seconds[0]
 
 
+def recipe_epochs(name: str, data_dir: str | None, epochs: int) -> list[dict]:
+    """`epochs` epochs of a recipe of cnnjax.config as a run trains them (seed 0, validation
+    included, compilation in the first epoch): one history row per epoch."""
+    cfg = recipe(name, {"train.epochs": epochs})
+    trainer = trainer_for(cfg)
+    train_data, validation = real_data(cfg, data_dir)
+    result = train.fit(trainer, trainer.init([cfg.train.seed]), train_data, epochs, cfg.train.batch_size, validation,
+                       cfg.train.eval_batch_size, verbose=False, progress=False)
+    return result.histories[0]
+
+
 def cnnjax_epochs(data_dir: str | None, epochs: int) -> list[dict]:
-    mnist = data.load_mnist(data_dir)
-    model = models.MnistConvNet()
-    tx = train.rmsprop_keras()
-    state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
-    _, history = train.fit(
-        train.Trainer(model, tx), state, (mnist["train_images"], mnist["train_labels"]), epochs, 64,
-        (mnist["test_images"], mnist["test_labels"]), verbose=False, progress=False,
-    )
-    return history
+    return recipe_epochs("mnist", data_dir, epochs)
 
 
 def keras_epochs(data_dir: str | None, epochs: int, experiment: str = "mnist") -> list[dict] | None:

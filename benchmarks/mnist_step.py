@@ -1,5 +1,6 @@
 """One jitted training step, plain lax convolutions against `cnnjax.ops`, same process:
-the MNIST convnet (batch 64, RMSprop) and the cats-vs-dogs convnet (batch 20, 150x150, Adam).
+the MNIST recipe (cnnjax.config.mnist(): batch 64, RMSprop) and cats-vs-dogs experiment 1
+(cnnjax.config.catsdogs(1): batch 20, 150x150, Adam).
 
     python benchmarks/mnist_step.py [--models mnist,cats] [--reps 15] [--tune-malloc]
 
@@ -8,8 +9,9 @@ layers call:
   lax       jax.lax.conv_general_dilated + the reshape-and-max pool (jax's autodiff),
   lax+pool  the same convolutions with `ops.max_pool_nhwc`,
   ours      `ops.conv2d_nhwc` + `ops.max_pool_nhwc` (what cnnjax.models runs).
-The step is `train.make_train_step` (gather the batch, /255, loss and gradient, update,
-running totals), jitted with the state donated, as `train.Trainer` runs it on the CPU.
+The step is `train.make_train_step` for one seed behind `train.gathering` (gather the batch,
+/255, loss and gradient, update, running totals), jitted with the state donated: what
+`train.Trainer` runs per seed, without its vmap over seeds and scan over steps.
 The images are random uint8 (speed does not depend on the values). Prints the best of
 --reps interleaved rounds in ms per step, wall clock and CPU time (the steadier one on a
 shared machine), and the ratios to `lax`. Keras + TensorFlow on this 2-core machine: about
@@ -36,7 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import recipe  # noqa: E402
 from cnnjax import models, ops, train  # noqa: E402
+
+RECIPES = {"mnist": "mnist", "cats": "catsdogs1"}
 
 
 def reshape_max_pool(x: jax.Array, window: int = 2) -> jax.Array:
@@ -78,10 +83,9 @@ def layers_use(conv, pool):
 
 
 def setup(model_name: str, batch: int, steps: int):
-    if model_name == "mnist":
-        model, tx, labels_range = models.MnistConvNet(), train.rmsprop_keras(), 10
-    else:
-        model, tx, labels_range = models.CatsDogsConvNet(), train.adam_keras(), 2
+    cfg = recipe(RECIPES[model_name])
+    model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
+    tx, labels_range = train.make_optimizer(cfg.optim), 10 if cfg.model.name == "mnist" else 2
     rng = np.random.default_rng(0)
     n = batch * steps
     images = jnp.asarray(rng.integers(0, 256, (n, *model.input_shape), dtype=np.uint8))
@@ -92,10 +96,10 @@ def setup(model_name: str, batch: int, steps: int):
 
 def compiled_step(model, tx, data, conv, pool):
     """A jitted step traced with the given layers, and a fresh state it has run once on."""
-    step = jax.jit(train.make_train_step(model, tx), donate_argnums=(0, 1))
+    step = jax.jit(train.gathering(train.make_train_step(model, tx)), donate_argnums=(0, 1))
     state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
     with layers_use(conv, pool):
-        state, totals = step(state, train.zero_totals(), *data, np.int32(0))
+        state, totals = step(state, train.zero_totals(1), *data, np.int32(0))
     jax.block_until_ready(state)
     return step, state, totals
 
@@ -130,7 +134,8 @@ def main() -> None:
         tune_malloc()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs{', malloc tuned' if args.tune_malloc else ''}")
     for model_name in args.models.split(","):
-        batch, calls, reps = (64, 5, args.reps) if model_name == "mnist" else (20, 1, max(2, args.reps // 3))
+        batch = recipe(RECIPES[model_name]).train.batch_size
+        calls, reps = (5, args.reps) if model_name == "mnist" else (1, max(2, args.reps // 3))
         best = time_model(model_name, reps, batch, calls)
         base = best["lax"]
         print(f"{model_name} (batch {batch}), ms per step, best of {reps}:   wall     CPU    lax/this (wall, CPU)")

@@ -1,46 +1,41 @@
 """How `train.Trainer` drives an epoch: one jitted step per Python call (the loop) against
 ~10 calls of a lax.scan over consecutive steps (what `fit` uses), same process, same data.
 
-    python benchmarks/train_loop.py [--models mnist,cats] [--rounds 3] [--examples-mnist 12800]
+    python benchmarks/train_loop.py [--models mnist,cats] [--rounds 3] [--examples-mnist 12800] [--examples-cats 2000]
 
 Each round trains one epoch from the same initial state with both drivers, interleaved:
-the MNIST convnet (batch 64, RMSprop) and the cats-vs-dogs convnet of experiment 2 (batch
-20, 150x150, lecture augmentation + Dropout(0.5), Adam, 2,000 examples). Images are random
-uint8: speed does not depend on the values. Prints ms per step (wall clock; CPU time in
-brackets) for the fastest round after the first (which compiles), the ratio scan / loop
-(below 1: scan is faster), and checks that both drivers end with the same loss.
+the MNIST recipe (cnnjax.config.mnist(): batch 64, RMSprop) and cats-vs-dogs experiment 2
+(cnnjax.config.catsdogs(2): batch 20, 150x150, lecture augmentation + Dropout(0.5), Adam).
+Images are random uint8: speed does not depend on the values. Prints ms per step (wall
+clock; CPU time in brackets) for the fastest round after the first (which compiles), the
+ratio scan / loop (below 1: scan is faster), and checks that both drivers end with the
+same loss.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
-import numpy as np
 
-from cnnjax import augment, models, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
+from benchmarks.common import initial_state, place, random_data, recipe, trainer_for  # noqa: E402
+from cnnjax import train  # noqa: E402
 
-
-def setup(name: str, num_examples: int):
-    if name == "mnist":
-        model, tx, augment_fn, batch, shape, classes = models.MnistConvNet(), train.rmsprop_keras(), None, 64, (28, 28, 1), 10
-    else:
-        model, tx, batch, shape, classes = models.CatsDogsConvNet(dropout_rate=0.5), train.adam_keras(), 20, (150, 150, 3), 2
-        augment_fn = augment.make_augment_fn(augment.AugmentConfig.LECTURE)
-    rng = np.random.default_rng(0)
-    images = jax.device_put(rng.integers(0, 256, (num_examples, *shape), dtype=np.uint8))
-    labels = jax.device_put(rng.integers(0, classes, num_examples).astype(np.int32))
-    return model, tx, augment_fn, batch, images, labels
+RECIPES = {"mnist": "mnist", "cats": "catsdogs2"}
 
 
-def time_epoch(trainer: train.Trainer, model, tx, images, labels, batch: int) -> tuple[float, float, float]:
-    """(wall s, CPU s, training loss) of one epoch from seed 0's initial state."""
-    state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
-    wall, cpu = time.perf_counter(), time.process_time()
-    state, metrics = trainer.train_epoch(state, images, labels, batch, epoch=0)
+def time_epoch(trainer: train.Trainer, start: train.TrainState, data: train.DeviceData, batch: int) -> tuple[float, float, float]:
+    """(wall s, CPU s, training loss) of one epoch from `start`."""
+    state = place(trainer, start)
     jax.block_until_ready(state)
-    return time.perf_counter() - wall, time.process_time() - cpu, metrics["loss"]
+    wall, cpu = time.perf_counter(), time.process_time()
+    state, metrics = trainer.train_epoch(state, data, batch, epoch=0)
+    jax.block_until_ready(state)
+    return time.perf_counter() - wall, time.process_time() - cpu, metrics[0]["loss"]
 
 
 def main() -> None:
@@ -52,14 +47,16 @@ def main() -> None:
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}; ms per step, best round after the first: wall (CPU)")
     for name in args.models.split(","):
-        model, tx, augment_fn, batch, images, labels = setup(name, getattr(args, f"examples_{name}"))
-        steps = train.steps_per_epoch(images.shape[0], batch)
-        drivers = {"loop": train.Trainer(model, tx, augment_fn, use_scan=False),
-                   "scan": train.Trainer(model, tx, augment_fn, use_scan=True)}
+        cfg = recipe(RECIPES[name])
+        batch = cfg.train.batch_size
+        drivers = {"loop": trainer_for(cfg, use_scan=False), "scan": trainer_for(cfg, use_scan=True)}
+        start = initial_state(drivers["loop"], [cfg.train.seed])
+        data = drivers["loop"].put(*random_data(cfg, getattr(args, f"examples_{name}")))  # both trainers share the mesh
+        steps = train.steps_per_epoch(len(data), batch)
         runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in drivers}
         for _ in range(args.rounds):
             for kind, trainer in drivers.items():
-                runs[kind].append(time_epoch(trainer, model, tx, images, labels, batch))
+                runs[kind].append(time_epoch(trainer, start, data, batch))
         best = {k: min(r[1:] or r) for k, r in runs.items()}
         losses = {k: r[0][2] for k, r in runs.items()}
         print(f"{name}: {steps} steps of batch {batch}, scan in calls of {train.steps_per_call(steps)} steps")

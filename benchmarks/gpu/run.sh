@@ -1,58 +1,67 @@
 #!/usr/bin/env bash
-# One prepared run on the GPU machine lent through the device tool, sized to its budget
-# (15 device minutes a session, a minute or two of them to start the machine).
+# One bounded call on the GPU machine lent through the device tool: what cnnjax's training
+# costs there, as one JSON ($OUT/results.json) and a log ($OUT/log.txt).
 #
-# Here, once:    python benchmarks/gpu/prepare_data.py --data-dir ../shared/data --out .devdata
-# Device call:   run(command="bash benchmarks/gpu/run.sh", carry=[".devdata"], timeout_s=420)
-# Call again at once (the machine stays warm ~30 s) to go on with the ablation where it stopped:
-#                run(command="STEPS=ablation ABLATION_S=380 bash benchmarks/gpu/run.sh", carry=[".devdata"], timeout_s=420)
+# Here, once:  python benchmarks/gpu/prepare_data.py --data-dir ../shared/data --out .devdata
+# Device call: run(command="bash benchmarks/gpu/run.sh", carry=[".devdata"], timeout_s=600)
+# Check here:  SMOKE=1 OUT=/tmp/gpu-smoke bash benchmarks/gpu/run.sh     (CPU, tiny settings)
 #
-# STEPS (default "bench ablation tests"), in order of priority, each bounded by a timeout
-# so the next one still runs and $OUT comes back:
-#   bench     benchmarks/ablation_vmap.py at 150 px: K=8 seeds vmapped vs one (goal <= 2x).
-#   ablation  the default grid at 150 px, SEEDS seeds, EPOCHS epochs, for ABLATION_S
-#             seconds. Its folder is /tmp/ablation-gpu, so a second call on the warm
-#             machine skips the finished settings and resumes the interrupted one.
-#   tests     tests/test_train.py and tests/test_ops.py on the GPU (vmapped = sequential
-#             seeds, scan = loop, the convolution and pool gradients), for TESTS_S seconds.
-# $OUT gets log.txt, ablation.tgz (results.md/csv, curves.png, every result.json; no
-# checkpoints) and pytest.txt.
+# Parts, in order, each in its own process under its own timeout, so one that overruns
+# loses only itself (merge marks it missing):
+#   mnist     MNIST recipe, 5 epochs, data on the device, compile apart   goal <= 2 s, >= 0.990
+#   catsdogs  experiment 2 at 150 px, seconds per epoch, x100             goal <= 60 s
+#   seeds     K=8 seeds against one (experiment 2, 150 px), per step      goal <= 2x
+#   scaling   1 device against all (benchmarks/scaling.py), where the machine has several
+# Nothing is installed: PYTHONPATH=$PWD, the GPU image's jax/flax/optax/orbax/numpy/pillow.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CNNJAX_CACHE_DIR=/tmp/cnnjax-cache
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CNNJAX_CACHE_DIR=${CNNJAX_CACHE_DIR:-/tmp/cnnjax-cache} MPLBACKEND=Agg
+PY=${PYTHON:-python}
 OUT=${OUT:-runs/gpu}
 DATA=${DATA:-.devdata}
-STEPS=${STEPS:-bench ablation tests}
-SEEDS=${SEEDS:-3}
-EPOCHS=${EPOCHS:-30}
-BENCH_S=${BENCH_S:-90}
-ABLATION_S=${ABLATION_S:-200}
-TESTS_S=${TESTS_S:-60}
-ABLATION_DIR=/tmp/ablation-gpu
-mkdir -p "$OUT"
+PARTS=${PARTS:-mnist catsdogs seeds scaling}
+MNIST_S=${MNIST_S:-120}
+CATS_S=${CATS_S:-150}
+SEEDS_S=${SEEDS_S:-150}
+SCALING_S=${SCALING_S:-120}
+SMOKE=${SMOKE:-}
+smoke=()
+[[ -n "$SMOKE" ]] && smoke=(--smoke)
+mkdir -p "$OUT/parts"
 log="$OUT/log.txt"
 
 {
   date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import sys, jax, flax, optax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
+  du -sh "$DATA" 2>/dev/null || echo "no $DATA: run benchmarks/gpu/prepare_data.py here and carry it"
 } 2>&1 | tee -a "$log"
 
-if [[ " $STEPS " == *" bench "* ]]; then
-  timeout "$BENCH_S" python benchmarks/ablation_vmap.py --data-dir "$DATA" --seeds 8 --image-size 150 --steps 50 2>&1 | tee -a "$log"
-  echo "bench rc $?" | tee -a "$log"
-fi
+part() {  # part NAME SECONDS COMMAND...: run under a timeout, log its output and exit code
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name (at most ${seconds} s)" | tee -a "$log"
+  timeout "$seconds" "$@" 2>&1 | tr '\r' '\n' | grep -v '^ *$' >> "$log"
+  echo "== $name rc ${PIPESTATUS[0]} (124: out of time)" | tee -a "$log"
+}
 
-if [[ " $STEPS " == *" ablation "* ]]; then
-  # SIGINT stops the runner like a Ctrl-C: finished settings keep their result.json.
-  timeout --signal=INT "$ABLATION_S" python experiments/ablate_augmentation.py --data-dir "$DATA" \
-    --seeds "$SEEDS" --epochs "$EPOCHS" --out "$ABLATION_DIR" 2>&1 | tr '\r' '\n' | grep -v '^ *$' >> "$log"
-  echo "ablation rc ${PIPESTATUS[0]}" | tee -a "$log"
-  python experiments/ablate_augmentation.py --table-only --out "$ABLATION_DIR" 2>&1 | tee -a "$log"
-  tar czf "$OUT/ablation.tgz" --exclude=best --exclude=latest -C /tmp ablation-gpu
-fi
+for p in $PARTS; do
+  case $p in
+    mnist|catsdogs|seeds)
+      limit_var="$(echo "$p" | tr a-z A-Z)_S"; [[ $p == catsdogs ]] && limit_var=CATS_S
+      part "$p" "${!limit_var}" "$PY" benchmarks/gpu/bench.py "$p" --data "$DATA" --json "$OUT/parts/$p.json" "${smoke[@]}" ;;
+    scaling)
+      count=$("$PY" -c "import jax; print(jax.device_count())" 2>/dev/null || echo 1)
+      if [[ -n "$SMOKE" ]]; then devices=1,2; steps=4; size=(--image-size 48)  # forced CPU devices: the code path only
+      elif (( count > 1 )); then devices="1,$count"; steps=40; size=()
+      else echo "== scaling skipped: 1 device" | tee -a "$log"; continue; fi
+      part scaling_mnist "$SCALING_S" "$PY" benchmarks/scaling.py --devices "$devices" --recipe mnist --steps "$steps" \
+        --json "$OUT/parts/scaling_mnist.json"
+      part scaling_catsdogs "$SCALING_S" "$PY" benchmarks/scaling.py --devices "$devices" --recipe catsdogs2 "${size[@]}" \
+        --steps "$steps" --json "$OUT/parts/scaling_catsdogs.json" ;;
+    *) echo "unknown part $p" | tee -a "$log" ;;
+  esac
+done
 
-if [[ " $STEPS " == *" tests "* ]]; then
-  timeout "$TESTS_S" python -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_ops.py > "$OUT/pytest.txt" 2>&1
-  echo "tests rc $? (124: out of time)" | tee -a "$log"
-fi
+"$PY" benchmarks/gpu/bench.py merge --parts "$OUT/parts" --json "$OUT/results.json" 2>&1 | tee -a "$log"
+echo "wrote $OUT/results.json" | tee -a "$log"
