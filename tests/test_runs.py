@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -109,10 +110,13 @@ def test_resume_with_another_recipe_is_refused_naming_the_fields(mnist_data, mni
 
 
 def test_resume_of_a_finished_run_changes_nothing_and_resume_of_an_empty_folder_starts_fresh(mnist_data, mnist_reference, tmp_path):
-    history = (mnist_reference / "history.json").read_text()
-    again = run_script(["experiments/mnist.py", *MNIST_ARGS, "--data-dir", str(mnist_data), "--out", str(mnist_reference), "--resume"])
+    finished = tmp_path / "finished"
+    shutil.copytree(mnist_reference, finished)  # the module's reference run stays as it was for the other tests
+    history = (finished / "history.json").read_text()
+    again = run_script(["experiments/mnist.py", *MNIST_ARGS, "--data-dir", str(mnist_data), "--out", str(finished), "--resume"])
     assert again.returncode == 0 and "Resuming" in again.stdout and "Epoch" not in again.stdout
-    assert (mnist_reference / "history.json").read_text() == history
+    assert (finished / "history.json").read_text() == history
+    assert_same_run(finished, mnist_reference)
     fresh = tmp_path / "fresh"  # Keras's BackupAndRestore: nothing to restore, so start from the beginning
     started = run_script(["experiments/mnist.py", *MNIST_ARGS, "--epochs", "1", "--data-dir", str(mnist_data), "--out", str(fresh),
                           "--resume"])
