@@ -66,6 +66,19 @@ class KerasRMSpropState(NamedTuple):
     velocity: Any
 
 
+@functools.lru_cache(maxsize=32)
+def _seeded_params(model: nn.Module) -> Callable[[Array], tuple[Any, Array]]:
+    """Per seed, create_train_state's parameters and state key, compiled once per architecture
+    (drawing the initial weights is most of a small run's compile time; Trainers share it)."""
+    from cnnjax.models import init_params
+
+    def one(seed: Array) -> tuple[Any, Array]:
+        init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+        return init_params(model, init_rng), state_rng
+
+    return jax.jit(jax.vmap(one))
+
+
 def rmsprop_keras(learning_rate: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
     """Keras 3's RMSprop (no momentum, not centered), operation for operation:
 
@@ -366,11 +379,14 @@ class Trainer:
         return create_train_state(self.model, self.tx, jax.random.PRNGKey(seed))
 
     def init(self, seeds: Sequence[int]) -> TrainState:
-        """Fresh states for `seeds` (one per seed, stacked), placed on the mesh."""
+        """Fresh states for `seeds` (one per seed, stacked), placed on the mesh: what
+        create_train_state(model, tx, PRNGKey(seed)) gives for each seed."""
         if len(seeds) != self.num_seeds:
             raise ValueError(f"this trainer trains {self.num_seeds} seeds, got {len(seeds)}")
-        fn = jax.jit(jax.vmap(self._init_one), out_shardings=self._seeded)
-        return fn(meshlib.put(np.asarray(seeds, np.uint32), self._seeded))
+        params, rng = _seeded_params(self.model)(meshlib.put(np.asarray(seeds, np.uint32), self._seeded))
+        state = TrainState(step=jnp.zeros((self.num_seeds,), jnp.int32), params=params, opt_state=jax.vmap(self.tx.init)(params),
+                           rng=rng)
+        return jax.device_put(state, self._seeded)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of a state (the target of a checkpoint restore)."""
