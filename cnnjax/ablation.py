@@ -166,8 +166,9 @@ def run_setting(setting: Setting, base: Config, splits: runs.Splits, test: tuple
         tests += [_test_accuracy(run_folder.path, k, result, test, cfg) for k in range(len(result.seeds))]
     summary = summarize(setting, histories, tests, wall)
     record = {"setting": setting.as_dict(), "config": configlib.to_dict(cfg), "mode": mode, **summary, "histories": histories}
-    files.write_json(folder / "result.json", record)
-    (folder / "error.json").unlink(missing_ok=True)
+    if mesh.is_main_process():  # in a run of several processes, process 0 writes the folder
+        files.write_json(folder / "result.json", record)
+        (folder / "error.json").unlink(missing_ok=True)
     return record
 
 
@@ -208,10 +209,13 @@ def run_ablation(settings: Sequence[Setting], base: Config, splits: runs.Splits,
 
     Returns every setting's record, failed ones with status "failed: ..."."""
     mode = resolve_mode(mode)
-    out.mkdir(parents=True, exist_ok=True)
-    files.clean_orphans(out)
-    files.write_json(out / "ablation.json", {"config": configlib.to_dict(base), "mode": mode,
-                                             "settings": [s.as_dict() for s in settings]})
+    main = mesh.is_main_process()  # in a run of several processes, process 0 writes and prints
+    verbose = verbose and main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        files.clean_orphans(out)
+        files.write_json(out / "ablation.json", {"config": configlib.to_dict(base), "mode": mode,
+                                                 "settings": [s.as_dict() for s in settings]})
     if verbose:
         how = "together in one program (vmap)" if mode == "vmap" else "one after another"
         print(f"{len(settings)} settings x {base.train.seeds} seeds; the seeds of a setting train {how} "
@@ -229,10 +233,12 @@ def run_ablation(settings: Sequence[Setting], base: Config, splits: runs.Splits,
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - one broken setting must not end the whole ablation
-            files.write_json(folder / "error.json", {"setting": setting.as_dict(), "error": f"{type(e).__name__}: {e}",
-                                                     "traceback": traceback.format_exc()})
-            print(f"[{setting.name}] failed: {type(e).__name__}: {e} (retried on the next run)", flush=True)
-    return rebuild_report(out, [s.name for s in settings])
+            if main:
+                files.write_json(folder / "error.json", {"setting": setting.as_dict(), "error": f"{type(e).__name__}: {e}",
+                                                         "traceback": traceback.format_exc()})
+                print(f"[{setting.name}] failed: {type(e).__name__}: {e} (retried on the next run)", flush=True)
+    names = [s.name for s in settings]
+    return rebuild_report(out, names) if main else collect_results(out, names)
 
 
 def rebuild_report(out: Path, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
