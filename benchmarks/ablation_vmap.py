@@ -18,29 +18,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import jax
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
-from benchmarks.common import backend_line, initial_state, place, random_data, real_data, recipe, trainer_for, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    backend_line,
+    epoch_twice,
+    initial_state,
+    random_data,
+    real_data,
+    recipe,
+    trainer_for,
+    write_json,
+)
 
 
 def ms_per_step(num_seeds: int, cfg, images, labels, steps: int, use_scan: bool) -> tuple[float, dict]:
     """Milliseconds per training step of `num_seeds` seeds (compile excluded), and the mesh."""
     trainer = trainer_for(cfg, num_seeds, use_scan=use_scan)
-    start = initial_state(trainer, range(num_seeds))
-    data = trainer.put(images, labels)
-    batch = cfg.train.batch_size
-    seconds = []
-    for _ in range(2):  # the first compiles
-        state = place(trainer, start)
-        jax.block_until_ready(state)
-        begin = time.perf_counter()
-        state, _ = trainer.train_epoch(state, data, batch, epoch=0)
-        jax.block_until_ready(state)
-        seconds.append(time.perf_counter() - begin)
+    seconds, _ = epoch_twice(trainer, initial_state(trainer, range(num_seeds)), trainer.put(images, labels), cfg.train.batch_size)
     return seconds[-1] / steps * 1e3, dict(trainer.mesh.shape)
 
 

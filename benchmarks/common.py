@@ -64,6 +64,20 @@ def place(trainer: train.Trainer, state: train.TrainState) -> train.TrainState:
     return jax.device_put(state, mesh.sharding(trainer.mesh, mesh.SEED))
 
 
+def epoch_twice(trainer: train.Trainer, start: train.TrainState, data: Any, batch_size: int) -> tuple[list[float], list[dict]]:
+    """Seconds of one epoch from `start`, run twice (the first compiles, the second is the figure),
+    and the second's metrics per seed."""
+    seconds, metrics = [], []
+    for _ in range(2):
+        state = place(trainer, start)
+        jax.block_until_ready(state)
+        begin = time.perf_counter()
+        state, metrics = trainer.train_epoch(state, data, batch_size, epoch=0)
+        jax.block_until_ready(state)
+        seconds.append(time.perf_counter() - begin)
+    return seconds, metrics
+
+
 def timed_fit(trainer: train.Trainer, start: train.TrainState, train_data: Any, epochs: int, batch_size: int,
               validation: Any = None, eval_batch_size: int = 500) -> dict[str, Any]:
     """Compile first (one epoch from `start`, thrown away), then `epochs` epochs from `start` again,

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
@@ -35,7 +34,7 @@ def worker(count: int, name: str, image_size: int | None, steps: int) -> dict:
     """In a process of its own: one epoch of `steps` steps on the first `count` devices."""
     import jax
 
-    from benchmarks.common import initial_state, place, random_data, recipe, trainer_for
+    from benchmarks.common import epoch_twice, initial_state, random_data, recipe, trainer_for
 
     if jax.device_count() < count:
         return {"devices": count, "skipped": f"this machine has {jax.device_count()} {jax.default_backend()} device(s)"}
@@ -43,16 +42,8 @@ def worker(count: int, name: str, image_size: int | None, steps: int) -> dict:
     trainer = trainer_for(cfg, devices=jax.devices()[:count])
     batch = cfg.train.batch_size
     data = trainer.put(*random_data(cfg, steps * batch))
-    start = initial_state(trainer, [cfg.train.seed])
-    seconds, loss = [], None
-    for _ in range(2):  # the first compiles
-        state = place(trainer, start)
-        jax.block_until_ready(state)
-        begin = time.perf_counter()
-        state, metrics = trainer.train_epoch(state, data, batch, epoch=0)
-        jax.block_until_ready(state)
-        seconds.append(time.perf_counter() - begin)
-        loss = metrics[0]["loss"]
+    seconds, metrics = epoch_twice(trainer, initial_state(trainer, [cfg.train.seed]), data, batch)
+    loss = metrics[0]["loss"]
     kind = getattr(jax.devices()[0], "device_kind", jax.default_backend())
     return {"devices": count, "mesh": dict(trainer.mesh.shape), "jax": jax.__version__, "platform": jax.default_backend(),
             "kind": kind, "steps": steps, "batch_size": batch,
