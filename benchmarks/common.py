@@ -7,17 +7,15 @@ the GPU machine); each puts the repository on sys.path itself to import this mod
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from cnnjax import config, data, mesh, models, train
+from cnnjax import config, data, files, mesh, models, train
 
 
 def recipe(name: str, overrides: dict[str, Any] | None = None) -> config.Config:
@@ -108,5 +106,4 @@ def backend_line() -> str:
 def write_json(path: str | None, record: dict[str, Any]) -> None:
     """The record as JSON at `path` (nothing without one); printed figures stay the readable copy."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(record, indent=2, default=float) + "\n")
+        files.write_json(path, record)
