@@ -615,10 +615,28 @@ def seed_slice(tree: Any, index: int) -> Any:
     return jax.tree.map(lambda leaf: leaf[index], tree)
 
 
-def format_epoch(epoch: int, epochs: int, row: dict[str, Any]) -> str:
-    """A Keras-like line: 'Epoch 3/5 - 12.1s - loss: 0.0412 - accuracy: 0.9871 - ...'."""
+def format_epoch(epoch: int, epochs: int, row: dict[str, Any], compiling: float = 0.0) -> str:
+    """A Keras-like line: 'Epoch 3/5 - 12.1s - loss: 0.0412 - accuracy: 0.9871 - ...'; with
+    `compiling` seconds (the first epoch), how much of the epoch went to compiling."""
     metrics = " - ".join(f"{k}: {row[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in row)
-    return f"Epoch {epoch}/{epochs} - {row['seconds']:.1f}s - {metrics}"
+    seconds = f"{row['seconds']:.1f}s" + (f" ({compiling:.1f}s of it compiling)" if compiling >= 0.5 else "")
+    return f"Epoch {epoch}/{epochs} - {seconds} - {metrics}"
+
+
+_compile_seconds = [0.0]
+
+
+def _count_compile_time(event: str, seconds: float, **_: Any) -> None:
+    if event.startswith("/jax/core/compile/"):  # tracing, lowering and XLA's compile of every jitted program
+        _compile_seconds[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile_time)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling jitted programs so far."""
+    return _compile_seconds[0]
 
 
 @dataclasses.dataclass
@@ -675,7 +693,7 @@ def fit(
                        list(diverged) if diverged else [None] * trainer.num_seeds)
     keep = _select_seeds(trainer)
     for epoch in range(initial_epoch, epochs):
-        start = time.perf_counter()
+        start, compiled_before = time.perf_counter(), compile_seconds()
         before = jax.tree.map(jnp.copy, result.state)  # the train step reuses the state's buffers
         state, train_metrics = trainer.train_epoch(result.state, train_data, batch_size, epoch, progress)
         rows = [{"epoch": epoch + 1, **m} for m in train_metrics]
@@ -701,7 +719,7 @@ def fit(
                     continue
                 prefix = f"[seed {k}] " if trainer.num_seeds > 1 else ""
                 note = " - diverged (loss is not finite)" if row.get("diverged") else ""
-                print(prefix + format_epoch(epoch + 1, epochs, row) + note, flush=True)
+                print(prefix + format_epoch(epoch + 1, epochs, row, compile_seconds() - compiled_before) + note, flush=True)
         for callback in callbacks:
             callback(epoch + 1, result)
         if result.all_diverged:
