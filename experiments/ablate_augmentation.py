@@ -12,9 +12,9 @@ alone. --settings picks a subset or adds your own ("rot20:rotation_range=20,drop
 or by path: "sharp:augment.interpolation=nearest").
 
 --seed-mode: vmap trains a setting's seeds in one program (spread over the devices),
-sequential one after another, auto picks by backend (sequential on the CPU, where it
-measured faster). Interrupt it and run the same command again: finished settings are
-skipped, an unfinished one resumes from its latest checkpoint, a failed one is retried.
+sequential one after another; auto is vmap, which measured faster on the CPU too.
+Interrupt it and run the same command again: finished settings are skipped, an
+unfinished one resumes from its latest checkpoint, a failed one is retried.
 Writes into --out: results.csv, results.md, curves.png, and one run folder per setting.
 Exit codes: 0 done, 2 bad flags or data, 4 some setting failed (its error.json says why),
 130 interrupted.
