@@ -220,3 +220,24 @@ def test_divergence_stops_keeps_the_last_finite_state_and_exits_3(tmp_path, monk
     _, params, description = runs.load_model(out, "latest")
     assert description["epoch"] == 1 and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.tree.map(np.asarray, params)))
     assert runs.find_checkpoint(out, "best").name == "1"
+
+
+def test_tensorboard_holds_each_seeds_history_config_and_figures(tmp_path):
+    """Keras's TensorBoard callback, without TensorFlow: one run per seed, read back and compared with history.json."""
+    from cnnjax.tensorboard import read_events
+    from experiments import catsdogs as experiment
+
+    data = write_cats_dogs_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    result = experiment.main([*CATS_ARGS, "--epochs", "2", "--seeds", "2", "--data-dir", str(data), "--out", str(out)])
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["seed0", "seed1"]
+    for seed, history in zip(result.seeds, result.histories):
+        events = read_events(out / "tensorboard" / f"seed{seed}")
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            steps, values = zip(*events["scalars"][f"epoch/{key}"])
+            assert list(steps) == [1, 2]
+            np.testing.assert_allclose(values, [row[key] for row in history], rtol=1e-6)  # stored as float32
+        assert [v for _, v in events["scalars"]["epoch/learning_rate"]] == pytest.approx([1e-3, 1e-3])
+        assert events["hparams"]["train.seed"] == seed and events["hparams"]["augment.interpolation"] == "bilinear"
+        assert events["hparams"]["model.dropout"] == pytest.approx(0.5)
+        assert set(events["images"]) == {"history", "preview"} and events["finished"]
