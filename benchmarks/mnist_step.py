@@ -14,8 +14,8 @@ The step is `train.make_train_step` for one seed behind `train.gathering` (gathe
 `train.Trainer` runs per seed, without its vmap over seeds and scan over steps.
 The images are random uint8 (speed does not depend on the values). Prints the best of
 --reps interleaved rounds in ms per step, wall clock and CPU time (the steadier one on a
-shared machine), and the ratios to `lax`. Keras + TensorFlow on this 2-core machine: about
-21 ms per MNIST step (20 s per 938-step epoch) and 300-350 ms per cats-vs-dogs step.
+shared machine), and the ratios to `lax`. For Keras's step on the same machine, run
+`benchmarks/mnist_epoch.py` or `benchmarks/catsdogs_epoch.py`, which time both in one run.
 
 --tune-malloc: glibc returns every large freed block to the system and XLA:CPU allocates
 a step's temporaries afresh each call, so each step page-faults its working set back in

@@ -120,9 +120,8 @@ def max_pool(
 # the choice it makes is often the slow one (benchmarks/conv_grad.py prints the figures):
 #
 # - YNNPACK takes every convolution it supports. Its kernel gradient (the convolution of
-#   x with dy as the window) is 3-15x slower than Eigen's (MNIST conv 2: 19 vs 8 ms;
-#   cats-vs-dogs conv 2: 1380 vs 190 ms), and its forward pass is up to 2x slower for
-#   the larger layers (cats-vs-dogs conv 2: 190 vs 98 ms).
+#   x with dy as the window) is several times slower than Eigen's at every layer of both
+#   models, and its forward pass is slower too for the larger layers.
 # - Eigen takes what YNNPACK refuses. YNNPACK refuses (among others) a convolution whose
 #   window or output is larger than its input, so padding the input, or the window, with
 #   kh zeros on one axis, and slicing the extra output away, moves the same sums to Eigen
@@ -131,11 +130,11 @@ def max_pool(
 # - The input gradient is a convolution whose output is larger than its input: it goes to
 #   Eigen by itself; `_input_grad` only writes it in Eigen's layout.
 # - With 1-3 input channels (the first layer) a convolution is 9-27 multiply-adds per
-#   output, too little for either library (MNIST conv 1 forward: 2.4 ms in YNNPACK, 0.7 ms
-#   as 9 fused multiply-adds; its kernel gradient 5-12 ms in YNNPACK, 2.4 ms as small
-#   matrix products, image by image): plain XLA elementwise code and dots.
+#   output, too little for either library to amortise its call: fused multiply-adds
+#   (forward) and small matrix products image by image (kernel gradient) beat both.
 #
-# Times are CPU ms on a loaded 2-core AMD EPYC (AVX2), jaxlib 0.10.2; see the benchmarks.
+# The figures behind each choice are printed by benchmarks/conv_grad.py; rerun it when
+# jaxlib changes, since the libraries and XLA's choice between them do.
 
 _DIRECT_MAX_TAPS = 27  # kh * kw * C_in up to this: forward as a fused sum of taps (3x3x3)
 _EIGEN_MAX_WASTE = 0.3  # zero rows / useful rows up to this: pad to reach Eigen
@@ -187,10 +186,10 @@ def _seed_loop_under_vmap(fn: Callable[..., jax.Array], n_axis_args: tuple[int, 
 
     jax.vmap trains several seeds at once, i.e. with batched kernels, which jax's batching
     rule turns into grouped convolutions (feature_group_count = seeds); with the padded
-    convolutions above those made a vmapped MNIST step (2 seeds) slower than with plain
-    lax (342 vs 280 ms, loaded machine). Rule: when only arguments with a leading batch (N)
-    axis are vmapped and the output has one too, the vmapped axis is folded into N (one
-    call); otherwise one call per vmapped index (lax.map): 265-300 ms (lax: 280-330 ms).
+    convolutions above those made a vmapped MNIST step slower than with plain lax. Rule:
+    when only arguments with a leading batch (N) axis are vmapped and the output has one
+    too, the vmapped axis is folded into N (one call); otherwise one call per vmapped
+    index (lax.map), which is as fast as lax or faster (benchmarks/ablation_vmap.py).
     Same sums either way.
     """
     wrapped = jax.custom_batching.custom_vmap(fn)
@@ -205,8 +204,8 @@ def _seed_loop_under_vmap(fn: Callable[..., jax.Array], n_axis_args: tuple[int, 
         def one(index):
             return fn(*[a[index] if b else a for a, b in zip(args, in_batched)])
 
-        # Unrolling the seeds into the program instead measured the same (8 seeds, 64 px:
-        # 788 vs 786 ms per step, benchmarks/ablation_vmap.py).
+        # Unrolling the seeds into the program instead measured the same
+        # (benchmarks/ablation_vmap.py), so the smaller program wins.
         return jax.lax.map(one, jnp.arange(axis_size)), True
 
     return wrapped
@@ -248,8 +247,8 @@ def _kernel_grad_impl(x: jax.Array, dy: jax.Array) -> jax.Array:
     if kh * kw * c_in <= _DIRECT_MAX_TAPS:
         # First layer: per image, the (kh*kw*C_in, oh*ow) patches matrix (taps stacked on
         # the leading axis: a cheap copy) times dy, summed over images by a scan. Image by
-        # image everything stays in cache: MNIST conv 1 2.4 ms (one big product 2.9 ms,
-        # YNNPACK 5-12 ms); cats-vs-dogs conv 1 74 ms (Eigen 97-132 ms, YNNPACK 250 ms).
+        # image everything stays in cache, which beats one big product, Eigen and YNNPACK
+        # at both models' first layers (benchmarks/conv_grad.py).
         def add_image(acc, x_dy):
             xi, dyi = x_dy
             patches_t = jnp.stack([tap[0, :, :, c].reshape(-1) for tap in _taps(xi[None], kh, kw) for c in range(c_in)])
@@ -335,9 +334,9 @@ def _max_pool_bwd(window, residuals, dy):
     its window's max gets dy / (number of such positions in the window), the rest 0.
 
     Written on the window's strided views, not on a (N, oh, w, ow, w, C) reshape: XLA
-    then fuses it into fewer passes; ReLU + pool, forward and gradient, ran 1.6-2x faster
-    (MNIST layer 1: 10.1 -> 6.2 ms; cats-vs-dogs layer 1: 196 -> 100 ms; CPU ms, loaded
-    machine). Bitwise the same gradient as autodiff of reshape-and-max, ties included.
+    then fuses it into fewer passes, which measured markedly faster for ReLU + pool,
+    forward and gradient. Bitwise the same gradient as autodiff of reshape-and-max, ties
+    included.
     """
     x, y = residuals
     n, h, w, c = x.shape
