@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # one subprocess trains every device count
+
 TOLERANCE = 1e-5
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 

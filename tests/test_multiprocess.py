@@ -120,6 +120,7 @@ def assert_only_process_0_writes(launch: Launch) -> None:
     assert others == [], others[:5]
 
 
+@pytest.mark.slow  # three launches of two processes each
 def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(mnist_data, single_process, tmp_path):
     """Epoch 2 starts and process 1 is SIGKILLed: process 0 exits with one line (EXIT_LOST). Both
     resume; epoch 3 starts and process 0, the coordinator, is SIGKILLed: process 1 stops too. Both

@@ -64,6 +64,7 @@ def mnist_reference(mnist_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # a killed subprocess and two more per case
 @pytest.mark.parametrize("point,epoch", [("compile", 1), ("mid-epoch", 2), ("mid-save", 2), ("after-save", 2)])
 def test_mnist_killed_at_any_moment_resumes_to_the_uninterrupted_run(point, epoch, mnist_data, mnist_reference, tmp_path):
     out = tmp_path / "run"
@@ -84,6 +85,7 @@ def test_mnist_killed_at_any_moment_resumes_to_the_uninterrupted_run(point, epoc
     assert leftovers == [] and not (out / ".lock").exists()
 
 
+@pytest.mark.slow  # a killed subprocess and three more
 def test_catsdogs_killed_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path):
     data = write_cats_dogs_folder(tmp_path / "data")
     reference, out = tmp_path / "reference", tmp_path / "run"

@@ -224,6 +224,7 @@ print(json.dumps({"choice": choice, "nbytes": big.nbytes, "seen": seen, "stream_
 STREAM_GROWTH_BOUND = 32 * 2**20
 
 
+@pytest.mark.slow  # writes and streams a 110 MiB folder in a subprocess
 def test_host_memory_stays_bounded_while_streaming(tmp_path):
     n, size, budget = 1500, 160, 20 * 2**20
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "big"), str(n), str(size), str(budget)],
