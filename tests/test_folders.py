@@ -375,6 +375,27 @@ def test_file_edited_with_same_size_and_mtime_is_not_served_stale(tmp_path, cach
     assert len(cache_files(cache_dir)) == 2
 
 
+def test_file_edited_while_the_folder_decodes_is_not_cached_under_its_old_content(tmp_path, cache_dir, monkeypatch):
+    """The key is hashed before the decode reads the files again; an edit in between must not cache
+    the new pixels under the old bytes' key (the next load, with the file back, would get them)."""
+    write_two_classes(tmp_path)
+    path = tmp_path / "cats" / "a.png"
+    original = path.read_bytes()
+    decode = folders._decode_listing
+
+    def edit_then_decode(*args, **kwargs):
+        write_solid_image(path, (99, 0, 0))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(folders, "_decode_listing", edit_then_decode)
+    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
+    assert cache_files(cache_dir) == []
+    monkeypatch.setattr(folders, "_decode_listing", decode)
+    path.write_bytes(original)
+    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
+    assert len(cache_files(cache_dir)) == 1
+
+
 def test_content_hashes_threads_and_serial_agree(tmp_path):
     for i in range(7):
         write_noise_image(tmp_path / "c" / f"{i}.png", seed=i)

@@ -31,7 +31,8 @@ relative path and sha256, so any added, removed or edited file invalidates it, e
 rewritten with the same size and mtime. The price: every load reads and hashes every file
 (in threads, each a slice of the files), which on cats_and_dogs_small/train makes a warm
 (cached) load about 1.5 to 2 times as long as a (size, mtime) key did, still a small
-fraction of decoding. A cached result with skipped files repeats their warnings on
+fraction of decoding. After a decode the files are hashed once more, and the result is cached
+only if nothing changed meanwhile. A cached result with skipped files repeats their warnings on
 every load; a skipped file is only retried when it (or another file) changes.
 
 Each load logs one INFO line (logger "cnnjax.data.folders"): images decoded or loaded from
@@ -432,11 +433,13 @@ def _load_listing(
         _warn_skipped(listing.folder, cached.skipped)
         return cached
     result = _decode_listing(listing, size_hw, resample, workers)
-    written = _write_cache(path, key, result)
-    log.info(
-        "decoded %s from %s in %.1f s; %s",
-        _counted(result), listing.folder, time.perf_counter() - start, f"cached at {path}" if written else "not cached (see warning)",
-    )
+    # The key was computed from the bytes before the decode read them again: a file edited in
+    # between would put new pixels under the old content's key. Hash again, cache only if equal.
+    if _cache_key(listing, size_hw, interpolation, workers) != key:
+        note = "not cached: a file changed while the folder was being decoded"
+    else:
+        note = f"cached at {path}" if _write_cache(path, key, result) else "not cached (see warning)"
+    log.info("decoded %s from %s in %.1f s; %s", _counted(result), listing.folder, time.perf_counter() - start, note)
     return result
 
 
