@@ -152,6 +152,7 @@ def run_setting(setting: Setting, base: Config, splits: runs.Splits, test: tuple
     histories: list[train.History] = []
     tests: list[float] = []
     wall = 0.0  # training time: the seeds of one run share each epoch's seconds
+    evaluator = None  # one compiled single-device evaluation serves every seed's best checkpoint
     for run_cfg in _run_configs(cfg, folder, mode):
         run_folder = runs.RunFolder.open(run_cfg)
         try:
@@ -162,8 +163,11 @@ def run_setting(setting: Setting, base: Config, splits: runs.Splits, test: tuple
         finally:
             run_folder.close()
         histories += result.histories
-        wall += sum(row["seconds"] for row in result.histories[0])
-        tests += [_test_accuracy(run_folder.path, k, result, test, cfg) for k in range(len(result.seeds))]
+        # A diverged seed's history stops while the others train on: the longest one is the run's time.
+        wall += max(sum(row["seconds"] for row in history) for history in result.histories)
+        if test is not None and evaluator is None:
+            evaluator = train.Trainer(model, result.trainer.tx, mesh=mesh.make_mesh(1, jax.local_devices()[:1]))
+        tests += [_test_accuracy(run_folder.path, k, result, test, cfg, evaluator) for k in range(len(result.seeds))]
     summary = summarize(setting, histories, tests, wall)
     record = {"setting": setting.as_dict(), "config": configlib.to_dict(cfg), "mode": mode, **summary, "histories": histories}
     if mesh.is_main_process():  # in a run of several processes, process 0 writes the folder
@@ -172,13 +176,13 @@ def run_setting(setting: Setting, base: Config, splits: runs.Splits, test: tuple
     return record
 
 
-def _test_accuracy(run_folder: Path, seed_index: int, result: runs.RunResult, test: tuple | None, cfg: Config) -> float:
+def _test_accuracy(run_folder: Path, seed_index: int, result: runs.RunResult, test: tuple | None, cfg: Config,
+                   evaluator: train.Trainer | None) -> float:
     """Test accuracy of the seed's best checkpoint (lowest validation loss), or NaN without one."""
-    if test is None or result.best[seed_index] is None:
+    if test is None or evaluator is None or result.best[seed_index] is None:
         return math.nan
     _, params, _ = runs.load_model(run_folder, "best", seed_index)
-    trainer = train.Trainer(result.trainer.model, result.trainer.tx, mesh=mesh.make_mesh(1, jax.local_devices()[:1]))
-    return trainer.evaluate(train.stack_states([params]), test, cfg.train.eval_batch_size)[0]["accuracy"]
+    return evaluator.evaluate(train.stack_states([params]), test, cfg.train.eval_batch_size)[0]["accuracy"]
 
 
 def summarize(setting: Setting, histories: Sequence[train.History], tests: Sequence[float], wall: float) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str | os.PathLike, tree_names: Sequence[str], keep_latest: int = 2,
-                 best_metrics: Sequence[str] = (), read_only: bool = False):
+                 best_metrics: Sequence[str] = ()):
         self.directory = Path(directory).absolute()
         self.tree_names = tuple(tree_names)
         policies: list[Any] = [checkpoint_managers.LatestN(keep_latest)]
@@ -69,10 +69,9 @@ class Checkpoints:
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=(lambda metrics: _finite_or_inf(metrics.get(first))) if first else None,
             best_mode="min",
-            cleanup_tmp_directories=not read_only,
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=False,  # a save is complete when save() returns: the epoch is safe
-            create=not read_only,
-            read_only=read_only,
+            create=True,
         )
         handlers = {name: ocp.StandardCheckpointHandler() for name in self.tree_names}
         handlers[DESCRIPTION] = ocp.JsonCheckpointHandler()

@@ -71,7 +71,7 @@ def exit_on_bad_input() -> Iterator[None]:
     """Turn the errors a user can cause into one line on stderr and exit code 2, no traceback."""
     try:
         yield
-    except (ConfigError, DataError, RunError, CheckpointError, ValueError) as e:
+    except (ConfigError, DataError, RunError, CheckpointError, ValueError, OSError) as e:  # OSError: an unreadable file
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
 
@@ -312,7 +312,6 @@ class RunResult:
     diverged: list[int | None]
     best: list[dict[str, Any] | None]
     seeds: list[int]
-    resumed_from: int  # epochs already done when this process started (0: a fresh run)
 
     @property
     def exit_code(self) -> int:
@@ -341,8 +340,6 @@ def train_run(
     mesh: jax.sharding.Mesh | None = None,
     verbose: bool = True,
     callbacks: Sequence[train.EpochCallback] = (),
-    progress: bool | None = None,
-    use_scan: bool = True,
     trainer: train.Trainer | None = None,
 ) -> RunResult:
     """Train cfg's recipe in `folder`, resuming from its latest checkpoint when there is one.
@@ -354,7 +351,7 @@ def train_run(
     if trainer is None:
         tx = train.make_optimizer(cfg.optim)
         mesh = meshlib.make_mesh(len(seeds)) if mesh is None else mesh
-        trainer = train.Trainer(model, tx, cfg.augment, num_seeds=len(seeds), mesh=mesh, use_scan=use_scan)
+        trainer = train.Trainer(model, tx, cfg.augment, num_seeds=len(seeds), mesh=mesh)
     meshlib.check_batch(trainer.mesh, cfg.train.batch_size)
     meshlib.check_batch(trainer.mesh, cfg.train.eval_batch_size, "train.eval_batch_size")
     metric_names = [f"val_loss/{k}" for k in range(len(seeds))]
@@ -391,7 +388,7 @@ def train_run(
     try:
         result = train.fit(
             trainer, fit_state.state, splits.train, cfg.train.epochs, cfg.train.batch_size, splits.validation,
-            cfg.train.eval_batch_size, callbacks=[save_epoch, log_epoch, *callbacks], verbose=verbose, progress=progress,
+            cfg.train.eval_batch_size, callbacks=[save_epoch, log_epoch, *callbacks], verbose=verbose,
             initial_epoch=epoch, histories=fit_state.histories, diverged=fit_state.diverged,
         )
         if folder.writer:
@@ -401,7 +398,7 @@ def train_run(
         ckpts.close()
         for logger in loggers:
             logger.close(finished=finished)
-    return RunResult(folder, trainer, result.state, result.histories, result.diverged, best_epochs(result.histories), seeds, epoch)
+    return RunResult(folder, trainer, result.state, result.histories, result.diverged, best_epochs(result.histories), seeds)
 
 
 def _tensorboard_loggers(cfg: Config, folder: RunFolder, seeds: Sequence[int]) -> list[Any]:
@@ -459,6 +456,10 @@ def _nan_for_none(row: dict[str, Any]) -> dict[str, Any]:
 def find_checkpoint(path: str | os.PathLike, which: str | int = "best", seed_index: int = 0) -> Path:
     """The checkpoint folder `path` means: a checkpoint folder itself, or a run folder (its
     best epoch for `seed_index`, its latest, or epoch N), or RUN/best, RUN/latest."""
+    if isinstance(which, str) and which.isdigit():
+        which = int(which)
+    if which not in ("best", "latest") and not (isinstance(which, int) and which >= 0):
+        raise CheckpointError(f"which checkpoint must be best, latest or an epoch number, got {which!r}")
     path = Path(path).expanduser().absolute()
     if checkpoint.is_checkpoint(path):
         return path
@@ -478,9 +479,9 @@ def find_checkpoint(path: str | os.PathLike, which: str | int = "best", seed_ind
         if best[seed_index] is None:
             raise CheckpointError(f"{path}: seed index {seed_index} has no finite validation loss, so no best epoch")
         return folder / str(best[seed_index]["epoch"])
-    if int(which) not in steps:
+    if which not in steps:
         raise CheckpointError(f"{path} has no checkpoint of epoch {which}; it keeps epochs {', '.join(map(str, steps))}")
-    return folder / str(int(which))
+    return folder / str(which)
 
 
 def save_model(folder: str | os.PathLike, model: Any, params: Any, class_names: Sequence[str] | None = None, epoch: int = 0,

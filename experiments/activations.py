@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,19 +105,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     runs.setup_logging()
     # Everything that can fail on bad input happens before the first file is written.
-    try:
-        which = int(args.which) if args.which.isdigit() else args.which
-        model, params, description = runs.load_model(args.checkpoint, which, args.seed_index)
+    with runs.exit_on_bad_input():
+        model, params, description = runs.load_model(args.checkpoint, args.which, args.seed_index)
         interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
         image = load_input(model, args, interpolation)
         conv_pool = [n for n in look.resolve_layers(model) if n.startswith(("conv2d", "max_pooling2d"))]
         # The lecture: the first layers' outputs for one image (MNIST has only 5 conv/pool layers).
         activations = look.capture_activations(model, params, image, conv_pool[: max(args.layers, 1)])
         check_args(model, args, activations[0][1].shape[-1])
-    except (runs.CheckpointError, data.DataError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    class_names = CLASS_NAMES.get(type(model).__name__)
+    class_names = description.get("class_names") or CLASS_NAMES.get(type(model).__name__)
     if args.filters:
         filter_layer = args.filter_layer or look.last_conv_layer(model)
         ascent = look.filter_ascent(model, params, filter_layer, args.num_filters, steps=args.steps)

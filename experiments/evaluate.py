@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with runs.exit_on_bad_input():
         if args.batch_size < 1:
             raise config.ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-        which = int(args.which) if args.which.isdigit() else args.which
-        if which not in ("best", "latest") and not isinstance(which, int):
-            raise config.ConfigError(f"--which must be best, latest or an epoch number, got {args.which!r}")
-        model, params, description = runs.load_model(args.checkpoint, which, args.seed_index)
+        model, params, description = runs.load_model(args.checkpoint, args.which, args.seed_index)
         saved = description.get("config", {}).get("data", {})
         interpolation = args.interpolation or saved.get("interpolation", "nearest")
         if interpolation not in config.INTERPOLATIONS:

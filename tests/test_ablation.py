@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -134,6 +135,20 @@ def test_a_diverging_setting_is_reported_and_keeps_finite_checkpoints(splits, tm
     assert all(row["loss"] is None for row in history if row.get("diverged"))  # strict JSON: NaN as null
     # Both seeds diverged in epoch 1: no finite state beyond the initial one, so nothing was saved (never a NaN checkpoint).
     assert list((tmp_path / "none" / "seeds" / "checkpoints").iterdir()) == []
+
+
+
+def test_wall_time_is_the_longest_seed_when_one_diverged_early(splits, tmp_path, monkeypatch):
+    """The seeds of one run share each epoch's seconds; a diverged seed's history stops early."""
+    def row(epoch, seconds, diverged=False):
+        return {"epoch": epoch, "loss": 0.5, "accuracy": 0.5, "val_loss": 0.6, "val_accuracy": 0.5,
+                "seconds": seconds, **({"diverged": True} if diverged else {})}
+
+    histories = [[row(1, 2.0, diverged=True)], [row(1, 2.0), row(2, 3.0), row(3, 4.0)]]
+    monkeypatch.setattr(runs, "train_run", lambda *a, **k: types.SimpleNamespace(
+        histories=histories, trainer=None, seeds=[0, 1], best=[None, None]))
+    record = ablation.run_setting(ablation.Setting.of("none"), BASE, splits, None, tmp_path / "none", "vmap", verbose=False)
+    assert record["wall_seconds"] == 9.0 and record["status"] == "partly diverged"
 
 
 def test_a_failed_setting_is_retried_and_the_script_exits_non_zero(tmp_path, monkeypatch, capsys):

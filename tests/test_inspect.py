@@ -312,7 +312,7 @@ def test_default_cats_image_is_the_first_validation_cat(cats_photos):
     assert script.default_image_path(cats_photos.parent) == cats_photos / "validation" / "cats" / "cat.1000.jpg"
 
 
-@pytest.mark.parametrize("problem", ["no checkpoint", "unreadable image", "bad channel"])
+@pytest.mark.parametrize("problem", ["no checkpoint", "unreadable image", "bad channel", "bad which"])
 def test_script_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys, problem):
     ckpt = save_untrained(models.MnistConvNet(), tmp_path / "run")
     not_an_image = tmp_path / "notes.png"
@@ -322,6 +322,7 @@ def test_script_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys
         "no checkpoint": ["--checkpoint", str(tmp_path / "missing")],
         "unreadable image": ["--checkpoint", str(ckpt), "--image", str(not_an_image)],
         "bad channel": ["--checkpoint", str(ckpt), "--image", str(not_an_image.with_name("ok.png")), "--channel", "32"],
+        "bad which": ["--checkpoint", str(tmp_path / "run"), "--which", "bset"],
     }[problem]
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "ok.png")
     with pytest.raises(SystemExit) as exit_info:
@@ -329,4 +330,6 @@ def test_script_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+    if problem == "bad which":  # what was wrong and what to pass, not int()'s message
+        assert "best, latest or an epoch number, got 'bset'" in err
     assert not out.exists()
