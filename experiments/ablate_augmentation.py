@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnjax import ablation, config, data, models, runs
+from cnnjax import ablation, config, data, mesh, models, runs
 
 ALIASES = {
     "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
@@ -83,29 +83,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
             runs.check_config(ablation.setting_config(base, setting))
         if args.train_subset is not None and args.train_subset < 2:
             raise config.ConfigError(f"--train-subset must be at least 2 (one image per class), got {args.train_subset}")
+        if base.data.input == "stream":
+            raise config.ConfigError("--data.input stream: the ablation trains every setting on the same images, held in "
+                                     "memory; use --data.input memory or auto")
         size = (base.data.image_size, base.data.image_size)
-        folders = data.load_cats_dogs(base.data.data_dir, ("train", "validation", "test"), size, base.data.interpolation)
+        validation = base.data.validation_split
+        wanted = tuple(dict.fromkeys(("train", validation, "test")))
+        folders = data.load_cats_dogs(base.data.data_dir, wanted, size, base.data.interpolation)
         model = models.from_config(base.model.name, base.data.image_size)
         splits = runs.Splits(subset(folders["train"].images, folders["train"].labels, args.train_subset),
-                             (folders["validation"].images, folders["validation"].labels), folders["train"].class_names)
+                             (folders[validation].images, folders[validation].labels), folders["train"].class_names)
         runs.check_classes(model, splits.class_names, [splits.train[1], splits.validation[1]], "the data folder")
         test = (folders["test"].images, folders["test"].labels)
-    print(f"{len(settings)} settings x {base.train.seeds} seeds, {base.train.epochs} epochs, {len(splits.train[1])} training "
-          f"images at {base.data.image_size}px", flush=True)
+    main_process = mesh.is_main_process()  # with several processes, process 0 prints (and writes)
+    if main_process:
+        print(f"{base.train.epochs} epochs, {len(splits.train[1])} training images at {base.data.image_size}px, "
+              f"validation on {validation}", flush=True)
     try:
         results = ablation.run_ablation(settings, base, splits, test, out, args.seed_mode)
     except KeyboardInterrupt:
-        results = ablation.rebuild_report(out, [s.name for s in settings])
+        names = [s.name for s in settings]
+        results = ablation.rebuild_report(out, names) if main_process else ablation.collect_results(out, names)
         done = len(results) - len(ablation.failed(results))
-        print(f"\ninterrupted: {done} finished setting(s) are in {out}/results.md; the same command skips them and resumes "
-              "the rest", file=sys.stderr, flush=True)
+        if main_process:
+            print(f"\ninterrupted: {done} finished setting(s) are in {out}/results.md; the same command skips them and "
+                  "resumes the rest", file=sys.stderr, flush=True)
         raise SystemExit(runs.EXIT_INTERRUPTED) from None
-    print((out / "results.md").read_text() if (out / "results.md").exists() else "no results", flush=True)
-    print(f"Wrote {out}/: results.csv, results.md, curves.png, one run folder per setting", flush=True)
+    if main_process:
+        print((out / "results.md").read_text() if (out / "results.md").exists() else "no results", flush=True)
+        print(f"Wrote {out}/: results.csv, results.md, curves.png, one run folder per setting", flush=True)
     failed = ablation.failed(results)
     if failed:
-        print(f"error: {len(failed)} setting(s) failed: {', '.join(failed)} (see their error.json); run the same command "
-              "again to retry them", file=sys.stderr, flush=True)
+        if main_process:
+            print(f"error: {len(failed)} setting(s) failed: {', '.join(failed)} (see their error.json); run the same "
+                  "command again to retry them", file=sys.stderr, flush=True)
         raise SystemExit(runs.EXIT_FAILED)
     return results
 

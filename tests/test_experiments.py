@@ -96,8 +96,8 @@ def resolve_ablation(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNJAX_DATA_DIR", str(data))
     captured = {}
 
-    def capture(settings, base, *args, **kwargs):
-        captured["base"], captured["settings"] = base, settings
+    def capture(settings, base, splits, *args, **kwargs):
+        captured["base"], captured["settings"], captured["splits"] = base, settings, splits
         return []
 
     monkeypatch.setattr(ablation, "run_ablation", capture)
@@ -108,6 +108,7 @@ def resolve_ablation(tmp_path, monkeypatch):
         return captured["base"]
 
     resolve.data = data
+    resolve.captured = captured
     return resolve
 
 
@@ -210,6 +211,22 @@ def test_every_catsdogs_flag_alone_changes_only_its_field(experiment, capsys):
     refused = REFUSED["catsdogs"] if experiment == 1 else {**REFUSED["catsdogs"], "model.dropout": "disagree"}  # --dropout set it
     checked = check_one_flag_at_a_time(lambda argv: resolve_cats([*extra, *argv]), spec, refused, capsys)
     assert checked == len(config.paths()) - len(refused)
+
+
+def test_the_ablation_validates_on_the_split_asked_for_and_refuses_to_stream(resolve_ablation, capsys):
+    from cnnjax.data import folders
+
+    resolve_ablation(["--data.validation_split", "train"])
+    splits = resolve_ablation.captured["splits"]
+    np.testing.assert_array_equal(splits.validation[0], splits.train[0])  # not the validation folder's images
+    base = resolve_ablation([])
+    size = (base.data.image_size, base.data.image_size)
+    validation = folders.load_image_folder(resolve_ablation.data / "validation", size, base.data.interpolation)
+    np.testing.assert_array_equal(resolve_ablation.captured["splits"].validation[0], validation.images)
+    with pytest.raises(SystemExit) as exit_info:
+        resolve_ablation(["--data.input", "stream"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "held in memory; use --data.input memory or auto" in err and err.count("\n") == 1
 
 
 def test_every_ablation_flag_alone_changes_only_its_field(resolve_ablation, capsys):
