@@ -13,10 +13,10 @@ of the base recipe with the setting's overrides:
 
 How the seeds of a setting run: "vmap" trains them in one compiled program, the seeds
 spread over the mesh's seed axis; "sequential" trains one after another. "auto" takes
-vmap: on this project's 2-core CPU, 3 seeds in one program took 0.78x (64 px) and 0.87x
-(150 px) of the time of running them in turn (benchmarks/ablation_vmap.py), and on
-accelerators one program per step is what keeps the device busy. (With the previous core
-the CPU measured the other way round; measure again with the benchmark before changing it.)
+vmap: on this project's 2-core CPU, 3 seeds in one program measured faster than running
+them in turn (benchmarks/ablation_vmap.py prints the ratio; the README has the figures),
+and on accelerators one program per step is what keeps the device busy. (With the
+previous core the CPU measured the other way round; measure again before changing it.)
 
 A finished setting (result.json) is never redone; an unfinished one resumes from its
 latest checkpoint; a failed one is tried again. The table is always rebuilt from the

@@ -291,10 +291,10 @@ def max_pool_nhwc(x: jax.Array, window: int = 2) -> jax.Array:
     """Non-overlapping max pooling (stride = window, "valid") as a reshape and a max.
 
     Same result as `nn.max_pool(x, (w, w), (w, w))`, but its gradient is a plain
-    compare-and-select (ties share it) instead of XLA's select_and_scatter, which on the
-    CPU made one MNIST training step about 2.5x slower. On the CPU the same forward and
-    gradient are written on the window's strided views (`_max_pool`), which XLA:CPU
-    fuses better; elsewhere jax differentiates the reshape-and-max itself.
+    compare-and-select (ties share it) instead of XLA's select_and_scatter, which made an
+    MNIST training step on the CPU several times slower. On the CPU the same forward and
+    gradient are written on the window's strided views (`_max_pool`), which XLA:CPU fuses
+    better; elsewhere jax differentiates the reshape-and-max itself.
     """
     if jax.default_backend() == "cpu":
         return _max_pool(x, window)

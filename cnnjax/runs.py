@@ -566,7 +566,8 @@ def execute(cfg: Config, args: Any, argv: Sequence[str] | None = None,
     """Everything an experiment script does after resolving its config: join the processes,
     check the data and the folder (all before writing anything), train, write the history,
     its figure and the closing lines. Errors a user can cause exit with one line (code 2);
-    a diverged run exits with EXIT_DIVERGED after saying so; Ctrl-C says how to resume."""
+    Ctrl-C says how to resume and exits with EXIT_INTERRUPTED. A diverged run says so and
+    returns: the script exits with `result.exit_code` once it has printed what it adds."""
     with exit_on_bad_input():
         start(args)
         model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)

@@ -347,7 +347,7 @@ class Trainer:
     than one jitted step per call. Scanning is the default on every backend, by
     measurement (benchmarks/train_loop.py): on GPUs per-step dispatch dominates small
     convnets; on the CPU, with cnnjax.ops's convolutions and pools, the scanned epoch was
-    faster too. (With jax's own pooling gradient, select_and_scatter, scan was once 8x
+    faster too. (With jax's own pooling gradient, select_and_scatter, scan was once much
     slower there.)
     """
 

@@ -19,7 +19,7 @@ Writes into --out: config.json, preview.png (one training image and four augment
 versions), history.json/.csv, history.png, checkpoints/<epoch>/ (the latest epochs and
 the one of lowest validation loss), tensorboard/. Evaluate a checkpoint on the test
 split with experiments/evaluate.py. Exit codes: 0 done, 2 bad flags / data / run folder,
-3 diverged, 130 interrupted (resumable).
+3 diverged, 5 another process of a multi-process run was lost, 130 interrupted (resumable).
 """
 
 from __future__ import annotations

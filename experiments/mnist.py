@@ -8,8 +8,8 @@ Expected: test accuracy about 0.991 after 5 epochs (the book reports 0.991; the 
 about 0.98); README "Results" has the measured run. The data comes by itself: --data-dir,
 else CNNJAX_DATA_DIR, else the user cache, else a checksum-verified download.
 Writes into --out: config.json, history.json/.csv, history.png, checkpoints/<epoch>/,
-tensorboard/. Exit codes: 0 done, 2 bad flags / data / run folder, 3 diverged, 130
-interrupted (resumable).
+tensorboard/. Exit codes: 0 done, 2 bad flags / data / run folder, 3 diverged, 5 another
+process of a multi-process run was lost, 130 interrupted (resumable).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ difference: 16-bit grayscale (PIL modes I;16, I;16B, and I from a PNG or PGM) is
 to 8 bits, round(v * 255 / 65535), where PIL and Keras clip it to 255 (all white); float
 images ("F") are rounded and clipped to 0-255 (see `_to_8bit`). No JPEG
 `draft()` mode: it decodes at a reduced DCT scale, and on cats_and_dogs_small only ~30 %
-of the images then matched load_img, for a ~15 % speed-up.
+of the images then matched load_img, for a small speed-up.
 
 Classes are the sorted sub-folder names (cats -> 0, dogs -> 1); images are the files with
 an image extension (case-insensitive), walked like Keras (sub-folders of a class included,
@@ -29,10 +29,10 @@ temporaries of killed processes are removed on the next load). The key hashes th
 folder path, the image size, the interpolation, the Pillow version and every image file's
 relative path and sha256, so any added, removed or edited file invalidates it, even one
 rewritten with the same size and mtime. The price: every load reads and hashes every file
-(in threads, each a slice of the files), which on cats_and_dogs_small/train makes a warm
-(cached) load about 1.5 to 2 times as long as a (size, mtime) key did, still a small
-fraction of decoding. After a decode the files are hashed once more, and the result is cached
-only if nothing changed meanwhile. A cached result with skipped files repeats their warnings on
+(in threads, each a slice of the files), which makes a warm (cached) load slower than a
+(size, mtime) key did, though still a small fraction of decoding (the README has the
+figures). After a decode the files are hashed once more, and the result is cached only if
+nothing changed meanwhile. A cached result with skipped files repeats their warnings on
 every load; a skipped file is only retried when it (or another file) changes.
 
 Each load logs one INFO line (logger "cnnjax.data.folders"): images decoded or loaded from
@@ -315,7 +315,7 @@ def _content_hashes(listing: _Listing, workers: int | None) -> list[str]:
     """sha256 of every file's bytes, or why it could not be read, in listing order.
 
     Threads each take one contiguous slice of the files: handing them out one by one costs
-    more in thread switching than hashing a 20 kB JPEG does (measured 1.5x slower on 2 cores).
+    more in thread switching than hashing a 20 kB JPEG does (it measured slower).
     """
     paths = [str(listing.folder / rel) for rel in listing.files]
 
