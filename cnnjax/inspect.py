@@ -45,22 +45,18 @@ def load_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3
 
     The steps of Keras's load_img + img_to_array / 255: PIL opens it, converts to RGB (or L
     for a 1-channel model), resizes to (w, h) with `interpolation` (the run's
-    data.interpolation; nearest is load_img's default), scales by 1/255. Raises OSError
-    (PIL's UnidentifiedImageError included) when the file cannot be read.
+    data.interpolation; nearest is load_img's default), scales by 1/255. 16-bit and float
+    images are scaled to 8 bits first, as the folder loader does for training. Raises
+    OSError (PIL's UnidentifiedImageError included) when the file cannot be read.
     """
-    from cnnjax.data.folders import INTERPOLATIONS
+    from cnnjax.data import folders
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
-    height, width = size
+    (height, width), resample = folders._check_args(size, interpolation)
     with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (width, height):
-            img = img.resize((width, height), INTERPOLATIONS[interpolation])
-        pixels = np.asarray(img, dtype=np.float32)
-    return (pixels[..., None] if channels == 1 else pixels) / 255.0
+        pixels = folders._to_array(img, (width, height), resample, "L" if channels == 1 else "RGB")
+    return pixels.astype(np.float32) / 255.0
 
 
 # --- Activations -------------------------------------------------------------------------

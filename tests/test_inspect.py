@@ -16,7 +16,15 @@ from PIL import Image
 from cnnjax import inspect as look
 from cnnjax import models, plots, runs, train
 from experiments import activations as script
-from tests.conftest import CATS_DOGS_LAYERS, MNIST_LAYERS, numpy_params, png_pixels, quadrant_square_images
+from tests.conftest import (
+    CATS_DOGS_LAYERS,
+    MNIST_LAYERS,
+    numpy_params,
+    png_pixels,
+    quadrant_square_images,
+    write_noise_image,
+    write_solid_image,
+)
 
 MNIST_SHAPES = [(name, shape) for name, shape, _ in MNIST_LAYERS]
 CATS_SHAPES = [(name, shape) for name, shape, _ in CATS_DOGS_LAYERS]
@@ -333,3 +341,20 @@ def test_script_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys
     if problem == "bad which":  # what was wrong and what to pass, not int()'s message
         assert "best, latest or an epoch number, got 'bset'" in err
     assert not out.exists()
+
+
+def test_load_image_gives_the_pixels_training_saw(tmp_path):
+    """The script's input goes through the folder loader's decoding: same resize, 16-bit scaled (not clipped)."""
+    from cnnjax.data.folders import load_image_folder
+
+    write_noise_image(tmp_path / "data" / "c" / "noise.png", size=(37, 23))
+    for interpolation in ("nearest", "bilinear"):
+        trained = load_image_folder(tmp_path / "data", (10, 15), interpolation, cache=False).images[0]
+        np.testing.assert_array_equal(look.load_image(tmp_path / "data" / "c" / "noise.png", (10, 15), 3, interpolation) * 255,
+                                      trained)
+    write_solid_image(tmp_path / "gray16.png", 1000, mode="I;16")  # round(1000 * 255 / 65535) = 4, where PIL clips to 255
+    assert Image.open(tmp_path / "gray16.png").mode == "I;16"
+    for channels in (1, 3):
+        pixels = look.load_image(tmp_path / "gray16.png", (4, 6), channels)
+        assert pixels.shape == (4, 6, channels) and pixels.dtype == np.float32
+        np.testing.assert_allclose(pixels * 255, 4.0, atol=1e-4)

@@ -214,15 +214,17 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def _to_array(img: Image.Image, size_wh: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    # The steps and the order of keras.utils.load_img(color_mode="rgb", target_size=...),
+def _to_array(img: Image.Image, size_wh: tuple[int, int], resample: Image.Resampling, mode: str = "RGB") -> np.ndarray:
+    """uint8 (H, W, 3) for mode "RGB", (H, W, 1) for "L"."""
+    # The steps and the order of keras.utils.load_img(color_mode="rgb" or "grayscale", target_size=...),
     # except that 16-bit and float images are scaled to 8 bits first (Keras clips them).
     img = _to_8bit(img)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    if img.mode != mode:
+        img = img.convert(mode)
     if img.size != size_wh:
         img = img.resize(size_wh, resample)
-    return np.asarray(img, dtype=np.uint8)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[..., None] if mode == "L" else pixels
 
 
 def _decode_one(path: str, size_wh: tuple[int, int], resample: Image.Resampling) -> np.ndarray:

@@ -126,12 +126,7 @@ class FolderSource:
 
 
 def _decode_gray(data: bytes, size_wh: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    img = folders._to_8bit(Image.open(io.BytesIO(data)))
-    if img.mode != "L":
-        img = img.convert("L")
-    if img.size != size_wh:
-        img = img.resize(size_wh, resample)
-    return np.asarray(img, np.uint8)[..., None]
+    return folders._to_array(Image.open(io.BytesIO(data)), size_wh, resample, "L")
 
 
 def _first_line(e: BaseException) -> str:
