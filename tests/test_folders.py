@@ -505,3 +505,9 @@ def test_tfds_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises ImportError
     with pytest.raises(DataError, match="needs tensorflow-datasets, which is not installed.*train,validation,test"):
         load_tfds_cats_vs_dogs()
+
+
+def test_the_configs_interpolation_names_are_the_loaders():
+    from cnnjax import config
+
+    assert config.INTERPOLATIONS == tuple(folders.INTERPOLATIONS)

@@ -32,3 +32,9 @@ def tfds_reachable(host: str = "storage.googleapis.com", timeout: float = 5.0) -
             return True
     except OSError:
         return False
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's first non-empty line (its type name when it has no message), for one-line errors."""
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:limit]

