@@ -310,15 +310,8 @@ def format_cell(key: str, mean: float, std: float) -> str:
 
 def write_table(results: Sequence[dict[str, Any]], out: Path) -> None:
     """results.csv (every number) and results.md (mean ± std over seeds)."""
-    import csv
-    import io
-
     rows = table_rows(results)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    files.write_text(out / "results.csv", buffer.getvalue())
+    files.write_csv(out / "results.csv", rows)
     header = ["setting", "status", "seeds", *(label for _, label in COLUMNS), "wall (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

@@ -26,9 +26,7 @@ Rules, as Keras's BackupAndRestore and ModelCheckpoint have them, and stricter:
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -272,12 +270,7 @@ class RunFolder:
             return
         rows = [{"seed": seed, **row} for seed, history in zip(seeds, histories) for row in history]
         files.write_json(self.path / "history.json", rows)
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(files.strict_json(rows))
-        files.write_text(self.path / "history.csv", buffer.getvalue())
+        files.write_csv(self.path / "history.csv", rows)
 
 
 def read_history(path: str | os.PathLike) -> dict[int, train.History]:

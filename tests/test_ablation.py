@@ -1,5 +1,6 @@
 """The ablation: settings as overrides, resume and retry, the table recomputed from the runs, best checkpoints."""
 
+import csv
 import dataclasses
 import json
 import types
@@ -131,6 +132,8 @@ def test_a_diverging_setting_is_reported_and_keeps_finite_checkpoints(splits, tm
     results = ablation.run_ablation([ablation.Setting.of("none")], base, splits, None, tmp_path, "vmap", verbose=False)
     assert results[0]["status"] == "diverged"
     assert "| none | diverged | 2 |" in (tmp_path / "results.md").read_text()
+    row = next(csv.DictReader((tmp_path / "results.csv").open()))
+    assert row["status"] == "diverged" and row["best_val_accuracy_mean"] == ""  # NaN as an empty cell, like history.csv
     history = json.loads((tmp_path / "none" / "seeds" / "history.json").read_text())
     assert all(row["loss"] is None for row in history if row.get("diverged"))  # strict JSON: NaN as null
     # Both seeds diverged in epoch 1: no finite state beyond the initial one, so nothing was saved (never a NaN checkpoint).
