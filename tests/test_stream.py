@@ -262,6 +262,56 @@ def test_tfds_source_by_name_and_split_with_mock_data():
         assert cats.describe(3) == "tfds:cats_vs_dogs/train[3]"
 
 
+def lecture_subset(labels: list[int], sizes: dict[str, int]) -> dict[str, list[int]]:
+    """The rule, written plainly: per class, in TFDS order, the first sizes["train"] for train, then validation, then test;
+    each split's cats, then its dogs (as TFDS indices)."""
+    out = {split: [] for split in sizes}
+    for label in (0, 1):
+        indices = [i for i, lab in enumerate(labels) if lab == label]
+        start = 0
+        for split, n in sizes.items():
+            out[split] += indices[start:start + n]
+            start += n
+    return out
+
+
+def test_tfds_cats_vs_dogs_subset_in_memory_and_streamed_follow_the_lecture_split(monkeypatch):
+    """Both paths pick the lecture's splits from TFDS's single split (folders.TfdsSubset) and decode
+    with PIL. TFDS's mock data differs between tfds.load and tfds.data_source, so each path is
+    checked against the rule on the records it reads (real TFDS gives both the same records)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import io
+
+    sizes = {"train": 3, "validation": 2, "test": 1}
+    monkeypatch.setattr(folders, "TFDS_SPLIT_SIZES", tuple(sizes.items()))
+
+    def pil(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
+
+    skip = {"image": tfds.decode.SkipDecoding()}
+    with tfds.testing.mock_data(num_examples=40):
+        memory = folders.load_tfds_cats_vs_dogs((SIZE, SIZE), "bilinear", cache=False, allow_download=False)
+        records = list(tfds.as_numpy(tfds.load("cats_vs_dogs", split="train", as_supervised=True, shuffle_files=False,
+                                               download=False, decoders=skip)))
+        streamed = stream.tfds_cats_vs_dogs_subsets(tuple(sizes), (SIZE, SIZE), "bilinear", download=False)
+        source = tfds.data_source("cats_vs_dogs", split="train", download=False, decoders=skip)
+        by_index = [source[i] for i in range(len(source))]
+    memory_rule = lecture_subset([int(label) for _, label in records], sizes)
+    stream_rule = lecture_subset([int(r["label"]) for r in by_index], sizes)
+    for split, n in sizes.items():
+        held = memory[split]
+        assert held.files == [f"tfds:cats_vs_dogs/train[{i}]" for i in memory_rule[split]]
+        assert held.labels.tolist() == [0] * n + [1] * n
+        for image, index in zip(held.images, memory_rule[split]):
+            np.testing.assert_array_equal(image, pil(bytes(records[index][0])))
+        part = streamed[split]
+        assert [part.describe(i) for i in range(len(part))] == [f"tfds:cats_vs_dogs/train[{i}]" for i in stream_rule[split]]
+        for i, index in enumerate(stream_rule[split]):
+            image, label = part.read(i)
+            np.testing.assert_array_equal(image, pil(bytes(by_index[index]["image"])))
+            assert label == int(by_index[index]["label"]) == (0 if i < n else 1)
+
+
 def test_tfds_not_prepared_and_offline_fails_fast(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(stream, "tfds_reachable", lambda *a, **k: False)

@@ -531,6 +531,35 @@ def _decode_bytes(data: bytes, size_wh: tuple[int, int], resample: Image.Resampl
     return _to_array(Image.open(io.BytesIO(data)), size_wh, resample)
 
 
+class TfdsSubset:
+    """Which of the lecture's splits each cats_vs_dogs example goes to, read in TFDS order: per
+    class the first TFDS_SPLIT_SIZES[0] for train, the next for validation, the next for test.
+    The memory path (load_tfds_cats_vs_dogs) and the stream (stream.tfds_cats_vs_dogs_subsets)
+    both pick with it, so they hold the same examples."""
+
+    def __init__(self) -> None:
+        self.per_class = sum(n for _, n in TFDS_SPLIT_SIZES)
+        self._bounds = np.cumsum([n for _, n in TFDS_SPLIT_SIZES])
+        self.counts = [0, 0]  # label 0 = cat, 1 = dog in TFDS
+
+    def take(self, label: int) -> str | None:
+        """The split of the next example of `label`, or None when it is not needed."""
+        if label not in (0, 1) or self.counts[label] >= self.per_class:
+            return None
+        split = TFDS_SPLIT_SIZES[int(np.searchsorted(self._bounds, self.counts[label], side="right"))][0]
+        self.counts[label] += 1
+        return split
+
+    @property
+    def full(self) -> bool:
+        return min(self.counts) >= self.per_class
+
+    def check(self) -> None:
+        if not self.full:
+            raise DataError(f"TFDS 'cats_vs_dogs' has only {self.counts[0]} cats and {self.counts[1]} dogs; "
+                            f"{self.per_class} of each are needed")
+
+
 def load_tfds_cats_vs_dogs(
     image_size: Sequence[int] = (150, 150),
     interpolation: str = "nearest",
@@ -586,21 +615,15 @@ def load_tfds_cats_vs_dogs(
         except Exception as e2:  # noqa: BLE001
             raise DataError(f"TFDS 'cats_vs_dogs' download failed: {first_line(e2)}") from e2
 
-    per_class = sum(n for _, n in TFDS_SPLIT_SIZES)
-    bounds = np.cumsum([n for _, n in TFDS_SPLIT_SIZES])
+    subset = TfdsSubset()
     taken: dict[str, list[list[tuple[int, bytes]]]] = {split: [[], []] for split, _ in TFDS_SPLIT_SIZES}
-    counts = [0, 0]  # label 0 = cat, 1 = dog in TFDS
     for index, (data, label) in enumerate(tfds.as_numpy(ds)):
-        label = int(label)
-        if label not in (0, 1) or counts[label] >= per_class:
-            continue
-        split = TFDS_SPLIT_SIZES[int(np.searchsorted(bounds, counts[label], side="right"))][0]
-        taken[split][label].append((index, bytes(data)))
-        counts[label] += 1
-        if min(counts) >= per_class:
+        split = subset.take(int(label))
+        if split is not None:
+            taken[split][int(label)].append((index, bytes(data)))
+        if subset.full:
             break
-    if min(counts) < per_class:
-        raise DataError(f"TFDS 'cats_vs_dogs' has only {counts[0]} cats and {counts[1]} dogs; {per_class} of each are needed")
+    subset.check()
 
     results: dict[str, ImageFolder] = {}
     for split, _ in TFDS_SPLIT_SIZES:

@@ -232,20 +232,16 @@ def tfds_cats_vs_dogs_subsets(splits: Sequence[str], image_size: Sequence[int], 
     first 1000 in TFDS order for train, the next 500 validation, the next 500 test; cats, then
     dogs), as record-by-record sources. Finding it reads every label once."""
     full = TfdsSource("cats_vs_dogs", "train", image_size, interpolation, data_dir, download)
-    per_class = sum(n for _, n in folders.TFDS_SPLIT_SIZES)
-    bounds = np.cumsum([n for _, n in folders.TFDS_SPLIT_SIZES])
+    subset = folders.TfdsSubset()
     taken: dict[str, list[list[int]]] = {split: [[], []] for split, _ in folders.TFDS_SPLIT_SIZES}
-    counts = [0, 0]
     for index in range(len(full)):
         label = int(full.data[int(full.indices[index])][full.label_key])
-        if label not in (0, 1) or counts[label] >= per_class:
-            continue
-        taken[folders.TFDS_SPLIT_SIZES[int(np.searchsorted(bounds, counts[label], side="right"))][0]][label].append(index)
-        counts[label] += 1
-        if min(counts) >= per_class:
+        split = subset.take(label)
+        if split is not None:
+            taken[split][label].append(index)
+        if subset.full:
             break
-    if min(counts) < per_class:
-        raise DataError(f"TFDS 'cats_vs_dogs' has only {counts[0]} cats and {counts[1]} dogs; {per_class} of each are needed")
+    subset.check()
     out = {}
     for split in splits:
         sub = full.subset(taken[split][0] + taken[split][1])
