@@ -24,9 +24,9 @@ def load_split(model, description: dict, data_dir: str | None, split: str, inter
     """(images, labels) of `split`, checked against the classes the checkpoint was trained on."""
     trained = description.get("class_names")
     if model.input_shape[-1] == 1:  # MNIST
-        mnist = data.load_mnist(data_dir)
-        if split not in ("train", "test"):
+        if split not in ("train", "test"):  # before a load that may download
             raise data.DataError(f"MNIST has the splits train and test, not {split!r}")
+        mnist = data.load_mnist(data_dir)
         return mnist[f"{split}_images"], mnist[f"{split}_labels"]
     folder = data.load_cats_dogs(data_dir, (split,), model.input_shape[:2], interpolation)[split]
     if trained is not None and list(folder.class_names) != list(trained):
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
     parser.add_argument("--seed-index", type=int, default=0, help="which seed of a run that trained several (0-based)")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--split", default=None, help="default: test")
+    parser.add_argument("--split", default="test", help="the split to evaluate on (default: test)")
     parser.add_argument("--interpolation", default=None, help="resize filter (default: the one the run trained with)")
     parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args(argv)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         interpolation = args.interpolation or saved.get("interpolation", "nearest")
         if interpolation not in config.INTERPOLATIONS:
             raise config.ConfigError(f"--interpolation must be one of {', '.join(config.INTERPOLATIONS)}, got {interpolation!r}")
-        split = args.split or "test"
+        split = args.split
         images, labels = load_split(model, description, args.data_dir, split, interpolation)
     trainer = train.Trainer(model, train.make_optimizer(config.OptimConfig()), mesh=mesh.make_mesh(1, jax.local_devices()[:1]))
     stacked = train.stack_states([params])

@@ -20,14 +20,12 @@ a run killed midway is completed (copies are atomic). Prints one summary line.
 
 from __future__ import annotations
 
-import argparse
-
-from cnnjax import runs
-from cnnjax.data import DataError, folders
+from cnnjax import config, runs
+from cnnjax.data import folders
 
 
 def main(argv: list[str] | None = None) -> folders.SmallSplit:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kaggle-dir", required=True, help="Kaggle's Dogs vs. Cats train folder (cat.0.jpg, ..., dog.0.jpg, ...)")
     parser.add_argument("--out", required=True, help="the folder to make: OUT/{train,validation,test}/{cats,dogs}/")
     default_sizes = [n for _, n in folders.BOOK_SPLIT_SIZES]
@@ -36,10 +34,8 @@ def main(argv: list[str] | None = None) -> folders.SmallSplit:
     args = parser.parse_args(argv)
     runs.setup_logging()  # the library's progress lines
     sizes = list(zip((split for split, _ in folders.BOOK_SPLIT_SIZES), args.sizes))
-    try:
+    with runs.exit_on_bad_input():
         result = folders.prepare_small_split(args.kaggle_dir, args.out, sizes)
-    except (DataError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
     total = sum(result.counts.values())
     print(f"{result.out}: {', '.join(f'{split} {n}' for split, n in result.counts.items())} images (cats and dogs, {total} in all); "
           f"copied {result.copied}, already there {result.present}")

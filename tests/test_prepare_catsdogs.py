@@ -97,6 +97,9 @@ def test_missing_source_is_one_line_exit_2_nothing_written(tmp_path, capsys):
     assert not out.exists()
     code, _, stderr = run_main(["--kaggle-dir", str(tmp_path / "nowhere"), "--out", str(out)], capsys)
     assert code == 2 and "nowhere does not exist" in stderr and stderr.count("\n") == 1
+    code, _, stderr = run_main(["--kaggle-dir", str(src), "--out", str(out), "--sizes", "3", "2"], capsys)  # a bad flag
+    assert code == 2 and "--sizes" in stderr and stderr.count("\n") == 1 and stderr.startswith("error: ")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("damage", ["junk", "truncated"])
