@@ -53,12 +53,17 @@ class TrainState:
     rng: Array  # raw uint32 PRNG key; each step folds in its step number for dropout / augmentation
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -> TrainState:
-    """Initialise parameters (from one split of rng) and the optimizer state, for one seed."""
+def _params_and_key(model: nn.Module, rng: Array) -> tuple[Any, Array]:
+    """One seed's initial parameters (from one split of rng) and its state key (the other)."""
     from cnnjax.models import init_params
 
     init_rng, state_rng = jax.random.split(rng)
-    params = init_params(model, init_rng)
+    return init_params(model, init_rng), state_rng
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -> TrainState:
+    """Initialise parameters (from one split of rng) and the optimizer state, for one seed."""
+    params, state_rng = _params_and_key(model, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
 
@@ -70,13 +75,7 @@ class KerasRMSpropState(NamedTuple):
 def _seeded_params(model: nn.Module) -> Callable[[Array], tuple[Any, Array]]:
     """Per seed, create_train_state's parameters and state key, compiled once per architecture
     (drawing the initial weights is most of a small run's compile time; Trainers share it)."""
-    from cnnjax.models import init_params
-
-    def one(seed: Array) -> tuple[Any, Array]:
-        init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-        return init_params(model, init_rng), state_rng
-
-    return jax.jit(jax.vmap(one))
+    return jax.jit(jax.vmap(lambda seed: _params_and_key(model, jax.random.PRNGKey(seed))))
 
 
 def rmsprop_keras(learning_rate: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
@@ -448,10 +447,7 @@ class Trainer:
         meshlib.check_batch(self.mesh, batch_size)
         fn = self._compiled.get(("order", num_examples, batch_size))
         if fn is None:
-            def order(rng, epoch):
-                return epoch_batches(epoch_rng(rng, epoch), num_examples, batch_size)
-
-            fn = jax.jit(jax.vmap(order, in_axes=(0, None)),
+            fn = jax.jit(_seed_orders(num_examples, batch_size),
                          out_shardings=meshlib.sharding(self.mesh, meshlib.SEED, None, meshlib.DATA))
             self._compiled[("order", num_examples, batch_size)] = fn
         return fn(state.rng, jnp.int32(epoch))
@@ -569,9 +565,15 @@ def host_epoch_order(rngs: np.ndarray, num_examples: int, batch_size: int, epoch
     return np.asarray(indices), np.asarray(weights)
 
 
+def _seed_orders(num_examples: int, batch_size: int) -> Callable[[Array, Array], tuple[Array, Array]]:
+    """(seed keys (K, 2), epoch) -> per seed the epoch's (indices, weights): the one order the device
+    path (Trainer.epoch_order) and the host path (host_epoch_order) both compile."""
+    return jax.vmap(lambda rng, epoch: epoch_batches(epoch_rng(rng, epoch), num_examples, batch_size), in_axes=(0, None))
+
+
 @functools.lru_cache(maxsize=8)
 def _host_order_fn(num_examples: int, batch_size: int) -> Callable:
-    return jax.jit(jax.vmap(lambda rng, epoch: epoch_batches(epoch_rng(rng, epoch), num_examples, batch_size), in_axes=(0, None)))
+    return jax.jit(_seed_orders(num_examples, batch_size))
 
 
 def local_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
