@@ -276,7 +276,7 @@ def lecture_subset(labels: list[int], sizes: dict[str, int]) -> dict[str, list[i
 
 
 def test_tfds_cats_vs_dogs_subset_in_memory_and_streamed_follow_the_lecture_split(monkeypatch):
-    """Both paths pick the lecture's splits from TFDS's single split (folders.TfdsSubset) and decode
+    """Both paths pick the lecture's splits from TFDS's single split (folders.tfds_subset) and decode
     with PIL. TFDS's mock data differs between tfds.load and tfds.data_source, so each path is
     checked against the rule on the records it reads (real TFDS gives both the same records)."""
     tfds = pytest.importorskip("tensorflow_datasets")

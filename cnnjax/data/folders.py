@@ -50,10 +50,11 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import PIL
@@ -63,6 +64,7 @@ from cnnjax.data.common import DataError, cache_root, data_dir_from_env, first_l
 from cnnjax.files import atomic_path, atomic_write, clean_orphans
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Keras's flow_from_directory list (png jpg jpeg bmp ppm tif tiff) plus gif and webp.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -531,33 +533,24 @@ def _decode_bytes(data: bytes, size_wh: tuple[int, int], resample: Image.Resampl
     return _to_array(Image.open(io.BytesIO(data)), size_wh, resample)
 
 
-class TfdsSubset:
-    """Which of the lecture's splits each cats_vs_dogs example goes to, read in TFDS order: per
-    class the first TFDS_SPLIT_SIZES[0] for train, the next for validation, the next for test.
-    The memory path (load_tfds_cats_vs_dogs) and the stream (stream.tfds_cats_vs_dogs_subsets)
-    both pick with it, so they hold the same examples."""
-
-    def __init__(self) -> None:
-        self.per_class = sum(n for _, n in TFDS_SPLIT_SIZES)
-        self._bounds = np.cumsum([n for _, n in TFDS_SPLIT_SIZES])
-        self.counts = [0, 0]  # label 0 = cat, 1 = dog in TFDS
-
-    def take(self, label: int) -> str | None:
-        """The split of the next example of `label`, or None when it is not needed."""
-        if label not in (0, 1) or self.counts[label] >= self.per_class:
-            return None
-        split = TFDS_SPLIT_SIZES[int(np.searchsorted(self._bounds, self.counts[label], side="right"))][0]
-        self.counts[label] += 1
-        return split
-
-    @property
-    def full(self) -> bool:
-        return min(self.counts) >= self.per_class
-
-    def check(self) -> None:
-        if not self.full:
-            raise DataError(f"TFDS 'cats_vs_dogs' has only {self.counts[0]} cats and {self.counts[1]} dogs; "
-                            f"{self.per_class} of each are needed")
+def tfds_subset(labelled: Iterable[tuple[int, T]]) -> dict[str, tuple[list[T], list[T]]]:
+    """Per split of TFDS_SPLIT_SIZES, (cats, dogs): the items of `labelled` ((label, item) pairs in
+    TFDS order) that go there. Per class the first TFDS_SPLIT_SIZES[0] go to train, the next to
+    validation, the next to test; reading stops once every split is full. The memory path
+    (load_tfds_cats_vs_dogs) and the stream (stream.tfds_cats_vs_dogs_subsets) both pick with
+    it, so they hold the same examples."""
+    per_class = sum(n for _, n in TFDS_SPLIT_SIZES)
+    bounds = np.cumsum([n for _, n in TFDS_SPLIT_SIZES])
+    taken: dict[str, tuple[list[T], list[T]]] = {split: ([], []) for split, _ in TFDS_SPLIT_SIZES}
+    counts = [0, 0]  # label 0 = cat, 1 = dog in TFDS
+    for label, item in labelled:
+        if label not in (0, 1) or counts[label] >= per_class:
+            continue
+        taken[TFDS_SPLIT_SIZES[int(np.searchsorted(bounds, counts[label], side="right"))][0]][label].append(item)
+        counts[label] += 1
+        if min(counts) >= per_class:
+            return taken
+    raise DataError(f"TFDS 'cats_vs_dogs' has only {counts[0]} cats and {counts[1]} dogs; {per_class} of each are needed")
 
 
 def load_tfds_cats_vs_dogs(
@@ -615,15 +608,7 @@ def load_tfds_cats_vs_dogs(
         except Exception as e2:  # noqa: BLE001
             raise DataError(f"TFDS 'cats_vs_dogs' download failed: {first_line(e2)}") from e2
 
-    subset = TfdsSubset()
-    taken: dict[str, list[list[tuple[int, bytes]]]] = {split: [[], []] for split, _ in TFDS_SPLIT_SIZES}
-    for index, (data, label) in enumerate(tfds.as_numpy(ds)):
-        split = subset.take(int(label))
-        if split is not None:
-            taken[split][int(label)].append((index, bytes(data)))
-        if subset.full:
-            break
-    subset.check()
+    taken = tfds_subset((int(label), (index, data)) for index, (data, label) in enumerate(tfds.as_numpy(ds)))
 
     results: dict[str, ImageFolder] = {}
     for split, _ in TFDS_SPLIT_SIZES:
@@ -631,7 +616,7 @@ def load_tfds_cats_vs_dogs(
         images = np.zeros((len(items), *size_hw, 3), np.uint8)
         # TFDS already dropped the dataset's undecodable files, so a failure here is a real error.
         with ThreadPoolExecutor(_default_workers()) as pool:
-            for i, array in enumerate(pool.map(lambda item: _decode_bytes(item[2], size_wh, resample), items)):
+            for i, array in enumerate(pool.map(lambda item: _decode_bytes(bytes(item[2]), size_wh, resample), items)):
                 images[i] = array
         results[split] = ImageFolder(
             images,

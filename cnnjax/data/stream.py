@@ -232,16 +232,7 @@ def tfds_cats_vs_dogs_subsets(splits: Sequence[str], image_size: Sequence[int], 
     first 1000 in TFDS order for train, the next 500 validation, the next 500 test; cats, then
     dogs), as record-by-record sources. Finding it reads every label once."""
     full = TfdsSource("cats_vs_dogs", "train", image_size, interpolation, data_dir, download)
-    subset = folders.TfdsSubset()
-    taken: dict[str, list[list[int]]] = {split: [[], []] for split, _ in folders.TFDS_SPLIT_SIZES}
-    for index in range(len(full)):
-        label = int(full.data[int(full.indices[index])][full.label_key])
-        split = subset.take(label)
-        if split is not None:
-            taken[split][label].append(index)
-        if subset.full:
-            break
-    subset.check()
+    taken = folders.tfds_subset((int(full.data[int(full.indices[i])][full.label_key]), i) for i in range(len(full)))
     out = {}
     for split in splits:
         sub = full.subset(taken[split][0] + taken[split][1])
