@@ -12,23 +12,16 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cnnjax import files
-from cnnjax.data import folders
-from cnnjax.data.common import DataError
-from cnnjax.data.folders import (
-    ImageFolder,
-    SkippedImageWarning,
-    find_cats_dogs_root,
-    load_cats_dogs,
-    load_image_folder,
-    load_splits,
-    load_tfds_cats_vs_dogs,
-)
+from cnnjax.data import DataError, Images, SkippedImageWarning, decode, folders, load
+from cnnjax.data.folders import find_cats_dogs_root, load_image_folder, load_splits
+from cnnjax.data.tfds import load_tfds_cats_vs_dogs
 from tests.conftest import dead_pid, write_noise_image, write_solid_image, write_two_classes
 
 
@@ -47,7 +40,7 @@ def forbid_decoding(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("decoded although it should not have")
 
-    monkeypatch.setattr(folders, "_decode_one", boom)
+    monkeypatch.setattr(folders, "decode_file", boom)
 
 
 # --- classes, order, values -----------------------------------------------------------------------
@@ -67,7 +60,7 @@ def test_classes_sorted_and_files_in_keras_order(tmp_path):
     write_solid_image(tmp_path / "loose.png", (1, 1, 1))  # outside any class folder: ignored, as in Keras
 
     data = load_image_folder(tmp_path, image_size=(4, 6))
-    assert isinstance(data, ImageFolder)
+    assert isinstance(data, Images)
     assert data.class_names == ["birds", "cats", "dogs"]
     assert data.files == ["birds/m.webp", "cats/x.bmp", "cats/y.Jpg", "cats/sub/w.gif", "dogs/b.PNG", "dogs/z.png"]
     assert data.labels.dtype == np.int32 and data.labels.tolist() == [0, 1, 1, 1, 2, 2]
@@ -125,11 +118,11 @@ def test_16bit_in_mode_i_from_png():
     values = gradient16(4, 6)
     image = Image.fromarray(values.astype(np.int32), "I")
     image.format = "PNG"
-    scaled = folders._to_array(image, (6, 4), Image.NEAREST).astype(np.float64)
+    scaled = decode._pixels(image, (4, 6), "nearest").astype(np.float64)
     assert np.abs(scaled[..., 0] - np.round(values.astype(np.float64) * 255 / 65535)).max() <= 1
     assert scaled[0, :4, 0].tolist() == [0, 1, 1, 2]
     image.format = "TIFF"
-    clipped = folders._to_array(image, (6, 4), Image.NEAREST)
+    clipped = decode._pixels(image, (4, 6), "nearest")
     assert clipped[0, :4, 0].tolist() == [128, 129, 255, 255]
 
 
@@ -324,7 +317,8 @@ def test_find_cats_dogs_root_takes_the_splits_needed(tmp_path, monkeypatch):
         find_cats_dogs_root(tmp_path, ("validation", "test"))
     with pytest.raises(ValueError, match="splits"):
         find_cats_dogs_root(tmp_path, "test")  # a string, not a sequence of names
-    loaded = load_cats_dogs(tmp_path, ("test",), image_size=(4, 6))
+    spec = SimpleNamespace(dataset="cats_dogs", data_dir=str(tmp_path), image_size=4, interpolation="nearest", input="memory")
+    loaded = load(spec, ("test",))
     assert list(loaded) == ["test"] and loaded["test"].files == ["cats/a.png", "cats/b.png", "dogs/a.png"]
 
 
@@ -400,12 +394,12 @@ def test_content_hashes_threads_and_serial_agree(tmp_path):
     for i in range(7):
         write_noise_image(tmp_path / "c" / f"{i}.png", seed=i)
     (tmp_path / "c" / "gone.png").symlink_to(tmp_path / "nowhere.png")
-    listing = folders._list_folder(tmp_path)
-    serial = folders._content_hashes(listing, 1)
+    listing = folders.list_folder(tmp_path)
+    serial = decode.content_hashes(listing.paths, listing.broken, 1)
     assert serial[:7] == [hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() for rel in listing.files[:7]]
     assert serial[7].startswith("broken: dangling symlink")
     for workers in (2, 3, 16):
-        assert folders._content_hashes(listing, workers) == serial
+        assert decode.content_hashes(listing.paths, listing.broken, workers) == serial
 
 
 def test_orphaned_cache_temporaries_removed_on_next_load(tmp_path, cache_dir):
@@ -466,7 +460,7 @@ def test_cache_write_is_atomic(tmp_path, cache_dir, monkeypatch):
         file.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt  # killed mid-write
 
-    monkeypatch.setattr(folders.np, "savez", savez_then_die)
+    monkeypatch.setattr(decode.np, "savez", savez_then_die)
     with pytest.raises(KeyboardInterrupt):
         load_image_folder(tmp_path, image_size=(4, 6))
     assert cache_files(cache_dir) == []  # neither a half-written cache nor its temporary file
@@ -474,12 +468,12 @@ def test_cache_write_is_atomic(tmp_path, cache_dir, monkeypatch):
     def savez_disk_full(file, **arrays):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(folders.np, "savez", savez_disk_full)
+    monkeypatch.setattr(decode.np, "savez", savez_disk_full)
     with pytest.warns(UserWarning, match="cannot write the image cache"):
         data = load_image_folder(tmp_path, image_size=(4, 6))  # the load itself still succeeds
     assert len(data) == 3 and cache_files(cache_dir) == []
 
-    monkeypatch.setattr(folders.np, "savez", real_savez)
+    monkeypatch.setattr(decode.np, "savez", real_savez)
     load_image_folder(tmp_path, image_size=(4, 6))
     assert [name.endswith(".npz") for name in cache_files(cache_dir)] == [True]
 
@@ -510,4 +504,4 @@ def test_tfds_missing_is_a_clear_error(monkeypatch):
 def test_the_configs_interpolation_names_are_the_loaders():
     from cnnjax import config
 
-    assert config.INTERPOLATIONS == tuple(folders.INTERPOLATIONS)
+    assert config.INTERPOLATIONS == tuple(decode.INTERPOLATIONS)

