@@ -13,10 +13,9 @@ of the base recipe with the setting's overrides:
 
 How the seeds of a setting run: "vmap" trains them in one compiled program, the seeds
 spread over the mesh's seed axis; "sequential" trains one after another. "auto" takes
-vmap: on this project's 2-core CPU, 3 seeds in one program measured faster than running
-them in turn (benchmarks/ablation_vmap.py prints the ratio; the README has the figures),
-and on accelerators one program per step is what keeps the device busy. (With the
-previous core the CPU measured the other way round; measure again before changing it.)
+vmap: on a 2-core CPU, 3 seeds in one program measured faster than running them in turn
+(benchmarks/ablation_vmap.py prints the ratio; the README has the figures), and on
+accelerators one program per step is what keeps the device busy.
 
 A finished setting (result.json) is never redone; an unfinished one resumes from its
 latest checkpoint; a failed one is tried again. The table is always rebuilt from the
@@ -27,10 +26,8 @@ validation loss).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import traceback
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from cnnjax import checkpoint, files, mesh, models, plots, runs, train
 from cnnjax import config as configlib
-from cnnjax import files, mesh, models, plots, runs, train
 from cnnjax.augment import AugmentConfig
 from cnnjax.config import Config, ConfigError
 
@@ -77,17 +74,10 @@ def default_settings() -> list[Setting]:
     ]
 
 
-def _short_names() -> dict[str, list[str]]:
-    names: dict[str, list[str]] = {}
-    for path in configlib.paths():
-        names.setdefault(path.split(".")[1], []).append(path)
-    return names
-
-
 def parse_setting(spec: str, base: Config | None = None) -> Setting:
-    """A default setting by name ("zoom"), or your own: "NAME:field=value,..." where a field is a
-    full path (augment.rotation_range) or a field name that only one section has (rotation_range,
-    dropout). A name two sections share (interpolation) must be given by its path.
+    """A default setting by name ("zoom"), or your own: "NAME:field=value,..." where each field is
+    named as config.override takes it: a full path (augment.rotation_range) or a name only one
+    section has (rotation_range, dropout). A name two sections share (interpolation) needs its path.
     """
     defaults = {s.name: s for s in default_settings()}
     if ":" not in spec:
@@ -97,20 +87,15 @@ def parse_setting(spec: str, base: Config | None = None) -> Setting:
     name, _, body = spec.partition(":")
     if not name or not all(c.isalnum() or c in "-_.+" for c in name):
         raise ConfigError(f"setting {spec!r}: the name must be letters, digits or -_.+")
-    short = _short_names()
-    overrides: dict[str, Any] = {}
-    for item in filter(None, body.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"setting {spec!r}: {item!r} is not field=value")
-        if "." not in key:
-            paths = short.get(key, [])
-            if len(paths) != 1:
-                hint = f"it is {' and '.join(paths)}: give the path" if paths else "no section has it"
-                raise ConfigError(f"setting {spec!r}: field {key!r} is ambiguous or unknown ({hint})")
-            key = paths[0]
-        overrides[key] = value
-    resolved = configlib.flatten(configlib.override(base or configlib.catsdogs(1), overrides))  # every value parsed and checked
+    items = [item.partition("=") for item in filter(None, body.split(","))]
+    bad = [key for key, eq, _ in items if not eq]
+    if bad:
+        raise ConfigError(f"setting {spec!r}: {bad[0]!r} is not field=value")
+    try:
+        overrides = {configlib.resolve_path(key): value for key, _, value in items}
+        resolved = configlib.flatten(configlib.override(base or configlib.catsdogs(1), overrides))  # every value parsed and checked
+    except ConfigError as e:
+        raise ConfigError(f"setting {spec!r}: {e}") from None
     return Setting.of(name, {path: resolved[path] for path in overrides})
 
 
@@ -142,32 +127,34 @@ def _run_configs(cfg: Config, folder: Path, mode: str) -> list[Config]:
     ]
 
 
-def run_setting(setting: Setting, base: Config, splits: runs.Splits, test: tuple[np.ndarray, np.ndarray] | None,
-                folder: Path, mode: str = "auto", verbose: bool = True) -> dict[str, Any]:
-    """Train every seed of one setting (resuming where it stopped), then write its result.json."""
+def run_setting(setting: Setting, base: Config, datasets: dict[str, Any], test: Any, folder: Path, mode: str = "auto",
+                verbose: bool = True) -> dict[str, Any]:
+    """Train every seed of one setting (resuming where it stopped), then write its result.json.
+
+    datasets: {"train": ..., base.data.validation_split: ...} in memory; test: a dataset or None."""
     mode = resolve_mode(mode)
     cfg = setting_config(base, setting)
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
-    trainer = None  # one compiled trainer serves every seed run of the setting
     histories: list[train.History] = []
     tests: list[float] = []
     wall = 0.0  # training time: the seeds of one run share each epoch's seconds
-    evaluator = None  # one compiled single-device evaluation serves every seed's best checkpoint
     for run_cfg in _run_configs(cfg, folder, mode):
         run_folder = runs.RunFolder.open(run_cfg)
         try:
             run_folder.write_config({"config": configlib.to_dict(run_cfg), "setting": setting.as_dict(),
-                                     "class_names": splits.class_names, "model": models.model_config(model)})
-            result = runs.train_run(run_cfg, model, splits, run_folder, verbose=verbose, trainer=trainer)
-            trainer = result.trainer
+                                     "class_names": list(datasets["train"].class_names), "model": models.model_config(model)})
+            result = train.train_and_evaluate(run_cfg, run_folder.path, datasets, verbose=verbose)
         finally:
             run_folder.close()
         histories += result.histories
         # A diverged seed's history stops while the others train on: the longest one is the run's time.
         wall += max(sum(row["seconds"] for row in history) for history in result.histories)
-        if test is not None and evaluator is None:
-            evaluator = train.Trainer(model, result.trainer.tx, mesh=mesh.make_mesh(1, jax.local_devices()[:1]))
-        tests += [_test_accuracy(run_folder.path, k, result, test, cfg, evaluator) for k in range(len(result.seeds))]
+        for k, best in enumerate(result.best):  # each seed's best checkpoint (lowest validation loss) on the test split
+            if test is None or best is None:
+                tests.append(math.nan)
+            else:
+                _, params, _ = checkpoint.load_model(run_folder.path, "best", k)
+                tests.append(train.evaluate(model, params, test, cfg.train.eval_batch_size)["accuracy"])
     summary = summarize(setting, histories, tests, wall)
     record = {"setting": setting.as_dict(), "config": configlib.to_dict(cfg), "mode": mode, **summary, "histories": histories}
     if mesh.is_main_process():  # in a run of several processes, process 0 writes the folder
@@ -176,20 +163,11 @@ def run_setting(setting: Setting, base: Config, splits: runs.Splits, test: tuple
     return record
 
 
-def _test_accuracy(run_folder: Path, seed_index: int, result: runs.RunResult, test: tuple | None, cfg: Config,
-                   evaluator: train.Trainer | None) -> float:
-    """Test accuracy of the seed's best checkpoint (lowest validation loss), or NaN without one."""
-    if test is None or evaluator is None or result.best[seed_index] is None:
-        return math.nan
-    _, params, _ = runs.load_model(run_folder, "best", seed_index)
-    return evaluator.evaluate(train.stack_states([params]), test, cfg.train.eval_batch_size)[0]["accuracy"]
-
-
 def summarize(setting: Setting, histories: Sequence[train.History], tests: Sequence[float], wall: float) -> dict[str, Any]:
     """Per seed: best and final validation accuracy, final and best validation loss, best epoch, test accuracy."""
     seeds = []
     for history, test in zip(histories, tests):
-        best = runs.best_epochs([history])[0]
+        best = train.best_epochs([history])[0]
         finite = [row for row in history if not row.get("diverged")]
         last = finite[-1] if finite else None
         seeds.append({
@@ -207,8 +185,8 @@ def summarize(setting: Setting, histories: Sequence[train.History], tests: Seque
             "wall_seconds": wall}
 
 
-def run_ablation(settings: Sequence[Setting], base: Config, splits: runs.Splits, test: tuple[np.ndarray, np.ndarray] | None,
-                 out: Path, mode: str = "auto", verbose: bool = True) -> list[dict[str, Any]]:
+def run_ablation(settings: Sequence[Setting], base: Config, datasets: dict[str, Any], test: Any, out: Path, mode: str = "auto",
+                 verbose: bool = True) -> list[dict[str, Any]]:
     """Every setting in turn (finished ones skipped, failed ones retried), then the table and the plot.
 
     Returns every setting's record, failed ones with status "failed: ..."."""
@@ -233,7 +211,7 @@ def run_ablation(settings: Sequence[Setting], base: Config, splits: runs.Splits,
         if verbose:
             print(f"[{setting.name}] {dict(setting.overrides) or 'the base recipe'}", flush=True)
         try:
-            run_setting(setting, base, splits, test, folder, mode, verbose)
+            run_setting(setting, base, datasets, test, folder, mode, verbose)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - one broken setting must not end the whole ablation
@@ -248,12 +226,12 @@ def run_ablation(settings: Sequence[Setting], base: Config, splits: runs.Splits,
 def rebuild_report(out: Path, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The table and plot from the settings on disk, in the order ablation.json lists them."""
     if names is None:
-        listed = json.loads((out / "ablation.json").read_text())["settings"] if (out / "ablation.json").exists() else []
+        listed = files.read_json(out / "ablation.json")["settings"] if (out / "ablation.json").exists() else []
         names = [s["name"] for s in listed] or sorted(p.parent.name for p in out.glob("*/result.json"))
     results = collect_results(out, names)
     if results:
         write_table(results, out)
-        plot_curves([r for r in results if r.get("histories")], out / "curves.png")
+        plots.plot_curves([r for r in results if r.get("histories")], out / "curves.png")
     return results
 
 
@@ -263,9 +241,9 @@ def collect_results(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
     for name in names:
         folder = out / _folder_name(name)
         if (folder / "result.json").exists():
-            results.append(json.loads((folder / "result.json").read_text()))
+            results.append(files.read_json(folder / "result.json"))
         elif (folder / "error.json").exists():
-            error = json.loads((folder / "error.json").read_text())
+            error = files.read_json(folder / "error.json")
             results.append({"name": name, "status": f"failed: {error['error']}", "seeds": [], "histories": [],
                             "wall_seconds": math.nan})
     return results
@@ -320,37 +298,3 @@ def write_table(results: Sequence[dict[str, Any]], out: Path) -> None:
         cells.append("n/a" if math.isnan(row["wall_seconds"]) else f"{row['wall_seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     files.write_text(out / "results.md", "\n".join(lines) + "\n")
-
-
-def curve_stats(histories: Sequence[train.History], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(epochs, mean, std) of `key` over seeds, per epoch, up to the shortest history; NaN where every seed lacks it."""
-    epochs = min(len(h) for h in histories)
-    values = np.array([[np.nan if row.get(key) is None else row[key] for row in h[:epochs]] for h in histories], np.float64)
-    with warnings.catch_warnings():  # a diverged setting is all NaN: plotted as a gap, not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.arange(1, epochs + 1), np.nanmean(values, 0), np.nanstd(values, 0)
-
-
-def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Mean validation accuracy and loss per epoch for every setting, with a ±1 std band."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for result in results:
-        histories = [h for h in result.get("histories", []) if h]
-        if not histories:
-            continue
-        for ax, key in zip(axes, ("val_accuracy", "val_loss")):
-            x, mean, std = curve_stats(histories, key)
-            label = result["name"] if result["status"] == "ok" else f"{result['name']} ({result['status']})"
-            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    for ax, title in zip(axes, ("Validation accuracy (mean ± std over seeds)", "Validation loss (mean ± std over seeds)")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    return plots.save_figure(fig, path)

@@ -11,14 +11,15 @@ removed when the manager opens the folder), the latest `keep_latest` saves are k
 for each named metric the save where it was lowest (orbax's BestN preservation policy),
 so a run's best epoch (per seed) is never deleted.
 
-This module knows pytrees and JSON, nothing about models or training: the caller builds
-the abstract target of a restore (jax.eval_shape, with shardings) and reads the
-description. `read_description` / `restore_trees` open a single epoch folder directly.
+`Checkpoints` knows pytrees and JSON, nothing about training: the caller builds the
+abstract target of a restore (jax.eval_shape, with shardings) and reads the description.
+`read_description` / `restore_trees` open a single epoch folder directly. At the bottom,
+a saved model found and loaded from a run folder alone (`find`, `load_model`, `save_model`):
+what evaluate.py, activations.py and the ablation's test accuracy use.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -26,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from cnnjax import models
 from cnnjax.files import strict_json
-
-# orbax logs every save and restore at INFO/WARNING through absl; keep runs readable.
-logging.getLogger("absl").setLevel(logging.ERROR)
 
 DESCRIPTION = "description"
 
@@ -160,3 +160,62 @@ def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} does not fit what was asked for ({str(e).splitlines()[0][:200]})") from None
     return {name: restored[name] for name in abstract}
+
+
+# --- A saved model, from a run folder alone -----------------------------------------------------
+
+
+def find(path: str | os.PathLike, which: str | int = "best", seed_index: int = 0) -> Path:
+    """The checkpoint folder `path` means: a checkpoint folder itself, or a run folder (its
+    best epoch for `seed_index`, its latest, or epoch N), or RUN/best, RUN/latest."""
+    if isinstance(which, str) and which.isdigit():
+        which = int(which)
+    if which not in ("best", "latest") and not (isinstance(which, int) and which >= 0):
+        raise CheckpointError(f"which checkpoint must be best, latest or an epoch number, got {which!r}")
+    path = Path(path).expanduser().absolute()
+    if is_checkpoint(path):
+        return path
+    if path.name in ("best", "latest") and not path.exists():
+        path, which = path.parent, path.name
+    folder = path / "checkpoints"
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and is_checkpoint(p)) if folder.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"{path} holds no checkpoint (neither a run folder with checkpoints/<epoch>/ nor a checkpoint folder)")
+    if which == "latest":
+        return folder / str(steps[-1])
+    if which == "best":
+        best = read_description(folder / str(steps[-1])).get("best", [])
+        if not 0 <= seed_index < len(best):
+            raise CheckpointError(f"{path} has {len(best)} seed(s); seed index {seed_index} is not one of them")
+        if best[seed_index] is None:
+            raise CheckpointError(f"{path}: seed index {seed_index} has no finite validation loss, so no best epoch")
+        return folder / str(best[seed_index]["epoch"])
+    if which not in steps:
+        raise CheckpointError(f"{path} has no checkpoint of epoch {which}; it keeps epochs {', '.join(map(str, steps))}")
+    return folder / str(which)
+
+
+def load_model(path: str | os.PathLike, which: str | int = "best", seed_index: int = 0) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, params, description) of one seed from a checkpoint, rebuilt from the folder alone;
+    the description gains "path", the checkpoint folder read."""
+    step_dir = find(path, which, seed_index)
+    description = read_description(step_dir)
+    model = models.build_model(description["model"])
+    num_seeds = len(description.get("seeds", [0]))
+    if not 0 <= seed_index < num_seeds:
+        raise CheckpointError(f"{step_dir} holds {num_seeds} seed(s); seed index {seed_index} is not one of them")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(jax.vmap(lambda rng: models.init_params(model, rng)), jax.ShapeDtypeStruct((num_seeds, 2), jnp.uint32))
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    params = restore_trees(step_dir, {"params": abstract})["params"]
+    return model, jax.tree.map(lambda leaf: leaf[seed_index], params), {**description, "path": str(step_dir)}
+
+
+def save_model(folder: str | os.PathLike, model: Any, params: Any, class_names: Sequence[str] | None = None, epoch: int = 0,
+               extra: Mapping[str, Any] | None = None) -> Path:
+    """One seed's parameters as FOLDER/checkpoints/<epoch>, which load_model, evaluate.py and
+    activations.py read (for a model trained or changed outside a run)."""
+    with Checkpoints(Path(folder) / "checkpoints", ("params",)) as ckpts:
+        description = {"epoch": epoch, "model": models.model_config(model), "class_names": list(class_names or []),
+                       "seeds": [0], "best": [{"epoch": epoch}], **(extra or {})}
+        return ckpts.save(epoch, {"params": jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], params)}, description)

@@ -11,9 +11,11 @@ Each section is a frozen dataclass, so two sections can share a field name
 (`data.interpolation` resizes on load, `augment.interpolation` samples the augmentation)
 without one ever being read for the other: a field is only ever addressed by its path.
 
-On the command line every field is a flag (`--augment.rotation_range 20`), and each
-script adds a few short flags users type (`--epochs`, `--dropout`) as aliases of paths.
-`check` validates a resolved config in one place, before anything is written.
+On the command line every field is a flag (`--augment.rotation_range 20`), and the short
+flags users type (`--epochs`, `--rotation-range`) are aliases of paths, listed once in
+`ALIASES`. A field whose name only one section has may also be given by that name alone
+(`rotation_range=20` in an ablation setting). `check` validates a resolved config in one
+place, before anything is written.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cnnjax.augment import FILL_MODES, AugmentConfig
+from cnnjax.data import INPUTS
+from cnnjax.data import INTERPOLATIONS as RESIZE_FILTERS
+from cnnjax.optim import NAMES as OPTIMIZERS
 
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")  # keras.utils.load_img's names
+INTERPOLATIONS = tuple(RESIZE_FILTERS)  # keras.utils.load_img's names
 DATASETS = ("mnist", "cats_dogs")
-OPTIMIZERS = ("rmsprop", "adam")
-INPUTS = ("auto", "memory", "stream")
 
 
 class ConfigError(ValueError):
@@ -184,21 +187,31 @@ def _parse_value(path: str, raw: Any, hint: Any) -> Any:
     return raw
 
 
+def resolve_path(key: str) -> str:
+    """The "section.field" path `key` names: a path itself, or a field name only one section has."""
+    if key in _PATHS:
+        return key
+    near = sorted(p for p in _PATHS if p.split(".")[-1] == key.split(".")[-1])
+    if "." not in key and len(near) == 1:
+        return near[0]
+    section = key.split(".")[0]
+    if "." not in key and near:
+        hint = f": several sections have it, give its path, {' or '.join(near)}"
+    elif near:
+        hint = f"; did you mean {' or '.join(near)}?"
+    elif section in SECTIONS and "." in key:
+        hint = f"; {section} has {', '.join(_section_fields(section))}"
+    else:
+        hint = f"; sections are {', '.join(SECTIONS)}"
+    raise ConfigError(f"unknown config field {key!r}{hint}")
+
+
 def override(cfg: Config, overrides: Mapping[str, Any]) -> Config:
-    """cfg with each "section.field" set to its value (strings are parsed as the field's type)."""
+    """cfg with each field set to its value (strings are parsed as the field's type). A field is
+    named by its path ("augment.rotation_range") or by a name only one section has ("rotation_range")."""
     by_section: dict[str, dict[str, Any]] = {}
-    known = set(paths())
-    for path, raw in overrides.items():
-        if path not in known:
-            section = path.split(".")[0]
-            near = [p for p in known if p.split(".")[-1] == path.split(".")[-1]]
-            if near:
-                hint = f"; did you mean {' or '.join(sorted(near))}?"
-            elif section in SECTIONS:
-                hint = f"; {section} has {', '.join(_section_fields(section))}"
-            else:
-                hint = f"; sections are {', '.join(SECTIONS)}"
-            raise ConfigError(f"unknown config field {path!r}{hint}")
+    for key, raw in overrides.items():
+        path = resolve_path(key)
         section, name = path.split(".")
         by_section.setdefault(section, {})[name] = _parse_value(path, raw, _hint(section, name))
     changes = {}
@@ -301,20 +314,31 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
 # --- Command line ---------------------------------------------------------------------------------
 
 
-def add_flags(parser: argparse.ArgumentParser, defaults: Config, aliases: Mapping[str, str] = (),
+# The short flags users type, each an alias of one field.
+ALIASES = {
+    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
+    "--seed": "train.seed", "--seeds": "train.seeds", "--image-size": "data.image_size", "--data-dir": "data.data_dir",
+    "--input": "data.input", "--out": "run.out", "--resume": "run.resume",
+    "--rotation-range": "augment.rotation_range", "--width-shift-range": "augment.width_shift_range",
+    "--height-shift-range": "augment.height_shift_range", "--shear-range": "augment.shear_range",
+    "--zoom-range": "augment.zoom_range", "--horizontal-flip": "augment.horizontal_flip", "--fill-mode": "augment.fill_mode",
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: Config, sections: Sequence[str] = SECTIONS,
               other_defaults: Mapping[str, Config] = ()) -> None:
-    """One --section.field flag per field, and the short `aliases` ({"--epochs": "train.epochs"}).
+    """One --section.field flag per field of `sections`, and the short flags of ALIASES among them.
 
     Each default is shown once, on the full-path flag; `other_defaults` ({"experiment 2": cfg})
     add the values that differ there. Nothing is filled in when a flag is absent, so
     `overrides_from_args` sees only what was typed.
     """
-    aliases = dict(aliases)
+    aliases = {flag: path for flag, path in ALIASES.items() if path.split(".")[0] in sections}
     alias_of = {path: flag for flag, path in aliases.items()}
     other_defaults = dict(other_defaults)
     flat = flatten(defaults)
-    group = parser.add_argument_group("every config field (full path; short flags above are aliases)")
-    for path in paths():
+    group = parser.add_argument_group("every config field, by its path (the short flags below are aliases)")
+    for path in (p for p in paths() if p.split(".")[0] in sections):
         shown = f"default: {flat[path]!r}" if flat[path] is not None else "default: none"
         for label, other in other_defaults.items():
             if flatten(other)[path] != flat[path]:

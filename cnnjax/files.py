@@ -111,6 +111,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(strict_json(obj), indent=2, allow_nan=False, default=str) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file cnnjax wrote; a damaged one is a ValueError that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it was damaged or edited by hand") from None
+
+
 def clean_orphans(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
     """Remove the temporaries that writers which are no longer alive left in `folder`."""
     folder = Path(folder)

@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from cnnjax import models
 from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
@@ -49,14 +48,11 @@ def load_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3
     images are scaled to 8 bits first, as the folder loader does for training. Raises
     OSError (PIL's UnidentifiedImageError included) when the file cannot be read.
     """
-    from cnnjax.data import folders
+    from cnnjax.data import decode_file
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    (height, width), resample = folders._check_args(size, interpolation)
-    with Image.open(path) as img:
-        pixels = folders._to_array(img, (width, height), resample, "L" if channels == 1 else "RGB")
-    return pixels.astype(np.float32) / 255.0
+    return decode_file(path, size, interpolation, "L" if channels == 1 else "RGB").astype(np.float32) / 255.0
 
 
 # --- Activations -------------------------------------------------------------------------
@@ -298,11 +294,6 @@ class GradCam(NamedTuple):
     predicted: int  # the class the model predicts
 
 
-def num_classes(model: nn.Module) -> int:
-    """How many classes the model tells apart (2 for a sigmoid head)."""
-    return getattr(model, "num_classes", 2) if model.head == "softmax" else 2
-
-
 def last_conv_layer(model: nn.Module) -> str:
     names = [name for name in _layer_names(model) if name.startswith("conv2d")]
     if not names:
@@ -349,23 +340,10 @@ def _grad_cam_fn(model: nn.Module, layer: str):
             captured: list = []
             with nn.intercept_methods(_add_to_output(layer, delta, captured)):
                 logits = model.apply({"params": params}, x)
-            if model.head == "softmax":
-                predicted = jnp.argmax(logits[0])
-                c = jnp.where(class_index < 0, predicted, class_index)
-                probability = jax.nn.softmax(logits[0])[c]
-                score = logits[0, c]  # the pre-softmax score, as Grad-CAM prescribes
-            else:
-                z = logits.reshape(-1)[0]
-                predicted = (z > 0).astype(jnp.int32)
-                c = jnp.where(class_index < 0, predicted, class_index)
-                p = jax.nn.sigmoid(z)
-                probability = jnp.where(c == 1, p, 1 - p)
-                # The scores are sigmoid(z) (dog, class 1) and 1 - sigmoid(z) (cat). Their gradients
-                # are p(1 - p) * dz and -p(1 - p) * dz: a positive factor, which the normalisation by
-                # the maximum cancels. Differentiating +-z gives the same heatmap without that factor
-                # underflowing to 0 in float32 when the model is sure (|z| > ~17).
-                score = jnp.where(c == 1, z, -z)
-            return score, (captured[0], c, probability, predicted)
+            predicted = model.head.predict(logits)[0]
+            c = jnp.where(class_index < 0, predicted, class_index)
+            probability = model.head.probabilities(logits)[0, c]
+            return model.head.score(logits, c)[0], (captured[0], c, probability, predicted)
 
         grads, (activation, c, probability, predicted) = jax.grad(target, has_aux=True)(jnp.zeros(shape, jnp.float32))
         weights = jnp.mean(grads[0], axis=(0, 1))  # one weight per channel: the gradient averaged over positions
@@ -382,11 +360,10 @@ def grad_cam(
 ) -> GradCam:
     """Grad-CAM heatmap of one image (H, W, C) for `class_index` (default: the predicted class).
 
-    The gradient of the class score with respect to `layer`'s output (default: the last
-    conv layer), averaged over positions, weighs that layer's channels; the heatmap is
+    The gradient of the class score (the model head's `score`: the class's logit, or +-z for
+    the sigmoid head) with respect to `layer`'s output (default: the last conv layer),
+    averaged over positions, weighs that layer's channels; the heatmap is
     ReLU(sum_c w_c A_c) divided by its maximum (all zeros when nothing speaks for the class).
-    Softmax models: the score is the class's logit. The sigmoid (cats vs dogs) model: the
-    score of class 1 (dog) is sigmoid(z), of class 0 (cat) 1 - sigmoid(z).
     """
     image = jnp.asarray(image, jnp.float32)
     if image.ndim == 4 and image.shape[0] == 1:
@@ -395,7 +372,7 @@ def grad_cam(
         raise ValueError(f"expected one image (H, W, C), got shape {image.shape}")
     layer = layer or last_conv_layer(model)
     resolve_layers(model, [layer])
-    classes = num_classes(model)
+    classes = model.head.num_classes
     if class_index is not None and not 0 <= class_index < classes:
         raise ValueError(f"class_index must be in 0..{classes - 1}, got {class_index}")
     index = jnp.int32(-1 if class_index is None else class_index)

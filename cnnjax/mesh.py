@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from cnnjax.data.common import first_line
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +43,20 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
 
 
+# Cluster environments that jax.distributed.initialize() reads by itself, and the variable
+# that gives their process count.
+CLUSTERS = {"SLURM": "SLURM_NTASKS", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
+
+
 def cluster_detected() -> str | None:
-    """The name of a cluster environment jax.distributed can read by itself (SLURM, Open MPI, ...)
-    that launched several processes, if any.
+    """The cluster environment (SLURM, Open MPI) that launched this process among several, if any.
 
     A single task (`srun python ...` with --ntasks=1) is not joined: jax.distributed would
     then give the process one GPU of the node (its SLURM local id) instead of all of them.
     """
-    try:
-        from jax._src import clusters  # private: the same detection jax.distributed.initialize() runs
-    except ImportError:  # pragma: no cover - a jax without it: fall back to the environment
-        clusters = None
-    if clusters is not None:
-        for env in getattr(clusters.ClusterEnv, "_cluster_types", []):
-            try:
-                if (env.is_env_present() and env.__name__ not in ("GceTpuCluster", "GkeTpuCluster")
-                        and env.get_process_count() > 1):
-                    return env.__name__
-            except Exception:  # noqa: BLE001 - a detector that fails means "not this cluster"
-                continue
-        return None
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return "SlurmCluster"
-    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        return "OmpiCluster"
+    for name, variable in CLUSTERS.items():
+        if int(os.environ.get(variable, "1") or "1") > 1:
+            return name
     return None
 
 
@@ -87,11 +80,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     calling it again does nothing.
 
     When a process dies, the others stop instead of waiting for it: a collective that
-    loses its peer raises, and `_exit_on_error` turns that into one line on stderr and
-    exit code EXIT_LOST without waiting at jax's shutdown barrier; where no collective
-    notices (a silent host), jax's coordination service stops every process after
-    `heartbeat_timeout_seconds` with its own fatal message. A process that leaves with an
-    error of its own waits at most `shutdown_timeout_seconds` for the others.
+    loses its peer raises, and the scripts (cnnjax.runs.execute) turn that into one line
+    and exit code EXIT_LOST (`exit_on_error`); where no collective notices (a silent host),
+    jax's coordination service stops every process after `heartbeat_timeout_seconds` with
+    its own fatal message. A process that leaves with an error of its own waits at most
+    `shutdown_timeout_seconds` for the others.
     """
     if jax.distributed.is_initialized():  # the scripts join before checking their config, and execute() asks again
         return
@@ -115,14 +108,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - jax raises bare RuntimeErrors / XLA errors: one line says what failed
         where = coordinator_address or "the address the cluster environment gives"
-        raise JoinError(f"could not join the other processes at {where}: {_first_line(e)}") from None
-    if jax.process_count() > 1:
-        sys.excepthook = _exit_on_error
-
-
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:limit]
+        raise JoinError(f"could not join the other processes at {where}: {first_line(e)}") from None
 
 
 _PEER_MARKERS = ("gloo", "coordination service", "heartbeat", "connection reset", "connection closed", "socket closed",
@@ -134,22 +120,22 @@ def lost_contact(error: BaseException) -> bool:
     return any(marker in str(error).lower() for marker in _PEER_MARKERS)
 
 
-def _exit_on_error(kind: type[BaseException], error: BaseException, tb: Any) -> None:
-    """sys.excepthook of a process in a run of several.
-
-    An uncaught error ends the process at once (os._exit): the normal exit would first wait
-    at jax's shutdown barrier for processes that are themselves blocked in a collective
-    waiting for this one. A lost peer is one line; anything else keeps its traceback.
-    """
+def exit_on_error(error: BaseException) -> None:
+    """End a process of a run of several at once (os._exit) on an error it cannot carry on from:
+    the normal exit would first wait at jax's shutdown barrier for processes that are
+    themselves blocked in a collective waiting for this one. A lost peer is one line and exit
+    code EXIT_LOST; anything else keeps its traceback (exit 1). Does nothing in a single process."""
+    if jax.process_count() == 1:
+        return
     where = f"process {jax.process_index()} of {jax.process_count()}"
     if lost_contact(error):
         code = EXIT_LOST
-        message = (f"error: {where} lost contact with the other processes of this run ({_first_line(error)}); another "
+        message = (f"error: {where} lost contact with the other processes of this run ({first_line(error)}); another "
                    "process stopped, see its log. Every finished epoch is kept: start all processes again with --resume")
     else:
         code = 1
-        sys.__excepthook__(kind, error, tb)
-        message = f"error: {where} stopped: {kind.__name__}: {_first_line(error)}"
+        traceback.print_exception(error)
+        message = f"error: {where} stopped: {type(error).__name__}: {first_line(error)}"
     try:
         sys.stdout.flush()
         print(message, file=sys.stderr, flush=True)
@@ -221,6 +207,25 @@ def sharding(mesh: Mesh, *spec: str | None) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def local_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The block of a global array of `shape` that this process's devices hold under `sharding`, one
+    slice per axis (the whole array in a single process). Raises when the block is not contiguous."""
+    pieces = {tuple(s.indices(n)[:2] for s, n in zip(index, shape)) for index in sharding.addressable_devices_indices_map(shape).values()}
+    block = tuple(slice(min(p[d][0] for p in pieces), max(p[d][1] for p in pieces)) for d in range(len(shape)))
+    if math.prod(b.stop - b.start for b in block) != sum(math.prod(hi - lo for lo, hi in p) for p in pieces):
+        raise ValueError(f"this process's devices hold a non-contiguous part of a {shape} batch; use a mesh whose "
+                         "processes each hold whole blocks")
+    return block
+
+
+def put_local(local: np.ndarray, target: NamedSharding) -> jax.Array:
+    """This process's block of a global array (local_block) placed with `target`: the global array
+    has the block's shape scaled by how many blocks each sharded axis is cut into across processes."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, target)
+    return jax.make_array_from_process_local_data(target, local)
 
 
 def put(array: Any, target: NamedSharding) -> jax.Array:

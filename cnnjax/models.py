@@ -1,8 +1,10 @@
 """The lecture's two convnets as flax.linen modules, with Keras's layer names.
 
-Both return logits (the pre-softmax / pre-sigmoid scores): the losses apply the
-softmax / sigmoid themselves, which is the numerically stable way. `predict` turns
-logits into the probabilities Keras's last layer would output.
+Both return logits (the pre-softmax / pre-sigmoid scores) and carry their head (`Softmax`,
+`Sigmoid`): what the logits mean. The head owns the loss (applying the softmax / sigmoid
+itself, the numerically stable way), the predicted class, the probabilities Keras's last
+layer would output, and the class count; the train step, evaluation and inspection ask
+the head and never switch on the kind of model. A head counts the correct examples too.
 
 Each layer is a flax module named as Keras names it, so flax's `capture_intermediates`
 gives every layer's output by name: the summary table and the activation pictures read
@@ -16,17 +18,78 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
 
 glorot_uniform = nn.initializers.glorot_uniform()
 zeros = nn.initializers.zeros
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {None: lambda x: x, "relu": nn.relu}
+
+
+# --- Heads: what the logits mean ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax:
+    """One logit per class: categorical cross-entropy on integer labels (to_categorical implied)."""
+
+    num_classes: int
+
+    def loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    def predict(self, logits: jax.Array) -> jax.Array:
+        """The class of each example."""
+        return jnp.argmax(logits, axis=-1)
+
+    def correct(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """1.0 where the predicted class is the label, else 0.0."""
+        return (self.predict(logits) == labels).astype(jnp.float32)
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """(N, num_classes): what Keras's softmax layer outputs."""
+        return nn.softmax(logits)
+
+    def score(self, logits: jax.Array, label: jax.Array) -> jax.Array:
+        """The pre-softmax score of class `label` (what Grad-CAM differentiates)."""
+        return jnp.take_along_axis(logits, jnp.asarray(label).reshape(-1, 1), axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sigmoid:
+    """One logit per example for two classes, z > 0 meaning class 1: binary cross-entropy."""
+
+    num_classes: int = 2
+
+    def loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
+
+    def predict(self, logits: jax.Array) -> jax.Array:
+        return (logits > 0).astype(jnp.int32)
+
+    def correct(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        labels = labels.astype(logits.dtype)  # as the loss takes them: XLA then fuses both alike
+        return ((logits > 0).astype(labels.dtype) == labels).astype(jnp.float32)
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """(N, 2): 1 - sigmoid(z) and sigmoid(z), Keras's sigmoid output being the second."""
+        p = nn.sigmoid(logits)
+        return jnp.stack([1 - p, p], axis=-1)
+
+    def score(self, logits: jax.Array, label: jax.Array) -> jax.Array:
+        """+z for class 1, -z for class 0. The class scores are sigmoid(z) and 1 - sigmoid(z); their
+        gradients are +-p(1 - p) dz, a positive factor that Grad-CAM's normalisation cancels, and
+        that underflows to 0 in float32 when the model is sure (|z| > ~17): +-z avoids it."""
+        return jnp.where(label == 1, logits, -logits)
+
+
+Head = Softmax | Sigmoid
 
 
 # Keras-like layers. Each is a module of its own so that its output is what flax's
@@ -102,7 +165,10 @@ class MnistConvNet(nn.Module):
 
     num_classes: int = 10
     input_shape: tuple[int, int, int] = (28, 28, 1)
-    head: ClassVar[str] = "softmax"
+
+    @property
+    def head(self) -> Softmax:
+        return Softmax(self.num_classes)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -125,7 +191,10 @@ class CatsDogsConvNet(nn.Module):
 
     dropout_rate: float = 0.0
     input_shape: tuple[int, int, int] = (150, 150, 3)
-    head: ClassVar[str] = "sigmoid"
+
+    @property
+    def head(self) -> Sigmoid:
+        return Sigmoid()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -209,9 +278,8 @@ def init_params(model: nn.Module, rng: jax.Array) -> Any:
 
 
 def predict(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
-    """Class probabilities, as Keras's softmax / sigmoid output layer gives them."""
-    logits = model.apply({"params": params}, images)
-    return nn.softmax(logits) if model.head == "softmax" else nn.sigmoid(logits)
+    """Class probabilities (N, num_classes), from what Keras's softmax / sigmoid output layer gives."""
+    return model.head.probabilities(model.apply({"params": params}, images))
 
 
 def layer_outputs(model: nn.Module, params: Any, images: jax.Array, train: bool = False, rngs: Any = None) -> dict[str, jax.Array]:

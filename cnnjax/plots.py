@@ -1,37 +1,36 @@
-"""Figures, written as PNG files (matplotlib's Agg backend: no screen needed)."""
+"""Figures, written as PNG files.
+
+Every figure is a `matplotlib.figure.Figure` made directly, never through pyplot: it needs
+no backend or screen, nothing global is switched on import, and nothing is left open.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from cnnjax import files  # noqa: E402
+from cnnjax import files
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Save through `files.atomic_path` (a reader never sees half a PNG) and close the figure.
+    """Save through `files.atomic_path` (a reader never sees half a PNG).
 
     The format follows the suffix of `path` where matplotlib knows it (.png, .pdf, .svg, ...);
     PNG otherwise.
     """
     path = Path(path)
     suffix = path.suffix[1:].lower()
-    try:
-        with files.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png")
-    finally:
-        plt.close(fig)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png")
     return path
 
 
@@ -61,8 +60,6 @@ def history_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
     still shows. A metric that is None, NaN or infinite in a row (a diverged epoch; strict
     JSON writes NaN as null) is left out: a gap, not an error. The x axis ticks whole
     epochs only; a one-epoch history gets half an epoch of room on either side.
-
-    The figure is not registered with pyplot: nothing to close unless it is shown.
     """
     epochs = np.array([row.get("epoch", i + 1) for i, row in enumerate(history)], np.float64)
     fig = Figure(figsize=(10, 5))
@@ -95,7 +92,8 @@ def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequenc
     n = len(images)
     cols = min(cols, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows), squeeze=False)
+    fig = Figure(figsize=(2.5 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -112,7 +110,7 @@ def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequenc
 # --- Looking inside a convnet (cnnjax.inspect) ------------------------------------------
 
 
-def _no_ticks(ax: plt.Axes) -> None:
+def _no_ticks(ax: Axes) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -120,7 +118,8 @@ def _no_ticks(ax: plt.Axes) -> None:
 def plot_channel(activation: np.ndarray, channel: int, path: str | os.PathLike, title: str | None = None) -> Path:
     """One channel of an activation (H, W, C), as the lecture's plt.matshow(..., cmap='viridis')."""
     activation = np.asarray(activation)
-    fig, ax = plt.subplots(figsize=(3, 3.3))
+    fig = Figure(figsize=(3, 3.3))
+    ax = fig.subplots()
     ax.matshow(activation[..., channel], cmap="viridis")
     _no_ticks(ax)
     if title:
@@ -137,10 +136,11 @@ def plot_activation_grid(layer_name: str, grid: np.ndarray, path: str | os.PathL
     """
     grid = np.asarray(grid)
     scale = images_per_row / grid.shape[1]  # 1 / size: the grid is images_per_row tiles wide
-    fig = plt.figure(figsize=(scale * grid.shape[1], max(scale * grid.shape[0], 1.0) + 0.4))
-    plt.title(layer_name)
-    plt.grid(False)
-    plt.imshow(grid, aspect="auto", cmap="viridis")
+    fig = Figure(figsize=(scale * grid.shape[1], max(scale * grid.shape[0], 1.0) + 0.4))
+    ax = fig.subplots()
+    ax.set_title(layer_name)
+    ax.grid(False)
+    ax.imshow(grid, aspect="auto", cmap="viridis")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -153,7 +153,8 @@ def plot_filter_patterns(
     n = len(images)
     cols = min(cols, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows + (0.5 if title else 0)), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * rows + (0.5 if title else 0)))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, image in enumerate(images):
@@ -170,7 +171,8 @@ def plot_filter_patterns(
 
 def plot_heatmap(overlay: np.ndarray, heatmap: np.ndarray, path: str | os.PathLike, title: str | None = None) -> Path:
     """Grad-CAM: the raw class-activation heatmap (matshow, as the book shows it) and its overlay on the image."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.8))
+    fig = Figure(figsize=(7, 3.8))
+    left, right = fig.subplots(1, 2)
     left.matshow(np.asarray(heatmap), cmap="jet", vmin=0, vmax=1)
     left.set_title("heatmap", fontsize=10)
     right.imshow(np.asarray(overlay))
@@ -179,5 +181,41 @@ def plot_heatmap(overlay: np.ndarray, heatmap: np.ndarray, path: str | os.PathLi
         _no_ticks(ax)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# --- Ablations (cnnjax.ablation) ---------------------------------------------------------
+
+
+def curve_stats(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(epochs, mean, std) of `key` over seeds, per epoch, up to the shortest history; NaN where every seed lacks it."""
+    epochs = min(len(h) for h in histories)
+    values = np.array([[np.nan if row.get(key) is None else row[key] for row in h[:epochs]] for h in histories], np.float64)
+    with warnings.catch_warnings():  # a diverged setting is all NaN: plotted as a gap, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.arange(1, epochs + 1), np.nanmean(values, 0), np.nanstd(values, 0)
+
+
+def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The ablation's figure: mean validation accuracy and loss per epoch of every setting (its
+    result record: name, status, histories), with a ±1 std band over seeds."""
+    fig = Figure(figsize=(13, 5))
+    axes = fig.subplots(1, 2)
+    for result in results:
+        histories = [h for h in result.get("histories", []) if h]
+        if not histories:
+            continue
+        for ax, key in zip(axes, ("val_accuracy", "val_loss")):
+            x, mean, std = curve_stats(histories, key)
+            label = result["name"] if result["status"] == "ok" else f"{result['name']} ({result['status']})"
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    for ax, title in zip(axes, ("Validation accuracy (mean ± std over seeds)", "Validation loss (mean ± std over seeds)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)

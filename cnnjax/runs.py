@@ -1,4 +1,5 @@
-"""A run: a config, a folder that belongs to it, the data checked, training that survives a crash.
+"""A run: its folder (refused, locked, described by config.json), its exit codes, and `execute`,
+what an experiment script does once its config is resolved.
 
     RUN/
         config.json        the resolved config (whole), the devices, the classes, the command
@@ -21,12 +22,14 @@ Rules, as Keras's BackupAndRestore and ModelCheckpoint have them, and stricter:
 - A run whose loss stops being finite stops; its checkpoints keep the last finite
   state, and the process exits with EXIT_DIVERGED.
 - Every check on flags and data happens before the folder is created.
+
+The training itself is cnnjax.train.train_and_evaluate; finding and loading a saved model
+is cnnjax.checkpoint (find, load_model).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -34,15 +37,14 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import checkpoint, files, models, train
+from cnnjax import augment, data, files, models, plots, train
 from cnnjax import config as configlib
 from cnnjax import mesh as meshlib
 from cnnjax.checkpoint import CheckpointError
@@ -57,7 +59,6 @@ EXIT_DIVERGED = 3  # the training loss stopped being finite
 EXIT_FAILED = 4  # some ablation settings failed (see their error.json)
 EXIT_INTERRUPTED = 130  # Ctrl-C: the run can be resumed
 
-TREES = ("params", "opt_state", "progress")
 
 
 class RunError(Exception):
@@ -88,7 +89,9 @@ class _StdoutHandler(logging.StreamHandler):
 
 
 def setup_logging() -> None:
-    """INFO lines from cnnjax's loggers on stdout, as plain messages (process 0 only)."""
+    """INFO lines from cnnjax's loggers on stdout, as plain messages (process 0 only); orbax's
+    (through absl, at every save and restore) only when they are errors."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
     level = logging.INFO if meshlib.is_main_process() else logging.WARNING
     logger = logging.getLogger("cnnjax")
     if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
@@ -97,66 +100,6 @@ def setup_logging() -> None:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-
-
-# --- The data a config asks for --------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Splits:
-    """Training and validation data as uint8 arrays, with the class names."""
-
-    train: tuple[np.ndarray, np.ndarray]
-    validation: tuple[np.ndarray, np.ndarray]
-    class_names: list[str]
-
-
-def check_classes(model: Any, class_names: Sequence[str], labels: Sequence[np.ndarray], where: str) -> None:
-    """The model's head must fit the classes: exactly two for the sigmoid head, and every label in range."""
-    count = 2 if model.head == "sigmoid" else model.num_classes
-    if len(class_names) != count:
-        raise DataError(f"{where} has {len(class_names)} classes ({', '.join(class_names)}) but the model needs exactly {count}; "
-                        f"give a folder with {count} class sub-folders")
-    for array in labels:
-        if len(array) and (int(np.min(array)) < 0 or int(np.max(array)) >= count):
-            raise DataError(f"{where}: labels run from {int(np.min(array))} to {int(np.max(array))}, outside 0..{count - 1}")
-
-
-def load_data(cfg: Config, model: Any) -> Splits:
-    """The training split and cfg.data.validation_split, checked against the model."""
-    from cnnjax import data
-
-    if cfg.data.data_dir is not None and not Path(cfg.data.data_dir).expanduser().is_dir():
-        raise DataError(f"--data-dir {cfg.data.data_dir} does not exist; pass the folder that holds the data")
-    if cfg.data.dataset == "mnist":
-        if cfg.data.input == "stream":
-            raise DataError("--input stream is for image folders and TFDS image sets (cats_dogs); MNIST (55 MB as uint8) "
-                            "always fits in memory: use --input memory or auto")
-        if cfg.data.validation_split not in ("test", "train"):
-            raise DataError(f"MNIST has the splits train and test, not {cfg.data.validation_split!r}")
-        log.info("input: memory (%s)", "--input memory" if cfg.data.input == "memory" else "auto: MNIST's 55 MB of uint8 images always fit")
-        mnist = data.load_mnist(cfg.data.data_dir)
-        split = cfg.data.validation_split
-        splits = Splits((mnist["train_images"], mnist["train_labels"]), (mnist[f"{split}_images"], mnist[f"{split}_labels"]),
-                        [str(d) for d in range(10)])
-        where = "MNIST"
-    else:
-        from cnnjax.data import stream
-
-        size = (cfg.data.image_size, cfg.data.image_size)
-        wanted = ("train", cfg.data.validation_split)
-        # --input: memory, stream or auto (logs its choice); streams read as (images, labels) pairs too.
-        streams = stream.cats_dogs_streams(cfg.data.input, cfg.data.data_dir, wanted, size, cfg.data.interpolation)
-        if streams is not None:
-            train_set, val_set = streams["train"], streams[cfg.data.validation_split]
-            splits = Splits(train_set, val_set, list(train_set.class_names))  # type: ignore[arg-type]
-        else:
-            folders = data.load_cats_dogs(cfg.data.data_dir, wanted, size, cfg.data.interpolation)
-            train_set, val_set = folders["train"], folders[cfg.data.validation_split]
-            splits = Splits((train_set.images, train_set.labels), (val_set.images, val_set.labels), list(train_set.class_names))
-        where = "the data folder"
-    check_classes(model, splits.class_names, [splits.train[1], splits.validation[1]], where)
-    return splits
 
 
 # --- The run folder --------------------------------------------------------------------------------
@@ -258,266 +201,30 @@ class RunFolder:
 
     def saved_config(self) -> dict[str, Any] | None:
         path = self.path / "config.json"
-        return json.loads(path.read_text())["config"] if path.is_file() else None
+        return files.read_json(path)["config"] if path.is_file() else None
 
     def write_config(self, record: dict[str, Any]) -> None:
         if self.writer and not (self.path / "config.json").is_file():
             files.write_json(self.path / "config.json", record)
 
-    def write_history(self, histories: Sequence[train.History], seeds: Sequence[int]) -> None:
-        """history.json and history.csv: one row per seed and epoch (column "seed")."""
-        if not self.writer:
-            return
-        rows = [{"seed": seed, **row} for seed, history in zip(seeds, histories) for row in history]
-        files.write_json(self.path / "history.json", rows)
-        files.write_csv(self.path / "history.csv", rows)
-
-
-def read_history(path: str | os.PathLike) -> dict[int, train.History]:
-    """history.json of a run folder, as {seed: rows}."""
-    rows = json.loads(Path(path, "history.json").read_text())
-    out: dict[int, train.History] = {}
-    for row in rows:
-        out.setdefault(row["seed"], []).append({k: v for k, v in row.items() if k != "seed"})
-    return out
-
-
-# --- Training with checkpoints ---------------------------------------------------------------------
-
-
-def best_epochs(histories: Sequence[train.History]) -> list[dict[str, Any] | None]:
-    """Per seed, the first epoch of lowest finite val_loss (Keras's save_best_only), or None."""
-    best = []
-    for history in histories:
-        finite = [row for row in history if row.get("val_loss") is not None and math.isfinite(row["val_loss"])]
-        row = min(finite, key=lambda r: r["val_loss"]) if finite else None
-        best.append(None if row is None else {"epoch": row["epoch"], "val_loss": row["val_loss"],
-                                              "val_accuracy": row.get("val_accuracy")})
-    return best
-
-
-@dataclasses.dataclass
-class RunResult:
-    folder: RunFolder
-    trainer: train.Trainer
-    state: train.TrainState
-    histories: list[train.History]
-    diverged: list[int | None]
-    best: list[dict[str, Any] | None]
-    seeds: list[int]
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_DIVERGED if any(d is not None for d in self.diverged) else EXIT_OK
-
-
-def describe_checkpoint(cfg: Config, model: Any, class_names: Sequence[str], seeds: Sequence[int], result: train.FitResult,
-                        epoch: int) -> dict[str, Any]:
-    return {
-        "epoch": epoch,
-        "config": configlib.to_dict(cfg),
-        "model": models.model_config(model),
-        "class_names": list(class_names),
-        "seeds": list(seeds),
-        "histories": result.histories,
-        "diverged": result.diverged,
-        "best": best_epochs(result.histories),
-    }
-
-
-def train_run(
-    cfg: Config,
-    model: Any,
-    splits: Splits,
-    folder: RunFolder,
-    mesh: jax.sharding.Mesh | None = None,
-    verbose: bool = True,
-    callbacks: Sequence[train.EpochCallback] = (),
-    trainer: train.Trainer | None = None,
-) -> RunResult:
-    """Train cfg's recipe in `folder`, resuming from its latest checkpoint when there is one.
-
-    trainer: one already compiled for this model, optimizer, augmentation and seed count
-    (the ablation's seed runs share one), else a new one on `mesh`.
-    """
-    seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
-    if trainer is None:
-        tx = train.make_optimizer(cfg.optim)
-        mesh = meshlib.make_mesh(len(seeds)) if mesh is None else mesh
-        trainer = train.Trainer(model, tx, cfg.augment, num_seeds=len(seeds), mesh=mesh)
-    meshlib.check_batch(trainer.mesh, cfg.train.batch_size)
-    meshlib.check_batch(trainer.mesh, cfg.train.eval_batch_size, "train.eval_batch_size")
-    metric_names = [f"val_loss/{k}" for k in range(len(seeds))]
-    ckpts = checkpoint.Checkpoints(folder.path / "checkpoints", TREES, keep_latest=cfg.run.keep, best_metrics=metric_names)
-    latest = ckpts.latest_step()
-    if latest is None:
-        state = trainer.init(seeds)
-        fit_state = train.FitResult(state, [[] for _ in seeds], [None] * len(seeds))
-        epoch = 0
-    else:
-        start = time.perf_counter()
-        fit_state, epoch = _restore(ckpts, latest, trainer)
-        if verbose and meshlib.is_main_process():
-            print(f"Resuming {folder.path} after epoch {epoch} (restored in {time.perf_counter() - start:.1f} s)", flush=True)
-    folder.write_history(fit_state.histories, seeds)
-
-    def save_epoch(epoch: int, result: train.FitResult) -> None:
-        if not result.all_diverged:  # when every seed went back a step, there is nothing new to save
-            metrics = {f"val_loss/{k}": (h[-1].get("val_loss") if h and h[-1]["epoch"] == epoch and not h[-1].get("diverged")
-                                         else math.inf) for k, h in enumerate(result.histories)}
-            trees = {"params": result.state.params, "opt_state": result.state.opt_state,
-                     "progress": {"step": result.state.step, "rng": result.state.rng}}
-            ckpts.save(epoch, trees, describe_checkpoint(cfg, model, splits.class_names, seeds, result, epoch), metrics)
-        folder.write_history(result.histories, seeds)
-
-    loggers = _tensorboard_loggers(cfg, folder, seeds)
-
-    def log_epoch(epoch: int, result: train.FitResult) -> None:
-        for logger, history in zip(loggers, result.histories):
-            if history and history[-1]["epoch"] == epoch:
-                logger.log_epoch({**history[-1], "learning_rate": cfg.optim.learning_rate})
-
-    finished = False
-    try:
-        result = train.fit(
-            trainer, fit_state.state, splits.train, cfg.train.epochs, cfg.train.batch_size, splits.validation,
-            cfg.train.eval_batch_size, callbacks=[save_epoch, log_epoch, *callbacks], verbose=verbose,
-            initial_epoch=epoch, histories=fit_state.histories, diverged=fit_state.diverged,
-        )
-        if folder.writer:
-            _write_figures(folder, seeds, result.histories, loggers)
-        finished = True
-    finally:
-        ckpts.close()
-        for logger in loggers:
-            logger.close(finished=finished)
-    return RunResult(folder, trainer, result.state, result.histories, result.diverged, best_epochs(result.histories), seeds)
-
-
-def _tensorboard_loggers(cfg: Config, folder: RunFolder, seeds: Sequence[int]) -> list[Any]:
-    """One TensorBoard run per seed (tensorboard/, or tensorboard/seedN/ for several), process 0 only."""
-    if not (cfg.run.tensorboard and folder.writer):
-        return []
-    from cnnjax.tensorboard import TensorBoardLogger
-
-    loggers = []
-    for seed in seeds:
-        logger = TensorBoardLogger(folder.path / "tensorboard" / (f"seed{seed}" if len(seeds) > 1 else ""))
-        logger.log_config(configlib.to_dict(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, seeds=1))))
-        loggers.append(logger)
-    return loggers
-
-
-def history_figure_name(seed: int, num_seeds: int) -> str:
-    return "history.png" if num_seeds == 1 else f"history-seed{seed}.png"
-
-
-def _write_figures(folder: RunFolder, seeds: Sequence[int], histories: Sequence[train.History], loggers: Sequence[Any]) -> None:
-    """The lecture's accuracy & loss figure per seed; with the augmentation preview, into TensorBoard too."""
-    from cnnjax import plots
-
-    for k, (seed, history) in enumerate(zip(seeds, histories)):
-        path = plots.plot_history(history, folder.path / history_figure_name(seed, len(seeds)))
-        if loggers:
-            last = history[-1]["epoch"] if history else 0
-            loggers[k].log_png("history", path, last)
-            if (folder.path / "preview.png").is_file():
-                loggers[k].log_png("preview", folder.path / "preview.png", 0)
-
-
-def _restore(ckpts: checkpoint.Checkpoints, step: int, trainer: train.Trainer) -> tuple[train.FitResult, int]:
-    description = ckpts.description(step)
-    if len(description.get("seeds", [])) != trainer.num_seeds:
-        raise RunError(f"{ckpts.path(step)} holds {len(description.get('seeds', []))} seeds, this run trains {trainer.num_seeds}")
-    abstract = trainer.abstract_state()
-    trees = ckpts.restore(step, {"params": abstract.params, "opt_state": abstract.opt_state,
-                                 "progress": {"step": abstract.step, "rng": abstract.rng}})
-    state = train.TrainState(step=trees["progress"]["step"], params=trees["params"], opt_state=trees["opt_state"],
-                             rng=trees["progress"]["rng"])
-    histories = [[_nan_for_none(row) for row in h] for h in description["histories"]]
-    return train.FitResult(state, histories, list(description["diverged"])), int(description["epoch"])
-
-
-def _nan_for_none(row: dict[str, Any]) -> dict[str, Any]:
-    """Strict JSON wrote NaN as null; the history in memory holds floats."""
-    return {k: (math.nan if v is None else v) for k, v in row.items()}
-
-
-# --- Finding and loading a saved model --------------------------------------------------------------
-
-
-def find_checkpoint(path: str | os.PathLike, which: str | int = "best", seed_index: int = 0) -> Path:
-    """The checkpoint folder `path` means: a checkpoint folder itself, or a run folder (its
-    best epoch for `seed_index`, its latest, or epoch N), or RUN/best, RUN/latest."""
-    if isinstance(which, str) and which.isdigit():
-        which = int(which)
-    if which not in ("best", "latest") and not (isinstance(which, int) and which >= 0):
-        raise CheckpointError(f"which checkpoint must be best, latest or an epoch number, got {which!r}")
-    path = Path(path).expanduser().absolute()
-    if checkpoint.is_checkpoint(path):
-        return path
-    if path.name in ("best", "latest") and not path.exists():
-        path, which = path.parent, path.name
-    folder = path / "checkpoints"
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and checkpoint.is_checkpoint(p)) if folder.is_dir() else []
-    if not steps:
-        raise CheckpointError(f"{path} holds no checkpoint (neither a run folder with checkpoints/<epoch>/ nor a checkpoint folder)")
-    if which == "latest":
-        return folder / str(steps[-1])
-    if which == "best":
-        description = checkpoint.read_description(folder / str(steps[-1]))
-        best = description.get("best", [])
-        if not 0 <= seed_index < len(best):
-            raise CheckpointError(f"{path} has {len(best)} seed(s); seed index {seed_index} is not one of them")
-        if best[seed_index] is None:
-            raise CheckpointError(f"{path}: seed index {seed_index} has no finite validation loss, so no best epoch")
-        return folder / str(best[seed_index]["epoch"])
-    if which not in steps:
-        raise CheckpointError(f"{path} has no checkpoint of epoch {which}; it keeps epochs {', '.join(map(str, steps))}")
-    return folder / str(which)
-
-
-def save_model(folder: str | os.PathLike, model: Any, params: Any, class_names: Sequence[str] | None = None, epoch: int = 0,
-               extra: dict[str, Any] | None = None) -> Path:
-    """Save one seed's parameters as FOLDER/checkpoints/<epoch>, which load_model, evaluate.py and
-    activations.py read (for a model trained or changed outside `train_run`)."""
-    ckpts = checkpoint.Checkpoints(Path(folder) / "checkpoints", ("params",))
-    try:
-        description = {"epoch": epoch, "model": models.model_config(model), "class_names": list(class_names or []),
-                       "seeds": [0], "best": [{"epoch": epoch}], **(extra or {})}
-        return ckpts.save(epoch, {"params": train.stack_states([params])}, description)
-    finally:
-        ckpts.close()
-
-
-def load_model(path: str | os.PathLike, which: str | int = "best", seed_index: int = 0) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, params, description) of one seed from a checkpoint, rebuilt from the folder alone."""
-    step_dir = find_checkpoint(path, which, seed_index)
-    description = checkpoint.read_description(step_dir)
-    model = models.build_model(description["model"])
-    num_seeds = len(description.get("seeds", [0]))
-    if not 0 <= seed_index < num_seeds:
-        raise CheckpointError(f"{step_dir} holds {num_seeds} seed(s); seed index {seed_index} is not one of them")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = jax.eval_shape(jax.vmap(lambda rng: models.init_params(model, rng)), jax.ShapeDtypeStruct((num_seeds, 2), jnp.uint32))
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-    params = checkpoint.restore_trees(step_dir, {"params": abstract})["params"]
-    return model, train.seed_slice(params, seed_index), {**description, "path": str(step_dir)}
-
 
 # --- Reports ------------------------------------------------------------------------------------------
 
 
-def closing_lines(result: RunResult) -> list[str]:
+def exit_code(result: train.Result) -> int:
+    return EXIT_DIVERGED if any(d is not None for d in result.diverged) else EXIT_OK
+
+
+def closing_lines(result: train.Result, folder: Path) -> list[str]:
     """What the run leaves, in words that are true of it."""
     lines = []
-    ckpts = result.folder.path / "checkpoints"
+    ckpts = folder / "checkpoints"
     for k, (seed, history) in enumerate(zip(result.seeds, result.histories)):
         prefix = f"[seed {seed}] " if len(result.seeds) > 1 else ""
         best = result.best[k]
         last = next((row for row in reversed(history) if not row.get("diverged")), None)
         if result.diverged[k] is not None:
-            kept = f"the last finite state, epoch {last['epoch']}," if last else "no checkpoint"
+            kept = f"the last finite state, epoch {last['epoch']}." if last else "no checkpoint."
             lines.append(f"{prefix}Diverged at epoch {result.diverged[k]}: the training loss is not finite. {ckpts} keeps {kept} "
                          "Try a lower learning rate (--learning-rate).")
         elif last is not None:
@@ -553,45 +260,61 @@ def versions() -> dict[str, str]:
             "orbax-checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__}
 
 
-def execute(cfg: Config, args: Any, argv: Sequence[str] | None = None,
-            before_training: Callable[[RunFolder, Splits], None] | None = None,
-            callbacks: Sequence[train.EpochCallback] = ()) -> RunResult:
+def write_preview(dataset: Any, augmentation: augment.AugmentConfig, path: Path, seed: int) -> Path:
+    """The lecture's preview: one training image and four augmented versions of it (with the
+    lecture's preview settings when the run does not augment)."""
+    shown = augmentation if not augmentation.is_identity else augment.AugmentConfig.LECTURE_PREVIEW
+    image = dataset.image(7 if len(dataset) > 7 else 0)  # the lecture shows train/cats' 8th file
+    augmented = augment.random_augment(jax.random.PRNGKey(seed), np.repeat(image[None].astype(np.float32), 4, axis=0), shown)
+    grid = np.concatenate([image[None] / 255.0, np.clip(np.asarray(augmented) / 255.0, 0, 1)])
+    title = "augmented" if not augmentation.is_identity else "lecture preview settings"
+    return plots.plot_image_grid(grid, path, ["original"] + [f"{title} {i}" for i in range(1, 5)])
+
+
+def execute(cfg: Config, args: Any, argv: list[str] | None = None, preview: bool = False) -> train.Result:
     """Everything an experiment script does after resolving its config: join the processes,
-    check the data and the folder (all before writing anything), train, write the history,
-    its figure and the closing lines. Errors a user can cause exit with one line (code 2);
-    Ctrl-C says how to resume and exits with EXIT_INTERRUPTED. A diverged run says so and
-    returns: the script exits with `result.exit_code` once it has printed what it adds."""
+    check the data and the folder (all before writing anything), write config.json (and with
+    `preview` the augmentation preview), train, and print what the run left. Errors a user can
+    cause exit with one line (code 2); Ctrl-C says how to resume and exits with
+    EXIT_INTERRUPTED. A diverged run says so and returns: the script exits with
+    `exit_code(result)` once it has printed what it adds."""
     with exit_on_bad_input():
         start(args)
         model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
         mesh = meshlib.make_mesh(cfg.train.seeds)
         meshlib.check_batch(mesh, cfg.train.batch_size)
         meshlib.check_batch(mesh, cfg.train.eval_batch_size, "train.eval_batch_size")
-        splits = load_data(cfg, model)
+        datasets = data.load(cfg.data, ("train", cfg.data.validation_split))
+        train_set, val_set = datasets["train"], datasets[cfg.data.validation_split]
+        data.check_classes(datasets, model.head.num_classes, "MNIST" if cfg.data.dataset == "mnist" else "the data folder")
         folder = RunFolder.open(cfg)
     main = meshlib.is_main_process()
     try:
         if main:
             print(meshlib.summary_line(mesh), flush=True)
             print(models.summary(model), flush=True)
-            print(f"train: {len(splits.train[1])} images, validation: {len(splits.validation[1])}, "
-                  f"classes {', '.join(splits.class_names)}; run folder {folder.path}", flush=True)
+            print(f"train: {len(train_set)} images, validation: {len(val_set)}, classes {', '.join(train_set.class_names)}; "
+                  f"run folder {folder.path}", flush=True)
         folder.write_config({
-            "config": configlib.to_dict(cfg), "devices": meshlib.describe(mesh), "class_names": splits.class_names,
+            "config": configlib.to_dict(cfg), "devices": meshlib.describe(mesh), "class_names": list(train_set.class_names),
             "model": models.model_config(model), "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
             "versions": versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         })
-        if before_training is not None and main:
-            before_training(folder, splits)
+        if preview and main:
+            write_preview(train_set, cfg.augment, folder.path / "preview.png", cfg.train.seed)
         try:
-            result = train_run(cfg, model, splits, folder, mesh, callbacks=callbacks)
+            result = train.train_and_evaluate(cfg, folder.path, datasets, mesh=mesh)
         except KeyboardInterrupt:
             if main:
                 print(f"\ninterrupted: every finished epoch is kept in {folder.path}/checkpoints; continue with the same "
                       f"command plus --resume --out {folder.path}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_INTERRUPTED) from None
+        except Exception as e:
+            folder.close()  # before exit_on_error, which leaves at once (with several processes)
+            meshlib.exit_on_error(e)
+            raise
         if main:
-            for line in closing_lines(result):
+            for line in closing_lines(result, folder.path):
                 print(line, flush=True)
             written = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.path.iterdir() if not p.name.startswith("."))
             print(f"Wrote {folder.path}/: {', '.join(written)}", flush=True)

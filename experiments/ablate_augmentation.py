@@ -30,11 +30,6 @@ import numpy as np
 
 from cnnjax import ablation, config, data, mesh, models, runs
 
-ALIASES = {
-    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
-    "--seed": "train.seed", "--seeds": "train.seeds", "--image-size": "data.image_size", "--data-dir": "data.data_dir",
-}
-
 
 def base_recipe() -> config.Config:
     """Experiment 1's recipe, 30 epochs, 3 seeds: what every setting overrides."""
@@ -42,15 +37,15 @@ def base_recipe() -> config.Config:
     return dataclasses.replace(cfg, name="ablation", train=dataclasses.replace(cfg.train, epochs=30, seeds=3))
 
 
-def subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def subset(images: data.Images, n: int | None, seed: int = 0) -> data.Images:
     """A class-balanced random subset of n training images (all of them when n is None)."""
-    if n is None or n >= len(labels):
-        return images, labels
+    if n is None or n >= len(images):
+        return images
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per_class = n // len(classes)
-    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]))
-    return images[keep], labels[keep]
+    labels = images.labels
+    per_class = n // len(images.class_names)
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in np.unique(labels)]))
+    return data.Images(images.images[keep], labels[keep], images.class_names, [images.files[i] for i in keep] if images.files else [])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -61,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train-subset", type=int, default=None, help="train on a class-balanced subset of N images")
     parser.add_argument("--out", default="checkpoints/ablation")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table and plot from what --out holds; train nothing")
-    config.add_flags(parser, base_recipe(), ALIASES)
+    config.add_flags(parser, base_recipe(), sections=("data", "model", "augment", "optim", "train"))
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -71,11 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return results
     with runs.exit_on_bad_input():
         runs.start(args)
-        overrides = config.overrides_from_args(args)
-        unsupported = sorted(p for p in overrides if p.startswith("run."))
-        if unsupported:
-            raise config.ConfigError(f"{', '.join(unsupported)}: the ablation sets each setting's run folder itself (use --out)")
-        base = runs.check_config(config.override(base_recipe(), overrides))
+        base = runs.check_config(config.override(base_recipe(), config.overrides_from_args(args)))
         settings = [ablation.parse_setting(spec, base) for spec in args.settings]
         if len({s.name for s in settings}) != len(settings):
             raise config.ConfigError("two settings have the same name; give each its own")
@@ -86,21 +77,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if base.data.input == "stream":
             raise config.ConfigError("--data.input stream: the ablation trains every setting on the same images, held in "
                                      "memory; use --data.input memory or auto")
-        size = (base.data.image_size, base.data.image_size)
         validation = base.data.validation_split
-        wanted = tuple(dict.fromkeys(("train", validation, "test")))
-        folders = data.load_cats_dogs(base.data.data_dir, wanted, size, base.data.interpolation)
-        model = models.from_config(base.model.name, base.data.image_size)
-        splits = runs.Splits(subset(folders["train"].images, folders["train"].labels, args.train_subset),
-                             (folders[validation].images, folders[validation].labels), folders["train"].class_names)
-        runs.check_classes(model, splits.class_names, [splits.train[1], splits.validation[1]], "the data folder")
-        test = (folders["test"].images, folders["test"].labels)
+        loaded = data.load(dataclasses.replace(base.data, input="memory"), tuple(dict.fromkeys(("train", validation, "test"))))
+        datasets = {"train": subset(loaded["train"], args.train_subset)}
+        datasets.setdefault(validation, loaded[validation])  # validating on "train": the images trained on
+        num_classes = models.from_config(base.model.name, base.data.image_size).head.num_classes
+        data.check_classes(datasets, num_classes, "the data folder")
     main_process = mesh.is_main_process()  # with several processes, process 0 prints (and writes)
     if main_process:
-        print(f"{base.train.epochs} epochs, {len(splits.train[1])} training images at {base.data.image_size}px, "
+        print(f"{base.train.epochs} epochs, {len(datasets['train'])} training images at {base.data.image_size}px, "
               f"validation on {validation}", flush=True)
     try:
-        results = ablation.run_ablation(settings, base, splits, test, out, args.seed_mode)
+        results = ablation.run_ablation(settings, base, datasets, loaded["test"], out, args.seed_mode)
     except KeyboardInterrupt:
         names = [s.name for s in settings]
         results = ablation.rebuild_report(out, names) if main_process else ablation.collect_results(out, names)

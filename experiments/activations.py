@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnjax import config, data, files, models, plots, runs
+from cnnjax import checkpoint, config, data, files, models, plots, runs
 from cnnjax import inspect as look
 from cnnjax.data.folders import IMAGE_EXTENSIONS, find_cats_dogs_root
 
@@ -97,8 +97,8 @@ def check_args(model, args: argparse.Namespace, first_layer_channels: int) -> No
         look.resolve_layers(model, [args.filter_layer or look.last_conv_layer(model)])
         if args.num_filters < 1 or args.steps < 0:
             raise ValueError("--num-filters must be at least 1 and --steps at least 0")
-    if args.heatmap and args.class_index is not None and not 0 <= args.class_index < look.num_classes(model):
-        raise ValueError(f"--class-index must be in 0..{look.num_classes(model) - 1}, got {args.class_index}")
+    if args.heatmap and args.class_index is not None and not 0 <= args.class_index < model.head.num_classes:
+        raise ValueError(f"--class-index must be in 0..{model.head.num_classes - 1}, got {args.class_index}")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     runs.setup_logging()
     # Everything that can fail on bad input happens before the first file is written.
     with runs.exit_on_bad_input():
-        model, params, description = runs.load_model(args.checkpoint, args.which, args.seed_index)
+        model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed_index)
         interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
         image = load_input(model, args, interpolation)
         conv_pool = [n for n in look.resolve_layers(model) if n.startswith(("conv2d", "max_pooling2d"))]

@@ -27,19 +27,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import jax
-import numpy as np
-
-from cnnjax import augment, config, plots, runs
-
-ALIASES = {
-    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
-    "--seed": "train.seed", "--seeds": "train.seeds", "--image-size": "data.image_size", "--data-dir": "data.data_dir",
-    "--input": "data.input", "--out": "run.out", "--resume": "run.resume",
-    "--rotation-range": "augment.rotation_range", "--width-shift-range": "augment.width_shift_range",
-    "--height-shift-range": "augment.height_shift_range", "--shear-range": "augment.shear_range",
-    "--zoom-range": "augment.zoom_range", "--horizontal-flip": "augment.horizontal_flip", "--fill-mode": "augment.fill_mode",
-}
+from cnnjax import config, runs, train
 
 
 def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object]:
@@ -49,7 +37,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
                         help="experiment 2: the lecture's augmentation, 100 epochs and Dropout(RATE) after Flatten (RATE: 0.5)")
     parser.add_argument("--augment", choices=tuple(config.AUGMENT_PRESETS), metavar="PRESET",
                         help="augmentation preset, none | lecture | preview (default: none; lecture with --dropout)")
-    config.add_flags(parser, config.catsdogs(1), ALIASES, {"experiment 2": config.catsdogs(2)})
+    config.add_flags(parser, config.catsdogs(1), other_defaults={"experiment 2": config.catsdogs(2)})
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     with runs.exit_on_bad_input():
@@ -66,26 +54,11 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     return cfg, args
 
 
-def write_preview(images: np.ndarray, augmentation: augment.AugmentConfig, path, seed: int) -> None:
-    """The lecture's preview: one training image and four augmented versions of it."""
-    shown = augmentation if not augmentation.is_identity else augment.AugmentConfig.LECTURE_PREVIEW
-    image = images[7 if len(images) > 7 else 0]  # the lecture shows train/cats' 8th file
-    batch = np.repeat(image[None].astype(np.float32), 4, axis=0)
-    augmented = augment.random_augment(jax.random.PRNGKey(seed), batch, shown)
-    grid = np.concatenate([image[None] / 255.0, np.clip(np.asarray(augmented) / 255.0, 0, 1)])
-    title = "augmented" if not augmentation.is_identity else "lecture preview settings"
-    plots.plot_image_grid(grid, path, ["original"] + [f"{title} {i}" for i in range(1, 5)])
-
-
-def main(argv: list[str] | None = None) -> runs.RunResult:
+def main(argv: list[str] | None = None) -> train.Result:
     cfg, args = resolve_config(argv)
-
-    def preview(folder: runs.RunFolder, splits: runs.Splits) -> None:
-        write_preview(splits.train[0], cfg.augment, folder.path / "preview.png", cfg.train.seed)
-
-    result = runs.execute(cfg, args, argv, before_training=preview)
-    if result.exit_code:
-        sys.exit(result.exit_code)
+    result = runs.execute(cfg, args, argv, preview=True)
+    if runs.exit_code(result):
+        sys.exit(runs.exit_code(result))
     return result
 
 

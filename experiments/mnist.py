@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import sys
 
-from cnnjax import config, mesh, runs
-
-ALIASES = {
-    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
-    "--seed": "train.seed", "--seeds": "train.seeds", "--data-dir": "data.data_dir", "--out": "run.out", "--resume": "run.resume",
-}
+from cnnjax import config, mesh, runs, train
 
 
 def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object]:
     """The recipe with the flags given applied, checked; and the parsed flags."""
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
-    config.add_flags(parser, config.mnist(), ALIASES)
+    config.add_flags(parser, config.mnist())
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     with runs.exit_on_bad_input():
@@ -36,14 +31,14 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     return cfg, args
 
 
-def main(argv: list[str] | None = None) -> runs.RunResult:
+def main(argv: list[str] | None = None) -> train.Result:
     cfg, args = resolve_config(argv)
     result = runs.execute(cfg, args, argv)
     last = result.histories[0][-1]
     if mesh.is_main_process() and not last.get("diverged"):
         print(f"Test accuracy: {last['val_accuracy']:.4f} (test loss {last['val_loss']:.4f})")
-    if result.exit_code:
-        sys.exit(result.exit_code)
+    if runs.exit_code(result):
+        sys.exit(runs.exit_code(result))
     return result
 
 

@@ -14,15 +14,17 @@ Prints one JSON object on its last line of stdout:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from cnnjax import config, mesh, models, train
+from cnnjax import config, data, mesh, train
 from tests.conftest import tiny_cats_dogs, tiny_mnist, write_mnist_folder
 
 EPOCHS = 2
@@ -37,25 +39,24 @@ def recipe(name: str) -> config.Config:
                                                 "train.epochs": EPOCHS})
 
 
-def data(name: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    if name == "mnist":
-        return tiny_mnist(100, 0), tiny_mnist(40, 1)
-    return tiny_cats_dogs(20, 0), tiny_cats_dogs(16, 1)
+def datasets(cfg: config.Config) -> dict[str, data.Images]:
+    if cfg.data.dataset == "mnist":
+        (x, y), (vx, vy), classes = tiny_mnist(100, 0), tiny_mnist(40, 1), [str(d) for d in range(10)]
+    else:
+        (x, y), (vx, vy), classes = tiny_cats_dogs(20, 0), tiny_cats_dogs(16, 1), ["cats", "dogs"]
+    return {"train": data.Images(x, y, classes), cfg.data.validation_split: data.Images(vx, vy, classes)}
 
 
-def run(cfg: config.Config, splits, seeds: list[int], devices: list, start: train.TrainState | None = None) -> dict:
-    """Train cfg's recipe for `seeds` on a mesh over `devices`: the initial state (host arrays),
-    the histories and the final parameters. `start`: that initial state instead of a fresh one
-    (compiling an initialisation costs more than the training step here)."""
-    model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
+def run(cfg: config.Config, seeds: list[int], devices: list) -> dict:
+    """Train cfg's recipe for `seeds` (consecutive) on a mesh over `devices`: the histories and the
+    final parameters, with the epoch-1 checkpoint's parameters as a witness of the start."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seeds[0], seeds=len(seeds)),
+                              run=dataclasses.replace(cfg.run, tensorboard=False))
     grid = mesh.make_mesh(len(seeds), devices)
-    trainer = train.Trainer(model, train.make_optimizer(cfg.optim), cfg.augment, num_seeds=len(seeds), mesh=grid)
-    state = trainer.init(seeds) if start is None else jax.device_put(start, mesh.sharding(grid, mesh.SEED))
-    initial = mesh.to_host(state)
-    result = train.fit(trainer, state, splits[0], cfg.train.epochs, cfg.train.batch_size, splits[1],
-                       cfg.train.eval_batch_size, verbose=False, progress=False)
+    with tempfile.TemporaryDirectory() as workdir:
+        result = train.train_and_evaluate(cfg, workdir, datasets(cfg), mesh=grid, verbose=False)
     histories = [[{k: row[k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")} for row in h] for h in result.histories]
-    return {"mesh": dict(grid.shape), "initial": initial, "histories": histories, "params": mesh.to_host(result.state.params)}
+    return {"mesh": dict(grid.shape), "histories": histories, "params": mesh.to_host(result.state.params)}
 
 
 def max_diff(a, b) -> float:
@@ -64,24 +65,22 @@ def max_diff(a, b) -> float:
 
 
 def device_counts(name: str, seed: int) -> tuple[dict, dict]:
-    """The recipe on 1, 2 and 4 devices from one initial state; and the 1-device run itself."""
-    cfg, splits = recipe(name), data(name)
-    one = run(cfg, splits, [seed], jax.devices()[:1])
-    runs = {1: one, **{n: run(cfg, splits, [seed], jax.devices()[:n], one["initial"]) for n in (2, 4)}}
+    """The recipe on 1, 2 and 4 devices; and the 1-device run itself."""
+    cfg = recipe(name)
+    one = run(cfg, [seed], jax.devices()[:1])
+    runs = {1: one, **{n: run(cfg, [seed], jax.devices()[:n]) for n in (2, 4)}}
     return {str(n): {"mesh": r["mesh"], "histories": r["histories"], "params_diff": max_diff(r["params"], one["params"])}
             for n, r in runs.items()}, one
 
 
 def seeds_together(alone_first: dict, seeds: tuple[int, int]) -> dict:
     """K=2 seeds on 2 devices against each seed alone on 1 device (the first: `alone_first`)."""
-    cfg, splits = recipe("cats"), data("cats")
-    together = run(cfg, splits, list(seeds), jax.devices()[:2])
-    second_start = jax.tree.map(lambda leaf: leaf[1:], together["initial"])
-    alone = [alone_first, run(cfg, splits, [seeds[1]], jax.devices()[:1], second_start)]
+    cfg = recipe("cats")
+    together = run(cfg, list(seeds), jax.devices()[:2])
+    alone = [alone_first, run(cfg, [seeds[1]], jax.devices()[:1])]
     stacked = jax.tree.map(lambda *leaves: np.concatenate(leaves), *[a["params"] for a in alone])
-    first_start = jax.tree.map(lambda leaf: leaf[:1], together["initial"])
     return {"mesh": together["mesh"], "together": together["histories"], "alone": [a["histories"][0] for a in alone],
-            "params_diff": max_diff(together["params"], stacked), "init_diff": max_diff(first_start, alone_first["initial"])}
+            "params_diff": max_diff(together["params"], stacked)}
 
 
 def script(module: str, argv: list[str]) -> dict:

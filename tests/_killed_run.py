@@ -2,7 +2,7 @@
 
     python -m tests._killed_run mnist|catsdogs compile|mid-epoch|mid-save|after-save EPOCH -- ARGV...
 
-compile:    while the first program compiles (before any epoch ran)
+compile:    as the first training program is about to compile (before any epoch ran)
 mid-epoch:  in the middle of epoch EPOCH (1-based), after its first scanned call
 mid-save:   inside the checkpoint save of epoch EPOCH, after orbax wrote the parameters
             into its temporary folder and before it finished
@@ -25,48 +25,34 @@ def main() -> None:
     script, point, epoch, dash, *argv = sys.argv[1:]
     assert dash == "--"
     epoch = int(epoch)
+    import jax
     import orbax.checkpoint as ocp
 
-    from cnnjax import checkpoint, runs, train
+    from cnnjax import checkpoint, step, train
 
-    if point == "compile":
-        real_compile = train.Trainer._compile
+    if point in ("compile", "mid-epoch"):
+        real_train_fn, real_order = train._train_fn, step.epoch_order
+        current = {"epoch": 0}
 
-        def compile_then_die(self, kind, num_steps):
-            fn = real_compile(self, kind, num_steps)
-            die()
-            return fn
+        def epoch_order(rngs, num_examples, batch_size, e):
+            current["epoch"] = e + 1
+            return real_order(rngs, num_examples, batch_size, e)
 
-        train.Trainer._compile = compile_then_die
-    elif point == "mid-epoch":
-        real_run = train.Trainer._run
+        def train_fn(*args, **kwargs):
+            fn = real_train_fn(*args, **kwargs)
 
-        def run_then_die(self, kind, carry, data, indices, weights, bar):
-            calls = {"n": 0}
-            real_step = self._compile(kind, indices.shape[-2])
-
-            def counting(*args):
-                out = real_step(*args)
-                calls["n"] += 1
-                if kind == "train" and self._epoch == epoch and calls["n"] == 1:
+            def run(*call):
+                if point == "compile":  # jit compiles on the first call: die inside it
+                    die()
+                out = fn(*call)
+                if current["epoch"] == epoch:  # after the epoch's first call
+                    jax.block_until_ready(out)
                     die()
                 return out
 
-            key = (kind, self._steps_each_call(indices.shape[-2]))
-            self._compiled[key] = counting
-            try:
-                return real_run(self, kind, carry, data, indices, weights, bar)
-            finally:
-                self._compiled[key] = real_step
+            return run
 
-        real_epoch = train.Trainer.train_epoch
-
-        def train_epoch(self, state, data, batch_size, e, progress=False):
-            self._epoch = e + 1
-            return real_epoch(self, state, data, batch_size, e, progress)
-
-        train.Trainer._run = run_then_die
-        train.Trainer.train_epoch = train_epoch
+        step.epoch_order, train._train_fn = epoch_order, train_fn
     elif point == "mid-save":
         real_json_save = ocp.JsonCheckpointHandler.async_save
 
@@ -88,7 +74,6 @@ def main() -> None:
         checkpoint.Checkpoints.save = save_then_die
     else:
         raise SystemExit(f"unknown point {point}")
-    del runs
     sys.argv = [script, *argv]
     if script == "mnist":
         from experiments import mnist as experiment

@@ -294,6 +294,29 @@ def quadrant_square_images(rng: np.random.Generator, n: int, quadrants=None) -> 
     return images, labels
 
 
+def poison(monkeypatch, seed_index: int, after_step: int) -> None:
+    """Make the parameters of one seed NaN once it has taken `after_step` steps (in the training calls)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax import train
+
+    real = train._train_fn
+
+    def fake(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def run(carry, sums, batch, on_device):
+            carry, sums = fn(carry, sums, batch, on_device)
+            if int(carry.step[seed_index]) > after_step:
+                carry = carry.replace(params=jax.tree.map(lambda p: p.at[seed_index].multiply(jnp.nan), carry.params))
+            return carry, sums
+
+        return run
+
+    monkeypatch.setattr(train, "_train_fn", fake)
+
+
 def dead_pid() -> int:
     """The pid of a process that has just exited (for locks and temporaries left by a killed run)."""
     from cnnjax import files

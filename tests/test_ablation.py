@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from cnnjax import ablation, config, runs, train
+from cnnjax import ablation, checkpoint, config, data, plots, runs, train
 from cnnjax.augment import AugmentConfig
 from tests.conftest import CATS_SIZE, tiny_cats_dogs, write_cats_dogs_folder
 
@@ -19,15 +19,17 @@ BASE = dataclasses.replace(
 )
 
 
+CLASSES = ["cats", "dogs"]
+
+
 @pytest.fixture()
 def splits():
-    train_set = tiny_cats_dogs(24)
-    return runs.Splits(train_set, tiny_cats_dogs(10, 1), ["cats", "dogs"])
+    return {"train": data.Images(*tiny_cats_dogs(24), CLASSES), "validation": data.Images(*tiny_cats_dogs(10, 1), CLASSES)}
 
 
 @pytest.fixture()
 def test_set():
-    return tiny_cats_dogs(10, 2)
+    return data.Images(*tiny_cats_dogs(10, 2), CLASSES)
 
 
 def test_settings_are_overrides_of_the_recipe():
@@ -41,7 +43,7 @@ def test_settings_are_overrides_of_the_recipe():
     assert ablation.setting_config(BASE, by_path).data.interpolation == "nearest"  # untouched: a section of its own
     with pytest.raises(config.ConfigError, match="unknown setting"):
         ablation.parse_setting("colour")
-    with pytest.raises(config.ConfigError, match="interpolation.*data.interpolation and augment.interpolation"):
+    with pytest.raises(config.ConfigError, match="interpolation.*several sections.*augment.interpolation or data.interpolation"):
         ablation.parse_setting("x:interpolation=bilinear")  # two sections have it: the path is required
     with pytest.raises(config.ConfigError, match="brightness"):
         ablation.parse_setting("x:brightness=2")
@@ -66,7 +68,6 @@ def test_table_is_the_runs_recomputed_and_best_checkpoints_hold_the_best_epoch(s
             digits = ".1f" if key == "best_epoch" else ".3f"
             assert cell == f"{np.mean(values):{digits}} ± {np.std(values):{digits}}"
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
-    trainer_model = None
     for result in results:
         folder = tmp_path / result["name"]
         for k, (seed, history) in enumerate(zip(result["seeds"], result["histories"])):
@@ -74,21 +75,20 @@ def test_table_is_the_runs_recomputed_and_best_checkpoints_hold_the_best_epoch(s
             assert seed["best_epoch"] == 1 + int(np.argmin(losses))
             # The seed's best checkpoint holds exactly the best epoch's parameters: evaluating it gives that epoch's metrics.
             run_folder = folder / "seeds" if mode == "vmap" else folder / f"seed{k}"
-            model, params, description = runs.load_model(run_folder, "best", k if mode == "vmap" else 0)
+            model, params, description = checkpoint.load_model(run_folder, "best", k if mode == "vmap" else 0)
             assert description["epoch"] == seed["best_epoch"]
-            trainer_model = train.Trainer(model, train.adam_keras(), mesh=None)
-            metrics = trainer_model.evaluate(train.stack_states([params]), splits.validation, 10)[0]
+            metrics = train.evaluate(model, params, splits["validation"], 10)
             best_row = history[seed["best_epoch"] - 1]
             np.testing.assert_allclose(metrics["loss"], best_row["val_loss"], rtol=1e-5)
             assert metrics["accuracy"] == best_row["val_accuracy"]
-            test_metrics = trainer_model.evaluate(train.stack_states([params]), test_set, 10)[0]
+            test_metrics = train.evaluate(model, params, test_set, 10)
             assert seed["test_accuracy"] == test_metrics["accuracy"]
 
 
 def test_curves_plot_the_mean_and_std_over_seeds(splits, tmp_path):
     results = ablation.run_ablation([ablation.Setting.of("none")], dataclasses.replace(BASE, train=dataclasses.replace(
         BASE.train, epochs=1)), splits, None, tmp_path, "vmap", verbose=False)
-    x, mean, std = ablation.curve_stats(results[0]["histories"], "val_loss")
+    x, mean, std = plots.curve_stats(results[0]["histories"], "val_loss")
     values = [h[0]["val_loss"] for h in results[0]["histories"]]
     assert x.tolist() == [1] and mean[0] == pytest.approx(np.mean(values)) and std[0] == pytest.approx(np.std(values))
     assert results[0]["seeds"][0]["test_accuracy"] is None  # no test split: null (NaN) in result.json, not invented
@@ -97,22 +97,20 @@ def test_curves_plot_the_mean_and_std_over_seeds(splits, tmp_path):
 
 def test_resume_after_an_interrupt_and_skip_finished_settings(splits, test_set, tmp_path, monkeypatch):
     settings = [ablation.Setting.of("none"), ablation.Setting.of("flip", {"augment.horizontal_flip": True, "model.dropout": 0.5})]
-    real_fit = train.fit
+    real_write = train._write_history
 
-    def interrupted_after_first_epoch_of_flip(trainer, *args, callbacks=(), **kwargs):
-        def stop(epoch, result):
-            if trainer.model.dropout_rate == 0.5 and epoch == 1:
-                raise KeyboardInterrupt  # Ctrl-C right after epoch 1 was saved
+    def interrupted_after_first_epoch_of_flip(workdir, seeds, histories):
+        real_write(workdir, seeds, histories)
+        if workdir.parent.name == "flip" and histories[0]:
+            raise KeyboardInterrupt  # Ctrl-C right after epoch 1 was saved
 
-        return real_fit(trainer, *args, callbacks=[*callbacks, stop], **kwargs)
-
-    monkeypatch.setattr(train, "fit", interrupted_after_first_epoch_of_flip)
+    monkeypatch.setattr(train, "_write_history", interrupted_after_first_epoch_of_flip)
     with pytest.raises(KeyboardInterrupt):
         ablation.run_ablation(settings, BASE, splits, test_set, tmp_path, "vmap", verbose=False)
-    monkeypatch.setattr(train, "fit", real_fit)
+    monkeypatch.setattr(train, "_write_history", real_write)
     none_result = (tmp_path / "none" / "result.json").read_text()
     assert not (tmp_path / "flip" / "result.json").exists()
-    first_epoch = runs.read_history(tmp_path / "flip" / "seeds")
+    first_epoch = train.read_history(tmp_path / "flip" / "seeds")
     assert [len(h) for h in first_epoch.values()] == [1, 1]
 
     trained = []
@@ -148,8 +146,8 @@ def test_wall_time_is_the_longest_seed_when_one_diverged_early(splits, tmp_path,
                 "seconds": seconds, **({"diverged": True} if diverged else {})}
 
     histories = [[row(1, 2.0, diverged=True)], [row(1, 2.0), row(2, 3.0), row(3, 4.0)]]
-    monkeypatch.setattr(runs, "train_run", lambda *a, **k: types.SimpleNamespace(
-        histories=histories, trainer=None, seeds=[0, 1], best=[None, None]))
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: types.SimpleNamespace(
+        histories=histories, seeds=[0, 1], best=[None, None]))
     record = ablation.run_setting(ablation.Setting.of("none"), BASE, splits, None, tmp_path / "none", "vmap", verbose=False)
     assert record["wall_seconds"] == 9.0 and record["status"] == "partly diverged"
 

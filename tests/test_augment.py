@@ -318,15 +318,15 @@ def test_jit_vmap_and_determinism():
 
 
 def test_preprocess_augments_on_the_0_255_scale_then_rescales():
-    from cnnjax import train
+    from cnnjax import step
 
     images = jnp.asarray(np.random.default_rng(9).integers(0, 256, (5, 24, 24, 3)).astype(np.uint8))
     rng = jax.random.PRNGKey(0)
-    out = jax.jit(train.preprocess, static_argnums=2)(images, rng, AugmentConfig.LECTURE)
+    out = jax.jit(step.preprocess, static_argnums=2)(images, rng, AugmentConfig.LECTURE)
     assert out.shape == images.shape and out.dtype == jnp.float32
     np.testing.assert_allclose(out, augment.random_augment(rng, images.astype(jnp.float32), AugmentConfig.LECTURE) / 255.0, atol=1e-6)
-    np.testing.assert_array_equal(train.preprocess(images, rng, AugmentConfig()), images / 255.0)  # identity: nothing drawn
-    np.testing.assert_array_equal(train.preprocess(images), images / 255.0)
+    np.testing.assert_array_equal(step.preprocess(images, rng, AugmentConfig()), images / 255.0)  # identity: nothing drawn
+    np.testing.assert_array_equal(step.preprocess(images), images / 255.0)
 
 
 def test_lecture_configs():

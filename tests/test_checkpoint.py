@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, models, runs
+from cnnjax import checkpoint, models
 
 
 def trees(value: float) -> dict:
@@ -73,16 +73,16 @@ def test_not_a_checkpoint_and_a_wrong_shape_are_clear_errors(tmp_path):
 def test_load_model_rebuilds_the_model_from_the_folder_alone(tmp_path):
     model = models.CatsDogsConvNet(dropout_rate=0.5, input_shape=(48, 48, 3))
     params = models.init_params(model, jax.random.PRNGKey(3))
-    path = runs.save_model(tmp_path / "run", model, params, ["cats", "dogs"], epoch=7)
+    path = checkpoint.save_model(tmp_path / "run", model, params, ["cats", "dogs"], epoch=7)
     assert path == tmp_path / "run" / "checkpoints" / "7"
-    loaded, restored, description = runs.load_model(tmp_path / "run", "latest")
+    loaded, restored, description = checkpoint.load_model(tmp_path / "run", "latest")
     assert loaded == model and description["epoch"] == 7 and description["class_names"] == ["cats", "dogs"]
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(checkpoint.CheckpointError, match="seed index 1"):
-        runs.load_model(path, seed_index=1)
+        checkpoint.load_model(path, seed_index=1)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of epoch 3"):
-        runs.find_checkpoint(tmp_path / "run", 3)
+        checkpoint.find(tmp_path / "run", 3)
 
 
 def test_a_reopened_folder_still_knows_each_checkpoints_metrics(tmp_path):

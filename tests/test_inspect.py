@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -13,8 +13,8 @@ import optax
 import pytest
 from PIL import Image
 
+from cnnjax import checkpoint, models, plots, step
 from cnnjax import inspect as look
-from cnnjax import models, plots, runs, train
 from experiments import activations as script
 from tests.conftest import (
     CATS_DOGS_LAYERS,
@@ -152,7 +152,10 @@ class TinyNet(nn.Module):
 
     num_classes: int = 2
     input_shape: tuple[int, int, int] = (20, 20, 1)
-    head: ClassVar[str] = "softmax"
+
+    @property
+    def head(self):
+        return models.Softmax(self.num_classes)
 
     @nn.compact
     def __call__(self, x, train=False):
@@ -160,12 +163,15 @@ class TinyNet(nn.Module):
         x = models.MaxPooling2D(name="max_pooling2d")(x)
         x = models.Conv2D(8, activation="relu", name="conv2d_1")(x)
         x = models.Flatten(name="flatten")(x)
-        out = models.Dense(self.num_classes if self.head == "softmax" else 1, name="dense_1")(x)
-        return out if self.head == "softmax" else out[:, 0]
+        softmax = isinstance(self.head, models.Softmax)
+        out = models.Dense(self.num_classes if softmax else 1, name="dense_1")(x)
+        return out if softmax else out[:, 0]
 
 
 class TinySigmoidNet(TinyNet):
-    head: ClassVar[str] = "sigmoid"
+    @property
+    def head(self):
+        return models.Sigmoid()
 
 
 def quadrant_mass(heatmap: np.ndarray) -> np.ndarray:
@@ -179,13 +185,17 @@ def test_grad_cam_highlights_the_square_that_decides_the_class():
     model = TinyNet()
     tx = optax.adam(1e-2)
     params = numpy_params(model)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+    state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    trainer = train.Trainer(model, tx)
-    result = train.fit(trainer, train.stack_states([state]), quadrant_square_images(rng, 512), epochs=3, batch_size=32, verbose=False,
-                       progress=False)
-    assert result.histories[0][-1]["accuracy"] > 0.95
-    state = train.seed_slice(result.state, 0)
+    pixels, labels = quadrant_square_images(rng, 512)
+    train_step = jax.jit(functools.partial(step.train_step, model=model, tx=tx, augment=None))
+    for epoch in range(3):
+        indices, weights = step.epoch_order(np.asarray(state.rng)[None], 512, 32, epoch)
+        correct = 0.0
+        for idx, w in zip(indices[0], weights[0]):
+            state, sums = train_step(state, {"image": pixels[idx], "label": labels[idx], "weight": w})
+            correct += float(sums["correct"])
+    assert correct / 512 > 0.95
     quadrants = [(0, 0), (0, 1), (1, 0), (1, 1)] * 2
     images, _ = quadrant_square_images(rng, len(quadrants), quadrants)
     for image, (qy, qx) in zip(images, quadrants, strict=True):
@@ -205,9 +215,10 @@ def test_grad_cam_equals_the_textbook_computation(net):
     activation = dict(look.capture_activations(model, params, image[None]))["conv2d_1"]
 
     def score(a, c):
-        dense_1 = models.Dense(model.num_classes if model.head == "softmax" else 1)
+        softmax = isinstance(model.head, models.Softmax)
+        dense_1 = models.Dense(model.num_classes if softmax else 1)
         z = dense_1.apply({"params": params["dense_1"]}, a.reshape(1, -1))
-        if model.head == "softmax":
+        if softmax:
             return z[0, c]  # the logit
         p = jax.nn.sigmoid(z[0, 0])
         return p if c == 1 else 1 - p  # dog: sigmoid, cat: its complement
@@ -247,7 +258,7 @@ def test_overlay_heatmap_upsamples_and_blends():
 
 def save_untrained(model, folder):
     """A checkpoint of untrained parameters, as a run would leave it: FOLDER/checkpoints/0."""
-    return runs.save_model(folder, model, numpy_params(model), epoch=0)
+    return checkpoint.save_model(folder, model, numpy_params(model), epoch=0)
 
 
 def assert_pictures_of(out, model, params, image, layers, channel, tmp_path):

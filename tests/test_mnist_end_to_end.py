@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cnnjax import plots, runs
+from cnnjax import checkpoint, plots
 from tests.conftest import png_pixels
 
 
@@ -32,6 +32,6 @@ def test_one_epoch_reaches_98_percent_and_writes_the_run(tmp_path, capsys, mnist
                                         "beta_2": 0.999}
     assert saved["devices"]["mesh"] == {"seed": 1, "data": 1}
     # The checkpoint holds the trained model: evaluated again on the test split, it scores what the run reported.
-    assert runs.find_checkpoint(out, "best") == out / "checkpoints" / "1"
+    assert checkpoint.find(out, "best") == out / "checkpoints" / "1"
     metrics = evaluate.main(["--checkpoint", str(out), "--data-dir", str(mnist_dir), "--batch-size", "500"])  # the run's eval batch
     assert metrics["accuracy"] == last["val_accuracy"] and metrics["loss"] == pytest.approx(last["val_loss"], rel=1e-5)

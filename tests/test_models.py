@@ -81,7 +81,14 @@ def test_predict_gives_probabilities():
     model = models.MnistConvNet()
     params = models.init_params(model, jax.random.PRNGKey(0))
     probs = models.predict(model, params, jnp.ones((3, 28, 28, 1)) * 0.5)
+    assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    cats = models.CatsDogsConvNet(input_shape=(48, 48, 3))
+    x = jnp.ones((2, 48, 48, 3)) * 0.5
+    cats_params = models.init_params(cats, jax.random.PRNGKey(0))
+    probs = models.predict(cats, cats_params, x)
+    np.testing.assert_allclose(probs[:, 1], jax.nn.sigmoid(cats.apply({"params": cats_params}, x)), rtol=1e-6)  # Keras's sigmoid output
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
 
 
 def test_captured_dense_output_is_after_its_relu():

@@ -169,7 +169,10 @@ def test_a_single_cluster_task_is_not_joined_and_several_are(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert mesh.cluster_detected() is None
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    assert mesh.cluster_detected() == "SlurmCluster"
+    assert mesh.cluster_detected() == "SLURM"
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert mesh.cluster_detected() == "Open MPI"
 
 
 @pytest.mark.parametrize("flags,message", [

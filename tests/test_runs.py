@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import runs, train
-from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder, write_mnist_folder
+from cnnjax import checkpoint, data, runs
+from tests.conftest import CATS_SIZE, REPO, poison, write_cats_dogs_folder, write_mnist_folder
 
 MNIST_ARGS = ["--epochs", "3", "--batch-size", "32", "--train.eval_batch_size", "32"]
 CATS_ARGS = ["--dropout", "--epochs", "3", "--batch-size", "8", "--train.eval_batch_size", "8", "--image-size", str(CATS_SIZE)]
@@ -36,7 +36,7 @@ def without_seconds(rows: list[dict]) -> list[dict]:
 
 
 def latest_params(folder: Path):
-    return jax.tree.map(np.asarray, runs.load_model(folder, "latest")[1])
+    return jax.tree.map(np.asarray, checkpoint.load_model(folder, "latest")[1])
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -44,8 +44,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert without_seconds(json.loads((a / "history.json").read_text())) == without_seconds(json.loads((b / "history.json").read_text()))
     for x, y in zip(jax.tree.leaves(latest_params(a)), jax.tree.leaves(latest_params(b))):
         np.testing.assert_array_equal(x, y)
-    assert runs.find_checkpoint(a, "best").name == runs.find_checkpoint(b, "best").name
-    best_a, best_b = runs.load_model(a, "best")[1], runs.load_model(b, "best")[1]
+    assert checkpoint.find(a, "best").name == checkpoint.find(b, "best").name
+    best_a, best_b = checkpoint.load_model(a, "best")[1], checkpoint.load_model(b, "best")[1]
     for x, y in zip(jax.tree.leaves(best_a), jax.tree.leaves(best_b)):
         np.testing.assert_array_equal(x, y)
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == sorted(p.name for p in (b / "checkpoints").iterdir())
@@ -191,43 +191,36 @@ def test_a_folder_without_two_classes_is_refused_before_training(classes, messag
 def test_labels_outside_the_models_range_are_an_error():
     from cnnjax import models
 
-    with pytest.raises(runs.DataError, match="labels run from 0 to 10, outside 0..9"):
-        runs.check_classes(models.MnistConvNet(), [str(d) for d in range(10)], [np.arange(11)], "MNIST")
+    labels = np.arange(11, dtype=np.int32)
+    with pytest.raises(data.DataError, match="labels run from 0 to 10, outside 0..9"):
+        data.check_classes({"train": data.Images(np.zeros((11, 28, 28, 1), np.uint8), labels, [str(d) for d in range(10)])},
+                           models.MnistConvNet().head.num_classes, "MNIST")
 
 
 def test_divergence_stops_keeps_the_last_finite_state_and_exits_3(tmp_path, monkeypatch, capsys):
     """Epoch 2 turns the parameters to NaN: training stops, the checkpoints hold epoch 1, the history is strict JSON."""
     from experiments import catsdogs as experiment
 
-    data = write_cats_dogs_folder(tmp_path / "data")
-    real_epoch = train.Trainer.train_epoch
-
-    def nan_in_epoch_2(self, state, data, batch_size, epoch, progress=False):
-        state, metrics = real_epoch(self, state, data, batch_size, epoch, progress)
-        if epoch == 1:
-            state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
-            metrics = [{"loss": float("nan"), "accuracy": 0.5} for _ in metrics]
-        return state, metrics
-
-    monkeypatch.setattr(train.Trainer, "train_epoch", nan_in_epoch_2)
+    folder = write_cats_dogs_folder(tmp_path / "data")
+    poison(monkeypatch, 0, after_step=2)  # 16 images in batches of 8: in epoch 2
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        experiment.main([*CATS_ARGS, "--data-dir", str(data), "--out", str(out)])
+        experiment.main([*CATS_ARGS, "--data-dir", str(folder), "--out", str(out)])
     assert exit_info.value.code == runs.EXIT_DIVERGED == 3
     printed = capsys.readouterr().out
     assert "Diverged at epoch 2" in printed and "lower learning rate" in printed and "Final val_accuracy" not in printed
     history = json.loads((out / "history.json").read_text())  # strict JSON: json.loads would take NaN, so read the text
     assert "NaN" not in (out / "history.json").read_text() and history[1]["loss"] is None and history[1]["diverged"] is True
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["1"]
-    _, params, description = runs.load_model(out, "latest")
+    _, params, description = checkpoint.load_model(out, "latest")
     assert description["epoch"] == 1 and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.tree.map(np.asarray, params)))
-    assert runs.find_checkpoint(out, "best").name == "1"
+    assert checkpoint.find(out, "best").name == "1"
 
 
 def test_tensorboard_holds_each_seeds_history_config_and_figures(tmp_path):
     """Keras's TensorBoard callback, without TensorFlow: one run per seed, read back and compared with history.json."""
-    from cnnjax.tensorboard import read_events
     from experiments import catsdogs as experiment
+    from tests.tensorboard_events import read_events
 
     data = write_cats_dogs_folder(tmp_path / "data")
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Streaming input (cnnjax.data.stream): the stream's batches are the in-memory arrays gathered, every example
+"""Streaming input (cnnjax.data.Stream): the stream's batches are the in-memory arrays gathered, every example
 once per seed and epoch (in one process or split over two), bounded host memory, a broken file skipped
 mid-stream, TFDS by name (mocked), the input choice, and a core that never imports TensorFlow."""
 
@@ -11,35 +11,21 @@ import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import ClassVar
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import train
-from cnnjax.data import DataError, SkippedImageWarning, choose_input, folders, inputs, load, stream
+from cnnjax import mesh
+from cnnjax import step as steps
+from cnnjax.data import DataError, SkippedImageWarning, Stream, choose_input, folders, inputs, load
 from cnnjax.data import tfds as tfds_data
 from tests.conftest import REPO, write_cats_dogs_folder
 
 pytest.importorskip("tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)")
 
 SIZE = 24
-
-
-class TinyNet(nn.Module):
-    """A conv, Dropout and a sigmoid head: the cats-vs-dogs interface, compiled in a second."""
-
-    input_shape: tuple[int, int, int] = (SIZE, SIZE, 3)
-    head: ClassVar[str] = "sigmoid"
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.relu(nn.Conv(4, (3, 3), strides=(3, 3))(x)).reshape(x.shape[0], -1)
-        x = nn.Dropout(0.5, deterministic=not train)(x)
-        return nn.Dense(1)(x)[..., 0]
 
 
 def numbered_folder(root: Path, n: int, size: int = SIZE) -> Path:
@@ -55,22 +41,11 @@ def file_ids(images: np.ndarray) -> np.ndarray:
     return images[..., 0, 0, 0].astype(int) - 10
 
 
-def folder_stream(folder: Path, size: int = SIZE) -> stream.Stream:
-    return stream.Stream(stream.FolderSource(folders.list_folder(folder), (size, size)))
+def folder_stream(folder: Path, size: int = SIZE) -> Stream:
+    return Stream(folders.FolderSource(folders.list_folder(folder), (size, size)))
 
 
 # --- The same epoch as in memory ------------------------------------------------------------------
-
-
-def test_host_order_is_the_device_order():
-    trainer = train.Trainer(TinyNet(), train.adam_keras(), num_seeds=3)
-    state = trainer.init([0, 1, 2])
-    for epoch in (0, 4):
-        device = jax.device_get(trainer.epoch_order(state, 53, 8, epoch))
-        host = train.host_epoch_order(jax.device_get(state.rng), 53, 8, epoch)
-        for d, h in zip(device, host):
-            np.testing.assert_array_equal(d, h)
-    assert not np.array_equal(host[0][0], host[0][1])  # each seed its own order
 
 
 def test_stream_batches_are_the_memory_arrays_gathered(tmp_path):
@@ -83,7 +58,7 @@ def test_stream_batches_are_the_memory_arrays_gathered(tmp_path):
     np.testing.assert_array_equal(streamed.labels, memory.labels)
     assert streamed.labels.dtype == np.int32 and streamed.class_names == memory.class_names == ["cats", "dogs"]
     for epoch in (0, 1):
-        indices, weights = train.host_epoch_order(np.array([[0, 1], [0, 2]], np.uint32), 16, 6, epoch)
+        indices, weights = steps.epoch_order(np.array([[0, 1], [0, 2]], np.uint32), 16, 6, epoch)
         batches = list(streamed.batches(indices, weights))
         assert len(batches) == indices.shape[1] == 3 and weights[:, -1].min() == 0  # 16 = 6 + 6 + 4: padded
         for step, batch in enumerate(batches):
@@ -105,7 +80,7 @@ def test_every_example_once_per_seed_and_epoch(tmp_path, processes):
     data = folder_stream(numbered_folder(tmp_path / "numbered", n))
     index_of = {int(Path(f).stem): i for i, f in enumerate(data.source.listing.files)}  # the listing has cats first, then dogs
     for epoch in (0, 1):
-        indices, weights = train.host_epoch_order(np.array([[0, 7], [0, 8]], np.uint32), n, batch, epoch)
+        indices, weights = steps.epoch_order(np.array([[0, 7], [0, 8]], np.uint32), n, batch, epoch)
         seen = [[] for _ in range(seeds)]
         parts = []
         for p in range(processes):  # each process: a common order, its block of rows of every batch
@@ -137,9 +112,9 @@ def test_local_block_of_a_process():
         def addressable_devices_indices_map(self, shape):
             return {"d0": (slice(0, 1), slice(0, 2)), "d3": (slice(0, 1), slice(6, 8))}
 
-    assert train.local_block(TwoOfFour(), (1, 8)) == (slice(0, 1), slice(4, 8))
+    assert mesh.local_block(TwoOfFour(), (1, 8)) == (slice(0, 1), slice(4, 8))
     with pytest.raises(ValueError, match="non-contiguous"):
-        train.local_block(Scattered(), (1, 8))
+        mesh.local_block(Scattered(), (1, 8))
 
 
 # --- A broken file ---------------------------------------------------------------------------------
@@ -151,7 +126,7 @@ def test_broken_file_mid_stream_is_skipped_with_a_warning(tmp_path):
     data = folder_stream(root)
     broken = data.source.listing.files.index("cats/06.png")
     for epoch in (0, 1):
-        indices, weights = train.host_epoch_order(np.array([[0, 3]], np.uint32), 12, 4, epoch)
+        indices, weights = steps.epoch_order(np.array([[0, 3]], np.uint32), 12, 4, epoch)
         with pytest.warns(SkippedImageWarning, match=r"skipped .*cats/06\.png: cannot be decoded"):
             batches = list(data.batches(indices, weights))
         total = sum(float(b["weight"].sum()) for b in batches)
@@ -169,8 +144,8 @@ import json, sys, threading, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from cnnjax import train
-from cnnjax.data import choose_input, folders, stream
+from cnnjax import step as steps, train
+from cnnjax.data import Stream, choose_input, folders
 
 root, n, size, budget = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
@@ -194,24 +169,23 @@ def sample():
         peak[0] = max(peak[0], rss())
         time.sleep(0.002)
 
-big = stream.Stream(stream.FolderSource(folders.list_folder(root), (size, size)))
+big = Stream(folders.FolderSource(folders.list_folder(root), (size, size)))
 nbytes = len(big) * size * size * 3
 choice, why = choose_input("auto", nbytes, (budget, "test budget"))
-warm = stream.Stream(stream.FolderSource(folders.list_folder(root.parent / "warm"), (size, size)))
+warm = Stream(folders.FolderSource(folders.list_folder(root.parent / "warm"), (size, size)))
 rngs = np.zeros((1, 2), np.uint32)
 from cnnjax import mesh
 sharding = mesh.sharding(mesh.make_mesh(1), mesh.SEED, mesh.DATA)
 
 def epoch(data, order):  # the Trainer's data path: tf.data, then two batches ahead on the device
     total = 0.0
-    batches = ((b["image"], b["label"], b["weight"]) for b in data.batches(*order))
-    for images, labels, w in train.prefetch_to_devices(batches, sharding, (1, 16)):
-        total += float(w.sum())
+    for batch in train._prefetch(data.batches(*order), sharding):
+        total += float(batch["weight"].sum())
     return total
 
-order = train.host_epoch_order(rngs, len(big), 16, 0)  # compiled here, not inside the measurement
+order = steps.epoch_order(rngs, len(big), 16, 0)  # compiled here, not inside the measurement
 for e in range(3):
-    epoch(warm, train.host_epoch_order(rngs, len(warm), 16, e))
+    epoch(warm, steps.epoch_order(rngs, len(warm), 16, e))
 base = rss()
 threading.Thread(target=sample, daemon=True).start()
 seen = epoch(big, order)
@@ -252,8 +226,8 @@ def test_tfds_source_by_name_and_split_with_mock_data():
         source = tfds_data.TfdsSource("mnist", "train")
         decoded_by_tfds = tfds.data_source("mnist", split="train")
         assert len(source) == 9 and source.image_shape == (28, 28, 1) and source.class_names[:2] == ["0", "1"]
-        data = stream.Stream(source)
-        indices, weights = train.host_epoch_order(np.zeros((1, 2), np.uint32), 9, 4, 0)
+        data = Stream(source)
+        indices, weights = steps.epoch_order(np.zeros((1, 2), np.uint32), 9, 4, 0)
         batches = [(b["image"], b["label"], b["weight"]) for b in data.batches(indices, weights)]
         assert [b[0].shape for b in batches] == [(1, 4, 28, 28, 1)] * 3 and data.image_shape == (28, 28, 1)
         flat = indices[0].reshape(-1)
@@ -367,7 +341,7 @@ def test_the_core_never_imports_tensorflow(tmp_path):
     root = write_cats_dogs_folder(tmp_path / "data", {"train": 4, "validation": 2})
     code = textwrap.dedent("""
         import sys
-        import cnnjax.train, cnnjax.runs, cnnjax.data, cnnjax.data.stream, cnnjax.data.tfds, cnnjax.ablation
+        import cnnjax.train, cnnjax.runs, cnnjax.data, cnnjax.data.tfds, cnnjax.ablation
         from types import SimpleNamespace
         from cnnjax.data import load
         spec = SimpleNamespace(dataset="cats_dogs", data_dir=sys.argv[1], image_size=8, interpolation="nearest", input="auto")

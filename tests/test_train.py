@@ -1,223 +1,158 @@
-"""The training loop: batching covers every example once, padding is inert, runs are reproducible."""
+"""The loop (cnnjax.train.train_and_evaluate) on tiny data: it is the pure steps composed, in the
+seeds' own order per epoch, with the configured optimizer; resuming changes nothing; a diverged
+seed goes back to its last finite state. Fast: in-process, seconds each.
+"""
 
-from typing import ClassVar
+from __future__ import annotations
 
-import flax.linen as nn
+import dataclasses
+import functools
+import json
+import math
+
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+import pytest
 
-from cnnjax import augment, models, train
-from cnnjax.augment import AugmentConfig
-from tests.conftest import CATS_SIZE, tiny_cats_dogs, tiny_mnist
-
-
-def test_epoch_batches_cover_every_example_once():
-    idx, w = train.epoch_batches(jax.random.PRNGKey(0), 60_000, 64)
-    assert idx.shape == (938, 64)  # as Keras: 937 full batches and one of 32
-    real = np.asarray(idx)[np.asarray(w) > 0]
-    assert sorted(real.tolist()) == list(range(60_000))
-    assert float(w[-1].sum()) == 32 and float(w[:-1].min()) == 1
+from cnnjax import checkpoint, config, data, models, optim, step, train
+from tests.conftest import CATS_SIZE, poison, tiny_cats_dogs, tiny_mnist
 
 
-def test_padding_changes_neither_loss_nor_gradient():
-    model = models.MnistConvNet()
-    tx = optax.sgd(0.1)
-    state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
-    images, labels = tiny_mnist(10)
-    step = jax.jit(train.gathering(train.make_train_step(model, tx)))
-    totals = jax.tree.map(lambda t: t[0], train.zero_totals(1))
-    # 10 examples in one batch of 10, or padded into a batch of 16: same update.
-    idx10, w10 = train.epoch_batches(None, 10, 10)
-    idx16, w16 = train.epoch_batches(None, 10, 16)
-    a, ta = step(state, totals, images, labels, idx10, w10, 0)
-    b, tb = step(state, totals, images, labels, idx16, w16, 0)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    assert float(ta["count"]) == float(tb["count"]) == 10
-    np.testing.assert_allclose(float(ta["loss_sum"]), float(tb["loss_sum"]), rtol=1e-5)
+def images(arrays: tuple[np.ndarray, np.ndarray], classes: list[str]) -> data.Images:
+    return data.Images(arrays[0], arrays[1], classes)
 
 
-def run(seed, use_scan=False, epochs=2, batch_size=32):
-    model = models.MnistConvNet()
-    tx = train.rmsprop_keras(1e-3)
-    images, labels = tiny_mnist()
-    trainer = train.Trainer(model, tx, use_scan=use_scan)
-    result = train.fit(trainer, trainer.init([seed]), (images, labels), epochs, batch_size, (images[:40], labels[:40]), verbose=False)
-    return train.seed_slice(result.state, 0), result.histories[0]
+def tiny_exp2(epochs: int = 2, seeds: int = 1, **train_fields) -> tuple[config.Config, dict]:
+    """Experiment 2 (augmentation, Dropout(0.5), Adam) at 48 px on 40 training images, batch 4
+    (10 steps an epoch, 2 per call), at a learning rate that is not Keras's default."""
+    cfg = config.override(config.catsdogs(2), {"data.image_size": CATS_SIZE, "train.epochs": epochs, "train.batch_size": 4,
+                                               "train.eval_batch_size": 4, "train.seeds": seeds, "optim.learning_rate": 3e-3,
+                                               "run.tensorboard": False, **train_fields})
+    classes = ["cats", "dogs"]
+    return cfg, {"train": images(tiny_cats_dogs(40, 0), classes), "validation": images(tiny_cats_dogs(8, 1), classes)}
 
 
-def _metrics(history):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+def by_hand(cfg: config.Config, datasets: dict, seed: int) -> step.TrainState:
+    """tiny_exp2's training of one seed written out: init_state, then per epoch the seed's order
+    and one jitted train_step per batch, with Adam at 3e-3 and cfg's augmentation."""
+    model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
+    tx = optim.adam_keras(3e-3)  # the recipe's optimizer at tiny_exp2's rate, written out
+    state = step.init_state(model, tx, jax.random.PRNGKey(seed))
+    train_step = jax.jit(functools.partial(step.train_step, model=model, tx=tx, augment=cfg.augment))
+    pixels, labels = datasets["train"].images, datasets["train"].labels
+    for epoch in range(cfg.train.epochs):
+        indices, weights = step.epoch_order(np.asarray(state.rng)[None], len(labels), cfg.train.batch_size, epoch)
+        for idx, w in zip(indices[0], weights[0]):
+            state, _ = train_step(state, {"image": pixels[idx], "label": labels[idx], "weight": w})
+    return state
 
 
-def test_same_seed_same_history_other_seed_other_history():
-    _, h1 = run(0)
-    _, h2 = run(0)
-    _, h3 = run(1)
-    assert _metrics(h1) == _metrics(h2)
-    assert _metrics(h1) != _metrics(h3)
-    assert set(h1[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def test_scan_and_python_loop_agree():
-    # 150 examples in batches of 7: 22 steps (the last one padded), scanned in calls of several steps.
-    assert 1 < train.steps_per_call(22) < 22
-    s1, h1 = run(0, use_scan=False, batch_size=7)
-    s2, h2 = run(0, use_scan=True, batch_size=7)
-    for a, b in zip(_metrics(h1), _metrics(h2)):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-4)
-    assert int(s1.step) == int(s2.step) == 2 * 22
-    for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+def seed_of(tree, k):
+    return jax.tree.map(lambda leaf: np.asarray(leaf)[k], tree)
 
 
-def test_steps_per_call_divides_the_pass_into_few_calls():
-    for num_steps in range(1, 2000):
-        each = train.steps_per_call(num_steps)
-        assert num_steps % each == 0
-        calls = num_steps // each
-        assert calls <= 20 or each == 1  # few calls, or single steps for short passes
+def test_the_loop_is_the_pure_steps_composed(tmp_path):
+    """Two epochs of the loop (vmapped, scanned two steps a call) equal the steps written out by
+    hand. Breaks caught: one shuffle repeated every epoch, the configured learning rate or
+    optimizer ignored, augmentation or dropout dropped from the loop's step."""
+    cfg, datasets = tiny_exp2()
+    result = train.train_and_evaluate(cfg, tmp_path / "run", datasets, verbose=False)
+    expected = by_hand(cfg, datasets, cfg.train.seed)
+    assert int(result.state.step[0]) == int(expected.step) == 20
+    assert_trees_close(seed_of(result.state.params, 0), expected.params)
+    assert_trees_close(seed_of(result.state.opt_state, 0), expected.opt_state)
+    other = dataclasses.replace(cfg, augment=config.AugmentConfig())  # the loop must not match a run without augmentation
+    assert not np.allclose(seed_of(result.state.params, 0)["dense_1"]["kernel"], by_hand(other, datasets, 0).params["dense_1"]["kernel"])
 
 
-def test_loss_falls_and_evaluate_matches_history():
-    state, history = run(0, epochs=4)
-    assert history[-1]["loss"] < history[0]["loss"]
-    model = models.MnistConvNet()
-    images, labels = tiny_mnist()
-    trainer = train.Trainer(model, train.rmsprop_keras())
-    metrics = trainer.evaluate(train.stack_states([state]).params, (images[:40], labels[:40]), batch_size=7)[0]
-    np.testing.assert_allclose(metrics["loss"], history[-1]["val_loss"], rtol=1e-5)
-    np.testing.assert_allclose(metrics["accuracy"], history[-1]["val_accuracy"])
+def test_the_history_is_the_epochs_metrics_and_the_validation_of_the_final_parameters(tmp_path):
+    cfg, datasets = tiny_exp2()
+    result = train.train_and_evaluate(cfg, tmp_path / "run", datasets, verbose=False)
+    history = result.histories[0]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert set(history[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
+    model = models.from_config("cats_dogs", CATS_SIZE, 0.5)
+    final = train.evaluate(model, seed_of(result.state.params, 0), datasets["validation"], batch_size=4)
+    assert final["loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5) and final["accuracy"] == history[-1]["val_accuracy"]
+    written = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [{k: v for k, v in row.items() if k != "seed"} for row in written] == history
+    assert result.best[0]["epoch"] in (1, 2)
 
 
-def test_diverging_run_stops_and_keeps_the_last_finite_state():
-    model = models.MnistConvNet()
-    tx = optax.sgd(1e30)
-    images, labels = tiny_mnist(64)
-    trainer = train.Trainer(model, tx)
-    start = trainer.init([0])
-    kept = jax.tree.map(np.array, start)
-    result = train.fit(trainer, start, (images, labels), 5, 16, (images, labels), verbose=False)
-    assert result.diverged == [1] and len(result.histories[0]) == 1 and result.histories[0][0]["diverged"] is True
-    # The epoch that produced NaN is undone: the state is the last finite one (here, the initial one).
-    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(kept)):
-        np.testing.assert_array_equal(a, b)
+def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(tmp_path):
+    """One epoch, then the same folder asked for two: the parameters, the optimizer state, the step
+    and the key of an uninterrupted two-epoch run, bit for bit, and its history. Breaks caught: the
+    optimizer state re-initialised on resume, the key drawn again, the step count (which the
+    step folds into the key for augmentation and dropout) reset."""
+    cfg, datasets = tiny_exp2(**{"train.seed": 3})  # not seed 0: a key drawn again from 0, 1, ... would show
+    whole = train.train_and_evaluate(cfg, tmp_path / "whole", datasets, verbose=False)
+    train.train_and_evaluate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "split",
+                             datasets, verbose=False)
+    resumed = train.train_and_evaluate(cfg, tmp_path / "split", datasets, verbose=False)
+    for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(whole.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(resumed.histories[0]) == strip(whole.histories[0])
 
 
-def test_a_diverging_seed_is_frozen_while_the_others_train():
-    """Seed 1's weights are made huge (finite) after epoch 1, so its loss overflows in epoch 2:
-    it is marked diverged there, goes back to its last finite state and stays; seed 0 trains on."""
-    model = models.MnistConvNet()
-    tx = train.rmsprop_keras(1e-3)
-    images, labels = tiny_mnist(64)
-    trainer = train.Trainer(model, tx, num_seeds=2)
-    result = train.fit(trainer, trainer.init([0, 1]), (images, labels), 1, 16, (images, labels), verbose=False)
-    huge = result.state.replace(params=jax.tree.map(lambda p: p.at[1].set(1e30), result.state.params))
-    before = jax.tree.map(np.array, huge)  # fit reuses the state's buffers
-    result = train.fit(trainer, huge, (images, labels), 3, 16, (images, labels), verbose=False, initial_epoch=1,
-                       histories=result.histories, diverged=result.diverged)
+def test_same_seed_same_history_other_seed_other_history(tmp_path):
+    cfg = config.override(config.mnist(), {"train.epochs": 2, "train.batch_size": 32, "train.eval_batch_size": 40,
+                                           "run.tensorboard": False})
+    classes = [str(d) for d in range(10)]
+    datasets = {"train": images(tiny_mnist(150), classes), "test": images(tiny_mnist(40, 1), classes)}
+    runs = [train.train_and_evaluate(config.override(cfg, {"train.seed": seed}), tmp_path / str(i), datasets, verbose=False)
+            for i, seed in enumerate((0, 0, 1))]
+    h1, h2, h3 = ([{k: v for k, v in row.items() if k != "seconds"} for row in r.histories[0]] for r in runs)
+    assert h1 == h2 and h1 != h3
+
+
+def test_a_diverged_run_stops_with_its_last_finite_state(tmp_path, monkeypatch):
+    cfg, datasets = tiny_exp2(epochs=4)
+    poison(monkeypatch, 0, after_step=12)  # in epoch 2
+    result = train.train_and_evaluate(cfg, tmp_path / "run", datasets, verbose=False)
+    assert result.diverged == [2] and [row["epoch"] for row in result.histories[0]] == [1, 2]
+    assert result.histories[0][1]["diverged"] and not math.isfinite(result.histories[0][1]["val_loss"])
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
+    _, saved, _ = checkpoint.load_model(tmp_path / "run", "latest")
+    assert_trees_close(seed_of(result.state.params, 0), saved, rtol=0, atol=0)
+    assert "NaN" not in (tmp_path / "run" / "history.json").read_text()  # strict JSON: null
+
+
+def test_a_diverged_seed_goes_back_and_waits_while_the_other_trains_on(tmp_path, monkeypatch):
+    cfg, datasets = tiny_exp2(epochs=3, seeds=2)
+    poison(monkeypatch, 1, after_step=12)
+    result = train.train_and_evaluate(cfg, tmp_path / "run", datasets, verbose=False)
     assert result.diverged == [None, 2]
-    assert [row["epoch"] for row in result.histories[1]] == [1, 2] and result.histories[1][-1]["diverged"]
-    assert [row["epoch"] for row in result.histories[0]] == [1, 2, 3] and not any(r.get("diverged") for r in result.histories[0])
-    final = jax.tree.map(np.asarray, result.state)
-    for a, b in zip(jax.tree.leaves(train.seed_slice(final, 1)), jax.tree.leaves(train.seed_slice(before, 1))):
-        np.testing.assert_array_equal(a, b)  # frozen at its last finite state, step count included
-    assert int(final.step[0]) == int(before.step[0]) + 2 * 4
-    assert not np.array_equal(final.params["dense"]["kernel"][0], before.params["dense"]["kernel"][0])
+    assert [row["epoch"] for row in result.histories[0]] == [1, 2, 3] and [row["epoch"] for row in result.histories[1]] == [1, 2]
+    assert int(result.state.step[0]) == 30 and int(result.state.step[1]) == 10  # seed 1 stays after epoch 1
+    first = checkpoint.find(tmp_path / "run", 1)
+    _, params_after_epoch_1, _ = checkpoint.load_model(first, seed_index=1)
+    assert_trees_close(seed_of(result.state.params, 1), params_after_epoch_1, rtol=0, atol=0)
+    latest = checkpoint.read_description(checkpoint.find(tmp_path / "run", "latest"))
+    assert latest["epoch"] == 3 and latest["diverged"] == [None, 2] and latest["best"][1]["epoch"] == 1
 
 
-def _fit_seeds_together_and_alone(model, tx, augment, data, epochs, batch_size, seeds):
-    """(state, histories) of the seeds vmapped, and (state, history) of each seed run alone."""
-    alone = []
-    for seed in seeds:
-        trainer = train.Trainer(model, tx, augment)
-        result = train.fit(trainer, trainer.init([seed]), data, epochs, batch_size, data, verbose=False)
-        alone.append((train.seed_slice(result.state, 0), result.histories[0]))
-    trainer = train.Trainer(model, tx, augment, num_seeds=len(seeds))
-    result = train.fit(trainer, trainer.init(seeds), data, epochs, batch_size, data, verbose=False)
-    return result.state, result.histories, alone
+def test_a_stream_trains_as_the_same_images_in_memory(tmp_path):
+    """The loop fed batch by batch by the host (a tf.data Stream of a folder) against the same images in
+    memory: the same order, augmentation and dropout, so the same history and parameters."""
+    pytest.importorskip("tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)")
+    from tests.conftest import write_cats_dogs_folder
 
-
-def _assert_each_seed_matches(state, histories, alone):
-    """Seed k of a vmapped run against its own run: metrics to 1e-4 relative, parameters to 1e-4."""
-    for k, (seq_state, seq_history) in enumerate(alone):
-        for a, b in zip(_metrics(histories[k]), _metrics(seq_history)):
-            for key in a:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=f"seed index {k} {key}")
-        for a, b in zip(jax.tree.leaves(train.seed_slice(state, k).params), jax.tree.leaves(seq_state.params)):
-            np.testing.assert_allclose(a, b, atol=1e-4)
-    assert _metrics(histories[0]) != _metrics(histories[1])  # the seeds really differ
-
-
-def test_vmapped_seeds_equal_seeds_run_one_at_a_time():
-    """K seeds in one compiled program (jax.vmap) give each seed's own run.
-
-    Tolerance: float32 reassociation only (vmap batches the convolutions differently):
-    metrics within 1e-4 relative, parameters within 1e-4 absolute after 2 epochs.
-    """
-    model = models.MnistConvNet()
-    tx = train.rmsprop_keras(1e-3)
-    images, labels = tiny_mnist(100)  # 4 steps of 32 (the last partial): not the number of seeds
-    state, histories, alone = _fit_seeds_together_and_alone(model, tx, None, (images, labels), 2, 32, seeds=[3, 4, 5])
-    assert len(histories) == 3 and np.asarray(state.step).tolist() == [2 * 4] * 3
-    _assert_each_seed_matches(state, histories, alone)
-
-
-def test_vmapped_seeds_with_augmentation_and_dropout_equal_seeds_run_one_at_a_time():
-    """The ablation's case: each seed draws its own augmentation and dropout masks, under vmap
-    exactly as alone. Same tolerance as above (float32 reassociation only)."""
-    model = models.CatsDogsConvNet(dropout_rate=0.5, input_shape=(CATS_SIZE, CATS_SIZE, 3))
-    tx = train.adam_keras(1e-3)
-    images, labels = tiny_cats_dogs(24)
-    state, histories, alone = _fit_seeds_together_and_alone(model, tx, AugmentConfig.LECTURE, (images, labels), 2, 8, seeds=[0, 1])
-    _assert_each_seed_matches(state, histories, alone)
-
-
-# --- Training really augments ------------------------------------------------------------------
-
-
-class InputProbe(nn.Module):
-    """logit_i = <probe_i, x_i>, one zero-initialised probe per batch position: after one SGD step of
-    rate 1 on the mean binary cross-entropy, probe_i = (y_i - 1/2) x_i / B, so the parameters hold the
-    exact batch the train step fed the model, after preprocessing and augmentation."""
-
-    batch: int
-    input_shape: tuple[int, int, int] = (CATS_SIZE, CATS_SIZE, 3)
-    head: ClassVar[str] = "sigmoid"
-
-    @nn.compact
-    def __call__(self, x, train=False):
-        probe = self.param("probe", nn.initializers.zeros, (self.batch, *self.input_shape))
-        return jnp.sum(probe[: x.shape[0]] * x, axis=(1, 2, 3))
-
-
-def seen_by_the_model(augmentation: AugmentConfig | None, batch: int = 8):
-    """One training step of the Trainer on one batch: (what the model saw, the batch gathered, the state's key and step)."""
-    images, labels = tiny_cats_dogs(batch)
-    trainer = train.Trainer(InputProbe(batch), optax.sgd(1.0), augmentation)
-    state = trainer.init([0])
-    key, step = np.asarray(state.rng[0]), int(state.step[0])  # the step donates the state's buffers
-    indices = np.asarray(trainer.epoch_order(state, batch, batch, 0)[0])[0, 0]
-    new_state, _ = trainer.train_epoch(state, (images, labels), batch, 0)
-    probe = np.asarray(new_state.params["probe"][0])
-    seen = probe * batch / (labels[indices] - 0.5)[:, None, None, None]
-    return seen, images[indices], key, step
-
-
-def test_the_train_step_feeds_the_model_the_augmented_batch():
-    """The batch the model trains on is random_augment of the gathered batch, keyed as make_train_step
-    documents (fold_in(state.rng, state.step), split into augmentation and dropout keys), then / 255."""
-    seen, gathered, key, step = seen_by_the_model(AugmentConfig.LECTURE)
-    augment_key, _ = jax.random.split(jax.random.fold_in(key, step))
-    expected = np.asarray(augment.random_augment(augment_key, jnp.asarray(gathered, jnp.float32), AugmentConfig.LECTURE)) / 255
-    np.testing.assert_allclose(seen, expected, atol=1e-5)
-    assert np.abs(seen - gathered / 255).mean() > 0.05  # and it is not the batch as loaded
-
-
-def test_without_augmentation_the_model_sees_the_batch_as_loaded():
-    for augmentation in (None, AugmentConfig()):
-        seen, gathered, _, _ = seen_by_the_model(augmentation)
-        np.testing.assert_allclose(seen, gathered / 255, atol=1e-6)
+    folder = write_cats_dogs_folder(tmp_path / "data", {"train": 20, "validation": 8}, size=60)
+    cfg, _ = tiny_exp2(seeds=2, **{"data.data_dir": str(folder), "data.interpolation": "bilinear"})
+    runs = {}
+    for how in ("memory", "stream"):
+        spec = dataclasses.replace(cfg.data, input=how)
+        datasets = data.load(spec, ("train", "validation"))
+        assert isinstance(datasets["train"], data.Stream if how == "stream" else data.Images)
+        runs[how] = train.train_and_evaluate(cfg, tmp_path / how, datasets, verbose=False)
+    for a, b in zip(runs["memory"].histories, runs["stream"].histories, strict=True):
+        for x, y in zip(a, b, strict=True):
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                assert abs(x[key] - y[key]) <= 1e-5, (key, x[key], y[key])
+    assert_trees_close(runs["memory"].state.params, runs["stream"].state.params)

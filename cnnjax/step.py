@@ -1,0 +1,216 @@
+"""The steps: one seed, one global batch, pure functions; and how a pass of steps is compiled.
+
+A batch is a dict: "image" uint8 (B, H, W, C), "label" int32 (B,), "weight" float32 (B,).
+Weight-0 rows are padding: an epoch sees every example once, as Keras does, and its last
+batch is padded to the full size so that one compiled program serves every step (the
+padding changes neither the loss nor its gradient). A step returns the batch's totals
+(weighted loss sum, correct count, example count), summed over the pass.
+
+`compile_steps` is the one place where a step meets the devices: vmap over seeds (the
+state has a leading seed axis, K=1 for a single run), lax.scan over the steps of a call,
+jit with named shardings on the (seed, data) mesh (cnnjax.mesh). Augmentation and dropout
+draw from the state's key folded with the step number, then per example from its position
+in the global batch, so 1, 2 or 8 devices compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from cnnjax import mesh as meshlib
+from cnnjax import models
+from cnnjax.augment import AugmentConfig, random_augment
+
+Array = jax.Array
+Batch = dict[str, Array]
+Totals = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (checkpointed; stacked over seeds)."""
+
+    step: Array  # int32: optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: Array  # raw uint32 PRNG key; each step folds in its step number for augmentation and dropout
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -> TrainState:
+    """One seed's initial state: parameters from one split of rng, the state's key from the other."""
+    init_rng, state_rng = jax.random.split(rng)
+    params = models.init_params(model, init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+
+def init_states(model: nn.Module, tx: optax.GradientTransformation, seeds: Sequence[int], mesh: Mesh) -> TrainState:
+    """init_state(model, tx, PRNGKey(seed)) for each seed, stacked and placed over the mesh's seed axis."""
+    seeded = meshlib.sharding(mesh, meshlib.SEED)
+    params, rng = _seeded_params(model)(meshlib.put(np.asarray(seeds, np.uint32), seeded))
+    state = TrainState(step=jnp.zeros((len(seeds),), jnp.int32), params=params, opt_state=jax.vmap(tx.init)(params), rng=rng)
+    return jax.device_put(state, seeded)
+
+
+@functools.lru_cache(maxsize=32)
+def _seeded_params(model: nn.Module) -> Callable[[Array], tuple[Any, Array]]:
+    """Per seed, init_state's parameters and key, compiled once per architecture (drawing the
+    initial weights is most of a small run's compile time; every run of the model shares it)."""
+
+    def one(seed: Array) -> tuple[Any, Array]:
+        init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+        return models.init_params(model, init_rng), state_rng
+
+    return jax.jit(jax.vmap(one))
+
+
+def abstract_states(model: nn.Module, tx: optax.GradientTransformation, num_seeds: int, mesh: Mesh) -> TrainState:
+    """Shapes, dtypes and shardings of init_states' result: the target of a checkpoint restore."""
+    seeded = meshlib.sharding(mesh, meshlib.SEED)
+    shapes = jax.eval_shape(jax.vmap(lambda seed: init_state(model, tx, jax.random.PRNGKey(seed))),
+                            jax.ShapeDtypeStruct((num_seeds,), jnp.uint32))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=seeded), shapes)
+
+
+def preprocess(images: Array, rng: Array | None = None, augment: AugmentConfig | None = None) -> Array:
+    """uint8 pixels -> float, augmented (when given) on the 0..255 scale, then / 255.
+
+    Keras's ImageDataGenerator also augments first and rescales after, so a constant fill
+    value (cval) means the same in both.
+    """
+    x = images.astype(jnp.float32)
+    if augment is not None and not augment.is_identity:
+        x = random_augment(rng, x, augment)
+    return x / 255.0
+
+
+def totals(model: nn.Module, logits: Array, batch: Batch) -> tuple[Array, Array]:
+    """Per-example losses and 0/1 correctness."""
+    return model.head.loss(logits, batch["label"]), model.head.correct(logits, batch["label"])
+
+
+def weighted(loss: Array, correct: Array, weight: Array) -> Totals:
+    """A batch's totals: weighted loss sum, correct count, example count."""
+    return {"loss_sum": jnp.sum(loss * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
+               augment: AugmentConfig | None) -> tuple[TrainState, Totals]:
+    """One optimizer step on one batch, for one seed: augment, dropout, loss, gradient, update."""
+    augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    x = preprocess(batch["image"], augment_rng, augment)
+
+    def loss_fn(params: Any) -> tuple[Array, tuple[Array, Array]]:
+        logits = model.apply({"params": params}, x, train=True, rngs={"dropout": dropout_rng})
+        loss, correct = totals(model, logits, batch)
+        # The mean over the real examples: padding has weight 0 and adds nothing.
+        return jnp.sum(loss * batch["weight"]) / jnp.sum(batch["weight"]), (loss, correct)
+
+    grads, (loss, correct) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), weighted(loss, correct, batch["weight"])
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> tuple[Any, Totals]:
+    """Loss and correct count of one batch, for one seed (no augmentation, no dropout)."""
+    logits = model.apply({"params": params}, preprocess(batch["image"]), train=False)
+    return params, weighted(*totals(model, logits, batch), batch["weight"])
+
+
+def compile_steps(step: Callable[[Any, Batch], tuple[Any, Totals]], mesh: Mesh, *, per_seed: bool, resident: bool,
+                  donate: bool) -> Callable:
+    """`step(carry, batch) -> (carry, totals)` as one jitted call over many steps and every seed:
+
+        run(carry, totals, batches, data) -> (carry, totals)
+
+    carry (a TrainState or params) and totals have a leading seed axis, sharded over `seed`.
+    batches hold the call's steps on a leading axis (after the seed axis when `per_seed`: each
+    seed its own order), sharded over `data`. With `resident`, a batch is {"index", "weight"}
+    and the step gathers its images and labels from `data` ({"image", "label"}, the whole set,
+    replicated on every device); else batches are whole and data is None.
+    """
+
+    def one_seed(carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array) -> tuple[Any, Totals]:
+        batch = {k: v[i] for k, v in batches.items()}
+        if resident:
+            index = batch.pop("index")
+            batch = {"image": data["image"][index], "label": data["label"][index], **batch}
+        carry, batch_totals = step(carry, batch)
+        return carry, jax.tree.map(jnp.add, sums, batch_totals)
+
+    seeds = jax.vmap(one_seed, in_axes=(0, 0, 0 if per_seed else None, None, None))
+
+    def run(carry: Any, sums: Totals, batches: Batch, data: Batch | None) -> tuple[Any, Totals]:
+        num_steps = batches["weight"].shape[1 if per_seed else 0]
+        (carry, sums), _ = jax.lax.scan(lambda c, i: (seeds(*c, batches, data, i), None), (carry, sums), jnp.arange(num_steps))
+        return carry, sums
+
+    seeded = meshlib.sharding(mesh, meshlib.SEED)
+    batch_sharding = meshlib.sharding(mesh, *((meshlib.SEED,) if per_seed else ()), None, meshlib.DATA)
+    return jax.jit(run, in_shardings=(seeded, seeded, batch_sharding, meshlib.replicated(mesh)), out_shardings=(seeded, seeded),
+                   donate_argnums=(0,) if donate else ())  # not the totals: the host waits on earlier calls' totals
+
+
+def zero_totals(num_seeds: int) -> Totals:
+    return {k: jnp.zeros((num_seeds,)) for k in ("loss_sum", "correct", "count")}
+
+
+def totals_to_metrics(sums: dict[str, Any]) -> list[dict[str, float]]:
+    """One {"loss", "accuracy"} per seed from running totals."""
+    loss_sum, correct, count = (np.asarray(sums[k], np.float64).reshape(-1) for k in ("loss_sum", "correct", "count"))
+    return [{"loss": float(s / c), "accuracy": float(a / c)} for s, a, c in zip(loss_sum, correct, count)]
+
+
+# --- The order of an epoch ----------------------------------------------------------------------
+
+
+def epoch_batches(rng: Array | None, num_examples: int, batch_size: int) -> tuple[Array, Array]:
+    """Index and weight matrices (steps, batch_size) covering every example once.
+
+    rng=None keeps the order (evaluation). The last batch is padded with index 0, weight 0.
+    """
+    steps = math.ceil(num_examples / batch_size)
+    order = jnp.arange(num_examples) if rng is None else jax.random.permutation(rng, num_examples)
+    pad = steps * batch_size - num_examples
+    indices = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).astype(jnp.int32)
+    weights = (jnp.arange(steps * batch_size) < num_examples).astype(jnp.float32)
+    return indices.reshape(steps, batch_size), weights.reshape(steps, batch_size)
+
+
+def epoch_rng(state_rng: Array, epoch: int | Array) -> Array:
+    """The key of one seed's shuffling in one epoch (0-based)."""
+    return jax.random.fold_in(jax.random.fold_in(state_rng, 0x5EED), epoch)
+
+
+def epoch_order(rngs: np.ndarray, num_examples: int, batch_size: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per seed, the epoch's index and weight matrices (K, steps, batch) as numpy, from the seeds'
+    keys (K, 2). Computed on the host's CPU, the same bits on every process and backend (threefry)."""
+    cpu = jax.local_devices(backend="cpu")[0]
+    indices, weights = _order_fn(num_examples, batch_size)(jax.device_put(np.asarray(rngs), cpu), jax.device_put(np.int32(epoch), cpu))
+    return np.asarray(indices), np.asarray(weights)
+
+
+@functools.lru_cache(maxsize=8)
+def _order_fn(num_examples: int, batch_size: int) -> Callable:
+    return jax.jit(jax.vmap(lambda rng, epoch: epoch_batches(epoch_rng(rng, epoch), num_examples, batch_size), in_axes=(0, None)))
+
+
+def steps_per_call(num_steps: int, max_calls: int = 20) -> int:
+    """How many steps one call runs: a divisor of num_steps, so one program serves the whole
+    pass, small enough that the host sees progress about every tenth of it. Where no divisor
+    gives 2 to `max_calls` calls, the whole pass is one call (a prime step count)."""
+    for calls in [*range(10, max_calls + 1), *range(9, 1, -1)]:  # about ten calls preferred
+        if calls <= num_steps and num_steps % calls == 0:
+            return num_steps // calls
+    return num_steps
