@@ -9,14 +9,15 @@ Dropout(0.5), Adam, batch 20) at --image-size. One epoch of --steps steps (the f
 steps x 20 training images) is trained once to compile, then once more timed, for one
 seed and for K seeds; the per-step time and the ratio K seeds / one seed are printed (and
 written to --json). Epochs run as the core runs them (scanned calls; --loop for one call
-per step). On a GPU the goal is K = 8 seeds for at most 2x the time of one; on a 2-core
-CPU the work itself is the limit, so expect about K x (hence "auto" picks seeds one after
-another there).
+per step: cnnjax.step.steps_per_call patched to 1). On a GPU the goal is K = 8 seeds for
+at most 2x the time of one; on a 2-core CPU the work itself is the limit, so expect about
+K x or somewhat less (below K x is why the ablation's "auto" seed mode takes vmap there too).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,31 +25,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from benchmarks.common import (  # noqa: E402
     backend_line,
     epoch_twice,
-    initial_state,
+    first,
+    one_step_per_call,
     random_data,
     real_data,
     recipe,
-    trainer_for,
+    training,
     write_json,
 )
 
 
-def ms_per_step(num_seeds: int, cfg, images, labels, steps: int, use_scan: bool) -> tuple[float, dict]:
+def ms_per_step(num_seeds: int, cfg, dataset, steps: int, loop: bool) -> tuple[float, dict]:
     """Milliseconds per training step of `num_seeds` seeds (compile excluded), and the mesh."""
-    trainer = trainer_for(cfg, num_seeds, use_scan=use_scan)
-    seconds, _ = epoch_twice(trainer, initial_state(trainer, range(num_seeds)), trainer.put(images, labels), cfg.train.batch_size)
-    return seconds[-1] / steps * 1e3, dict(trainer.mesh.shape)
+    run = training(cfg, dataset, num_seeds)
+    with one_step_per_call() if loop else contextlib.nullcontext():
+        seconds, _ = epoch_twice(run)
+    return seconds[-1] / steps * 1e3, dict(run.mesh.shape)
 
 
-def measure(cfg, images, labels, seeds: int, steps: int, use_scan: bool = True) -> dict:
+def measure(cfg, dataset, seeds: int, steps: int, loop: bool = False) -> dict:
     """One seed and `seeds` seeds on the first steps x batch images: ms per step and their ratio."""
-    n = steps * cfg.train.batch_size
-    images, labels = images[:n], labels[:n]
-    one, one_mesh = ms_per_step(1, cfg, images, labels, steps, use_scan)
-    together, k_mesh = ms_per_step(seeds, cfg, images, labels, steps, use_scan)
+    dataset = first(dataset, steps * cfg.train.batch_size)
+    one, one_mesh = ms_per_step(1, cfg, dataset, steps, loop)
+    together, k_mesh = ms_per_step(seeds, cfg, dataset, steps, loop)
     return {"seeds": seeds, "steps": steps, "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size,
             "one_seed_ms_per_step": one, "k_seeds_ms_per_step": together, "k_over_one": together / one,
-            "k_over_sequential": together / (seeds * one), "mesh_one": one_mesh, "mesh_k": k_mesh, "scan": use_scan}
+            "k_over_sequential": together / (seeds * one), "mesh_one": one_mesh, "mesh_k": k_mesh, "scan": not loop}
 
 
 def main() -> None:
@@ -63,11 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     cfg = recipe("catsdogs2", {"data.image_size": args.image_size})
     n = args.steps * cfg.train.batch_size
-    images, labels = random_data(cfg, n) if args.random else real_data(cfg, args.data_dir)[0]
-    if len(labels) < n:
-        parser.error(f"--steps {args.steps} needs {n} training images, the data has {len(labels)}")
+    dataset = random_data(cfg, n) if args.random else real_data(cfg, args.data_dir, ("train",))["train"]
+    if len(dataset) < n:
+        parser.error(f"--steps {args.steps} needs {n} training images, the data has {len(dataset)}")
     print(backend_line())
-    result = measure(cfg, images, labels, args.seeds, args.steps, not args.loop)
+    result = measure(cfg, dataset, args.seeds, args.steps, args.loop)
     print(f"experiment 2 at {args.image_size}px, batch {cfg.train.batch_size}, {args.steps} steps "
           f"({'one call per step' if args.loop else 'scanned calls'})")
     print(f"1 seed: {result['one_seed_ms_per_step']:.1f} ms/step (mesh {result['mesh_one']}); {args.seeds} seeds together: "

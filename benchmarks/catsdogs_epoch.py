@@ -4,9 +4,11 @@ Adam, batch 20: 2,000 training and 1,000 validation images): cnnjax against the 
 
     python benchmarks/catsdogs_epoch.py --data-dir ../shared/data [--epochs 2] [--skip-keras]
 
-Keras runs in its own process (benchmarks/keras_lecture.py). The fastest epoch after the
-first (which includes compilation, and for cnnjax nothing else: decoding is cached) is
-compared. Prints seconds per epoch and the ratio cnnjax / Keras (below 1: cnnjax faster).
+cnnjax trains through its own loop (cnnjax.train.train_and_evaluate: each epoch's time
+includes validation and writing the checkpoint); Keras runs in its own process
+(benchmarks/keras_lecture.py). The fastest epoch after the first (which includes
+compilation, and for cnnjax nothing else: decoding is done before, and cached) is compared.
+Prints seconds per epoch and the ratio cnnjax / Keras (below 1: cnnjax faster).
 """
 
 from __future__ import annotations

@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from cnnjax import config, models, train
-from cnnjax.data import load_cats_dogs, stream
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
+from benchmarks.common import real_data, recipe, training  # noqa: E402
+from cnnjax import data, step  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -32,12 +35,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def pipeline_alone(data: stream.Stream, batch_size: int, epoch: int) -> tuple[float, float]:
+def pipeline_alone(stream: data.Stream, batch_size: int, epoch: int) -> tuple[float, float]:
     """(images/s, CPU ms per image) of one epoch through tf.data, nothing consuming it but a sum."""
-    indices, weights = train.host_epoch_order(np.zeros((1, 2), np.uint32), data.num_examples, batch_size, epoch)
+    indices, weights = step.epoch_order(np.zeros((1, 2), np.uint32), len(stream), batch_size, epoch)
     wall, cpu, seen = time.perf_counter(), cpu_seconds(), 0.0
-    for _, _, w in data.host_batches(indices, weights):
-        seen += float(w.sum())
+    for batch in stream.batches(indices, weights):
+        seen += float(batch["weight"].sum())
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     return seen / wall, 1000 * cpu / seen
 
@@ -48,21 +51,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=150)
     args = parser.parse_args()
-    cfg = config.override(config.catsdogs(2), {"data.image_size": args.image_size})
-    size = (cfg.data.image_size, cfg.data.image_size)
+    cfg = recipe("catsdogs2", {"data.image_size": args.image_size})
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
     load_before = os.getloadavg()
     print(f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} (1 min) {load_before[1]:.1f} (5 min); jax {jax.__version__}, "
           f"{jax.devices()[0].platform}")
 
-    memory = load_cats_dogs(args.data_dir, ("train", "validation"), size, cfg.data.interpolation)
-    streams = stream.cats_dogs_streams("stream", args.data_dir, ("train", "validation"), size, cfg.data.interpolation)
-    inputs = {
-        "memory": ((memory["train"].images, memory["train"].labels), (memory["validation"].images, memory["validation"].labels)),
-        "stream": (streams["train"], streams["validation"]),
-    }
-    n = streams["train"].num_examples
-    assert n == len(memory["train"]) and np.array_equal(streams["train"].labels, memory["train"].labels)
+    splits = ("train", "validation")
+    inputs = {name: real_data(cfg, args.data_dir, splits, input=name) for name in ("memory", "stream")}
+    streams = inputs["stream"]
+    n = len(streams["train"])
+    assert isinstance(streams["train"], data.Stream) and isinstance(inputs["memory"]["train"], data.Images)
+    assert n == len(inputs["memory"]["train"]) and np.array_equal(streams["train"].labels, inputs["memory"]["train"].labels)
 
     pipeline_alone(streams["train"], batch, 0)  # TensorFlow's start-up
     rate, cpu_ms = pipeline_alone(streams["train"], batch, 1)
@@ -70,20 +70,19 @@ def main() -> None:
     print(f"pipeline alone: train {rate:.0f} images/s ({cpu_ms:.2f} CPU ms/image), validation {val_rate:.0f} images/s "
           f"({val_cpu_ms:.2f} CPU ms/image)")
 
-    model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
-    trainer = train.Trainer(model, train.make_optimizer(cfg.optim), cfg.augment)
-    states = {name: trainer.init([cfg.train.seed]) for name in inputs}
-    put = {"memory": tuple(trainer.put(*split) for split in inputs["memory"]), "stream": inputs["stream"]}
+    # The loop's own epochs (cnnjax.train's internals: order, feeding, compiled steps, validation), from one initial state.
+    runs = {name: training(cfg, datasets["train"]) for name, datasets in inputs.items()}
+    validate = {name: runs[name].evaluator(inputs[name]["validation"]) for name in inputs}
+    states = {name: run.place() for name, run in runs.items()}
     seconds: dict[str, list[float]] = {name: [] for name in inputs}
     step_seconds: dict[str, list[float]] = {name: [] for name in inputs}
     losses: dict[str, list[float]] = {name: [] for name in inputs}
     for epoch in range(args.epochs):
         for name in (("memory", "stream") if epoch % 2 == 0 else ("stream", "memory")):  # interleaved: load drifts evenly
-            train_data, val_data = put[name]
             start = time.perf_counter()
-            states[name], metrics = trainer.train_epoch(states[name], train_data, batch, epoch)
+            states[name], metrics = runs[name].epoch(states[name], epoch)
             trained = time.perf_counter()
-            val = trainer.evaluate(states[name].params, val_data, eval_batch)
+            val = validate[name](states[name].params)
             seconds[name].append(time.perf_counter() - start)
             step_seconds[name].append(trained - start)
             losses[name].append(metrics[0]["loss"])

@@ -3,10 +3,12 @@ test images): cnnjax against the lecture's Keras script (TensorFlow backend) on 
 
     python benchmarks/mnist_epoch.py --data-dir ../shared/data [--epochs 2] [--skip-keras]
 
-Keras runs in its own process (benchmarks/keras_lecture.py). Each side trains for
---epochs epochs and the fastest epoch after the first (which includes compilation) is
-compared; with --epochs 1 the first epoch is used as is. Prints seconds per epoch and the
-ratio cnnjax / Keras (below 1 means cnnjax is faster).
+cnnjax trains through its own loop (cnnjax.train.train_and_evaluate: each epoch's time
+includes validation and writing the checkpoint); Keras runs in its own process
+(benchmarks/keras_lecture.py). Each side trains for --epochs epochs and the fastest epoch
+after the first (which includes compilation) is compared; with --epochs 1 the first epoch
+is used as is. Prints seconds per epoch and the ratio cnnjax / Keras (below 1 means cnnjax
+is faster).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
-from benchmarks.common import real_data, recipe, trainer_for  # noqa: E402
-from cnnjax import train  # noqa: E402
+from benchmarks.common import real_data, recipe, run_recipe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,14 +34,11 @@ def best_epoch(seconds: list[float]) -> float:
 
 
 def recipe_epochs(name: str, data_dir: str | None, epochs: int) -> list[dict]:
-    """`epochs` epochs of a recipe of cnnjax.config as a run trains them (seed 0, validation
-    included, compilation in the first epoch): one history row per epoch."""
+    """`epochs` epochs of a recipe of cnnjax.config as a run trains them (train_and_evaluate, seed 0,
+    validation and the epoch's checkpoint included, compilation in the first epoch): one history
+    row per epoch."""
     cfg = recipe(name, {"train.epochs": epochs})
-    trainer = trainer_for(cfg)
-    train_data, validation = real_data(cfg, data_dir)
-    result = train.fit(trainer, trainer.init([cfg.train.seed]), train_data, epochs, cfg.train.batch_size, validation,
-                       cfg.train.eval_batch_size, verbose=False, progress=False)
-    return result.histories[0]
+    return run_recipe(cfg, real_data(cfg, data_dir)).histories[0]
 
 
 def cnnjax_epochs(data_dir: str | None, epochs: int) -> list[dict]:

@@ -9,9 +9,10 @@ layers call:
   lax       jax.lax.conv_general_dilated + the reshape-and-max pool (jax's autodiff),
   lax+pool  the same convolutions with `ops.max_pool_nhwc`,
   ours      `ops.conv2d_nhwc` + `ops.max_pool_nhwc` (what cnnjax.models runs).
-The step is `train.make_train_step` for one seed behind `train.gathering` (gather the batch,
-/255, loss and gradient, update, running totals), jitted with the state donated: what
-`train.Trainer` runs per seed, without its vmap over seeds and scan over steps.
+The step is `cnnjax.step.train_step` for one seed, its batch gathered by index from the
+images on the device and its totals added to the running ones (/255, loss and gradient,
+update), jitted with the state donated: what `cnnjax.step.compile_steps` runs per seed and
+step, without its vmap over seeds and scan over steps.
 The images are random uint8 (speed does not depend on the values). Prints the best of
 --reps interleaved rounds in ms per step, wall clock and CPU time (the steadier one on a
 shared machine), and the ratios to `lax`. For Keras's step on the same machine, run
@@ -39,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import recipe  # noqa: E402
-from cnnjax import models, ops, train  # noqa: E402
+from cnnjax import models, ops, optim, step  # noqa: E402
 
 RECIPES = {"mnist": "mnist", "cats": "catsdogs1"}
 
@@ -85,23 +86,36 @@ def layers_use(conv, pool):
 def setup(model_name: str, batch: int, steps: int):
     cfg = recipe(RECIPES[model_name])
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
-    tx, labels_range = train.make_optimizer(cfg.optim), 10 if cfg.model.name == "mnist" else 2
+    tx, labels_range = optim.make_optimizer(cfg.optim), 10 if cfg.model.name == "mnist" else 2
     rng = np.random.default_rng(0)
     n = batch * steps
     images = jnp.asarray(rng.integers(0, 256, (n, *model.input_shape), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, labels_range, (n,), dtype=np.int32))
-    batch_indices, batch_weights = train.epoch_batches(jax.random.PRNGKey(1), n, batch)
+    batch_indices, batch_weights = step.epoch_batches(jax.random.PRNGKey(1), n, batch)
     return model, tx, (images, labels, batch_indices, batch_weights)
+
+
+def gathering_step(model, tx):
+    """step(state, totals, images, labels, indices, weights, i): train step i of an epoch, its
+    batch gathered from the images by index (as compile_steps does with resident data)."""
+
+    def run(state, totals, images, labels, indices, weights, i):
+        batch = {"image": images[indices[i]], "label": labels[indices[i]], "weight": weights[i]}
+        state, batch_totals = step.train_step(state, batch, model=model, tx=tx, augment=None)
+        return state, jax.tree.map(jnp.add, totals, batch_totals)
+
+    return jax.jit(run, donate_argnums=(0, 1))
 
 
 def compiled_step(model, tx, data, conv, pool):
     """A jitted step traced with the given layers, and a fresh state it has run once on."""
-    step = jax.jit(train.gathering(train.make_train_step(model, tx)), donate_argnums=(0, 1))
-    state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
+    fn = gathering_step(model, tx)
+    state = step.init_state(model, tx, jax.random.PRNGKey(0))
+    totals = {k: jnp.zeros(()) for k in step.zero_totals(1)}
     with layers_use(conv, pool):
-        state, totals = step(state, train.zero_totals(1), *data, np.int32(0))
+        state, totals = fn(state, totals, *data, np.int32(0))
     jax.block_until_ready(state)
-    return step, state, totals
+    return fn, state, totals
 
 
 def time_model(model_name: str, reps: int, batch: int, calls: int) -> dict[str, tuple[float, float]]:
@@ -111,10 +125,10 @@ def time_model(model_name: str, reps: int, batch: int, calls: int) -> dict[str, 
     best = {name: (float("inf"), float("inf")) for name in runs}
     for r in range(reps):
         for name, run in runs.items():
-            step, state, totals = run
+            fn, state, totals = run
             wall, cpu = time.perf_counter(), time.process_time()
             for i in range(calls):
-                state, totals = step(state, totals, *data, np.int32((r * calls + i) % steps))
+                state, totals = fn(state, totals, *data, np.int32((r * calls + i) % steps))
             jax.block_until_ready(state)
             wall, cpu = (time.perf_counter() - wall) / calls * 1e3, (time.process_time() - cpu) / calls * 1e3
             best[name] = (min(best[name][0], wall), min(best[name][1], cpu))

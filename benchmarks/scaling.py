@@ -5,9 +5,10 @@
 The device count is fixed when jax starts, so each count runs in its own process: with
 XLA_FLAGS=--xla_force_host_platform_device_count=N on a CPU-only machine (N CPU "devices"),
 on the first N accelerators otherwise (a count the machine lacks is skipped). Each
-process builds the recipe's Trainer (cnnjax.config, random uint8 images: speed does not
-depend on the values) on a mesh over its N devices, trains one epoch of --steps steps to
-compile, then the same epoch again, timed. Prints steps per second, the time per step
+process builds the recipe's training (cnnjax.config; the loop's compiled steps and feeding,
+cnnjax.train's internals; random uint8 images: speed does not depend on the values) on a
+mesh over its N devices, trains one epoch of --steps steps to compile, then the same epoch
+again, timed. Prints steps per second, the time per step
 relative to one device (the overhead; below 1 is a speedup) and the epoch's loss, which
 must agree across counts (the same numbers on any device count).
 
@@ -34,18 +35,17 @@ def worker(count: int, name: str, image_size: int | None, steps: int) -> dict:
     """In a process of its own: one epoch of `steps` steps on the first `count` devices."""
     import jax
 
-    from benchmarks.common import epoch_twice, initial_state, random_data, recipe, trainer_for
+    from benchmarks.common import epoch_twice, random_data, recipe, training
 
     if jax.device_count() < count:
         return {"devices": count, "skipped": f"this machine has {jax.device_count()} {jax.default_backend()} device(s)"}
     cfg = recipe(name, {"data.image_size": image_size} if image_size else {})
-    trainer = trainer_for(cfg, devices=jax.devices()[:count])
     batch = cfg.train.batch_size
-    data = trainer.put(*random_data(cfg, steps * batch))
-    seconds, metrics = epoch_twice(trainer, initial_state(trainer, [cfg.train.seed]), data, batch)
+    run = training(cfg, random_data(cfg, steps * batch), devices=jax.devices()[:count])
+    seconds, metrics = epoch_twice(run)
     loss = metrics[0]["loss"]
     kind = getattr(jax.devices()[0], "device_kind", jax.default_backend())
-    return {"devices": count, "mesh": dict(trainer.mesh.shape), "jax": jax.__version__, "platform": jax.default_backend(),
+    return {"devices": count, "mesh": dict(run.mesh.shape), "jax": jax.__version__, "platform": jax.default_backend(),
             "kind": kind, "steps": steps, "batch_size": batch,
             "steps_per_s": steps / seconds[-1], "first_epoch_s": seconds[0], "epoch_s": seconds[-1], "loss": loss}
 

@@ -1,11 +1,15 @@
-"""How `train.Trainer` drives an epoch: one jitted step per Python call (the loop) against
-~10 calls of a lax.scan over consecutive steps (what `fit` uses), same process, same data.
+"""How the training loop drives an epoch: one jitted step per Python call (the loop) against
+~10 calls of a lax.scan over consecutive steps (what cnnjax.train runs), same process, same data.
 
     python benchmarks/train_loop.py [--models mnist,cats] [--rounds 3] [--examples-mnist 12800] [--examples-cats 2000]
+        [--image-size N]
 
 Each round trains one epoch from the same initial state with both drivers, interleaved:
 the MNIST recipe (cnnjax.config.mnist(): batch 64, RMSprop) and cats-vs-dogs experiment 2
-(cnnjax.config.catsdogs(2): batch 20, 150x150, lecture augmentation + Dropout(0.5), Adam).
+(cnnjax.config.catsdogs(2): batch 20, 150x150 or --image-size, lecture augmentation +
+Dropout(0.5), Adam).
+Both run the loop's own compiled steps, order and feeding (cnnjax.train's internals); the
+loop driver is the same with cnnjax.step.steps_per_call patched to 1 (one step per call).
 Images are random uint8: speed does not depend on the values. Prints ms per step (wall
 clock; CPU time in brackets) for the fastest round after the first (which compiles), the
 ratio scan / loop (below 1: scan is faster), and checks that both drivers end with the
@@ -15,6 +19,8 @@ same loss.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,18 +28,19 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
-from benchmarks.common import initial_state, place, random_data, recipe, trainer_for  # noqa: E402
-from cnnjax import train  # noqa: E402
+from benchmarks.common import Training, one_step_per_call, random_data, recipe, training  # noqa: E402
+from cnnjax import step  # noqa: E402
 
 RECIPES = {"mnist": "mnist", "cats": "catsdogs2"}
 
 
-def time_epoch(trainer: train.Trainer, start: train.TrainState, data: train.DeviceData, batch: int) -> tuple[float, float, float]:
-    """(wall s, CPU s, training loss) of one epoch from `start`."""
-    state = place(trainer, start)
+def time_epoch(run: Training, loop: bool) -> tuple[float, float, float]:
+    """(wall s, CPU s, training loss) of one epoch from the initial state; `loop`: one step per call."""
+    state = run.place()
     jax.block_until_ready(state)
     wall, cpu = time.perf_counter(), time.process_time()
-    state, metrics = trainer.train_epoch(state, data, batch, epoch=0)
+    with one_step_per_call() if loop else contextlib.nullcontext():
+        state, metrics = run.epoch(state, epoch=0)
     jax.block_until_ready(state)
     return time.perf_counter() - wall, time.process_time() - cpu, metrics[0]["loss"]
 
@@ -44,22 +51,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples-mnist", type=int, default=12_800)
     parser.add_argument("--examples-cats", type=int, default=2_000)
+    parser.add_argument("--image-size", type=int, default=None, help="cats only (default: the recipe's 150)")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}; ms per step, best round after the first: wall (CPU)")
     for name in args.models.split(","):
-        cfg = recipe(RECIPES[name])
+        cfg = recipe(RECIPES[name], {"data.image_size": args.image_size} if args.image_size and name == "cats" else {})
         batch = cfg.train.batch_size
-        drivers = {"loop": trainer_for(cfg, use_scan=False), "scan": trainer_for(cfg, use_scan=True)}
-        start = initial_state(drivers["loop"], [cfg.train.seed])
-        data = drivers["loop"].put(*random_data(cfg, getattr(args, f"examples_{name}")))  # both trainers share the mesh
-        steps = train.steps_per_epoch(len(data), batch)
-        runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in drivers}
+        run = training(cfg, random_data(cfg, getattr(args, f"examples_{name}")))  # both drivers: the same compiled steps and data
+        steps = math.ceil(len(run.dataset) / batch)
+        runs: dict[str, list[tuple[float, float, float]]] = {"loop": [], "scan": []}
         for _ in range(args.rounds):
-            for kind, trainer in drivers.items():
-                runs[kind].append(time_epoch(trainer, start, data, batch))
+            for kind in runs:
+                runs[kind].append(time_epoch(run, loop=kind == "loop"))
         best = {k: min(r[1:] or r) for k, r in runs.items()}
         losses = {k: r[0][2] for k, r in runs.items()}
-        print(f"{name}: {steps} steps of batch {batch}, scan in calls of {train.steps_per_call(steps)} steps")
+        print(f"{name}: {steps} steps of batch {batch}, scan in calls of {step.steps_per_call(steps)} steps")
         for kind, (wall, cpu, _) in best.items():
             print(f"  {kind:5s} {wall / steps * 1e3:8.1f} ({cpu / steps * 1e3:8.1f})")
         print(f"  scan / loop = {best['scan'][0] / best['loop'][0]:.2f} wall, {best['scan'][1] / best['loop'][1]:.2f} CPU; "

@@ -9,6 +9,8 @@ puts the parts together with the goals.
 mnist     the MNIST recipe (cnnjax.config.mnist()), 5 epochs with validation, the data on the
           device: wall time with compilation excluded (one epoch trained first and thrown
           away), compilation reported apart; goal on one H200: <= 2 s and >= 0.990 accuracy.
+          Epochs run as cnnjax.train's loop runs them (benchmarks/common.py's timed_fit:
+          its internals, without checkpoints, history files or figures).
 catsdogs  experiment 2 (cnnjax.config.catsdogs(2)) at 150 px: seconds per epoch (median of
           the timed epochs after a compiling one) and 100 epochs projected; goal <= 60 s.
 seeds     K=8 seeds of experiment 2 at 150 px in one program against one seed, ms per
@@ -31,47 +33,37 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
-from benchmarks.common import backend_line, initial_state, real_data, recipe, timed_fit, trainer_for, write_json  # noqa: E402
+from benchmarks.common import backend_line, real_data, recipe, subset, timed_fit, write_json  # noqa: E402
 
 GOALS = {"mnist_wall_s": 2.0, "mnist_accuracy": 0.990, "catsdogs_100_epochs_s": 60.0, "seeds_k_over_one": 2.0}
 
 
-def subset(split: tuple[Any, Any], n: int | None) -> tuple[Any, Any]:
-    """Every k-th example, about n of them (both classes, unlike the first n of a sorted folder)."""
-    if n is None or n >= len(split[1]):
-        return split
-    step = len(split[1]) // n
-    return split[0][::step][:n], split[1][::step][:n]
+def splits(cfg, data_dir: str, n_train: int | None, n_val: int | None):
+    """cfg's training and validation split from data_dir, in memory; with sizes (--smoke), subsets."""
+    datasets = real_data(cfg, data_dir)
+    return subset(datasets["train"], n_train), subset(datasets[cfg.data.validation_split], n_val)
 
 
 def mnist(data: str, smoke: bool) -> dict[str, Any]:
     epochs = 1 if smoke else 5
     cfg = recipe("mnist", {"train.epochs": epochs})
-    train_split, validation = real_data(cfg, str(Path(data) / "mnist"))
-    if smoke:
-        train_split, validation = subset(train_split, 1024), subset(validation, 500)
-    trainer = trainer_for(cfg)
-    timing = timed_fit(trainer, initial_state(trainer, [cfg.train.seed]), train_split, epochs, cfg.train.batch_size,
-                       validation, cfg.train.eval_batch_size)
+    train_set, validation = splits(cfg, str(Path(data) / "mnist"), *((1024, 500) if smoke else (None, None)))
+    timing = timed_fit(cfg, train_set, validation, epochs)
     last = timing["histories"][0][-1]
-    return {"epochs": epochs, "train_examples": len(train_split[1]), "wall_s": timing["wall_s"], "epoch_s": timing["epoch_s"],
+    return {"epochs": epochs, "train_examples": len(train_set), "wall_s": timing["wall_s"], "epoch_s": timing["epoch_s"],
             "compile_s_estimate": timing["compile_s_estimate"], "warmup_epoch_s": timing["warmup_epoch_s"],
-            "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "mesh": dict(trainer.mesh.shape)}
+            "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "mesh": timing["mesh"]}
 
 
 def catsdogs(data: str, smoke: bool) -> dict[str, Any]:
     epochs = 2 if smoke else 3
     cfg = recipe("catsdogs2", {"data.image_size": 48 if smoke else 150, "train.epochs": epochs})
-    train_split, validation = real_data(cfg, data)
-    if smoke:
-        train_split, validation = subset(train_split, 60), subset(validation, 40)
-    trainer = trainer_for(cfg)
-    timing = timed_fit(trainer, initial_state(trainer, [cfg.train.seed]), train_split, epochs, cfg.train.batch_size,
-                       validation, cfg.train.eval_batch_size)
-    return {"image_size": cfg.data.image_size, "epochs_timed": epochs, "train_examples": len(train_split[1]),
+    train_set, validation = splits(cfg, data, *((60, 40) if smoke else (None, None)))
+    timing = timed_fit(cfg, train_set, validation, epochs)
+    return {"image_size": cfg.data.image_size, "epochs_timed": epochs, "train_examples": len(train_set),
             "epoch_s": timing["epoch_s"], "median_epoch_s": timing["median_epoch_s"],
             "projected_100_epochs_s": 100 * timing["median_epoch_s"], "compile_s_estimate": timing["compile_s_estimate"],
-            "val_accuracy_last": timing["histories"][0][-1]["val_accuracy"], "mesh": dict(trainer.mesh.shape)}
+            "val_accuracy_last": timing["histories"][0][-1]["val_accuracy"], "mesh": timing["mesh"]}
 
 
 def seeds(data: str, smoke: bool) -> dict[str, Any]:
@@ -80,8 +72,7 @@ def seeds(data: str, smoke: bool) -> dict[str, Any]:
 
     size, k, steps = (48, 2, 3) if smoke else (150, 8, 50)
     cfg = recipe("catsdogs2", {"data.image_size": size})
-    images, labels = real_data(cfg, data)[0]
-    return measure(cfg, images, labels, k, steps)
+    return measure(cfg, real_data(cfg, data, ("train",))["train"], k, steps)
 
 
 def merge(parts: Path) -> dict[str, Any]:

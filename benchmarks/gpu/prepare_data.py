@@ -48,7 +48,7 @@ def copy_mnist(source: Path, out: Path) -> int:
 
 
 def copy_cats_dogs(data_dir: str | None, out: Path, splits: list[str], quality: int) -> tuple[int, str]:
-    folders = data.load_cats_dogs(data_dir, tuple(splits), SIZE)
+    folders = data.load_splits(data.find_cats_dogs_root(data_dir, splits), splits, SIZE)
     root = out / "cats_and_dogs_small"
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
