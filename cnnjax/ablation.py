@@ -153,7 +153,7 @@ def run_setting(setting: Setting, base: Config, datasets: dict[str, Any], test: 
             if test is None or best is None:
                 tests.append(math.nan)
             else:
-                _, params, _ = checkpoint.load_model(run_folder.path, "best", k)
+                _, params, _ = checkpoint.load_model(run_folder.path, "best", result.seeds[k])
                 tests.append(train.evaluate(model, params, test, cfg.train.eval_batch_size)["accuracy"])
     summary = summarize(setting, histories, tests, wall)
     record = {"setting": setting.as_dict(), "config": configlib.to_dict(cfg), "mode": mode, **summary, "histories": histories}

@@ -11,6 +11,12 @@ removed when the manager opens the folder), the latest `keep_latest` saves are k
 for each named metric the save where it was lowest (orbax's BestN preservation policy),
 so a run's best epoch (per seed) is never deleted.
 
+Every save is then sealed: `checksums.json` holds the sha256 of every file orbax wrote.
+Nothing is read from a checkpoint before its files are checked against it (`damage`): a
+changed byte, a missing or cut-off file, or a save that never got its seal (killed in
+between) makes the checkpoint damaged. A run resumes from the newest intact one, saying
+which it skipped and why; loading a damaged model is an error naming it.
+
 `Checkpoints` knows pytrees and JSON, nothing about training: the caller builds the
 abstract target of a restore (jax.eval_shape, with shardings) and reads the description.
 `read_description` / `restore_trees` open a single epoch folder directly. At the bottom,
@@ -20,8 +26,11 @@ what evaluate.py, activations.py and the ablation's test accuracy use.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +40,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from cnnjax import models
+from cnnjax import files, models
 from cnnjax.files import strict_json
 
+log = logging.getLogger(__name__)
+
 DESCRIPTION = "description"
+CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(Exception):
@@ -83,9 +95,14 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+    def latest_intact(self) -> int | None:
+        """The newest step whose files are all as saved (a warning names each newer damaged one), or None."""
+        for step in reversed(self.steps()):
+            why = damage(self.path(step))
+            if why is None:
+                return step
+            log.warning("warning: %s is damaged (%s) and is not used", self.path(step), why)
+        return None
 
     def save(self, step: int, trees: Mapping[str, Any], description: Mapping[str, Any], metrics: Mapping[str, float] = ()) -> Path:
         """Save the trees and the description as step `step` (replacing an existing one of that number)."""
@@ -97,6 +114,8 @@ class Checkpoints:
         args[DESCRIPTION] = ocp.args.JsonSave(strict_json(dict(description)))
         metrics = {k: _finite_or_inf(v) for k, v in dict(metrics).items()}
         self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics or None, force=True)
+        if jax.process_index() == 0:
+            seal(self.path(step))
         return self.path(step)
 
     def path(self, step: int) -> Path:
@@ -117,6 +136,32 @@ class Checkpoints:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _digests(path: Path) -> dict[str, str]:
+    return {p.relative_to(path).as_posix(): files.sha256(p) for p in sorted(path.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+
+
+def seal(path: str | os.PathLike) -> None:
+    """Record the sha256 of every file of a finished checkpoint, in its checksums.json."""
+    files.write_json(Path(path) / CHECKSUMS, _digests(Path(path)))
+
+
+def damage(path: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder is not as it was saved (a file changed, missing or cut off, or no seal), or None."""
+    path = Path(path)
+    try:
+        expected = json.loads((path / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return f"no {CHECKSUMS}: its save did not finish"
+    except (OSError, ValueError):
+        return f"its {CHECKSUMS} cannot be read"
+    found = _digests(path)
+    wrong = [name for name, digest in expected.items() if found.get(name) != digest]
+    if wrong:
+        what = "is missing" if wrong[0] not in found else "differs from what was saved"
+        return f"{wrong[0]} {what}" + (f", and {len(wrong) - 1} more file(s)" if len(wrong) > 1 else "")
+    return None
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -165,50 +210,86 @@ def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[
 # --- A saved model, from a run folder alone -----------------------------------------------------
 
 
-def find(path: str | os.PathLike, which: str | int = "best", seed_index: int = 0) -> Path:
-    """The checkpoint folder `path` means: a checkpoint folder itself, or a run folder (its
-    best epoch for `seed_index`, its latest, or epoch N), or RUN/best, RUN/latest."""
+def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = None) -> Path:
+    """The checkpoint folder `path` means: a checkpoint folder itself, or a run folder (its best
+    epoch for `seed`, default the run's first seed; its latest; or epoch N), or RUN/best, RUN/latest.
+    The folder is checked (`damage`): a damaged one is an error naming it."""
     if isinstance(which, str) and which.isdigit():
         which = int(which)
     if which not in ("best", "latest") and not (isinstance(which, int) and which >= 0):
         raise CheckpointError(f"which checkpoint must be best, latest or an epoch number, got {which!r}")
     path = Path(path).expanduser().absolute()
-    if is_checkpoint(path):
-        return path
+    if path.name == "checkpoints" and not is_checkpoint(path):
+        path = path.parent
     if path.name in ("best", "latest") and not path.exists():
         path, which = path.parent, path.name
     folder = path / "checkpoints"
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and is_checkpoint(p)) if folder.is_dir() else []
-    if not steps:
+    if is_checkpoint(path):
+        chosen = path
+    elif not steps:
         raise CheckpointError(f"{path} holds no checkpoint (neither a run folder with checkpoints/<epoch>/ nor a checkpoint folder)")
-    if which == "latest":
-        return folder / str(steps[-1])
-    if which == "best":
-        best = read_description(folder / str(steps[-1])).get("best", [])
-        if not 0 <= seed_index < len(best):
-            raise CheckpointError(f"{path} has {len(best)} seed(s); seed index {seed_index} is not one of them")
-        if best[seed_index] is None:
-            raise CheckpointError(f"{path}: seed index {seed_index} has no finite validation loss, so no best epoch")
-        return folder / str(best[seed_index]["epoch"])
-    if which not in steps:
+    elif which == "latest":
+        chosen = folder / str(steps[-1])
+    elif which == "best":
+        intact = next((folder / str(step) for step in reversed(steps) if damage(folder / str(step)) is None), None)
+        if intact is None:
+            raise CheckpointError(f"every checkpoint in {folder} is damaged; none is used")
+        description = read_description(intact)
+        k = seed_index(description, seed, path)
+        if description["best"][k] is None:
+            raise CheckpointError(f"{path}: seed {description['seeds'][k]} has no finite validation loss, so no best epoch")
+        chosen = folder / str(description["best"][k]["epoch"])
+    elif which in steps:
+        chosen = folder / str(which)
+    else:
         raise CheckpointError(f"{path} has no checkpoint of epoch {which}; it keeps epochs {', '.join(map(str, steps))}")
-    return folder / str(which)
+    why = damage(chosen)
+    if why is not None:
+        raise CheckpointError(f"{chosen} is damaged ({why}); its weights are not used: choose another epoch "
+                              f"(--which; {folder} keeps {', '.join(map(str, steps)) or 'none'})")
+    return chosen
 
 
-def load_model(path: str | os.PathLike, which: str | int = "best", seed_index: int = 0) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, params, description) of one seed from a checkpoint, rebuilt from the folder alone;
-    the description gains "path", the checkpoint folder read."""
-    step_dir = find(path, which, seed_index)
+def seed_index(description: Mapping[str, Any], seed: int | None, where: Any) -> int:
+    """The position of `seed` (default: the first) among the seeds a checkpoint holds."""
+    seeds = list(description.get("seeds", [0]))
+    if seed is None:
+        return 0
+    if seed not in seeds:
+        raise CheckpointError(f"{where} holds seed(s) {', '.join(map(str, seeds))}; seed {seed} is not one of them")
+    return seeds.index(seed)
+
+
+def load_model(path: str | os.PathLike, which: str | int = "best", seed: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, params, description) of one seed (default: the run's first) from a checkpoint, rebuilt
+    from the folder alone; the description gains "path", the checkpoint folder read.
+
+    On a run being written, the epoch found may be pruned while it is read (a new best replaced
+    it): it is then found again, so what comes back is always one whole, checked checkpoint."""
+    for attempt in range(5):
+        step_dir = find(path, which, seed)
+        try:
+            model, params, description = _read_model(step_dir, seed)
+            if damage(step_dir) is None:  # still whole after the read
+                return model, params, description
+        except (CheckpointError, OSError, ValueError):
+            if step_dir.exists() or attempt == 4:
+                raise
+        time.sleep(0.2)
+    raise CheckpointError(f"{path} kept changing while it was read; try again")
+
+
+def _read_model(step_dir: Path, seed: int | None) -> tuple[Any, Any, dict[str, Any]]:
     description = read_description(step_dir)
     model = models.build_model(description["model"])
-    num_seeds = len(description.get("seeds", [0]))
-    if not 0 <= seed_index < num_seeds:
-        raise CheckpointError(f"{step_dir} holds {num_seeds} seed(s); seed index {seed_index} is not one of them")
+    k = seed_index(description, seed, step_dir)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = jax.eval_shape(jax.vmap(lambda rng: models.init_params(model, rng)), jax.ShapeDtypeStruct((num_seeds, 2), jnp.uint32))
+    count = len(description.get("seeds", [0]))
+    shapes = jax.eval_shape(jax.vmap(lambda rng: models.init_params(model, rng)), jax.ShapeDtypeStruct((count, 2), jnp.uint32))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     params = restore_trees(step_dir, {"params": abstract})["params"]
-    return model, jax.tree.map(lambda leaf: leaf[seed_index], params), {**description, "path": str(step_dir)}
+    return model, jax.tree.map(lambda leaf: leaf[k], params), {**description, "path": str(step_dir)}
 
 
 def save_model(folder: str | os.PathLike, model: Any, params: Any, class_names: Sequence[str] | None = None, epoch: int = 0,

@@ -10,6 +10,7 @@ temporary named `.NAME.tmp-PID-XXXX` that `clean_orphans` removes once PID is de
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,11 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # it exists, owned by someone else
         return True
     return True
+
+
+def sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # releases the GIL while it hashes: threads help
 
 
 def temporary_name(path: Path) -> Path:

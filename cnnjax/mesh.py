@@ -12,12 +12,16 @@ global device list, builds the same mesh, and places only its own part of each a
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import math
 import os
+import socket
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -38,9 +42,12 @@ SEED, DATA = "seed", "data"
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """The arguments of jax.distributed.initialize, for runs over several processes or hosts."""
     group = parser.add_argument_group("several processes / hosts (jax.distributed)")
-    group.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address, the same for every process")
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address, the same for every process (jax uses PORT, cnnjax PORT+1)")
     group.add_argument("--num-processes", type=int, metavar="N", help="how many processes join")
     group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    group.add_argument("--join-timeout", type=float, default=120, metavar="S",
+                       help="seconds to wait for every process to start (default: %(default)s)")
 
 
 # Cluster environments that jax.distributed.initialize() reads by itself, and the variable
@@ -60,7 +67,7 @@ def cluster_detected() -> str | None:
     return None
 
 
-class JoinError(ValueError):
+class JoinError(Exception):
     """The processes of a run could not meet (a wrong address, port or process count, or a process that never came)."""
 
 
@@ -70,20 +77,20 @@ EXIT_LOST = 5
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               heartbeat_timeout_seconds: int = 30, shutdown_timeout_seconds: int = 60) -> None:
+               join_timeout: float = 120, heartbeat_timeout_seconds: int = 30, shutdown_timeout_seconds: int = 60) -> None:
     """Join the other processes of this run, or do nothing for a single process.
 
-    With the three arguments, jax.distributed.initialize(...) with them; with none, the
-    no-argument call only where a cluster environment is detected (SLURM, Open MPI, ...),
-    else nothing. On the CPU the collectives go through gloo. Call it before anything
-    else touches jax (jax.distributed refuses to join once a backend has started);
-    calling it again does nothing.
+    With the three arguments, every process first reaches process 0 on PORT+1 (`_meet`): a
+    process that never starts is one JoinError within `join_timeout`, not a hang. Then
+    jax.distributed.initialize(...) with them. With none, the no-argument call only where a
+    cluster environment is detected (SLURM, Open MPI), else nothing. On the CPU the
+    collectives go through gloo. Call it before anything else touches jax (jax.distributed
+    refuses to join once a backend has started); calling it again does nothing.
 
-    When a process dies, the others stop instead of waiting for it: a collective that
-    loses its peer raises, and the scripts (cnnjax.runs.execute) turn that into one line
-    and exit code EXIT_LOST (`exit_on_error`); where no collective notices (a silent host),
-    jax's coordination service stops every process after `heartbeat_timeout_seconds` with
-    its own fatal message. A process that leaves with an error of its own waits at most
+    When a process dies, the others stop instead of waiting for it: the connections of
+    `_meet` close with it, and `_watch` ends the others at once with one line and exit code
+    EXIT_LOST (a collective that loses its peer first raises, and `exit_on_error` does the
+    same). A process that leaves with an error of its own waits at most
     `shutdown_timeout_seconds` for the others.
     """
     if jax.distributed.is_initialized():  # the scripts join before checking their config, and execute() asks again
@@ -93,14 +100,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError("--coordinator-address, --num-processes and --process-id go together: give all three or none")
     if not any(given) and cluster_detected() is None:
         return
+    links: list[socket.socket] = []
     if all(given):
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(f"--process-id must be in 0..{num_processes - 1} and --num-processes >= 1")
-        if ":" not in coordinator_address:
+        if ":" not in coordinator_address or not coordinator_address.rsplit(":", 1)[1].isdigit():
             raise ValueError(f"--coordinator-address must be HOST:PORT, got {coordinator_address!r}")
+        links = _meet(coordinator_address, num_processes, process_id, join_timeout)
     if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": heartbeat_timeout_seconds, "initialization_timeout": 120,
+    kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": heartbeat_timeout_seconds, "initialization_timeout": int(join_timeout),
                               "shutdown_timeout_seconds": shutdown_timeout_seconds}
     if all(given):
         kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
@@ -109,6 +118,91 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     except Exception as e:  # noqa: BLE001 - jax raises bare RuntimeErrors / XLA errors: one line says what failed
         where = coordinator_address or "the address the cluster environment gives"
         raise JoinError(f"could not join the other processes at {where}: {first_line(e)}") from None
+    _watch(links)
+
+
+def _meet(address: str, count: int, index: int, timeout: float) -> list[socket.socket]:
+    """Every process connects to process 0 on PORT+1 and waits for its "go", sent once all have come;
+    the connections stay open for `_watch`. JoinError, naming who is missing, after `timeout` seconds."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    late = f"within {timeout:g} s (--join-timeout); start every process with the same --coordinator-address and --num-processes"
+    if index == 0:
+        peers: dict[int, socket.socket] = {}
+        with socket.create_server(("", int(port) + 1)) as server:
+            server.settimeout(0.5)
+            while len(peers) < count - 1:
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(1, count)) - set(peers))
+                    raise JoinError(f"process(es) {', '.join(map(str, missing))} did not join at {address} {late}")
+                try:
+                    conn, _ = server.accept()
+                    conn.settimeout(10)
+                    peers[int(conn.recv(16).decode().strip())] = conn
+                except (OSError, ValueError):
+                    continue
+        for conn in peers.values():
+            conn.sendall(b"go\n")
+            conn.settimeout(None)  # _watch waits on it for as long as the run lasts
+        return list(peers.values())
+    while time.monotonic() < deadline:
+        try:
+            conn = socket.create_connection((host, int(port) + 1), timeout=2)
+            conn.sendall(f"{index}\n".encode())
+            conn.settimeout(max(1.0, deadline - time.monotonic()))
+            if conn.recv(3) == b"go\n":
+                conn.settimeout(None)
+                return [conn]
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise JoinError(f"process 0 did not gather the processes at {host}:{int(port) + 1} {late}")
+
+
+def _watch(links: list[socket.socket]) -> None:
+    """A daemon thread per connection of `_meet`: when the process at the other end is gone without
+    saying goodbye (killed, crashed, lost its host), this one ends at once with one line, EXIT_LOST.
+    A process that leaves normally says goodbye on its way out (atexit), so its peers do not mistake
+    it for a loss."""
+
+    def watch(conn: socket.socket) -> None:
+        try:
+            said = conn.recv(16)
+        except OSError:
+            said = b""
+        if not said.startswith(b"bye"):
+            _lost(f"the connection to another process closed ({'no goodbye' if not said else said.decode(errors='replace')})")
+
+    for conn in links:
+        threading.Thread(target=watch, args=(conn,), daemon=True, name="cnnjax-peer-watch").start()
+    if links:
+        atexit.register(lambda: [_say_bye(conn) for conn in links])
+
+
+def _say_bye(conn: socket.socket) -> None:
+    try:
+        conn.sendall(b"bye\n")
+    except OSError:
+        pass
+
+
+# What must happen before a process that lost its peers leaves (the run folder lets go of its lock).
+before_leaving: list[Callable[[], None]] = []
+
+
+def _lost(why: str) -> None:
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    for cleanup in list(before_leaving):
+        try:
+            cleanup()
+        except Exception:  # noqa: BLE001, S110 - leaving anyway: one cleanup failing must not stop the others
+            pass
+    try:
+        sys.stdout.flush()
+        print(f"error: {where} lost contact with the other processes of this run ({why}); another process stopped, see "
+              "its log. Every finished epoch is kept: start all processes again with --resume", file=sys.stderr, flush=True)
+    finally:
+        os._exit(EXIT_LOST)
 
 
 _PEER_MARKERS = ("gloo", "coordination service", "heartbeat", "connection reset", "connection closed", "socket closed",
@@ -127,20 +221,15 @@ def exit_on_error(error: BaseException) -> None:
     code EXIT_LOST; anything else keeps its traceback (exit 1). Does nothing in a single process."""
     if jax.process_count() == 1:
         return
-    where = f"process {jax.process_index()} of {jax.process_count()}"
     if lost_contact(error):
-        code = EXIT_LOST
-        message = (f"error: {where} lost contact with the other processes of this run ({first_line(error)}); another "
-                   "process stopped, see its log. Every finished epoch is kept: start all processes again with --resume")
-    else:
-        code = 1
-        traceback.print_exception(error)
-        message = f"error: {where} stopped: {type(error).__name__}: {first_line(error)}"
+        _lost(first_line(error))
+    traceback.print_exception(error)
     try:
         sys.stdout.flush()
-        print(message, file=sys.stderr, flush=True)
+        print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: {type(error).__name__}: {first_line(error)}",
+              file=sys.stderr, flush=True)
     finally:
-        os._exit(code)
+        os._exit(1)
 
 
 def from_process_0(message: str | None, size: int = 4096) -> str | None:

@@ -13,8 +13,9 @@ what an experiment script does once its config is resolved.
 
 Rules, as Keras's BackupAndRestore and ModelCheckpoint have them, and stricter:
 - A run into an existing non-empty folder is refused unless it is resumed (`run.resume`);
-  a folder another live process writes is refused (its lock names the pid); a lock left
-  by a dead process is taken over with a warning.
+  a folder another live process writes is refused (its lock names the pid). The lock is
+  the kernel's (fcntl.flock on RUN/.lock), so a process that dies, however it dies, lets
+  go of it: what it left in the file (pid, host, time) is only read to name it.
 - `--resume` continues from the latest checkpoint, with exactly the history, parameters
   and best checkpoints an uninterrupted run would have (same seed). A folder with no
   checkpoint yet starts from the beginning. A resume whose recipe differs from the
@@ -30,6 +31,8 @@ is cnnjax.checkpoint (find, load_model).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import math
@@ -57,22 +60,51 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # flags, data, run folder (argparse uses 2 for bad flags too)
 EXIT_DIVERGED = 3  # the training loss stopped being finite
 EXIT_FAILED = 4  # some ablation settings failed (see their error.json)
+EXIT_NO_SPACE = 6  # the disk filled up: free space, then --resume
 EXIT_INTERRUPTED = 130  # Ctrl-C: the run can be resumed
-
 
 
 class RunError(Exception):
     """A run folder that cannot be used as asked; the message says why and what to do."""
 
 
+BAD_INPUT = (ConfigError, DataError, RunError, CheckpointError, ValueError, OSError)  # OSError: an unreadable file
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "no space left on device" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 @contextlib.contextmanager
-def exit_on_bad_input() -> Iterator[None]:
-    """Turn the errors a user can cause into one line on stderr and exit code 2, no traceback."""
+def exits(interrupted: str = "", folder: Path | None = None) -> Iterator[None]:
+    """What a user can cause or meet, as one line on stderr and an exit code of the README, no
+    traceback: bad input (2), a full disk (EXIT_NO_SPACE), Ctrl-C (EXIT_INTERRUPTED, the line
+    ending with `interrupted`), processes that could not meet or lost one another (EXIT_LOST)."""
     try:
         yield
-    except (ConfigError, DataError, RunError, CheckpointError, ValueError, OSError) as e:  # OSError: an unreadable file
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted{interrupted}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except Exception as e:
+        if jax.process_count() > 1 and meshlib.lost_contact(e):
+            meshlib.exit_on_error(e)  # one line, EXIT_LOST, out at once: jax's own watch of the peers may act next
+        if _disk_full(e):
+            where = f" ({folder})" if folder else ""
+            print(f"error: the disk is full{where}: no space left on device; every finished epoch is kept: free some space, "
+                  "then run the same command with --resume", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_NO_SPACE) from None
+        if isinstance(e, meshlib.JoinError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(meshlib.EXIT_LOST) from None
+        if isinstance(e, BAD_INPUT):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_BAD_INPUT) from None
+        meshlib.exit_on_error(e)  # with several processes: one line (a lost peer) or the traceback, then out at once
+        raise
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -88,10 +120,19 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+def _quiet_closed_loop(unraisable: Any) -> None:
+    """After a failed save (a full disk), orbax's writes still in flight report into its closed event
+    loop: a traceback each, with nothing left to act on. Any other unraisable error is printed."""
+    if not (unraisable.exc_type is RuntimeError and "Event loop is closed" in str(unraisable.exc_value)):
+        sys.__unraisablehook__(unraisable)
+
+
 def setup_logging() -> None:
-    """INFO lines from cnnjax's loggers on stdout, as plain messages (process 0 only); orbax's
-    (through absl, at every save and restore) only when they are errors."""
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    """INFO lines from cnnjax's loggers on stdout, as plain messages (process 0 only); none of
+    orbax's (through absl: every save and restore, and its errors, which are raised as well).
+    Called by the scripts, never on import."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax's save errors come back as exceptions: no second report
+    sys.unraisablehook = _quiet_closed_loop
     level = logging.INFO if meshlib.is_main_process() else logging.WARNING
     logger = logging.getLogger("cnnjax")
     if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
@@ -126,7 +167,7 @@ class RunFolder:
 
     def __init__(self, path: Path, resume: bool, writer: bool):
         self.path, self.resume, self.writer = path, resume, writer
-        self._locked = False
+        self._lock_fd: int | None = None
 
     @classmethod
     def open(cls, cfg: Config) -> RunFolder:
@@ -148,9 +189,8 @@ class RunFolder:
         path = self.path
         if path.exists() and not path.is_dir():
             raise RunError(f"--out {path} is a file, not a folder")
-        lock = path / ".lock"
-        if lock.is_file():
-            self._refuse_if_held(lock)
+        if (path / ".lock").is_file():
+            self._refuse_if_held(path / ".lock")  # a live run's folder is refused as in use, not as merely full
         entries = [p.name for p in path.iterdir() if p.name != ".lock"] if path.is_dir() else []
         if entries and not self.resume:
             raise RunError(f"--out {path} already holds a run ({', '.join(sorted(entries)[:4])}...); "
@@ -159,45 +199,57 @@ class RunFolder:
             raise RunError(f"--out {path} is not empty and holds no config.json: not a cnnjax run folder, nothing to resume")
         path.mkdir(parents=True, exist_ok=True)
         self._lock()
-        files.clean_orphans(path, recursive=True)
-        saved = self.saved_config()
-        if saved is not None:
-            differ = configlib.recipe_diff(configlib.from_dict(saved), cfg)
+        try:
+            files.clean_orphans(path, recursive=True)
+            saved = self.saved_config()
+            differ = configlib.recipe_diff(configlib.from_dict(saved), cfg) if saved is not None else []
             if differ:
-                self.close()
                 raise RunError(f"--resume with another recipe than {path}/config.json: {'; '.join(differ)}. "
                                "Resume with the run's own flags, or start a new run with another --out")
+        except BaseException:
+            self.close()
+            raise
 
-    def _lock(self) -> None:
-        lock = self.path / ".lock"
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._refuse_if_held(lock)
-                log.warning(f"warning: {lock} was left by process {_read_lock(lock).get('pid')}, which is no longer running; "
-                            "taking it over")
-                lock.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self._locked = True
-            return
-        raise RunError(f"could not take the lock {lock}; another process is starting in {self.path}")
+    def _flock(self, lock: Path) -> int:
+        """An open descriptor of `lock` holding the kernel's lock on it; RunError while a live process holds it."""
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _read_lock(lock)
+            raise RunError(f"{self.path} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                           f"(since {holder.get('started', '?')}); wait for it to finish") from None
+        return fd
 
     def _refuse_if_held(self, lock: Path) -> None:
-        """A lock of a live process (or of another host, which cannot be checked) refuses the folder."""
-        holder = _read_lock(lock)
-        pid, host = holder.get("pid", -1), holder.get("host")
-        if host != socket.gethostname() or files.pid_alive(int(pid)):
-            raise RunError(f"{self.path} is in use by process {pid} on {host} (since {holder.get('started', '?')}); "
-                           f"wait for it to finish, or remove {lock} if that process is gone")
+        os.close(self._flock(lock))  # nobody holds it: let go again, the file untouched
+
+    def _lock(self) -> None:
+        """Take RUN/.lock with the kernel's flock; refuse the folder while a live process holds it."""
+        lock = self.path / ".lock"
+        while True:
+            fd = self._flock(lock)
+            if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the holder removed the file as it let go: lock the new one
+        left = _read_lock(lock)
+        if left:  # a process that died holding the folder (the kernel let go of its lock)
+            log.warning(f"warning: {lock} was left by process {left.get('pid')}, which is no longer running; taking it over")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._lock_fd = fd
+        meshlib.before_leaving.append(self.close)
 
     def close(self) -> None:
-        if self._locked:
-            (self.path / ".lock").unlink(missing_ok=True)
-            self._locked = False
+        """Let go of the folder; safe to call twice, and from mesh's watch of the peers while the run ends."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            (self.path / ".lock").unlink(missing_ok=True)  # while still holding it: see _lock's inode check
+            os.close(fd)
+            if self.close in meshlib.before_leaving:
+                meshlib.before_leaving.remove(self.close)
 
     def saved_config(self) -> dict[str, Any] | None:
         path = self.path / "config.json"
@@ -247,7 +299,7 @@ def add_flags(parser: Any) -> None:
 
 def start(args: Any) -> None:
     """Join the other processes (when flags or a cluster say so) and set up logging."""
-    meshlib.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    meshlib.initialize(args.coordinator_address, args.num_processes, args.process_id, args.join_timeout)
     setup_logging()
 
 
@@ -274,11 +326,10 @@ def write_preview(dataset: Any, augmentation: augment.AugmentConfig, path: Path,
 def execute(cfg: Config, args: Any, argv: list[str] | None = None, preview: bool = False) -> train.Result:
     """Everything an experiment script does after resolving its config: join the processes,
     check the data and the folder (all before writing anything), write config.json (and with
-    `preview` the augmentation preview), train, and print what the run left. Errors a user can
-    cause exit with one line (code 2); Ctrl-C says how to resume and exits with
-    EXIT_INTERRUPTED. A diverged run says so and returns: the script exits with
-    `exit_code(result)` once it has printed what it adds."""
-    with exit_on_bad_input():
+    `preview` the augmentation preview), train, and print what the run left. What a user can
+    cause or meet is one line and an exit code (`exits`); Ctrl-C says how to resume. A
+    diverged run says so and returns: the script exits with `exit_code(result)`."""
+    with exits():
         start(args)
         model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
         mesh = meshlib.make_mesh(cfg.train.seeds)
@@ -289,35 +340,27 @@ def execute(cfg: Config, args: Any, argv: list[str] | None = None, preview: bool
         data.check_classes(datasets, model.head.num_classes, "MNIST" if cfg.data.dataset == "mnist" else "the data folder")
         folder = RunFolder.open(cfg)
     main = meshlib.is_main_process()
-    try:
-        if main:
-            print(meshlib.summary_line(mesh), flush=True)
-            print(models.summary(model), flush=True)
-            print(f"train: {len(train_set)} images, validation: {len(val_set)}, classes {', '.join(train_set.class_names)}; "
-                  f"run folder {folder.path}", flush=True)
-        folder.write_config({
-            "config": configlib.to_dict(cfg), "devices": meshlib.describe(mesh), "class_names": list(train_set.class_names),
-            "model": models.model_config(model), "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
-            "versions": versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        })
-        if preview and main:
-            write_preview(train_set, cfg.augment, folder.path / "preview.png", cfg.train.seed)
+    resume = f": every finished epoch is kept in {folder.path}/checkpoints; continue with the same command plus --resume"
+    with exits(resume if main else "", folder.path):
         try:
-            result = train.train_and_evaluate(cfg, folder.path, datasets, mesh=mesh)
-        except KeyboardInterrupt:
             if main:
-                print(f"\ninterrupted: every finished epoch is kept in {folder.path}/checkpoints; continue with the same "
-                      f"command plus --resume --out {folder.path}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_INTERRUPTED) from None
-        except Exception as e:
-            folder.close()  # before exit_on_error, which leaves at once (with several processes)
-            meshlib.exit_on_error(e)
-            raise
-        if main:
-            for line in closing_lines(result, folder.path):
-                print(line, flush=True)
-            written = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.path.iterdir() if not p.name.startswith("."))
-            print(f"Wrote {folder.path}/: {', '.join(written)}", flush=True)
-    finally:
-        folder.close()
+                print(meshlib.summary_line(mesh), flush=True)
+                print(models.summary(model), flush=True)
+                print(f"train: {len(train_set)} images, validation: {len(val_set)}, classes {', '.join(train_set.class_names)}; "
+                      f"run folder {folder.path}", flush=True)
+            folder.write_config({
+                "config": configlib.to_dict(cfg), "devices": meshlib.describe(mesh), "class_names": list(train_set.class_names),
+                "model": models.model_config(model), "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+                "versions": versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            })
+            if preview and main:
+                write_preview(train_set, cfg.augment, folder.path / "preview.png", cfg.train.seed)
+            result = train.train_and_evaluate(cfg, folder.path, datasets, mesh=mesh)
+            if main:
+                for line in closing_lines(result, folder.path):
+                    print(line, flush=True)
+                written = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.path.iterdir() if not p.name.startswith("."))
+                print(f"Wrote {folder.path}/: {', '.join(written)}", flush=True)
+        finally:
+            folder.close()
     return result

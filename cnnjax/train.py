@@ -93,7 +93,7 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
     # --- State: the latest checkpoint, else a new one per seed.
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", TREES, keep_latest=cfg.run.keep,
                                    best_metrics=[f"val_loss/{k}" for k in range(len(seeds))])
-    restored = _restore(ckpts, ckpts.latest_step(), model, tx, len(seeds), mesh)
+    restored = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
     if restored is None:
         state, histories, diverged, first_epoch = step.init_states(model, tx, seeds, mesh), [[] for _ in seeds], [None] * len(seeds), 0
     else:
@@ -131,7 +131,7 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
             frozen = np.array([d is not None for d in diverged])
             if frozen.any():  # back to the last finite state: the latest checkpoint holds it (a new run's: a new state)
                 if newly:
-                    back = _restore(ckpts, ckpts.latest_step(), model, tx, len(seeds), mesh)
+                    back = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
                     kept = step.init_states(model, tx, seeds, mesh) if back is None else back[0]
                 state = kept if frozen.all() else _select(frozen, kept, state, mesh)
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results = ablation.rebuild_report(out)
         print((out / "results.md").read_text() if results else f"no finished settings in {out}")
         return results
-    with runs.exit_on_bad_input():
+    with runs.exits():
         runs.start(args)
         base = runs.check_config(config.override(base_recipe(), config.overrides_from_args(args)))
         settings = [ablation.parse_setting(spec, base) for spec in args.settings]

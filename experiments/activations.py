@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a run folder, RUN/best, RUN/latest or RUN/checkpoints/<epoch>")
     parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
-    parser.add_argument("--seed-index", type=int, default=0, help="which seed of a run that trained several (0-based)")
+    parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
     parser.add_argument("--image", help="an image file (default: the first validation cat, or MNIST's first test image)")
     parser.add_argument("--data-dir", help="data folder for the default image (default: CNNJAX_DATA_DIR)")
     parser.add_argument("--layers", type=int, default=8, help="how many conv/pool layers to draw, from the first")
@@ -104,15 +104,19 @@ def check_args(model, args: argparse.Namespace, first_layer_channels: int) -> No
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     runs.setup_logging()
-    # Everything that can fail on bad input happens before the first file is written.
-    with runs.exit_on_bad_input():
-        model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed_index)
-        interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
-        image = load_input(model, args, interpolation)
-        conv_pool = [n for n in look.resolve_layers(model) if n.startswith(("conv2d", "max_pooling2d"))]
-        # The lecture: the first layers' outputs for one image (MNIST has only 5 conv/pool layers).
-        activations = look.capture_activations(model, params, image, conv_pool[: max(args.layers, 1)])
-        check_args(model, args, activations[0][1].shape[-1])
+    with runs.exits():
+        return draw(args)
+
+
+def draw(args: argparse.Namespace) -> list[Path]:
+    """Everything that can fail on bad input happens before the first file is written."""
+    model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed)
+    interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
+    image = load_input(model, args, interpolation)
+    conv_pool = [n for n in look.resolve_layers(model) if n.startswith(("conv2d", "max_pooling2d"))]
+    # The lecture: the first layers' outputs for one image (MNIST has only 5 conv/pool layers).
+    activations = look.capture_activations(model, params, image, conv_pool[: max(args.layers, 1)])
+    check_args(model, args, activations[0][1].shape[-1])
     class_names = description.get("class_names") or CLASS_NAMES.get(type(model).__name__)
     if args.filters:
         filter_layer = args.filter_layer or look.last_conv_layer(model)

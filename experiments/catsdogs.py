@@ -40,7 +40,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     config.add_flags(parser, config.catsdogs(1), other_defaults={"experiment 2": config.catsdogs(2)})
     runs.add_flags(parser)
     args = parser.parse_args(argv)
-    with runs.exit_on_bad_input():
+    with runs.exits():
         runs.start(args)  # before check_config: jax.distributed must join before anything starts jax's backend
         overrides = config.overrides_from_args(args)
         recipe = config.catsdogs(2 if args.dropout is not None else 1)

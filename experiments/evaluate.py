@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a run folder, RUN/best, RUN/latest, or RUN/checkpoints/<epoch>")
     parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
-    parser.add_argument("--seed-index", type=int, default=0, help="which seed of a run that trained several (0-based)")
+    parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--split", default="test", help="the split to evaluate on (default: test)")
     parser.add_argument("--interpolation", default=None, choices=config.INTERPOLATIONS,
@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args(argv)
     runs.setup_logging()
-    with runs.exit_on_bad_input():
+    with runs.exits():
         if args.batch_size < 1:
             raise config.ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed_index)
+        model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed)
         trained = config.from_dict(description["config"]).data if "config" in description else config.DataConfig(
             dataset="mnist" if model.input_shape[-1] == 1 else "cats_dogs", image_size=model.input_shape[0])
         spec = dataclasses.replace(trained, data_dir=args.data_dir, interpolation=args.interpolation or trained.interpolation,
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             raise data.DataError(f"the {args.split} folder's classes are {', '.join(dataset.class_names)} but the model was "
                                  f"trained on {', '.join(classes)}; labels would not mean the same")
         data.check_classes({args.split: dataset}, model.head.num_classes, f"the {args.split} folder")
-    metrics = train.evaluate(model, params, dataset, args.batch_size)
+        metrics = train.evaluate(model, params, dataset, args.batch_size)
     print(f"{description['path']} (epoch {description.get('epoch', '?')}) on {args.split} ({len(dataset)} images): "
           f"loss {metrics['loss']:.4f} - accuracy {metrics['accuracy']:.4f}")
     return metrics

@@ -25,7 +25,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     config.add_flags(parser, config.mnist())
     runs.add_flags(parser)
     args = parser.parse_args(argv)
-    with runs.exit_on_bad_input():
+    with runs.exits():
         runs.start(args)  # before check_config: jax.distributed must join before anything starts jax's backend
         cfg = runs.check_config(config.override(config.mnist(), config.overrides_from_args(args)))
     return cfg, args

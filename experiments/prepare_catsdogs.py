@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> kaggle.SmallSplit:
     args = parser.parse_args(argv)
     runs.setup_logging()  # the library's progress lines
     sizes = list(zip((split for split, _ in kaggle.BOOK_SPLIT_SIZES), args.sizes))
-    with runs.exit_on_bad_input():
+    with runs.exits():
         result = kaggle.prepare_small_split(args.kaggle_dir, args.out, sizes)
     total = sum(result.counts.values())
     print(f"{result.out}: {', '.join(f'{split} {n}' for split, n in result.counts.items())} images (cats and dogs, {total} in all); "

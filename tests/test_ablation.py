@@ -75,7 +75,7 @@ def test_table_is_the_runs_recomputed_and_best_checkpoints_hold_the_best_epoch(s
             assert seed["best_epoch"] == 1 + int(np.argmin(losses))
             # The seed's best checkpoint holds exactly the best epoch's parameters: evaluating it gives that epoch's metrics.
             run_folder = folder / "seeds" if mode == "vmap" else folder / f"seed{k}"
-            model, params, description = checkpoint.load_model(run_folder, "best", k if mode == "vmap" else 0)
+            model, params, description = checkpoint.load_model(run_folder, "best", seed=k)
             assert description["epoch"] == seed["best_epoch"]
             metrics = train.evaluate(model, params, splits["validation"], 10)
             best_row = history[seed["best_epoch"] - 1]

@@ -28,9 +28,16 @@ LOST_WITHIN_S = 90
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free with the one after it (jax's coordinator takes PORT, cnnjax's gathering PORT+1)."""
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                t.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 def env() -> dict[str, str]:
@@ -138,10 +145,10 @@ def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(m
     assert [row["epoch"] for row in history(out)] == [1]
 
     second = Launch(tmp_path, "second", [*argv, "--resume"], out, die={0: 3})
-    code, lines = wait_for_survivor(second, victim=0)
-    assert code != 0
-    # The coordinator is gone: our line, or jax's own fatal one where its error poll comes first.
-    assert lines or "another task died" in second.err(1), second.err(1)[-3000:]
+    code, lines = wait_for_survivor(second, victim=0)  # the coordinator is gone
+    assert code == mesh.EXIT_LOST, second.err(1)[-3000:]
+    assert len(lines) == 1 and "lost contact with the other processes" in lines[0] and "--resume" in lines[0], lines
+    assert "Traceback" not in second.err(1)
     assert "Resuming" in second.out(0) and "after epoch 1" in second.out(0)
     assert [row["epoch"] for row in history(out)] == [1, 2]
 
@@ -160,6 +167,21 @@ def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(m
     assert refused.wait() == [2, 2]
     first_words, second_words = error_lines(refused.err(0)), error_lines(refused.err(1))
     assert first_words == second_words and len(first_words) == 1 and "add --resume" in first_words[0]
+
+
+@pytest.mark.slow  # starts a process that waits for a peer that never comes
+@pytest.mark.parametrize("present", [0, 1])
+def test_a_peer_that_never_starts_is_one_line_within_the_join_timeout(present, mnist_data, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    flags = ["--coordinator-address", address, "--num-processes", "2", "--process-id", str(present), "--join-timeout", "5"]
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "experiments/mnist.py", *ARGS, "--data-dir", str(mnist_data), "--out", str(tmp_path / "run"),
+                           *flags], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == mesh.EXIT_LOST and time.monotonic() - start < 60, done.stderr[-2000:]
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and "Traceback" not in done.stderr and "within 5 s (--join-timeout)" in lines[0], done.stderr[-2000:]
+    assert ("process(es) 1 did not join" if present == 0 else "process 0 did not gather") in lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_single_cluster_task_is_not_joined_and_several_are(monkeypatch):

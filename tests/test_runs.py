@@ -125,15 +125,6 @@ def test_resume_of_a_finished_run_changes_nothing_and_resume_of_an_empty_folder_
     assert started.returncode == 0 and "Epoch 1/1" in started.stdout
 
 
-def test_a_folder_in_use_by_a_live_process_is_refused(mnist_data, tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now"}))
-    refused = run_script(["experiments/mnist.py", *MNIST_ARGS, "--data-dir", str(mnist_data), "--out", str(out), "--resume"])
-    assert refused.returncode == 2 and f"in use by process {os.getpid()}" in refused.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]
-
-
 BAD_FLAGS = [
     ("mnist", ["--epochs", "0"], "train.epochs must be an integer >= 1, got 0"),
     ("mnist", ["--epochs", "-1"], "train.epochs must be an integer >= 1, got -1"),

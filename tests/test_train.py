@@ -131,7 +131,7 @@ def test_a_diverged_seed_goes_back_and_waits_while_the_other_trains_on(tmp_path,
     assert [row["epoch"] for row in result.histories[0]] == [1, 2, 3] and [row["epoch"] for row in result.histories[1]] == [1, 2]
     assert int(result.state.step[0]) == 30 and int(result.state.step[1]) == 10  # seed 1 stays after epoch 1
     first = checkpoint.find(tmp_path / "run", 1)
-    _, params_after_epoch_1, _ = checkpoint.load_model(first, seed_index=1)
+    _, params_after_epoch_1, _ = checkpoint.load_model(first, seed=1)
     assert_trees_close(seed_of(result.state.params, 1), params_after_epoch_1, rtol=0, atol=0)
     latest = checkpoint.read_description(checkpoint.find(tmp_path / "run", "latest"))
     assert latest["epoch"] == 3 and latest["diverged"] == [None, 2] and latest["best"][1]["epoch"] == 1

@@ -7,7 +7,6 @@ a TFDS split's). Both are a `Dataset`: only how a training loop gets at the pixe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import socket
@@ -176,11 +175,6 @@ def first_line(error: BaseException) -> str:
     """An error's first non-empty line (its type name when it has no message), at most 300 characters."""
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()  # releases the GIL while it hashes: threads help
 
 
 def default_workers() -> int:

@@ -29,8 +29,8 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from cnnjax.data.common import Images, cache_root, default_workers, sha256_file, thread_map
-from cnnjax.files import atomic_write, clean_orphans
+from cnnjax.data.common import Images, cache_root, default_workers, thread_map
+from cnnjax.files import atomic_write, clean_orphans, sha256
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def content_hashes(paths: Sequence[str], broken: Mapping[int, str], workers: int
         if i in broken:
             return f"broken: {broken[i]}"
         try:
-            return sha256_file(paths[i])
+            return sha256(paths[i])
         except OSError as e:  # decoding will fail on it too and skip it with a warning
             return f"unreadable: {type(e).__name__}"
 

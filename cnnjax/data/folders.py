@@ -16,6 +16,7 @@ only when a file changes. Each load logs one INFO line: decoded or from the cach
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ import numpy as np
 
 from cnnjax.data.common import DataError, Images, SkippedImageWarning, data_dir_from_env, thread_map
 from cnnjax.data.decode import cache_file, cache_key, check_size, clean_cache, content_hashes, decode_file, read_cached, write_cached
+from cnnjax.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -145,33 +147,71 @@ class FolderSource:
         return str(self.listing.folder / self.listing.files[index])
 
 
-def _decode_listing(listing: Listing, size_hw: tuple[int, int], interpolation: str, workers: int | None) -> Images:
-    """Decode into one preallocated array (no stacking copy), then drop the files that failed."""
-    paths = listing.paths
-    images = np.zeros((len(paths), *size_hw, 3), np.uint8)
+def _decode_each(listing: Listing, size_hw: tuple[int, int], interpolation: str, workers: int | None,
+                 into: np.ndarray | None = None) -> dict[str, str]:
+    """Decode every listed file (into `into`, or only to see that it decodes), in threads; warn about and
+    return the ones that failed, {relative path: why}."""
 
     def one(i: int) -> str | None:  # None, or why file i failed
         if i in listing.broken:
             return listing.broken[i]
         try:
-            images[i] = decode_file(paths[i], size_hw, interpolation)
+            pixels = decode_file(listing.paths[i], size_hw, interpolation)
         except Exception as e:  # noqa: BLE001 - any failure of one file skips that file, not the load
             return f"cannot be decoded ({type(e).__name__}: {e})"
+        if into is not None:
+            into[i] = pixels
         return None
 
-    errors = thread_map(one, range(len(paths)), workers, "cnnjax-decode")
+    errors = thread_map(one, range(len(listing.files)), workers, "cnnjax-decode")
     failed = {rel: error for rel, error in zip(listing.files, errors, strict=True) if error is not None}
     for rel, error in failed.items():
-        warnings.warn(f"skipped {listing.folder / rel}: {error}", SkippedImageWarning, stacklevel=2)
-    labels, files = np.asarray(listing.labels, np.int32), list(listing.files)
+        warnings.warn(f"skipped {listing.folder / rel}: {error}", SkippedImageWarning, stacklevel=3)
+    return failed
+
+
+def _without(listing: Listing, failed: Sequence[str]) -> Listing:
+    """The listing less the files that failed; DataError when a whole class is gone (training on the other
+    classes alone would silently learn nothing useful)."""
+    failed = set(failed)
+    keep = [i for i, rel in enumerate(listing.files) if rel not in failed]
+    labels = [listing.labels[i] for i in keep]
+    if empty := [name for c, name in enumerate(listing.class_names) if c not in labels]:
+        raise DataError(f"{listing.folder}: none of the images of class {', '.join(empty)} could be decoded (see warnings)")
+    return Listing(listing.folder, listing.class_names, [listing.files[i] for i in keep], labels)
+
+
+def _decode_listing(listing: Listing, size_hw: tuple[int, int], interpolation: str, workers: int | None) -> Images:
+    """Decode into one preallocated array (no stacking copy), then drop the files that failed."""
+    images = np.zeros((len(listing.files), *size_hw, 3), np.uint8)
+    failed = _decode_each(listing, size_hw, interpolation, workers, images)
+    kept = _without(listing, failed)
     if failed:
-        keep = np.array([error is None for error in errors])
-        images, labels, files = images[keep], labels[keep], [rel for rel in files if rel not in failed]
-        counts = np.bincount(labels, minlength=len(listing.class_names))
-        if empty := [listing.class_names[c] for c in np.flatnonzero(counts == 0)]:
-            # Training on the other classes alone would silently learn nothing useful.
-            raise DataError(f"{listing.folder}: none of the images of class {', '.join(empty)} could be decoded (see warnings)")
-    return Images(images, labels, list(listing.class_names), files, list(failed))
+        images = images[[rel not in failed for rel in listing.files]]
+    return Images(images, np.asarray(kept.labels, np.int32), list(listing.class_names), kept.files, list(failed))
+
+
+def stream_listing(listing: Listing, image_size: Sequence[int], interpolation: str = "nearest", workers: int | None = None) -> Listing:
+    """The listing a Stream reads: without the files that cannot be decoded, found as load_listing finds
+    them, so a stream holds the same examples as memory (the same count, order and loss). Finding them
+    decodes every file once; the result is remembered under the folder's content-hash key."""
+    size_hw = check_size(image_size, interpolation)
+    clean_cache()
+    key = _cache_key(listing, size_hw, interpolation, workers)
+    remembered = cache_file(key).with_suffix(".skipped.json")
+    try:
+        failed = json.loads(remembered.read_text())
+        for rel in failed:
+            warnings.warn(f"skipped {listing.folder / rel}: cannot be read or decoded (cached result; fix or remove the file)",
+                          SkippedImageWarning, stacklevel=2)
+    except (OSError, ValueError):
+        failed = _decode_each(listing, size_hw, interpolation, workers)
+        try:
+            write_json(remembered, failed)
+        except OSError as e:
+            warnings.warn(f"cannot remember the folder's unreadable files in {remembered} ({e}); checking again next time",
+                          stacklevel=2)
+    return _without(listing, failed)
 
 
 def _cache_key(listing: Listing, size_hw: tuple[int, int], interpolation: str, workers: int | None) -> str:

@@ -134,7 +134,8 @@ def _cats_dogs(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
         import_tensorflow()  # fails here, before anything is read, when TensorFlow is missing
         if listings is None:
             return {s: Stream(source) for s, source in tfds.tfds_cats_vs_dogs_subsets(splits, size, spec.interpolation).items()}
-        return {s: Stream(folders.FolderSource(listing, size, spec.interpolation)) for s, listing in listings.items()}
+        return {s: Stream(folders.FolderSource(folders.stream_listing(listing, size, spec.interpolation), size, spec.interpolation))
+                for s, listing in listings.items()}
     if listings is not None:
         return {s: folders.load_listing(listing, size, spec.interpolation) for s, listing in listings.items()}
     try:

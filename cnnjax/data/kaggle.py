@@ -18,8 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnnjax.data.common import DataError, first_line, sha256_file, thread_map
-from cnnjax.files import atomic_path, clean_orphans
+from cnnjax.data.common import DataError, first_line, thread_map
+from cnnjax.files import atomic_path, clean_orphans, sha256
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def prepare_small_split(kaggle_dir: str | os.PathLike, out: str | os.PathLike,
     for (src, dest), digest in zip(plan, digests, strict=True):
         if not os.path.lexists(dest):
             to_copy.append((src, dest, digest))
-        elif dest.is_symlink() or not dest.is_file() or sha256_file(dest) != digest:
+        elif dest.is_symlink() or not dest.is_file() or sha256(dest) != digest:
             raise DataError(f"refusing to overwrite {dest}: it differs from {src}; move it away or choose another --out")
 
     start = time.perf_counter()
@@ -117,7 +117,7 @@ def prepare_small_split(kaggle_dir: str | os.PathLike, out: str | os.PathLike,
         src, dest, digest = item
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
-            if sha256_file(tmp) != digest:  # raising here removes the temporary: dest is never a bad copy
+            if sha256(tmp) != digest:  # raising here removes the temporary: dest is never a bad copy
                 raise DataError(f"copying {src} to {dest} gave different bytes (did the source change?); run again")
 
     thread_map(copy, to_copy, workers, "cnnjax-copy")
