@@ -1,27 +1,26 @@
 """One nested config per recipe: data, model, augment, optim, train, run.
 
 The lecture's recipes are the functions at the bottom (`mnist`, `catsdogs`); their
-docstrings say how to run them and what to expect. Everything else (the experiment
-scripts, the ablation grid, the benchmarks, the tests) takes its recipe from there, and
-changes it with overrides by full path::
-
-    cfg = override(catsdogs(experiment=2), {"augment.rotation_range": 20, "train.epochs": 50})
+docstrings say how to run them and what to expect. Everything else (the scripts, the
+ablation grid, the benchmarks, the tests) takes its recipe from there and changes it by
+path, `override(catsdogs(2), {"augment.rotation_range": 20, "train.epochs": 50})`.
 
 Each section is a frozen dataclass, so two sections can share a field name
 (`data.interpolation` resizes on load, `augment.interpolation` samples the augmentation)
-without one ever being read for the other: a field is only ever addressed by its path.
+without one ever being read for the other. A field is named by its path, or by its name
+alone where only one section has it (`rotation_range=20` in an ablation setting).
 
-On the command line every field is a flag (`--augment.rotation_range 20`), and the short
-flags users type (`--epochs`, `--rotation-range`) are aliases of paths, listed once in
-`ALIASES`. A field whose name only one section has may also be given by that name alone
-(`rotation_range=20` in an ablation setting). `check` validates a resolved config in one
-place, before anything is written.
+On the command line every field a script can use is a flag, `--augment.rotation_range 20`
+(flax's `--config.augment.rotation_range=20` works too), and the short flags users type
+(`--epochs`, `--rotation-range`) are aliases of paths, listed once in `ALIASES`. `check`
+validates a resolved config in one place, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import sys
 import types
@@ -33,6 +32,7 @@ from cnnjax.augment import FILL_MODES, AugmentConfig
 from cnnjax.data import INPUTS
 from cnnjax.data import INTERPOLATIONS as RESIZE_FILTERS
 from cnnjax.optim import NAMES as OPTIMIZERS
+from cnnjax.optim import SCHEDULES
 
 INTERPOLATIONS = tuple(RESIZE_FILTERS)  # keras.utils.load_img's names
 DATASETS = ("mnist", "cats_dogs")
@@ -49,9 +49,9 @@ def _field(default: Any, help: str, recipe: bool = True, choices: Sequence[str] 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _field("mnist", "which data: mnist or cats_dogs", choices=DATASETS)
+    dataset: str = _field("mnist", "which data", choices=DATASETS)
     data_dir: str | None = _field(None, "folder holding the data; none: CNNJAX_DATA_DIR, else the user cache or a download", recipe=False)
-    image_size: int = _field(28, "images are resized to image_size x image_size on load (MNIST: 28 only)")
+    image_size: int = _field(28, "images are resized to image_size x image_size on load")
     interpolation: str = _field("nearest", "resize filter on load, as keras.utils.load_img", choices=INTERPOLATIONS)
     validation_split: str = _field("test", "the split validated on after every epoch")
     input: str = _field("auto", "memory (decoded once, on the device), stream (tf.data) or auto", recipe=False, choices=INPUTS)
@@ -59,33 +59,42 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    name: str = _field("mnist", "mnist (MnistConvNet) or cats_dogs (CatsDogsConvNet)", choices=DATASETS)
-    dropout: float = _field(0.0, "Dropout rate after Flatten (cats_dogs only)")
+    name: str = _field("mnist", "the convnet", choices=DATASETS)
+    dropout: float = _field(0.0, "Dropout rate after Flatten, in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: str = _field("rmsprop", "rmsprop or adam, with Keras's defaults", choices=OPTIMIZERS)
-    learning_rate: float = _field(1e-3, "learning rate")
+    name: str = _field("rmsprop", "with Keras's defaults", choices=OPTIMIZERS)
+    learning_rate: float = _field(1e-3, "learning rate (the peak, with a schedule)")
     epsilon: float = _field(1e-7, "Keras's epsilon (both optimizers)")
     rho: float = _field(0.9, "RMSprop's decay rate")
     beta_1: float = _field(0.9, "Adam's first-moment decay")
     beta_2: float = _field(0.999, "Adam's second-moment decay")
+    schedule: str = _field("constant", "the rate over training: cosine decays to 0 by the last epoch, exponential by decay_rate "
+                                       "each epoch", choices=SCHEDULES)
+    warmup_epochs: int = _field(0, "first raise the rate linearly from 0 over this many epochs")
+    decay_rate: float = _field(0.9, "exponential: the rate's factor per epoch")
+    plateau_factor: float = _field(0.0, "ReduceLROnPlateau: times this when val_loss has not improved for plateau_patience "
+                                        "epochs (0: off)")
+    plateau_patience: int = _field(5, "ReduceLROnPlateau: epochs without improvement")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _field(5, "passes over the training data")
+    epochs: int = _field(5, "passes over the training data (more than a finished run's extends it with --resume)")
     batch_size: int = _field(64, "global batch size (split over the devices)")
     eval_batch_size: int = _field(500, "batch size of validation and evaluation")
     seed: int = _field(0, "random seed: initialisation, shuffling, augmentation, dropout")
     seeds: int = _field(1, "train this many seeds together (seed, seed+1, ...), one compiled program")
+    early_stopping: int = _field(0, "EarlyStopping: stop a seed once val_loss has not improved for this many epochs "
+                                    "(0: off; its best checkpoint is kept)")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     out: str | None = _field(None, "run folder (default: checkpoints/NAME-seedN-TIME)", recipe=False)
-    resume: bool = _field(False, "continue the run in --out from its latest checkpoint", recipe=False)
+    resume: bool = _field(False, "continue the run in --out from its latest checkpoint, with its config.json", recipe=False)
     keep: int = _field(2, "latest checkpoints kept (the best one per seed is kept as well)", recipe=False)
     tensorboard: bool = _field(True, "write TensorBoard event files into the run folder", recipe=False)
 
@@ -100,7 +109,7 @@ _AUGMENT_HELP = {
     "vertical_flip": "flip half the images upside down",
     "fill_mode": "points outside the image",
     "cval": "the fill value of fill_mode constant (0..255 scale)",
-    "interpolation": "sampling of the transformed image: bilinear (Keras) or nearest",
+    "interpolation": "sampling of the transformed image (Keras: bilinear)",
 }
 _AUGMENT_CHOICES = {"fill_mode": FILL_MODES, "interpolation": ("bilinear", "nearest")}
 
@@ -114,8 +123,6 @@ class Config:
     optim: OptimConfig
     train: TrainConfig
     run: RunConfig = RunConfig()
-
-
 
 
 # --- Paths, types, overrides ----------------------------------------------------------------------
@@ -136,28 +143,25 @@ def paths() -> list[str]:
     return [f"{section}.{name}" for section in SECTIONS for name in _section_fields(section)]
 
 
-def _hint(section: str, name: str) -> Any:
+def _hint(path: str) -> Any:
+    section, name = path.split(".")
     return typing.get_type_hints(SECTION_CLASSES[section])[name]
 
 
 def field_help(path: str) -> str:
     section, name = path.split(".")
-    if section == "augment":
-        return _AUGMENT_HELP.get(name, "")
-    return _section_fields(section)[name].metadata.get("help", "")
+    return _AUGMENT_HELP.get(name, "") if section == "augment" else _section_fields(section)[name].metadata["help"]
 
 
 def field_choices(path: str) -> Sequence[str] | None:
     section, name = path.split(".")
-    if section == "augment":
-        return _AUGMENT_CHOICES.get(name)
-    return _section_fields(section)[name].metadata.get("choices")
+    return _AUGMENT_CHOICES.get(name) if section == "augment" else _section_fields(section)[name].metadata["choices"]
 
 
 def is_recipe(path: str) -> bool:
     """Whether a field changes what a run computes (data_dir, input and run.* do not)."""
     section, name = path.split(".")
-    return _section_fields(section)[name].metadata.get("recipe", True)
+    return section == "augment" or _section_fields(section)[name].metadata["recipe"]
 
 
 def _parse_value(path: str, raw: Any, hint: Any) -> Any:
@@ -178,7 +182,7 @@ def _parse_value(path: str, raw: Any, hint: Any) -> Any:
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"--{path} must be true or false, got {raw!r}")
+        raise ConfigError(f"--{path} must be true or false (yes, no, 1, 0), got {raw!r}")
     if hint in (int, float):
         try:
             return hint(raw)
@@ -213,7 +217,7 @@ def override(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     for key, raw in overrides.items():
         path = resolve_path(key)
         section, name = path.split(".")
-        by_section.setdefault(section, {})[name] = _parse_value(path, raw, _hint(section, name))
+        by_section.setdefault(section, {})[name] = _parse_value(path, raw, _hint(path))
     changes = {}
     for section, fields in by_section.items():
         try:
@@ -239,8 +243,7 @@ def from_dict(d: Mapping[str, Any]) -> Config:
         values = dict(d.get(section, {}))
         if section == "augment" and isinstance(values.get("zoom_range"), list):
             values["zoom_range"] = tuple(values["zoom_range"])
-        cls = SECTION_CLASSES[section]
-        sections[section] = cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        sections[section] = SECTION_CLASSES[section](**{k: v for k, v in values.items() if k in _section_fields(section)})
     return Config(name=d.get("name", "run"), **sections)
 
 
@@ -249,23 +252,15 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, values in to_dict(cfg).items() if isinstance(values, dict) for k, v in values.items()}
 
 
-def recipe_diff(a: Config, b: Config) -> list[str]:
-    """The recipe fields whose values differ, as "path: a -> b" (where and how a run happens is ignored)."""
-    fa, fb = flatten(a), flatten(b)
-    return [f"{p}: {fa[p]!r} -> {fb[p]!r}" for p in paths() if is_recipe(p) and fa[p] != fb[p]]
+def recipe_diff(saved: Config, asked: Config) -> list[str]:
+    """The recipe fields whose values differ, as "path: saved -> asked" (where and how a run happens is
+    ignored, and more epochs than saved extend a run)."""
+    fa, fb = flatten(saved), flatten(asked)
+    return [f"{p}: {fa[p]!r} -> {fb[p]!r}" for p in paths()
+            if is_recipe(p) and fa[p] != fb[p] and not (p == "train.epochs" and fb[p] > fa[p])]
 
 
 # --- Validation -----------------------------------------------------------------------------------
-
-
-def _positive_int(path: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{path} must be an integer >= 1, got {value!r}")
-
-
-def _positive_number(path: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{path} must be a finite number > 0, got {value!r}")
 
 
 def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) -> Config:
@@ -274,40 +269,41 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
     min_image_size(cfg) gives the model's smallest input (cnnjax.models.min_input_size);
     the experiment scripts pass it so the message names the model's limit.
     """
+    flat = flatten(cfg)
     for path in paths():
-        choices = field_choices(path)
-        section, name = path.split(".")
-        value = getattr(getattr(cfg, section), name)
+        choices, value = field_choices(path), flat[path]
         if choices is not None and value not in choices:
             raise ConfigError(f"{path} must be one of {', '.join(choices)}, got {value!r}")
-    for path in ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.seeds", "run.keep", "data.image_size"):
-        section, name = path.split(".")
-        _positive_int(path, getattr(getattr(cfg, section), name))
-    if isinstance(cfg.train.seed, bool) or not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
-        raise ConfigError(f"train.seed must be an integer >= 0, got {cfg.train.seed!r}")
-    _positive_number("optim.learning_rate", cfg.optim.learning_rate)
-    _positive_number("optim.epsilon", cfg.optim.epsilon)
-    for path in ("optim.rho", "optim.beta_1", "optim.beta_2"):
-        value = getattr(cfg.optim, path.split(".")[1])
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ConfigError(f"{path} must be in [0, 1), got {value!r}")
-    dropout = cfg.model.dropout
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {dropout!r}")
+    ints = ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.seeds", "run.keep", "data.image_size",
+            "optim.plateau_patience")
+    for path in ints:
+        if isinstance(flat[path], bool) or not isinstance(flat[path], int) or flat[path] < 1:
+            raise ConfigError(f"{path} must be an integer >= 1, got {flat[path]!r}")
+    for path in ("train.seed", "train.early_stopping", "optim.warmup_epochs"):
+        if isinstance(flat[path], bool) or not isinstance(flat[path], int) or flat[path] < 0:
+            raise ConfigError(f"{path} must be an integer >= 0, got {flat[path]!r}")
+    def number(path: str, ok: Callable[[float], bool], what: str) -> None:
+        value = flat[path]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ConfigError(f"{path} must be {what}, got {value!r}")
+
+    for path in ("optim.learning_rate", "optim.epsilon"):
+        number(path, lambda v: v > 0, "a finite number > 0")
+    for path in ("optim.rho", "optim.beta_1", "optim.beta_2", "optim.plateau_factor", "model.dropout"):
+        number(path, lambda v: 0 <= v < 1, "in [0, 1)")
+    number("optim.decay_rate", lambda v: 0 < v <= 1, "in (0, 1]")
     if cfg.model.name != cfg.data.dataset:
         raise ConfigError(f"model.name {cfg.model.name!r} does not fit data.dataset {cfg.data.dataset!r}")
     if cfg.model.name == "mnist":
         if cfg.data.image_size != 28:
             raise ConfigError(f"data.image_size must be 28 for MNIST, got {cfg.data.image_size}")
-        if dropout:
+        if cfg.model.dropout:
             raise ConfigError("model.dropout: the MNIST convnet has no Dropout layer; leave it at 0")
-    if min_image_size is not None:
-        smallest = min_image_size(cfg)
-        if cfg.data.image_size < smallest:
-            raise ConfigError(
-                f"data.image_size {cfg.data.image_size} is too small: the {cfg.model.name} convnet needs at least "
-                f"{smallest}x{smallest} pixels (every conv and pool layer must keep an output of at least 1x1)"
-            )
+    if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.optim.warmup_epochs:
+        raise ConfigError(f"optim.warmup_epochs {cfg.optim.warmup_epochs} leaves no epoch after the warmup of {cfg.train.epochs}")
+    if min_image_size is not None and cfg.data.image_size < (smallest := min_image_size(cfg)):
+        raise ConfigError(f"data.image_size {cfg.data.image_size} is too small: the {cfg.model.name} convnet needs at least "
+                          f"{smallest}x{smallest} pixels (every conv and pool layer must keep an output of at least 1x1)")
     return cfg
 
 
@@ -325,35 +321,33 @@ ALIASES = {
 }
 
 
-def add_flags(parser: argparse.ArgumentParser, defaults: Config, sections: Sequence[str] = SECTIONS,
+def add_flags(parser: argparse.ArgumentParser, defaults: Config, sections: Sequence[str] = SECTIONS, fixed: Sequence[str] = (),
               other_defaults: Mapping[str, Config] = ()) -> None:
-    """One --section.field flag per field of `sections`, and the short flags of ALIASES among them.
+    """A --section.field flag for every field of `sections` but `fixed` (what the script cannot
+    change), and the short flags of ALIASES among them. `--help` shows each default once (with
+    `other_defaults`, {"experiment 2": cfg}, the values that differ there) and the allowed
+    values. A boolean takes yes/no or nothing (--resume, --no-resume), short or long alike.
+    Nothing is filled in for an absent flag: `overrides_from_args` sees only what was typed."""
+    usable = [p for p in paths() if p.split(".")[0] in sections and p not in fixed]
+    flat, others = flatten(defaults), {label: flatten(cfg) for label, cfg in dict(other_defaults).items()}
+    short = {path: flag for flag, path in ALIASES.items()}
+    fields = parser.add_argument_group("config fields (--section.field VALUE; flax's --config.section.field=VALUE works too)")
+    for path in usable:
+        choices = f" {{{', '.join(map(str, field_choices(path)))}}}" if field_choices(path) else ""
+        shown = f"default: {flat[path]!r}" + "".join(f"; {k}: {v[path]!r}" for k, v in others.items() if v[path] != flat[path])
+        alias = f"; short: {short[path]}" if path in short else ""
+        _add(fields, f"--{path}", path, f"{field_help(path)}{choices} [{shown}{alias}]")
+    for path in (p for p in usable if p in short):  # listed in their field's help
+        _add(fields, short[path], f"alias:{path}", argparse.SUPPRESS)
 
-    Each default is shown once, on the full-path flag; `other_defaults` ({"experiment 2": cfg})
-    add the values that differ there. Nothing is filled in when a flag is absent, so
-    `overrides_from_args` sees only what was typed.
-    """
-    aliases = {flag: path for flag, path in ALIASES.items() if path.split(".")[0] in sections}
-    alias_of = {path: flag for flag, path in aliases.items()}
-    other_defaults = dict(other_defaults)
-    flat = flatten(defaults)
-    group = parser.add_argument_group("every config field, by its path (the short flags below are aliases)")
-    for path in (p for p in paths() if p.split(".")[0] in sections):
-        shown = f"default: {flat[path]!r}" if flat[path] is not None else "default: none"
-        for label, other in other_defaults.items():
-            if flatten(other)[path] != flat[path]:
-                shown += f"; {label}: {flatten(other)[path]!r}"
-        also = f" (short: {alias_of[path]})" if path in alias_of else ""
-        group.add_argument(f"--{path}", dest=path, default=argparse.SUPPRESS, metavar="VALUE",
-                           help=f"{field_help(path)} [{shown}]{also}")
-    short = parser.add_argument_group("short flags")
-    for flag, path in aliases.items():
-        hint = _hint(*path.split("."))
-        if hint is bool:
-            short.add_argument(flag, dest=f"alias:{path}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=f"= --{path}")
-        else:
-            short.add_argument(flag, dest=f"alias:{path}", default=argparse.SUPPRESS, metavar="VALUE", help=f"= --{path}")
+
+def _add(group: Any, flag: str, dest: str, help: str) -> None:
+    if _hint(dest.removeprefix("alias:")) is bool:
+        group.add_argument(flag, dest=dest, nargs="?", const="true", default=argparse.SUPPRESS, metavar="yes|no", help=help)
+        group.add_argument(f"--no-{flag[2:]}", dest=dest, action="store_const", const="false", default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)
+    else:
+        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar="VALUE", help=help)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -367,6 +361,31 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{path} given twice ({overrides[path]!r} and {value!r}); give it once")
         overrides[path] = value
     return overrides
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), a suggestion for a misspelt flag, and flax's
+    --config.PATH=VALUE spelling of --PATH VALUE."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)  # --augment must never be read as --augment.rotation_range
+        kwargs.setdefault("usage", "%(prog)s [flags] (--help lists every flag with its default)")
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        argv = [a.replace("--config.", "--", 1) if a.startswith("--config.") else a for a in (sys.argv[1:] if args is None else args)]
+        parsed, unknown = self.parse_known_args(argv, namespace)
+        if unknown:
+            flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), unknown[0])
+            options = [o for action in self._actions for o in action.option_strings if not o.startswith("--no-")]
+            by_name = [o for o in options if o.lstrip("-").split(".")[-1].replace("-", "_") == flag.lstrip("-").replace("-", "_")]
+            near = by_name or difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+            self.error(f"unknown flag {flag}" + (f"; did you mean {' or '.join(near)}?" if near else ""))
+        return parsed
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 # --- The lecture's recipes ------------------------------------------------------------------------
@@ -420,15 +439,3 @@ def catsdogs(experiment: int = 1) -> Config:
 AUGMENT_PRESETS = {"none": AugmentConfig(), "lecture": AugmentConfig.LECTURE, "preview": AugmentConfig.LECTURE_PREVIEW}
 
 _PATHS = frozenset(paths())
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: a bad flag is one line on stderr and exit code 2."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("allow_abbrev", False)  # --augment must never be read as --augment.rotation_range
-        kwargs.setdefault("usage", "%(prog)s [flags] (--help lists every flag with its default)")
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> typing.NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        raise SystemExit(2)

@@ -256,8 +256,11 @@ class RunFolder:
         return files.read_json(path)["config"] if path.is_file() else None
 
     def write_config(self, record: dict[str, Any]) -> None:
-        if self.writer and not (self.path / "config.json").is_file():
-            files.write_json(self.path / "config.json", record)
+        """config.json: the run's config as it now runs (a resume may have extended it), when it first started."""
+        path = self.path / "config.json"
+        if self.writer:
+            first = files.read_json(path).get("started") if path.is_file() else None
+            files.write_json(path, {**record, "started": first or time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 # --- Reports ------------------------------------------------------------------------------------------
@@ -280,7 +283,8 @@ def closing_lines(result: train.Result, folder: Path) -> list[str]:
             lines.append(f"{prefix}Diverged at epoch {result.diverged[k]}: the training loss is not finite. {ckpts} keeps {kept} "
                          "Try a lower learning rate (--learning-rate).")
         elif last is not None:
-            lines.append(f"{prefix}Final val_accuracy {last.get('val_accuracy', math.nan):.4f} (epoch {last['epoch']})")
+            lines.append(f"{prefix}Final val_accuracy {last.get('val_accuracy', math.nan):.4f} (epoch {last['epoch']})"
+                         + (" - stopped early: val_loss had stopped improving" if result.stopped and result.stopped[k] else ""))
         if best is not None:
             lines.append(f"{prefix}Best val_loss {best['val_loss']:.4f} at epoch {best['epoch']} "
                          f"(val_accuracy {best['val_accuracy']:.4f}): {ckpts / str(best['epoch'])}")
@@ -290,6 +294,17 @@ def closing_lines(result: train.Result, folder: Path) -> list[str]:
 def check_config(cfg: Config) -> Config:
     """config.check, with the model's smallest input size computed from its layers."""
     return configlib.check(cfg, lambda c: models.min_input_size(models.MODELS[c.model.name]()))
+
+
+def resolve(recipe: Config, overrides: dict[str, Any]) -> Config:
+    """The config a script runs, checked: `recipe` with the flags' overrides; or, resuming a run folder
+    that holds a config.json (--resume --out RUN), that run's own config (its data folder included)
+    with the overrides, which may only ask for more epochs or change where and how it runs."""
+    cfg = configlib.override(recipe, overrides)
+    saved = Path(cfg.run.out or "", "config.json").expanduser()
+    if cfg.run.resume and cfg.run.out and saved.is_file():
+        cfg = configlib.override(configlib.from_dict(files.read_json(saved)["config"]), overrides)
+    return check_config(cfg)
 
 
 def add_flags(parser: Any) -> None:

@@ -15,9 +15,10 @@ is read by the host batch by batch and placed two steps ahead. Either way every 
 seen once per epoch, in the seed's own order, and the numbers are the same.
 
 A seed whose loss stops being finite is diverged: its history ends with a row marked
-"diverged", its state goes back to its last finite one (the latest checkpoint, read only
-when a seed diverges), and it stays there while the other seeds train on. Training stops
-once every seed has diverged.
+"diverged", its state goes back to its last finite one (the newest intact checkpoint, read
+only when a seed diverges), and it stays there while the other seeds train on. A seed whose
+val_loss has not improved for `train.early_stopping` epochs stops the same way, at its last
+state (its best checkpoint is kept). Training ends once no seed trains.
 """
 
 from __future__ import annotations
@@ -50,20 +51,21 @@ TREES = ("params", "opt_state", "progress")
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """What a training leaves: per seed its history, the epoch (1-based) at which it diverged (or
-    None), its best epoch by validation loss; and the final state (stacked over seeds)."""
+    """What a training leaves: per seed its history, the epoch (1-based) at which it diverged or was
+    stopped early (or None), its best epoch by validation loss; and the final state (stacked over seeds)."""
 
     seeds: list[int]
     histories: list[History]
     diverged: list[int | None]
     best: list[dict[str, Any] | None]
     state: TrainState
+    stopped: list[int | None] = dataclasses.field(default_factory=list)
 
 
 def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dict[str, Any] | None = None, *,
                        mesh: Mesh | None = None, verbose: bool = True) -> Result:
     """Train cfg's recipe, writing into `workdir`: checkpoints/, history.json/.csv, history*.png,
-    tensorboard/ (process 0). Continues from the latest checkpoint there when it has one.
+    tensorboard/ (process 0). Continues from the newest intact checkpoint there when it has one.
 
     datasets: {"train": ..., cfg.data.validation_split: ...} already loaded (default: data.load(cfg.data)).
     """
@@ -85,23 +87,23 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
     # --- Model, optimizer and the compiled steps.
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
     data.check_classes(datasets, model.head.num_classes, "MNIST" if cfg.data.dataset == "mnist" else "the data folder")
-    tx = optim.make_optimizer(cfg.optim)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
+    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
     train_data, train_batches = _feed(train_set, mesh)
-    train_fn = _train_fn(model, cfg.optim, cfg.augment, mesh, resident=train_data is not None)
+    train_fn = _train_fn(model, cfg.optim, cfg.augment, mesh, train_data is not None, steps_per_epoch, cfg.train.epochs)
     evaluate_val = _evaluator(model, val_set, mesh, cfg.train.eval_batch_size)
 
-    # --- State: the latest checkpoint, else a new one per seed.
+    # --- State: the newest intact checkpoint, else a new one per seed.
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", TREES, keep_latest=cfg.run.keep,
                                    best_metrics=[f"val_loss/{k}" for k in range(len(seeds))])
     restored = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
     if restored is None:
-        state, histories, diverged, first_epoch = step.init_states(model, tx, seeds, mesh), [[] for _ in seeds], [None] * len(seeds), 0
-    else:
-        state, histories, diverged, first_epoch = restored
-        if verbose:
-            print(f"Resuming {workdir} after epoch {first_epoch}", flush=True)
-    # The diverged seeds' last finite states, held only once a seed diverged (a copy: training donates `state`).
-    kept = jax.tree.map(jnp.copy, state) if any(diverged) else None
+        restored = step.init_states(model, tx, seeds, mesh), [[] for _ in seeds], [None] * len(seeds), [None] * len(seeds), 0
+    elif verbose:
+        print(f"Resuming {workdir} after epoch {restored[-1]}", flush=True)
+    state, histories, diverged, stopped, first_epoch = restored
+    # The states of seeds that diverged or stopped, held once one did (a copy: training donates `state`).
+    kept = jax.tree.map(jnp.copy, state) if any(diverged) or any(stopped) else None
     _write_history(workdir, seeds, histories)
     writers = _tensorboard(cfg, workdir, seeds) if main else []
 
@@ -111,41 +113,45 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
     finished = False
     try:
         for epoch in range(first_epoch, cfg.train.epochs):
-            if all(d is not None for d in diverged):
+            training = [d is None and s is None for d, s in zip(diverged, stopped)]
+            if not any(training):
                 break
             start, compiled_before = time.perf_counter(), _compile_seconds[0]
             order = step.epoch_order(meshlib.to_host(state.rng), len(train_set), cfg.train.batch_size, epoch)
             state, sums = _run_pass(train_fn, state, train_batches(*_local_order(*order, mesh, per_seed=True)), train_data, mesh,
                                     per_seed=True, progress=(f"epoch {epoch + 1}", order[0].shape[1]) if progress else None)
-            rows = [{"epoch": epoch + 1, **m, **{f"val_{k}": v for k, v in val.items()}}
+            rows = [{"epoch": epoch + 1, **m, **{f"val_{k}": v for k, v in val.items()}, "seconds": time.perf_counter() - start}
                     for m, val in zip(step.totals_to_metrics(meshlib.to_host(sums)), evaluate_val(state.params))]
-            for row in rows:
-                row["seconds"] = time.perf_counter() - start
 
-            newly = [k for k, row in enumerate(rows) if diverged[k] is None and not _finite(row)]
-            for k in newly:
+            # Divergence and early stopping: such a seed waits, held at its last finite or its stopping state.
+            newly_diverged = [k for k in range(len(seeds)) if training[k] and not _finite(rows[k])]
+            for k in newly_diverged:
                 rows[k]["diverged"], diverged[k] = True, epoch + 1
-            for k, row in enumerate(rows):
-                if diverged[k] is None or diverged[k] == epoch + 1:
-                    histories[k].append(row)
-            frozen = np.array([d is not None for d in diverged])
-            if frozen.any():  # back to the last finite state: the latest checkpoint holds it (a new run's: a new state)
-                if newly:
-                    back = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
-                    kept = step.init_states(model, tx, seeds, mesh) if back is None else back[0]
-                state = kept if frozen.all() else _select(frozen, kept, state, mesh)
+            for k in (k for k in range(len(seeds)) if training[k]):
+                histories[k].append(rows[k])
+            newly_stopped = [k for k in range(len(seeds)) if training[k] and diverged[k] is None
+                             and cfg.train.early_stopping and _stale(histories[k]) >= cfg.train.early_stopping]
+            for k in newly_stopped:
+                rows[k]["stopped"], stopped[k] = True, epoch + 1
+            state, kept = _hold(state, kept, newly_diverged, newly_stopped, diverged, stopped, ckpts, model, tx, seeds, mesh)
+            if cfg.optim.plateau_factor:  # ReduceLROnPlateau: the scale for the next epoch, in the optimizer state
+                scales = np.array([optim.plateau_scale(cfg.optim, [row["val_loss"] for row in h]) for h in histories], np.float32)
+                state = state.replace(opt_state=(*state.opt_state[:-1], optim.PlateauState(meshlib.put(scales, _seeded(mesh)))))
 
-            if not frozen.all():  # when every seed went back, there is nothing new to save
-                _save(ckpts, epoch + 1, state, cfg, model, train_set.class_names, seeds, histories, diverged)
+            # Checkpoint, history, logs.
+            if any(training[k] and k not in newly_diverged for k in range(len(seeds))):
+                _save(ckpts, epoch + 1, state, cfg, model, train_set.class_names, seeds, histories, diverged, stopped)
             _write_history(workdir, seeds, histories)
-            for k, row in enumerate(rows):
-                if diverged[k] is None or diverged[k] == epoch + 1:
-                    if verbose:
-                        note = " - diverged (loss is not finite)" if row.get("diverged") else ""
-                        prefix = f"[seed {k}] " if len(seeds) > 1 else ""
-                        print(prefix + format_epoch(row, cfg.train.epochs, _compile_seconds[0] - compiled_before) + note, flush=True)
-                    if writers:
-                        writers[k].epoch({**row, "learning_rate": cfg.optim.learning_rate})
+            steps_done = meshlib.to_host(state.step)
+            for k in (k for k in range(len(seeds)) if training[k]):
+                if verbose:
+                    prefix = f"[seed {seeds[k]}] " if len(seeds) > 1 else ""
+                    print(prefix + format_epoch(rows[k], cfg.train.epochs, _compile_seconds[0] - compiled_before, cfg.train.early_stopping),
+                          flush=True)
+                if writers:
+                    scale = optim.plateau_scale(cfg.optim, [row["val_loss"] for row in histories[k]]) if cfg.optim.plateau_factor else 1.0
+                    rate = optim.current_rate(cfg.optim, steps_per_epoch, cfg.train.epochs, int(steps_done[k]), scale)
+                    writers[k].epoch({**rows[k], "learning_rate": rate})
         if main:
             _write_figures(workdir, seeds, histories, writers)
         finished = True
@@ -153,7 +159,7 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
         ckpts.close()
         for writer in writers:
             writer.close(finished=finished)
-    return Result(seeds, histories, diverged, best_epochs(histories), state)
+    return Result(seeds, histories, diverged, best_epochs(histories), state, stopped)
 
 
 def evaluate(model: nn.Module, params: Any, dataset: Any, batch_size: int = 100, mesh: Mesh | None = None) -> dict[str, float]:
@@ -174,12 +180,14 @@ def best_epochs(histories: Sequence[History]) -> list[dict[str, Any] | None]:
     return best
 
 
-def format_epoch(row: dict[str, Any], epochs: int, compiling: float = 0.0) -> str:
+def format_epoch(row: dict[str, Any], epochs: int, compiling: float = 0.0, patience: int = 0) -> str:
     """A Keras-like line: 'Epoch 3/5 - 12.1s - loss: 0.0412 - accuracy: 0.9871 - ...'; with
     `compiling` seconds (the first epoch), how much of the epoch went to compiling."""
     metrics = " - ".join(f"{k}: {row[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in row)
     seconds = f"{row['seconds']:.1f}s" + (f" ({compiling:.1f}s of it compiling)" if compiling >= 0.5 else "")
-    return f"Epoch {row['epoch']}/{epochs} - {seconds} - {metrics}"
+    note = (" - diverged (loss is not finite)" if row.get("diverged") else
+            f" - stopped early (val_loss has not improved for {patience} epochs)" if row.get("stopped") else "")
+    return f"Epoch {row['epoch']}/{epochs} - {seconds} - {metrics}{note}"
 
 
 def history_figure_name(seed: int, num_seeds: int) -> str:
@@ -263,9 +271,10 @@ def _local_order(indices: np.ndarray, weights: np.ndarray, mesh: Mesh, per_seed:
 
 
 @functools.lru_cache(maxsize=16)
-def _train_fn(model: nn.Module, optim_cfg: Any, augment: AugmentConfig, mesh: Mesh, resident: bool) -> Callable:
+def _train_fn(model: nn.Module, optim_cfg: Any, augment: AugmentConfig, mesh: Mesh, resident: bool, steps_per_epoch: int,
+              epochs: int) -> Callable:
     """The compiled training steps of a recipe, shared by every run of it in this process."""
-    train_step = functools.partial(step.train_step, model=model, tx=optim.make_optimizer(optim_cfg),
+    train_step = functools.partial(step.train_step, model=model, tx=optim.make_optimizer(optim_cfg, steps_per_epoch, epochs),
                                    augment=None if augment.is_identity else augment)
     return step.compile_steps(train_step, mesh, per_seed=True, resident=resident, donate=True)
 
@@ -294,8 +303,8 @@ def _evaluator(model: nn.Module, dataset: Any, mesh: Mesh, batch_size: int) -> C
 
 
 def _restore(ckpts: checkpoint.Checkpoints, epoch: int | None, model: nn.Module, tx: Any, num_seeds: int,
-             mesh: Mesh) -> tuple[TrainState, list[History], list[int | None], int] | None:
-    """(state, histories, diverged, epoch) of the checkpoint of `epoch`, or None for no epoch."""
+             mesh: Mesh) -> tuple[TrainState, list[History], list[int | None], list[int | None], int] | None:
+    """(state, histories, diverged, stopped, epoch) of the checkpoint of `epoch`, or None for no epoch."""
     if epoch is None:
         return None
     description = ckpts.description(epoch)
@@ -307,17 +316,20 @@ def _restore(ckpts: checkpoint.Checkpoints, epoch: int | None, model: nn.Module,
                                   "progress": {"step": target.step, "rng": target.rng}})
     state = TrainState(step=trees["progress"]["step"], params=trees["params"], opt_state=trees["opt_state"], rng=trees["progress"]["rng"])
     histories = [[{k: math.nan if v is None else v for k, v in row.items()} for row in h] for h in description["histories"]]
-    return state, histories, list(description["diverged"]), int(description["epoch"])
+    stopped = list(description.get("stopped", [None] * num_seeds))
+    return state, histories, list(description["diverged"]), stopped, int(description["epoch"])
 
 
 def _save(ckpts: checkpoint.Checkpoints, epoch: int, state: TrainState, cfg: configlib.Config, model: nn.Module,
-          class_names: Sequence[str], seeds: Sequence[int], histories: Sequence[History], diverged: Sequence[int | None]) -> None:
-    """The epoch's checkpoint; each seed's val_loss (inf once diverged) decides which epoch is its best."""
+          class_names: Sequence[str], seeds: Sequence[int], histories: Sequence[History], diverged: Sequence[int | None],
+          stopped: Sequence[int | None]) -> None:
+    """The epoch's checkpoint; each seed's val_loss (inf once it no longer trains) decides which epoch is its best."""
     metrics = {f"val_loss/{k}": h[-1]["val_loss"] if d is None and h and h[-1]["epoch"] == epoch else math.inf
                for k, (h, d) in enumerate(zip(histories, diverged))}
     trees = {"params": state.params, "opt_state": state.opt_state, "progress": {"step": state.step, "rng": state.rng}}
     description = {"epoch": epoch, "config": configlib.to_dict(cfg), "model": models.model_config(model), "class_names": list(class_names),
-                   "seeds": list(seeds), "histories": histories, "diverged": list(diverged), "best": best_epochs(histories)}
+                   "seeds": list(seeds), "histories": histories, "diverged": list(diverged), "stopped": list(stopped),
+                   "best": best_epochs(histories)}
     ckpts.save(epoch, trees, description, metrics)
 
 
@@ -326,10 +338,40 @@ def _where_frozen(frozen: jax.Array, kept: TrainState, new: TrainState) -> Train
     return jax.tree.map(lambda o, n: jnp.where(frozen.reshape((-1,) + (1,) * (n.ndim - 1)), o, n), kept, new)
 
 
+def _seeded(mesh: Mesh) -> jax.sharding.NamedSharding:
+    return meshlib.sharding(mesh, meshlib.SEED)
+
+
 def _select(frozen: np.ndarray, kept: TrainState, new: TrainState, mesh: Mesh) -> TrainState:
     """Per seed, `kept` where frozen, else `new`, keeping the state's sharding."""
-    seeded = meshlib.sharding(mesh, meshlib.SEED)
-    return jax.device_put(_where_frozen(meshlib.put(frozen, seeded), kept, new), seeded)
+    return jax.device_put(_where_frozen(meshlib.put(frozen, _seeded(mesh)), kept, new), _seeded(mesh))
+
+
+def _hold(state: TrainState, kept: TrainState | None, newly_diverged: list[int], newly_stopped: list[int],
+          diverged: list[int | None], stopped: list[int | None], ckpts: checkpoint.Checkpoints, model: nn.Module, tx: Any,
+          seeds: list[int], mesh: Mesh) -> tuple[TrainState, TrainState | None]:
+    """(state, kept): a seed that diverged goes back to its last finite state (the newest intact checkpoint,
+    read only now; before any, a new state), a seed stopped early stays as it is; both wait in `kept`
+    while the others train on."""
+    def mask(ks: list[int]) -> np.ndarray:
+        return np.array([k in ks for k in range(len(seeds))])
+
+    if newly_diverged:
+        back = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
+        kept = _select(mask(newly_diverged), step.init_states(model, tx, seeds, mesh) if back is None else back[0],
+                       state if kept is None else kept, mesh)
+    if newly_stopped:
+        kept = _select(mask(newly_stopped), state, state if kept is None else kept, mesh)
+    frozen = np.array([d is not None or s is not None for d, s in zip(diverged, stopped)])
+    if frozen.any():
+        state = kept if frozen.all() else _select(frozen, kept, state, mesh)
+    return state, kept
+
+
+def _stale(history: History) -> int:
+    """Epochs since the lowest val_loss (Keras's EarlyStopping: a tie is no improvement)."""
+    losses = [row["val_loss"] for row in history]
+    return len(losses) - 1 - int(np.argmin(losses))
 
 
 def _finite(row: dict[str, Any]) -> bool:

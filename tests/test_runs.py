@@ -85,6 +85,21 @@ def test_mnist_killed_at_any_moment_resumes_to_the_uninterrupted_run(point, epoc
     assert leftovers == [] and not (out / ".lock").exists()
 
 
+@pytest.mark.slow  # a killed subprocess and two more
+def test_a_cosine_schedule_and_reduce_on_plateau_resume_exactly_after_sigkill(mnist_data, tmp_path):
+    """Their state (the schedule's step count, the plateau's scale) is in the checkpoint: a run killed mid-epoch
+    and resumed ends with the uninterrupted run's history and parameters."""
+    argv = [*MNIST_ARGS, "--epochs", "4", "--optim.schedule", "cosine", "--optim.warmup_epochs", "1", "--optim.plateau_factor", "0.5",
+            "--optim.plateau_patience", "1", "--data-dir", str(mnist_data)]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert run_script(["experiments/mnist.py", *argv, "--out", str(reference)]).returncode == 0
+    killed = run_script(["-m", "tests._killed_run", "mnist", "mid-epoch", "3", "--", *argv, "--out", str(out)])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_script(["experiments/mnist.py", *argv, "--out", str(out), "--resume"])
+    assert resumed.returncode == 0 and "after epoch 2" in resumed.stdout, resumed.stderr[-2000:]
+    assert_same_run(out, reference)
+
+
 @pytest.mark.slow  # a killed subprocess and three more
 def test_catsdogs_killed_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path):
     data = write_cats_dogs_folder(tmp_path / "data")
@@ -133,20 +148,26 @@ BAD_FLAGS = [
     ("mnist", ["--learning-rate", "nan"], "optim.learning_rate must be a finite number > 0"),
     ("mnist", ["--seeds", "0"], "train.seeds must be an integer >= 1"),
     ("mnist", ["--optim.name", "sgd"], "optim.name must be one of rmsprop, adam"),
-    ("mnist", ["--model.dropout", "0.5"], "the MNIST convnet has no Dropout layer"),
-    ("mnist", ["--data.image_size", "32"], "data.image_size must be 28 for MNIST"),
+    ("mnist", ["--model.dropout", "0.5"], "unknown flag --model.dropout"),  # MNIST's convnet has no dropout: no flag for it
+    ("mnist", ["--data.image_size", "32"], "unknown flag --data.image_size"),
+    ("mnist", ["--epoch", "3"], "unknown flag --epoch; did you mean --epochs?"),
+    ("mnist", ["--learning_rate", "0.1"], "did you mean --optim.learning_rate or --learning-rate?"),
+    ("mnist", ["--resume", "maybe"], "run.resume must be true or false"),
+    ("mnist", ["--optim.schedule", "linear"], "optim.schedule must be one of constant, cosine, exponential"),
+    ("mnist", ["--optim.warmup_epochs", "3", "--epochs", "3"], "leaves no epoch after the warmup"),
+    ("mnist", ["--train.early_stopping", "-1"], "train.early_stopping must be an integer >= 0"),
     ("mnist", ["--train.epochs", "2", "--epochs", "3"], "train.epochs given twice"),
-    ("mnist", ["--augment.fill_mode", "mirror"], "fill_mode must be one of"),
-    ("mnist", ["--augment.rotation_range", "-5"], "rotation_range must be >= 0"),
+    ("catsdogs", ["--augment.fill_mode", "mirror"], "fill_mode must be one of"),
+    ("catsdogs", ["--augment.rotation_range", "-5"], "rotation_range must be >= 0"),
     ("mnist", ["--data-dir", "/nonexistent/mnist"], "--data-dir /nonexistent/mnist does not exist"),
-    ("mnist", ["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    ("mnist", ["--no-such-flag", "1"], "unknown flag --no-such-flag"),
     ("catsdogs", ["--image-size", "32"], "needs at least 46x46 pixels"),
     ("catsdogs", ["--dropout", "1.0"], "model.dropout must be in [0, 1)"),
     ("catsdogs", ["--dropout", "0.3", "--model.dropout", "0.4"], "disagree"),
     ("catsdogs", ["--data.interpolation", "cubic"], "data.interpolation must be one of nearest, bilinear"),
     ("catsdogs", ["--augment", "heavy"], "invalid choice: 'heavy'"),
     ("catsdogs", ["--augment.interpolation", "bicubic"], "interpolation must be one of ('bilinear', 'nearest')"),
-    ("catsdogs", ["--interpolation", "bilinear"], "unrecognized arguments: --interpolation"),  # two sections have it: by path only
+    ("catsdogs", ["--interpolation", "bilinear"], "did you mean --data.interpolation or --augment.interpolation?"),  # by path only
 ]
 
 

