@@ -29,7 +29,8 @@ def test_one_epoch_reaches_98_percent_and_writes_the_run(tmp_path, capsys, mnist
     assert [float(v) for v in lines[1].split(",")] == [history[0][k] for k in lines[0].split(",")]
     saved = json.loads((out / "config.json").read_text())
     assert saved["config"]["optim"] == {"name": "rmsprop", "learning_rate": 1e-3, "epsilon": 1e-7, "rho": 0.9, "beta_1": 0.9,
-                                        "beta_2": 0.999}
+                                        "beta_2": 0.999, "schedule": "constant", "warmup_epochs": 0, "decay_rate": 0.9,
+                                        "plateau_factor": 0.0, "plateau_patience": 5}
     assert saved["devices"]["mesh"] == {"seed": 1, "data": 1}
     # The checkpoint holds the trained model: evaluated again on the test split, it scores what the run reported.
     assert checkpoint.find(out, "best") == out / "checkpoints" / "1"

@@ -150,8 +150,9 @@ def test_a_run_killed_midway_is_completed_by_the_next(tmp_path, capsys, monkeypa
         return real_copyfile(a, b)
 
     monkeypatch.setattr(kaggle_data.shutil, "copyfile", copy_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as interrupted:  # Ctrl-C: the script's one line and exit 130, no traceback
         script.main([*argv[:4], *SIZES])
+    assert interrupted.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
     monkeypatch.setattr(kaggle_data.shutil, "copyfile", real_copyfile)
     done = outputs(out)
     assert 0 < len(done) < 14
