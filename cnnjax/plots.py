@@ -153,7 +153,8 @@ def plot_filter_patterns(
     n = len(images)
     cols = min(cols, n)
     rows = -(-n // cols)
-    fig = Figure(figsize=(1.6 * cols, 1.6 * rows + (0.5 if title else 0)))
+    # constrained layout keeps room for each label above its image (tight_layout let a row's labels run into the row above)
+    fig = Figure(figsize=(1.6 * cols, (1.6 + (0.25 if labels is not None else 0)) * rows + (0.5 if title else 0)), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -165,7 +166,6 @@ def plot_filter_patterns(
             ax.set_title(labels[i], fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -156,3 +156,22 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
         plots.save_figure(fig, path)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["history.png"]
+
+
+@pytest.mark.parametrize("n, cols", [(16, 8), (8, 8), (5, 2)])
+def test_filter_pattern_labels_never_run_into_an_image_or_the_title(tmp_path, monkeypatch, n, cols):
+    saved = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=100: saved.append(fig) or path)
+    images = np.random.default_rng(0).random((n, 150, 150, 3))
+    plots.plot_filter_patterns(images, tmp_path / "f.png", "conv2d_3: the inputs filters respond to most (40 ascent steps)",
+                               [f"filter {i}" for i in range(n)], cols=cols)
+    fig = saved[0]
+    rendered(fig)
+    renderer = fig.canvas.get_renderer()
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == n
+    for ax in shown:
+        label = ax.title.get_window_extent(renderer)
+        assert ax.title.get_text() and not label.overlaps(fig._suptitle.get_window_extent(renderer))
+        for other in shown:
+            assert not label.overlaps(other.get_window_extent(renderer)), (ax.title.get_text(), other.title.get_text())
