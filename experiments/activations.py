@@ -1,11 +1,12 @@
 """Looking inside a trained convnet: the lecture's activation pictures, filter patterns, Grad-CAM.
 
-    python experiments/activations.py --checkpoint checkpoints/catsdogs-exp2-seed0-...   # its best epoch
+    python experiments/activations.py --image my_cat.jpg          # the shipped experiment-2 model
     python experiments/activations.py --checkpoint RUN --image my_cat.jpg --filters --heatmap
-    python experiments/activations.py --checkpoint checkpoints/mnist-seed0-... --which latest
+    python experiments/activations.py --checkpoint checkpoints/mnist --which latest
 
 The model is rebuilt from the checkpoint alone (a run folder: its best epoch, or --which
-latest / an epoch number; RUN/best; or one RUN/checkpoints/<epoch> folder). The image is
+latest / an epoch number; RUN/checkpoints, RUN/best; or one RUN/checkpoints/<epoch> folder),
+by default the experiment-2 model that ships in checkpoints/catsdogs-exp2. The image is
 --image, else for the cats-vs-dogs model the first cat of the validation split (sorted file
 names) of the data folder (--data-dir or CNNJAX_DATA_DIR), for the MNIST model the first
 MNIST test image; it is preprocessed as in training (resized to the model's input with
@@ -34,12 +35,13 @@ from cnnjax import checkpoint, config, data, files, models, plots, runs
 from cnnjax import inspect as look
 from cnnjax.data.folders import IMAGE_EXTENSIONS, find_cats_dogs_root
 
-CLASS_NAMES = {"CatsDogsConvNet": ["cat", "dog"], "MnistConvNet": [str(d) for d in range(10)]}
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a run folder, RUN/best, RUN/latest or RUN/checkpoints/<epoch>")
+    parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints, RUN/best, RUN/latest or "
+                        "RUN/checkpoints/<epoch> (default: the shipped experiment-2 model)")
     parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
     parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
     parser.add_argument("--image", help="an image file (default: the first validation cat, or MNIST's first test image)")
@@ -117,15 +119,15 @@ def draw(args: argparse.Namespace) -> list[Path]:
     # The lecture: the first layers' outputs for one image (MNIST has only 5 conv/pool layers).
     activations = look.capture_activations(model, params, image, conv_pool[: max(args.layers, 1)])
     check_args(model, args, activations[0][1].shape[-1])
-    class_names = description.get("class_names") or CLASS_NAMES.get(type(model).__name__)
+    class_names = description.get("class_names") or [str(c) for c in range(model.head.num_classes)]
     if args.filters:
         filter_layer = args.filter_layer or look.last_conv_layer(model)
         ascent = look.filter_ascent(model, params, filter_layer, args.num_filters, steps=args.steps)
         print(f"{filter_layer}: mean activation {ascent.before.mean():.3g} -> {ascent.after.mean():.3g} after {args.steps} steps")
     if args.heatmap:
         cam = look.grad_cam(model, params, image, args.class_index)
-        label = class_names[cam.class_index] if class_names else str(cam.class_index)
-        print(f"Grad-CAM for class {label} (p = {cam.probability:.3f}); the model predicts {cam.predicted}")
+        label = class_names[cam.class_index]
+        print(f"Grad-CAM for class {label} (p = {cam.probability:.3f}); the model predicts {class_names[cam.predicted]}")
 
     out = Path(args.out) if args.out else run_folder_of(Path(description["path"])) / "inspect"
     out.mkdir(parents=True, exist_ok=True)

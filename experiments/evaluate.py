@@ -1,11 +1,12 @@
 """Evaluate a saved model on a data split: one command, no training flags.
 
-    python experiments/evaluate.py --checkpoint checkpoints/catsdogs-exp2-... --data-dir DIR --split test
+    python experiments/evaluate.py --data-dir DIR                  # the shipped experiment-2 model, test split
+    python experiments/evaluate.py --checkpoint checkpoints/mnist  # the shipped MNIST model
     python experiments/evaluate.py --checkpoint checkpoints/catsdogs-exp2-.../checkpoints/100 --data-dir DIR
-    python experiments/evaluate.py --checkpoint checkpoints/mnist-...           # MNIST's test split
 
 --checkpoint is a run folder (its best epoch, by validation loss; --which latest or an
-epoch number for others), RUN/best or RUN/latest, or one checkpoints/<epoch> folder.
+epoch number for others), RUN/checkpoints, RUN/best or RUN/latest, or one
+checkpoints/<epoch> folder; by default the experiment-2 model in checkpoints/catsdogs-exp2.
 The architecture, the resize filter and the class names come from the checkpoint; the
 folder's classes must be the ones the model was trained on. For MNIST the split is
 test (or train); for cats vs dogs any split folder (train / validation / test), and a
@@ -16,13 +17,17 @@ one `error:` line and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from cnnjax import checkpoint, config, data, runs, train
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a run folder, RUN/best, RUN/latest, or RUN/checkpoints/<epoch>")
+    parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints, RUN/best, RUN/latest, or "
+                        "RUN/checkpoints/<epoch> (default: the shipped experiment-2 model)")
     parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
     parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
     parser.add_argument("--data-dir", default=None)

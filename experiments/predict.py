@@ -1,0 +1,63 @@
+"""Classify images with a trained convnet: per image, the class and its probability.
+
+    python experiments/predict.py my_cat.jpg                        # the shipped experiment-2 model
+    python experiments/predict.py a.png b.jpg --checkpoint checkpoints/mnist
+    python experiments/predict.py photos/*.jpg --checkpoint RUN --which latest
+
+--checkpoint is a run folder (its best epoch; --which latest or an epoch number for
+another), RUN/checkpoints, or one RUN/checkpoints/<epoch> folder; by default the
+experiment-2 model that ships in checkpoints/catsdogs-exp2. Each image (JPEG or PNG, any
+size and mode) is decoded and resized exactly as in training (the run's resize filter,
+/ 255). A file that is not an image gets one `error:` line and the others are still
+classified; the exit code is then 2. Exit codes: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cnnjax import checkpoint, config, models, runs
+from cnnjax import inspect as look
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
+    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints or RUN/checkpoints/<epoch> "
+                                                                   "(default: the shipped experiment-2 model)")
+    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
+    args = parser.parse_args(argv)
+    runs.setup_logging()
+    with runs.exits():
+        model, params, description = checkpoint.load_model(args.checkpoint, args.which)
+        classes = description.get("class_names") or [str(c) for c in range(model.head.num_classes)]
+        interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
+        predicted, failed = [], 0
+        for path in args.images:
+            if not Path(path).is_file():
+                print(f"error: {path}: no such file; skipped", file=sys.stderr, flush=True)
+                failed += 1
+                continue
+            try:
+                image = look.load_image(path, model.input_shape[:2], model.input_shape[-1], interpolation)
+            except OSError as e:  # PIL's UnidentifiedImageError is one: not an image, or unreadable
+                print(f"error: {path}: not an image that can be read ({type(e).__name__}); skipped", file=sys.stderr, flush=True)
+                failed += 1
+                continue
+            probabilities = np.asarray(jax.device_get(models.predict(model, params, image[None])))[0]
+            best = int(np.argmax(probabilities))
+            predicted.append((path, classes[best], float(probabilities[best])))
+            print(f"{path}: {classes[best]} ({probabilities[best]:.3f})", flush=True)
+    if failed:
+        raise SystemExit(runs.EXIT_BAD_INPUT)
+    return predicted
+
+
+if __name__ == "__main__":
+    main()
