@@ -85,6 +85,21 @@ def test_load_model_rebuilds_the_model_from_the_folder_alone(tmp_path):
         checkpoint.find(tmp_path / "run", 3)
 
 
+
+def test_run_checkpoints_means_the_run_and_float16_parameters_load_as_float32(tmp_path):
+    model = models.MnistConvNet()
+    params = models.init_params(model, jax.random.PRNGKey(0))
+    half = jax.tree.map(lambda leaf: leaf.astype(jnp.float16), params)
+    checkpoint.save_model(tmp_path / "run", model, half, epoch=1, extra={"best": [{"epoch": 1}]})
+    checkpoint.save_model(tmp_path / "run", model, params, epoch=2, extra={"best": [{"epoch": 1}]})  # epoch 1 stays the best
+    for given in (tmp_path / "run", tmp_path / "run" / "checkpoints"):  # RUN/checkpoints is the run, as a user types it
+        assert checkpoint.find(given) == tmp_path / "run" / "checkpoints" / "1"
+        assert checkpoint.find(given, "latest") == tmp_path / "run" / "checkpoints" / "2"
+    _, restored, _ = checkpoint.load_model(tmp_path / "run" / "checkpoints")
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(half)):
+        assert a.dtype == jnp.float32
+        np.testing.assert_array_equal(a, np.asarray(b, np.float32))
+
 def test_a_reopened_folder_still_knows_each_checkpoints_metrics(tmp_path):
     """A resumed run reopens its checkpoints: old saves must be judged by their own metrics, not kept forever."""
     args = {"tree_names": ("params", "progress"), "keep_latest": 2, "best_metrics": ["val_loss/0"]}
