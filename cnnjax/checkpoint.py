@@ -292,6 +292,11 @@ def _read_model(step_dir: Path, seed: int | None) -> tuple[Any, Any, dict[str, A
     return model, jax.tree.map(lambda leaf: leaf[k], params), {**description, "path": str(step_dir)}
 
 
+def class_names(model: Any, description: Mapping[str, Any]) -> list[str]:
+    """The class names a checkpoint was trained on; their indices as text where it stored none."""
+    return list(description.get("class_names") or [str(c) for c in range(model.head.num_classes)])
+
+
 def save_model(folder: str | os.PathLike, model: Any, params: Any, class_names: Sequence[str] | None = None, epoch: int = 0,
                extra: Mapping[str, Any] | None = None) -> Path:
     """One seed's parameters as FOLDER/checkpoints/<epoch>, which load_model, evaluate.py and

@@ -119,7 +119,7 @@ def draw(args: argparse.Namespace) -> list[Path]:
     # The lecture: the first layers' outputs for one image (MNIST has only 5 conv/pool layers).
     activations = look.capture_activations(model, params, image, conv_pool[: max(args.layers, 1)])
     check_args(model, args, activations[0][1].shape[-1])
-    class_names = description.get("class_names") or [str(c) for c in range(model.head.num_classes)]
+    class_names = checkpoint.class_names(model, description)
     if args.filters:
         filter_layer = args.filter_layer or look.last_conv_layer(model)
         ascent = look.filter_ascent(model, params, filter_layer, args.num_filters, steps=args.steps)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     runs.setup_logging()
     with runs.exits():
         model, params, description = checkpoint.load_model(args.checkpoint, args.which)
-        classes = description.get("class_names") or [str(c) for c in range(model.head.num_classes)]
+        classes = checkpoint.class_names(model, description)
         interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
         predicted, failed = [], 0
         for path in args.images:
