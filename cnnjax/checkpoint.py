@@ -143,7 +143,13 @@ def _digests(path: Path) -> dict[str, str]:
 
 
 def seal(path: str | os.PathLike) -> None:
-    """Record the sha256 of every file of a finished checkpoint, in its checksums.json."""
+    """Record the sha256 of every file of a finished checkpoint, in its checksums.json.
+
+    Orbax's commit markers name the folder's absolute path: they are first rewritten without it,
+    so that a checkpoint moved or shipped carries no machine's folders (orbax reads only that
+    they exist)."""
+    for marker in Path(path).rglob("commit_success.txt"):
+        marker.write_text("Checkpoint commit was successful.\n")
     files.write_json(Path(path) / CHECKSUMS, _digests(Path(path)))
 
 

@@ -79,6 +79,8 @@ def test_load_model_rebuilds_the_model_from_the_folder_alone(tmp_path):
     assert loaded == model and description["epoch"] == 7 and description["class_names"] == ["cats", "dogs"]
     assert checkpoint.class_names(loaded, description) == ["cats", "dogs"]
     assert checkpoint.class_names(loaded, {}) == ["0", "1"]  # none stored: the indices, one per output
+    written = b"".join(f.read_bytes() for f in path.rglob("*") if f.is_file())
+    assert str(tmp_path).encode() not in written  # a checkpoint can be moved or shipped: it names no folder
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(checkpoint.CheckpointError, match="holds seed.s. 0; seed 1 is not one of them"):
