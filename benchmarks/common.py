@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -126,9 +127,11 @@ def training(cfg: config.Config, dataset: Any, num_seeds: int = 1, devices: Sequ
     mesh.check_batch(m, cfg.train.batch_size)
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
     seeds = [cfg.train.seed + k for k in range(num_seeds)]
-    start = mesh.to_host(step.init_states(model, optim.make_optimizer(cfg.optim), seeds, m))
+    steps_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
+    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
+    start = mesh.to_host(step.init_states(model, tx, seeds, m))
     on_device, batches = train._feed(dataset, m)
-    fn = train._train_fn(model, cfg.optim, cfg.augment, m, resident=on_device is not None)
+    fn = train._train_fn(model, cfg.optim, cfg.augment, m, on_device is not None, steps_per_epoch, cfg.train.epochs)
     return Training(cfg, m, model, dataset, start, fn, on_device, batches)
 
 
