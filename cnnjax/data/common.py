@@ -1,8 +1,4 @@
-"""What the data sources share: errors, the two kinds of dataset, where data and caches live, threads, TensorFlow.
-
-`Images` holds every image decoded, in memory; a `Stream` reads them batch by batch from a `Source` (a folder's or
-a TFDS split's). Both are a `Dataset`: only how a training loop gets at the pixels differs (arrays or `batches`).
-"""
+"""What the data sources share: errors, the two kinds of dataset, where data and caches live, threads, TensorFlow."""
 
 from __future__ import annotations
 
@@ -30,19 +26,6 @@ class DataError(Exception):
 
 class SkippedImageWarning(UserWarning):
     """An image file that could not be decoded and was left out."""
-
-
-class Dataset(Protocol):
-    """What every dataset offers, wherever its pixels are."""
-
-    @property
-    def labels(self) -> np.ndarray: ...  # int32 (N,), indices into class_names
-    @property
-    def class_names(self) -> list[str]: ...
-    @property
-    def image_shape(self) -> tuple[int, int, int]: ...  # (H, W, C)
-    def __len__(self) -> int: ...
-    def image(self, index: int) -> np.ndarray: ...  # uint8 (H, W, C)
 
 
 @dataclass
@@ -147,6 +130,10 @@ class Stream:
                               SkippedImageWarning, stacklevel=2)
             yield {"image": images.reshape(seeds, rows, *shape), "label": labels.reshape(seeds, rows),
                    "weight": step_weights.reshape(seeds, rows).astype(np.float32)}
+
+
+# Both offer labels, class_names, image_shape, len and image(i): only how a training loop gets at the pixels differs.
+Dataset = Images | Stream
 
 
 def data_dir_from_env() -> Path | None:

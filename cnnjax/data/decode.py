@@ -1,16 +1,13 @@
 """Pixels: one image decoded as `keras.utils.load_img(path, target_size=(h, w))` does, and decoded sets cached.
 
-PIL opens the file, `convert("RGB")` (or "L") whatever the mode (alpha is dropped, not composited, as Keras does),
-then `resize((w, h), NEAREST)` unless the image has that size already (bilinear and PIL's other filters on
-request). The one deliberate difference: 16-bit and float grayscale are scaled to 8 bits where Keras clips them
-(`_to_8bit`). No JPEG `draft()`: it decodes at a reduced DCT scale, and on cats_and_dogs_small only ~30 % of the
-images then matched load_img. Every path to pixels goes through here (folders, stream, TFDS, cnnjax.inspect), so
-a model sees at inference the pixels it trained on.
+As load_img: `convert("RGB")` (or "L") whatever the mode (alpha dropped, not composited), then a NEAREST resize
+(other filters on request) unless the size is right already; the one deliberate difference is `_to_8bit`. No JPEG
+`draft()`: it decodes at a reduced DCT scale, and on cats_and_dogs_small only ~30 % of the images then matched
+load_img. Every path to pixels goes through here, so a model sees at inference the pixels it trained on.
 
-A decoded set is cached in `cache_root()/folders/<key>.npz`, written atomically (cnnjax.files). The key hashes
-what the caller says decides the pixels, plus the cache's version and Pillow's (another libjpeg can decode other
-pixels); for a folder, every file's sha256 (`content_hashes`), so any added, removed or edited file invalidates
-it, even one with the same size and mtime. A damaged cache file is reported and ignored: the caller decodes again.
+A cache key hashes what the caller says decides the pixels, plus the cache's and Pillow's versions (another libjpeg
+can decode other pixels); a folder's key holds every file's sha256, so an edited file invalidates it even with the
+same size and mtime. A damaged cache file is reported and ignored: the caller decodes again.
 """
 
 from __future__ import annotations
@@ -58,8 +55,7 @@ def decode_file(path: str | os.PathLike, size_hw: Sequence[int], interpolation: 
 
 def decode_bytes(data: bytes, size_hw: Sequence[int], interpolation: str = "nearest", mode: str = "RGB") -> np.ndarray:
     """decode_file for an encoded image held in memory (a TFDS record's JPEG)."""
-    size_hw = check_size(size_hw, interpolation)
-    return _pixels(Image.open(io.BytesIO(data)), size_hw, interpolation, mode)
+    return _pixels(Image.open(io.BytesIO(data)), check_size(size_hw, interpolation), interpolation, mode)
 
 
 def _pixels(img: Image.Image, size_hw: tuple[int, int], interpolation: str, mode: str = "RGB") -> np.ndarray:
@@ -116,9 +112,8 @@ def content_hashes(paths: Sequence[str], broken: Mapping[int, str], workers: int
         except OSError as e:  # decoding will fail on it too and skip it with a warning
             return f"unreadable: {type(e).__name__}"
 
-    workers = max(1, min(default_workers() if workers is None else workers, len(paths)))
-    step = max(1, math.ceil(len(paths) / workers))  # files per thread
-    slices = [range(start, min(start + step, len(paths))) for start in range(0, len(paths), step)]
+    step = max(1, math.ceil(len(paths) / max(1, default_workers() if workers is None else workers)))  # files per thread
+    slices = [range(len(paths))[start : start + step] for start in range(0, len(paths), step)]
     parts = thread_map(lambda indices: [one(i) for i in indices], slices, len(slices), "cnnjax-hash")
     return [digest for part in parts for digest in part]
 

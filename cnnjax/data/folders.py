@@ -3,14 +3,11 @@
     folder/<class>/<image>          e.g. cats_and_dogs_small/train/cats/cat.0.jpg
     root/{train,validation,test}/<class>/<image>
 
-Classes are the sorted sub-folder names (cats -> 0, dogs -> 1); images the files with an image extension (any
-case), walked like Keras (sub-folders of a class included, file names sorted). Hidden files and folders
-(".DS_Store", "._x.jpg", ".ipynb_checkpoints") are ignored, unlike Keras: they are never images and would break
-the class list. A file that cannot be read or decoded (a broken image, a dangling symlink, a symlink loop) is
-skipped with a SkippedImageWarning naming it. The result, skipped files included, is cached under a key holding
-every file's sha256 (cnnjax.data.decode): every load reads and hashes every file, a small fraction of decoding
-(the README has the figures). A cached result repeats its skipped files' warnings; a skipped file is retried
-only when a file changes. Each load logs one INFO line: decoded or from the cache, the folder, the time, the file.
+Classes are the sorted sub-folder names; images the files with an image extension (any case), in Keras's order.
+Hidden files and folders (".DS_Store", "._x.jpg", ".ipynb_checkpoints") are ignored, unlike Keras: they are never
+images and would break the class list. A file that cannot be read or decoded is skipped with a SkippedImageWarning,
+repeated when the result comes from the cache, whose key holds every file's sha256 (every load hashes every file,
+a small fraction of decoding): a skipped file is retried only when a file changes.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""The one way in: `load(spec, splits)` gives the datasets a data spec asks for, in memory or streamed.
+"""The one way in: `load(cfg.data, ("train", "validation"))` gives {split: Images | Stream}, then `check_classes`.
 
-    datasets = load(cfg.data, ("train", "validation"))   # {"train": Images | Stream, ...}
-    check_classes(datasets, 2, "the data folder")          # the model's head against the classes
-
-MNIST comes from its IDX files (cnnjax.data.mnist) and always fits in memory. cats vs dogs comes from the folders
-of the spec's data_dir or CNNJAX_DATA_DIR (cnnjax.data.folders), else from TFDS (cnnjax.data.tfds); `input` says
-how: "memory" decodes every image once (`Images`), "stream" reads them batch by batch (`Stream`), "auto" keeps
-them in memory when they fit a budget (`choose_input`). The choice is logged in one line, "input: ...".
+MNIST always fits in memory. cats vs dogs comes from the folders of data_dir or CNNJAX_DATA_DIR, else from TFDS;
+`input` says how: "memory" decodes every image once, "stream" reads them batch by batch, "auto" keeps them in
+memory when they fit a budget (`choose_input`). The choice is logged in one line, "input: ...".
 """
 
 from __future__ import annotations
@@ -15,7 +11,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,26 +20,14 @@ from cnnjax.data.common import TFDS_EXTRA, DataError, Dataset, Images, Stream, d
 from cnnjax.data.decode import check_size
 from cnnjax.data.mnist import load_mnist
 
+if TYPE_CHECKING:
+    from cnnjax.config import DataConfig
+
 log = logging.getLogger(__name__)
 
 INPUTS = ("auto", "memory", "stream")
 GIB = 1 << 30
 CPU_BUDGET_CAP = 2 * GIB
-
-
-class DataSpec(Protocol):
-    """What load reads off a spec (cnnjax.config.DataConfig is one); read-only, so frozen dataclasses fit."""
-
-    @property
-    def dataset(self) -> str: ...  # "mnist" or "cats_dogs"
-    @property
-    def data_dir(self) -> str | None: ...
-    @property
-    def image_size(self) -> int: ...  # square
-    @property
-    def interpolation(self) -> str: ...  # a keras.utils.load_img name
-    @property
-    def input(self) -> str: ...  # one of INPUTS
 
 
 def memory_budget(devices: Sequence[Any] | None = None) -> tuple[int, str]:
@@ -74,12 +58,10 @@ def choose_input(mode: str, nbytes: int, budget: tuple[int, str] | None = None) 
     if mode not in INPUTS:
         raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {mode!r}")
     size = f"{_mib(nbytes)} of uint8 images"
-    if mode == "memory":
-        return "memory", f"--input memory; {size}"
-    if mode == "stream":
-        if not tensorflow_available():
-            raise DataError(f"--input stream reads through tf.data, and TensorFlow is not installed: {TFDS_EXTRA}")
-        return "stream", f"--input stream; {size}"
+    if mode == "stream" and not tensorflow_available():
+        raise DataError(f"--input stream reads through tf.data, and TensorFlow is not installed: {TFDS_EXTRA}")
+    if mode != "auto":
+        return mode, f"--input {mode}; {size}"
     limit, rule = budget or memory_budget()
     fits = nbytes <= limit
     verdict = f"{size} {'fit' if fits else 'exceed'} the {_mib(limit)} budget, {rule}"
@@ -90,7 +72,7 @@ def choose_input(mode: str, nbytes: int, budget: tuple[int, str] | None = None) 
     return "stream", f"auto: {verdict}"
 
 
-def load(spec: DataSpec, splits: Sequence[str]) -> dict[str, Dataset]:
+def load(spec: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
     """{split: Images or Stream} for the splits asked for, e.g. ("train", "validation") or ("test",), all with the
     same class names. DataError, before anything is decoded or downloaded, for a data_dir that does not exist, a
     split the data set lacks, or a folder whose splits have different classes."""
@@ -106,7 +88,7 @@ def load(spec: DataSpec, splits: Sequence[str]) -> dict[str, Dataset]:
     raise ValueError(f"dataset must be mnist or cats_dogs, got {spec.dataset!r}")
 
 
-def _mnist(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
+def _mnist(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
     if spec.input == "stream":
         raise DataError("--input stream is for image folders and TFDS image sets (cats_dogs); MNIST (55 MB as uint8) "
                         "always fits in memory: use --input memory or auto")
@@ -117,7 +99,7 @@ def _mnist(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
     return {s: Images(arrays[f"{s}_images"], arrays[f"{s}_labels"], [str(d) for d in range(10)]) for s in splits}
 
 
-def _cats_dogs(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
+def _cats_dogs(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
     size = check_size((spec.image_size, spec.image_size), spec.interpolation)
     if spec.data_dir is not None or data_dir_from_env() is not None:
         listings = folders.list_splits(folders.find_cats_dogs_root(spec.data_dir, splits), splits)

@@ -78,10 +78,8 @@ def prepare_small_split(kaggle_dir: str | os.PathLike, out: str | os.PathLike,
                         sizes: Sequence[tuple[str, int]] = BOOK_SPLIT_SIZES, workers: int | None = None) -> SmallSplit:
     """Copy the book's cats_and_dogs_small out of Kaggle's Dogs vs. Cats train folder (kaggle_dir or its train/).
 
-    Everything is checked before anything is written: every source exists and decodes with PIL, and no destination
-    holds a different file. Then each missing file is copied atomically and its bytes compared with the source's.
-    Safe to rerun: identical files already there are left alone, and a killed run's temporaries are removed.
-    """
+    Every source must exist and decode, and no destination hold a different file, before anything is written; then
+    each missing file is copied atomically and compared with its source: a rerun leaves identical files alone."""
     kaggle = Path(kaggle_dir).expanduser()
     if not kaggle.is_dir():
         raise DataError(f"Kaggle folder {kaggle} does not exist; pass the train/ folder of Kaggle's Dogs vs. Cats (cat.0.jpg, ...)")

