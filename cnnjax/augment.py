@@ -1,60 +1,40 @@
-"""Keras ``ImageDataGenerator``-style random affine augmentation, on the device, jitted and batched.
+"""Keras ``ImageDataGenerator``'s random affine augmentation, batched and jitted, on the device.
 
 The lecture augments with ``ImageDataGenerator(rotation_range=40, width_shift_range=0.1,
 height_shift_range=0.1, shear_range=0.4, zoom_range=0.5, horizontal_flip=True,
-fill_mode='nearest')``. Keras draws one set of parameters per image on the host and calls
-``scipy.ndimage.affine_transform`` once per channel; here the whole batch is one jitted
-gather, so augmentation can live inside the compiled training step.
+fill_mode='nearest')``. Keras transforms image by image on the host with
+``scipy.ndimage.affine_transform``; here a batch is one jitted gather, so augmentation can
+live inside the compiled training step.
 
-Semantics
----------
-:func:`affine_transform` is the deterministic core. For an image of size H x W, an output
-pixel at (row, col) samples the input at::
+:func:`affine_transform` uses the matrix of Keras's ``apply_affine_transform``: with x the
+column, y the row and (cx, cy) the centre, the output pixel (row, col) samples the input at::
 
-    (x, y) = (col - cx, row - cy)       # about the centre (cx, cy) = ((W-1)/2, (H-1)/2)
-    src    = R @ (S @ Z @ (x, y) + (tx, ty)) + (cx, cy)      # (source col, source row)
-
+    (source col, source row) = R @ (S @ Z @ (col - cx, row - cy) + (tx, ty)) + (cx, cy)
     R = [[cos t, -sin t], [sin t, cos t]]   S = [[1, -sin s], [0, cos s]]   Z = diag(zx, zy)
 
-with t = theta and s = shear in degrees, x = column and y = row. This is the matrix
-Keras's ``apply_affine_transform`` builds (rotation, shift, shear and zoom composed in that
-order, then moved to the centre), so for channels-last images: ``tx`` moves the sampling point along columns (tx > 0 moves the
-content left), ``ty`` along rows (ty > 0 moves it up), ``zx`` scales columns (zx > 1 zooms
-out horizontally), ``zy`` rows, and theta > 0 turns the content counter-clockwise as shown
-with row 0 at the top. Sampling is scipy.ndimage's: ``order=1`` bilinear, ``order=0``
-nearest (ties round up), and points outside the image follow scipy's ``mode``:
+(t = theta, s = shear, in degrees). So tx > 0 moves the content left, ty > 0 up, zx > 1
+zooms out horizontally and theta > 0 turns it counter-clockwise (row 0 at the top).
+Sampling and ``fill_mode`` are scipy.ndimage's: order 1 bilinear, order 0 nearest (ties
+round up); ``nearest`` clamps to the edge pixel; ``constant`` gives ``cval`` at any point
+outside [0, n-1] (no blending at the border: scipy's ``constant``, not ``grid-constant``);
+``reflect`` is half-sample symmetric (d c b a | a b c d); and ``wrap`` is scipy's, whose
+period is n - 1, not n (the first and last rows meet at the seam): Keras passes
+``fill_mode`` straight through, so ``wrap`` means this one, not ``grid-wrap``.
 
-- ``nearest``: clamp to the edge pixel (a a a | a b c d | d d d);
-- ``constant``: ``cval`` for any point outside [0, n-1] on either axis (no blending with
-  ``cval`` at the border, as in scipy's ``constant``, not ``grid-constant``);
-- ``reflect``: half-sample symmetric (d c b a | a b c d | d c b a);
-- ``wrap``: scipy's ``wrap``, which folds coordinates with period n - 1, not n (so the
-  first and last rows/columns meet at the seam); scipy's period-n mode is ``grid-wrap``,
-  but Keras passes ``fill_mode`` straight through, so ``wrap`` means this one.
+Deliberate differences from Keras, neither visible with the lecture's square images and
+equal shift ranges:
 
-:func:`random_augment` draws one parameter set per image (:func:`sample_params`), applies
-the affine transform, then flips, like ``ImageDataGenerator.apply_transform``. Flips are
-folded into the sampling coordinates, so they cost nothing.
+1. Keras's ``transform_matrix_offset_center`` offsets the column axis by (rows-1)/2 and the
+   row axis by (cols-1)/2, so non-square images turn about a wrong point (a 180 degree
+   rotation comes out shifted by W - H pixels). Here the centre is ((W-1)/2, (H-1)/2).
+2. Keras's ``get_random_transform`` draws the column shift tx from ``height_shift_range``
+   times the height (and ty from the width range). Here ``width_shift_range`` moves images
+   horizontally, times the width, as the names say.
 
-Differences from Keras (deliberate)
------------------------------------
-1. Centre of non-square images. Keras's ``transform_matrix_offset_center`` is passed
-   (rows, cols) but offsets the x = column axis by (rows-1)/2 and the y = row axis by
-   (cols-1)/2, so for H != W every rotation, shear and zoom turns about a wrong point (a
-   180 degree rotation comes out shifted by W - H pixels along both axes). Here the centre
-   is the true one, ((W-1)/2, (H-1)/2); for square images the two agree exactly.
-2. Which shift range moves which way. ``ImageDataGenerator.get_random_transform`` draws
-   ``tx`` (a column shift) from ``height_shift_range`` times the height and ``ty`` (a row
-   shift) from ``width_shift_range`` times the width, so its "height" shift moves images
-   sideways. Here ``width_shift_range`` moves images horizontally (times the width) and
-   ``height_shift_range`` vertically (times the height), as the names say. With the
-   lecture's equal ranges on square images the two draw from the same distribution.
-
-Also worth knowing: the shear range is in degrees, as in current Keras (Keras 2.0.x took
-radians, so the lecture's ``shear_range=0.4`` was about 23 degrees there and is 0.4 degrees
-now); shift ranges below 1 are fractions of the image size and ranges >= 1 are pixels, as
-in Keras, except that Keras draws integer ranges from a discrete set and here every range
-is continuous.
+The shear range is in degrees, as in current Keras (Keras 2.0.x took radians, so the
+lecture's 0.4 was about 23 degrees there). Shift ranges below 1 are fractions of the image
+size and ranges >= 1 are pixels, as in Keras, but every range is drawn continuously (Keras
+draws integer ranges from a discrete set).
 """
 
 from __future__ import annotations
@@ -68,19 +48,10 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-__all__ = [
-    "FILL_MODES",
-    "AugmentConfig",
-    "affine_transform",
-    "random_augment",
-    "sample_params",
-]
+__all__ = ["FILL_MODES", "AugmentConfig", "affine_transform", "random_augment", "sample_params"]
 
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
 _ORDERS = {"bilinear": 1, "nearest": 0}
-
-
-# --- The deterministic core ---------------------------------------------------------------
 
 
 def _map_coordinate(x: Array, n: int, mode: str) -> Array:
@@ -116,20 +87,8 @@ def _as_batch(v: Array | float, n: int, dtype) -> Array:
     return jnp.broadcast_to(v, (n,))
 
 
-def _transform(
-    images: Array,
-    theta: Array | float,
-    tx: Array | float,
-    ty: Array | float,
-    shear: Array | float,
-    zx: Array | float,
-    zy: Array | float,
-    hflip: Array | bool,
-    vflip: Array | bool,
-    fill_mode: str,
-    cval: float,
-    order: int,
-) -> Array:
+def _transform(images: Array, p: dict[str, Array | float], fill_mode: str, cval: float, order: int) -> Array:
+    """Each image's affine transform, then its flips; ``p`` has :func:`sample_params`'s keys."""
     if images.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
     if fill_mode not in FILL_MODES:
@@ -139,7 +98,7 @@ def _transform(
     dtype = images.dtype if jnp.issubdtype(images.dtype, jnp.floating) else jnp.float32
     images = images.astype(dtype)
     n, h, w, c = images.shape
-    theta, tx, ty, shear, zx, zy = (_as_batch(v, n, dtype) for v in (theta, tx, ty, shear, zx, zy))
+    theta, tx, ty, shear, zx, zy = (_as_batch(p[k], n, dtype) for k in ("theta", "tx", "ty", "shear", "zx", "zy"))
     t, s = jnp.deg2rad(theta), jnp.deg2rad(shear)
     cos_t, sin_t, sin_s, cos_s = jnp.cos(t), jnp.sin(t), jnp.sin(s), jnp.cos(s)
     # Linear part R @ Shear @ Zoom in the (x = col, y = row) frame, and the shift R @ (tx, ty).
@@ -147,9 +106,9 @@ def _transform(
     a10, a11 = sin_t * zx, (cos_t * cos_s - sin_t * sin_s) * zy
     b0, b1 = cos_t * tx - sin_t * ty, sin_t * tx + cos_t * ty
     # A flip after the transform reads the transformed image at the mirrored pixel, and
-    # mirroring about the true centre only negates the centred coordinate.
-    sx = jnp.where(_as_batch(hflip, n, bool), -1.0, 1.0).astype(dtype)
-    sy = jnp.where(_as_batch(vflip, n, bool), -1.0, 1.0).astype(dtype)
+    # mirroring about the true centre only negates the centred coordinate: flips cost nothing.
+    sx = jnp.where(_as_batch(p["flip"], n, bool), -1.0, 1.0).astype(dtype)
+    sy = jnp.where(_as_batch(p["vflip"], n, bool), -1.0, 1.0).astype(dtype)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
     # Source coordinates are an outer sum of a per-column and a per-row term, on (N, H, W)
     # arrays: per pixel, not per channel.
@@ -159,8 +118,7 @@ def _transform(
     src_col = e(a00) * xs + (e(a01) * ys + e(b0 + cx))
     src_row = e(a10) * xs + (e(a11) * ys + e(b1 + cy))
 
-    row = _map_coordinate(src_row, h, fill_mode)
-    col = _map_coordinate(src_col, w, fill_mode)
+    row, col = _map_coordinate(src_row, h, fill_mode), _map_coordinate(src_col, w, fill_mode)
     if order == 0:
         # scipy rounds half up: floor(x + 0.5).
         row, col = jnp.floor(row + 0.5), jnp.floor(col + 0.5)
@@ -205,21 +163,14 @@ def affine_transform(
 ) -> Array:
     """Apply one affine transform per image, as Keras's ``apply_affine_transform``.
 
-    images: (N, H, W, C), channels last (integer images are converted to float32).
-    theta, shear: degrees; tx, ty: pixels (tx along columns, ty along rows); zx, zy: zoom
-    factors for columns and rows. Each is a scalar or an array of shape (N,).
-    fill_mode: ``nearest`` | ``constant`` | ``reflect`` | ``wrap`` (scipy.ndimage's
-    meanings); cval: the ``constant`` fill; order: 1 bilinear, 0 nearest.
-
-    For square images this equals ``apply_affine_transform(x, theta, tx, ty, shear, zx,
-    zy, row_axis=0, col_axis=1, channel_axis=2, fill_mode=..., cval=..., order=...)`` image
-    by image; for non-square ones it turns about the true centre (see the module
-    docstring). Jitted here (fill_mode and order static) and vmappable.
+    images: (N, H, W, C), channels last (integer images are converted to float32). theta
+    and shear in degrees, tx and ty in pixels, zx and zy zoom factors, each a scalar or (N,).
+    For square images this is ``apply_affine_transform(x, theta, tx, ty, shear, zx, zy,
+    row_axis=0, col_axis=1, channel_axis=2, fill_mode=..., cval=..., order=...)`` image by
+    image. Jitted (fill_mode and order static) and vmappable.
     """
-    return _transform(images, theta, tx, ty, shear, zx, zy, False, False, fill_mode, cval, order)
-
-
-# --- Random parameters ------------------------------------------------------------------
+    params = dict(theta=theta, tx=tx, ty=ty, shear=shear, zx=zx, zy=zy, flip=False, vflip=False)
+    return _transform(images, params, fill_mode, cval, order)
 
 
 def _check_range(name: str, value: object) -> float:
@@ -234,16 +185,10 @@ def _check_range(name: str, value: object) -> float:
 class AugmentConfig:
     """Random augmentation settings, with ``ImageDataGenerator``'s names and meanings.
 
-    rotation_range: degrees, theta ~ U[-r, r].
-    width_shift_range / height_shift_range: horizontal / vertical shift ~ U[-s, s] times
-        the width / height when s < 1, or U[-s, s] pixels when s >= 1.
-    shear_range: degrees, shear ~ U[-s, s] (Keras 2.0.x took radians).
-    zoom_range: z gives zx, zy ~ U[1-z, 1+z] independently; or a (lo, hi) pair. zoom > 1
-        zooms out.
-    horizontal_flip / vertical_flip: each with probability 0.5, after the transform.
-    fill_mode, cval: points outside the image (see the module docstring).
-    interpolation: ``bilinear`` (scipy order 1, Keras's default) or ``nearest`` (order 0).
-
+    Rotation and shear ranges r are degrees, U[-r, r]; shift ranges s give U[-s, s] times
+    the width (height) when s < 1, else pixels; zoom_range z gives zx, zy ~ U[1-z, 1+z]
+    independently, or is a (lo, hi) pair (zoom > 1 zooms out); each flip has probability
+    0.5, after the transform; interpolation is ``bilinear`` (Keras's) or ``nearest``.
     Frozen and hashable, so it can be a static argument of ``jax.jit``.
     """
 
@@ -297,44 +242,27 @@ class AugmentConfig:
     @property
     def is_identity(self) -> bool:
         """True when every draw is the identity (nothing to do)."""
-        return (
-            self.rotation_range == 0
-            and self.width_shift_range == 0
-            and self.height_shift_range == 0
-            and self.shear_range == 0
-            and self.zoom_bounds == (1.0, 1.0)
-            and not self.horizontal_flip
-            and not self.vertical_flip
-        )
+        ranges = (self.rotation_range, self.width_shift_range, self.height_shift_range, self.shear_range)
+        return not any(ranges) and self.zoom_bounds == (1.0, 1.0) and not (self.horizontal_flip or self.vertical_flip)
 
 
 # Experiment 2 of the lecture, and the settings of its augmentation preview.
 AugmentConfig.LECTURE = AugmentConfig(
-    rotation_range=40,
-    width_shift_range=0.1,
-    height_shift_range=0.1,
-    shear_range=0.4,
-    zoom_range=0.5,
-    horizontal_flip=True,
-    fill_mode="nearest",
+    rotation_range=40, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.4, zoom_range=0.5,
+    horizontal_flip=True, fill_mode="nearest",
 )
 AugmentConfig.LECTURE_PREVIEW = AugmentConfig(
-    rotation_range=30,
-    width_shift_range=0.1,
-    height_shift_range=0.1,
-    shear_range=0.2,
-    zoom_range=0.5,
+    rotation_range=30, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.2, zoom_range=0.5,
     horizontal_flip=True,
 )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "n", "height", "width"))
 def sample_params(rng: Array, config: AugmentConfig, n: int, height: int, width: int) -> dict[str, Array]:
-    """Draw one parameter set per image: a dict of (n,) arrays.
+    """Draw one parameter set per image: a dict of (n,) arrays, in :func:`affine_transform`'s units.
 
-    Keys: theta (degrees), tx (pixels, horizontal), ty (pixels, vertical), shear
-    (degrees), zx, zy, flip (horizontal, bool) and vflip (bool), in the units
-    :func:`affine_transform` takes. Ranges that are zero give exact identity values.
+    Keys: theta, tx (horizontal), ty (vertical), shear, zx, zy, flip (horizontal, bool) and
+    vflip. Ranges that are zero give exact identity values.
     """
     # Eight independent U[0, 1) variates per image, one row per parameter. Image i draws
     # from rng folded with i, its position in the (global) batch, so what an image gets
@@ -366,24 +294,11 @@ def sample_params(rng: Array, config: AugmentConfig, n: int, height: int, width:
 def random_augment(rng: Array, images: Array, config: AugmentConfig) -> Array:
     """Augment a batch (N, H, W, C) of float images on the 0..255 scale, one draw per image.
 
-    Jitted here with ``config`` static (called inside another jit, it is simply inlined);
-    the parameters come from ``rng`` alone.
+    Like ``ImageDataGenerator.apply_transform``: the affine transform, then the flips. Jitted
+    with ``config`` static (inside another jit it is simply inlined); the draws come from
+    ``rng`` alone.
     """
     if config.is_identity:
         return images
     n, h, w, _ = images.shape
-    p = sample_params(rng, config, n, h, w)
-    return _transform(
-        images,
-        p["theta"],
-        p["tx"],
-        p["ty"],
-        p["shear"],
-        p["zx"],
-        p["zy"],
-        p["flip"],
-        p["vflip"],
-        config.fill_mode,
-        config.cval,
-        config.order,
-    )
+    return _transform(images, sample_params(rng, config, n, h, w), config.fill_mode, config.cval, config.order)

@@ -1,24 +1,20 @@
 """The lecture's operations, written to be read: convolution, padding, stride, max pooling.
 
-These are the teaching versions. They work on one image (no batch axis), loop over the
-kernel's taps in Python, and reproduce the worked examples of the lecture (SPEC.md
-section 1). The models run the same arithmetic through XLA (`conv2d_nhwc`,
-`max_pool_nhwc` below); the tests check that both agree.
-
-"Convolution" here is what deep learning means by it: cross-correlation, the kernel is
-not flipped.
+`conv2d` and `max_pool` work on one image, loop over the window's taps in Python and
+reproduce the lecture's worked examples (SPEC.md section 1). The models run the same
+arithmetic batched through XLA (`conv2d_nhwc`, `max_pool_nhwc`); the tests check that both
+agree. "Convolution" means cross-correlation, as in deep learning: the kernel is not flipped.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
-from functools import partial
+from functools import partial, reduce
 
 import jax
 import jax.numpy as jnp
-
-Padding = str  # "valid" or "same"
 
 
 def same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -39,9 +35,7 @@ def _check_padding(padding: str) -> str:
     return padding
 
 
-def conv2d(
-    x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "valid"
-) -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "valid") -> jax.Array:
     """Cross-correlate one image with one or more filters.
 
     x: (H, W) or (H, W, C_in). kernel: (kh, kw) or (kh, kw, C_in, C_out).
@@ -49,8 +43,7 @@ def conv2d(
     results are summed into one feature map.
     """
     padding = _check_padding(padding)
-    x = jnp.asarray(x)
-    kernel = jnp.asarray(kernel)
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     single_filter = kernel.ndim == 2
     if x.ndim == 2:
         x = x[:, :, None]
@@ -83,9 +76,7 @@ def conv2d(
     return out[:, :, 0] if single_filter else out
 
 
-def max_pool(
-    x: jax.Array, window: int = 2, stride: int | None = None, padding: Padding = "valid"
-) -> jax.Array:
+def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: str = "valid") -> jax.Array:
     """Max pooling of one image, (H, W) or (H, W, C). stride defaults to the window.
 
     "same" padding pads the bottom/right with -inf, as Keras does, so a border row or
@@ -113,39 +104,30 @@ def max_pool(
 
 # --- What the models run: the same operations, batched (N, H, W, C), through XLA. ---
 #
-# On the CPU a stride-1 "valid" convolution takes a hand-routed path (below); elsewhere
-# (GPU, strides, "same") it is plain `lax.conv_general_dilated`. Same sums either way: the
-# results agree to float32 rounding (summation order only). Why a special path: XLA:CPU
-# (jaxlib 0.10) hands convolutions to one of two libraries, and on this 2-core AVX2 machine
-# the choice it makes is often the slow one (benchmarks/conv_grad.py prints the figures):
-#
-# - YNNPACK takes every convolution it supports. Its kernel gradient (the convolution of
-#   x with dy as the window) is several times slower than Eigen's at every layer of both
-#   models, and its forward pass is slower too for the larger layers.
-# - Eigen takes what YNNPACK refuses. YNNPACK refuses (among others) a convolution whose
-#   window or output is larger than its input, so padding the input, or the window, with
-#   kh zeros on one axis, and slicing the extra output away, moves the same sums to Eigen
-#   at the price of computing kh (forward) or summing kh (gradient) rows of zeros. That is
-#   worth it while those extra rows are a small part of the layer (`_EIGEN_MAX_WASTE`).
-# - The input gradient is a convolution whose output is larger than its input: it goes to
-#   Eigen by itself; `_input_grad` only writes it in Eigen's layout.
-# - With 1-3 input channels (the first layer) a convolution is 9-27 multiply-adds per
-#   output, too little for either library to amortise its call: fused multiply-adds
-#   (forward) and small matrix products image by image (kernel gradient) beat both.
-#
-# The figures behind each choice are printed by benchmarks/conv_grad.py; rerun it when
-# jaxlib changes, since the libraries and XLA's choice between them do.
+# On the CPU a stride-1 "valid" convolution is routed by hand, pass by pass; elsewhere it is
+# plain `lax.conv_general_dilated`. Same sums, in another order (float32 rounding aside).
+# Why: XLA:CPU (jaxlib 0.10) hands a convolution to YNNPACK when YNNPACK supports it, else to
+# Eigen, and on this 2-core AVX2 machine that choice is often the slow one:
+# - YNNPACK's kernel gradient (x correlated with dy as the window) is several times slower
+#   than Eigen's at every layer of both models, its forward pass too for the larger layers.
+#   YNNPACK refuses a convolution whose window or output is larger than its input, so
+#   padding the input (forward) or the window (kernel gradient) with kh zeros on one axis,
+#   and slicing the extra away, moves the same sums to Eigen at the price of kh rows of
+#   zeros: worth it while they are a small part of the layer (`_EIGEN_MAX_WASTE`).
+# - The input gradient's output is larger than its input: it goes to Eigen by itself.
+# - With 1-3 input channels (the first layer), 9-27 multiply-adds per output are too few
+#   for either library to amortise its call: fused multiply-adds (forward) and small matrix
+#   products image by image (kernel gradient) beat both.
+# benchmarks/conv_grad.py prints the figures behind each choice; rerun it when jaxlib
+# changes, since the libraries and XLA's choice between them do.
 
+_NHWC = ("NHWC", "HWIO", "NHWC")  # dimension numbers: channels last, kernels as flax stores them
 _DIRECT_MAX_TAPS = 27  # kh * kw * C_in up to this: forward as a fused sum of taps (3x3x3)
 _EIGEN_MAX_WASTE = 0.3  # zero rows / useful rows up to this: pad to reach Eigen
 
 
-def conv2d_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Padding = "valid") -> jax.Array:
-    """Batched convolution, (N, H, W, C_in) with kernel (kh, kw, C_in, C_out) as flax stores it.
-
-    Stride-1 "valid" convolutions on the CPU take `_conv_valid_fast_kernel_grad` (same
-    result, faster there); everything else is `jax.lax.conv_general_dilated`.
-    """
+def conv2d_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "valid") -> jax.Array:
+    """Batched convolution, (N, H, W, C_in) with kernel (kh, kw, C_in, C_out) as flax stores it."""
     padding = _check_padding(padding)
     if jax.default_backend() == "cpu" and stride == 1 and padding == "valid":
         return _conv_valid_fast_kernel_grad(x, kernel)
@@ -153,19 +135,12 @@ def conv2d_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Paddi
 
 
 def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "valid") -> jax.Array:
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), padding.upper(), dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding.upper(), dimension_numbers=_NHWC)
 
 
 @jax.custom_vjp
 def _conv_valid_fast_kernel_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A stride-1 'valid' convolution routed, pass by pass, to the CPU code that is fast for it.
-
-    Forward, kernel gradient and input gradient each pick their implementation from the
-    layer's shape (see the comment above and `_forward`, `_kernel_grad`): the same sums
-    as `_lax_conv`, in another order.
-    """
+    """A stride-1 'valid' convolution whose passes each take the CPU route the layer's shape picks."""
     return _forward(x, kernel)
 
 
@@ -182,15 +157,13 @@ _conv_valid_fast_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _seed_loop_under_vmap(fn: Callable[..., jax.Array], n_axis_args: tuple[int, ...], output_has_n_axis: bool):
-    """`fn` (one convolution pass), with a vmap rule of its own.
+    """`fn` (one convolution pass), with a vmap rule of its own. Same sums either way.
 
-    jax.vmap trains several seeds at once, i.e. with batched kernels, which jax's batching
-    rule turns into grouped convolutions (feature_group_count = seeds); with the padded
-    convolutions above those made a vmapped MNIST step slower than with plain lax. Rule:
-    when only arguments with a leading batch (N) axis are vmapped and the output has one
-    too, the vmapped axis is folded into N (one call); otherwise one call per vmapped
-    index (lax.map), which is as fast as lax or faster (benchmarks/ablation_vmap.py).
-    Same sums either way.
+    jax.vmap trains several seeds at once with batched kernels, which jax's batching rule
+    turns into grouped convolutions; with the padded convolutions above those made a vmapped
+    MNIST step slower than plain lax. Rule: when only arguments with a leading N axis are
+    vmapped and the output has one too, the vmapped axis is folded into N (one call); else
+    one call per index (lax.map), as fast as lax or faster (benchmarks/ablation_vmap.py).
     """
     wrapped = jax.custom_batching.custom_vmap(fn)
 
@@ -225,17 +198,13 @@ def _forward_impl(x: jax.Array, kernel: jax.Array) -> jax.Array:
         # bias and ReLU that follow) into one loop; no im2col, no library call.
         taps = _taps(x, kh, kw)
         w = kernel.reshape(kh * kw, c_in, c_out)
-        out = None
-        for t, tap in enumerate(taps):
-            for c in range(c_in):
-                term = tap[..., c : c + 1] * w[t, c]
-                out = term if out is None else out + term
-        return out
+        terms = (tap[..., c : c + 1] * w[t, c] for t, tap in enumerate(taps) for c in range(c_in))
+        return reduce(operator.add, terms)  # in order, tap by tap
     # kw zero columns on the right make the output wider than the input: YNNPACK declines,
     # Eigen computes it, and the kw extra output columns are sliced away. Not for small
     # maps (MNIST conv 3: 5x5 -> 3x3), where that would double the work.
     pad = kw if kw / ow <= _EIGEN_MAX_WASTE else 0
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, pad)), dimension_numbers=_NHWC)
     return y[:, :, :ow, :]
 
 
@@ -243,7 +212,6 @@ def _kernel_grad_impl(x: jax.Array, dy: jax.Array) -> jax.Array:
     """dK[i, j, c, d] = sum over n, y, x of x[n, y+i, x+j, c] * dy[n, y, x, d]."""
     n, oh, ow, c_out = dy.shape
     kh, kw, c_in = x.shape[1] - oh + 1, x.shape[2] - ow + 1, x.shape[3]
-    kernel_shape = (kh, kw, c_in, c_out)
     if kh * kw * c_in <= _DIRECT_MAX_TAPS:
         # First layer: per image, the (kh*kw*C_in, oh*ow) patches matrix (taps stacked on
         # the leading axis: a cheap copy) times dy, summed over images by a scan. Image by
@@ -255,31 +223,27 @@ def _kernel_grad_impl(x: jax.Array, dy: jax.Array) -> jax.Array:
             return acc + patches_t @ dyi.reshape(oh * ow, c_out), None
 
         d_kernel, _ = jax.lax.scan(add_image, jnp.zeros((kh * kw * c_in, c_out), dy.dtype), (x, dy))
-        return d_kernel.reshape(kernel_shape)
-    # XLA's own kernel gradient, x correlated with dy as the window (C_in plays the batch,
-    # N the contracted feature), written in the layout Eigen and YNNPACK want (XLA would
-    # insert the same transposes, but only outside loops: inside a lax.scan such a
-    # convolution falls back to a naive loop). Where it is cheap enough, kh zero rows
-    # below dy make the window taller than x: YNNPACK declines, Eigen computes it; the
-    # zero rows meet the kh rows of padding below x and add nothing.
+        return d_kernel.reshape(kh, kw, c_in, c_out)
+    # XLA's own kernel gradient, x correlated with dy as the window (C_in plays the batch, N the
+    # contracted feature), in the layout Eigen and YNNPACK want (XLA would insert the same
+    # transposes, but only outside loops: inside a lax.scan such a convolution falls back to a
+    # naive loop). Where cheap enough, kh zero rows below dy make the window taller than x:
+    # YNNPACK declines, Eigen computes it; the zero rows meet x's kh rows of padding, adding nothing.
     pad = kh if kh / oh <= _EIGEN_MAX_WASTE else 0
     x_t = x.transpose(3, 1, 2, 0)  # (C_in, H, W, N)
     dy_t = jnp.pad(dy, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(1, 2, 0, 3)  # (oh+pad, ow, N, C_out)
-    out = jax.lax.conv_general_dilated(x_t, dy_t, (1, 1), ((0, pad), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    out = jax.lax.conv_general_dilated(x_t, dy_t, (1, 1), ((0, pad), (0, 0)), dimension_numbers=_NHWC)
     return out.transpose(1, 2, 0, 3)  # (C_in, kh, kw, C_out) -> (kh, kw, C_in, C_out)
 
 
 def _input_grad_impl(dy: jax.Array, kernel: jax.Array) -> jax.Array:
     """dx: dy "fully" correlated with the kernel flipped in space, C_in and C_out swapped.
 
-    Exactly the convolution XLA derives for it, written in Eigen's layout: its output is
-    larger than its input, so YNNPACK declines it and Eigen, fast for it, computes it.
+    Exactly the convolution XLA derives, written in the layout of Eigen, which computes it.
     """
     kh, kw = kernel.shape[:2]
     flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # (kh, kw, C_out, C_in)
-    return jax.lax.conv_general_dilated(
-        dy, flipped, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    return jax.lax.conv_general_dilated(dy, flipped, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)), dimension_numbers=_NHWC)
 
 
 _forward = _seed_loop_under_vmap(_forward_impl, n_axis_args=(0,), output_has_n_axis=True)
@@ -290,11 +254,10 @@ _input_grad = _seed_loop_under_vmap(_input_grad_impl, n_axis_args=(0,), output_h
 def max_pool_nhwc(x: jax.Array, window: int = 2) -> jax.Array:
     """Non-overlapping max pooling (stride = window, "valid") as a reshape and a max.
 
-    Same result as `nn.max_pool(x, (w, w), (w, w))`, but its gradient is a plain
-    compare-and-select (ties share it) instead of XLA's select_and_scatter, which made an
-    MNIST training step on the CPU several times slower. On the CPU the same forward and
-    gradient are written on the window's strided views (`_max_pool`), which XLA:CPU fuses
-    better; elsewhere jax differentiates the reshape-and-max itself.
+    Same result as `nn.max_pool(x, (w, w), (w, w))`, but its gradient is a compare-and-select
+    (ties share it), not XLA's select_and_scatter, which made an MNIST step on the CPU several
+    times slower. On the CPU `_max_pool` writes both on the window's strided views, which
+    XLA:CPU fuses better.
     """
     if jax.default_backend() == "cpu":
         return _max_pool(x, window)
@@ -312,11 +275,7 @@ def _pool_views(x: jax.Array, window: int) -> list[jax.Array]:
 
 
 def _max_pool_forward(x: jax.Array, window: int) -> jax.Array:
-    views = _pool_views(x, window)
-    out = views[0]
-    for view in views[1:]:
-        out = jnp.maximum(out, view)  # elementwise: XLA fuses it with the ReLU before
-    return out
+    return reduce(jnp.maximum, _pool_views(x, window))  # elementwise: XLA fuses it with the ReLU before
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -330,13 +289,11 @@ def _max_pool_fwd(x, window):
 
 
 def _max_pool_bwd(window, residuals, dy):
-    """The gradient JAX derives for reshape-and-max, written out: each position equal to
-    its window's max gets dy / (number of such positions in the window), the rest 0.
+    """Bitwise the gradient jax derives for reshape-and-max, ties included: each position
+    equal to its window's max gets dy / (number of such positions in the window), the rest 0.
 
-    Written on the window's strided views, not on a (N, oh, w, ow, w, C) reshape: XLA
-    then fuses it into fewer passes, which measured markedly faster for ReLU + pool,
-    forward and gradient. Bitwise the same gradient as autodiff of reshape-and-max, ties
-    included.
+    Written on the strided views rather than a (N, oh, w, ow, w, C) reshape: XLA fuses them
+    into fewer passes, measured markedly faster for ReLU + pool, forward and gradient.
     """
     x, y = residuals
     n, h, w, c = x.shape
