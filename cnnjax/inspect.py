@@ -1,19 +1,10 @@
 """Looking inside a trained convnet: activations, filter patterns, Grad-CAM.
 
-The lecture (section 4 of SPEC.md) builds a Keras `Model` whose outputs are the first 8
-layers' outputs and draws them; `capture_activations` is that model, built on flax's
-`capture_intermediates` (`cnnjax.models.layer_outputs`), and `normalise_channel` /
-`activation_grid` lay the channels out exactly as its plotting loop does (16 per row,
-each channel scaled to (x - mean) / std * 64 + 128).
-
-Beyond the lecture, the two tools of the book's same chapter:
-- `filter_patterns`: the input image each filter responds to most, by gradient ascent
-  in input space (all filters of a layer in one vmapped, jitted call);
-- `grad_cam`: which part of the image made the model choose a class (Grad-CAM,
-  Selvaraju et al. 2017), with `overlay_heatmap` to draw it over the image.
-
-Every computation is one jitted function, compiled once per model (and layer) and kept
-in an lru_cache: flax modules are frozen dataclasses, so they are hashable cache keys.
+`capture_activations` is the lecture's activation model (SPEC.md section 4) and
+`activation_grid` lays the channels out as its plotting loop does. Beyond the lecture, the
+book's same chapter: `filter_ascent` (the input each filter responds to most) and
+`grad_cam` (Selvaraju et al. 2017). Each computation is one jitted function kept in an
+lru_cache per model (and layer): flax modules are frozen dataclasses, hence hashable keys.
 """
 
 from __future__ import annotations
@@ -36,17 +27,11 @@ from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
 LayerSpec = int | Sequence[str] | None
 
 
-# --- Loading one image, as keras.utils.load_img does -------------------------------------
-
-
 def load_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3, interpolation: str = "nearest") -> np.ndarray:
-    """One image file as float32 (h, w, channels) in 0..1, as the model saw images in training.
+    """One image file as float32 (h, w, channels) in 0..1, as Keras's load_img + img_to_array / 255.
 
-    The steps of Keras's load_img + img_to_array / 255: PIL opens it, converts to RGB (or L
-    for a 1-channel model), resizes to (w, h) with `interpolation` (the run's
-    data.interpolation; nearest is load_img's default), scales by 1/255. 16-bit and float
-    images are scaled to 8 bits first, as the folder loader does for training. Raises
-    OSError (PIL's UnidentifiedImageError included) when the file cannot be read.
+    Decoded as the folder loader decodes training images (`interpolation` is the run's
+    data.interpolation; nearest is load_img's default). Raises OSError when unreadable.
     """
     from cnnjax.data import decode_file
 
@@ -89,15 +74,11 @@ def _activations_fn(model: nn.Module, names: tuple[str, ...]):
     return jax.jit(run)
 
 
-def capture_activations(
-    model: nn.Module, params: Any, images: jax.Array, layers: LayerSpec = None
-) -> list[tuple[str, jax.Array]]:
+def capture_activations(model: nn.Module, params: Any, images: jax.Array, layers: LayerSpec = None) -> list[tuple[str, jax.Array]]:
     """(layer name, output) for the chosen layers, in the order they run: the lecture's activation model.
 
-    images: (N, H, W, C) floats as the model was trained on (pixels / 255), or one image
-    (H, W, C), in which case the outputs have no batch axis either. "output" may be named
-    to get the model's own output (logits). One jitted call, compiled once per model and
-    list of layers.
+    images: (N, H, W, C) in 0..1, or one image (H, W, C), whose outputs then have no batch
+    axis either. "output" names the model's own output (logits).
     """
     images = jnp.asarray(images, jnp.float32)
     single = images.ndim == 3
@@ -109,8 +90,8 @@ def capture_activations(
 def normalise_channel(x: np.ndarray) -> np.ndarray:
     """One channel as the lecture shows it: (x - mean) / std * 64 + 128, clipped to 0..255, uint8.
 
-    A constant channel (a dead ReLU filter is all zeros) has std 0: the lecture's code
-    would divide by zero and draw NaNs; it is drawn flat grey (128) here instead.
+    A constant channel (a dead ReLU filter) is flat grey (128), where the lecture's code
+    would divide by zero and draw NaNs.
     """
     x = np.asarray(x, np.float64)
     if x.size == 0 or np.ptp(x) == 0:  # ptp, not std == 0: a float sum can leave std a hair above 0
@@ -122,13 +103,10 @@ def normalise_channel(x: np.ndarray) -> np.ndarray:
 def activation_grid(activation: np.ndarray, images_per_row: int = 16) -> np.ndarray:
     """All channels of one activation (H, W, C) as one uint8 image, `images_per_row` per row.
 
-    Channel c sits at tile row c // images_per_row, column c % images_per_row; the grid has
-    ceil(C / images_per_row) rows (the lecture's C // images_per_row would drop a partial
-    last row) and missing tiles are 0. A leading batch axis of size 1 is allowed.
+    Channel c is tile (c // images_per_row, c % images_per_row); missing tiles are 0. The grid
+    has ceil(C / images_per_row) rows, where the lecture's C // images_per_row drops a partial row.
     """
     activation = np.asarray(activation)
-    if activation.ndim == 4 and activation.shape[0] == 1:
-        activation = activation[0]
     if activation.ndim != 3:
         raise ValueError(f"expected an activation (H, W, C), got shape {activation.shape}")
     height, width, channels = activation.shape
@@ -160,10 +138,7 @@ class FilterAscent:
 
 
 def deprocess_image(x: np.ndarray) -> np.ndarray:
-    """Centre and scale each image to 0..1: x -= mean; x /= std + 1e-5; x *= 0.1; x += 0.5; clip.
-
-    x: (H, W, C) or (N, H, W, C); statistics are per image, over all its pixels and channels.
-    """
+    """Each image (H, W, C), alone or in a batch, made viewable as the book does: x -= mean; x /= std + 1e-5; x *= 0.1; x += 0.5; clip."""
     x = np.asarray(x, np.float32)
     axes = tuple(range(x.ndim - 3, x.ndim))
     x = x - x.mean(axis=axes, keepdims=True)
@@ -171,21 +146,11 @@ def deprocess_image(x: np.ndarray) -> np.ndarray:
     return np.clip(x * 0.1 + 0.5, 0, 1)
 
 
-@functools.lru_cache(maxsize=64)
-def _layer_channels(model: nn.Module, layer: str, image_shape: tuple[int, ...]) -> int:
-    resolve_layers(model, [layer])
-    params = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))  # shapes only: nothing is computed
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    return jax.eval_shape(lambda p, x: models.layer_outputs(model, p, x), params, x)[layer].shape[-1]
-
-
 def pre_activation(model: nn.Module, params: Any, images: jax.Array, layer: str) -> jax.Array:
     """`layer`'s output before its ReLU: relu(pre_activation(...)) is the layer's output.
 
-    Conv2D and Dense: the layer's input times its kernel plus bias; a max pooling layer
-    pools the pre-activation of the conv before it (max and ReLU commute); other layers
-    (flatten, dropout, a layer without activation) have no ReLU: their output. Follows
-    the layers of `cnnjax.models` (valid 3x3 convs, 2x2 pools).
+    A max pooling layer pools the pre-activation of the conv before it (max and ReLU
+    commute); layers without a ReLU give their output. Assumes the layers of `cnnjax.models`.
     """
     names = list(_layer_names(model))
     outputs = models.layer_outputs(model, params, images)
@@ -235,24 +200,16 @@ def filter_ascent(
     steps: int = 40,
     step_size: float = 1.0,
     seed: int = 0,
-    size: int | tuple[int, int] | None = None,
 ) -> FilterAscent:
-    """Gradient ascent on the mean activation of each chosen filter of `layer`.
+    """Gradient ascent on the mean activation of each chosen filter of `layer` (None = all, N = the first N, or indices).
 
-    filters: None = all of the layer's channels, an int N = the first N, or a list of
-    indices. Each starts from a grey image (0.5) plus uniform noise in +-0.05 (seeded; its
-    own noise per filter) and takes `steps` steps of `step_size` along the gradient
-    normalised by its root mean square. size: the input's (h, w), default the model's.
-    The ascent follows the filter's mean before the ReLU (`pre_activation`), which always
-    has a gradient; `before` and `after` report the mean activation itself (after the ReLU).
+    Each starts from grey (0.5) plus its own seeded uniform noise in +-0.05 and takes `steps`
+    steps of `step_size` along the gradient of its mean before the ReLU, normalised by its
+    root mean square; `before` and `after` report the mean activation after the ReLU.
     """
-    channels_in = model.input_shape[-1]
-    if size is None:
-        size = tuple(model.input_shape[:2])
-    elif isinstance(size, int):
-        size = (size, size)
-    shape = (*size, channels_in)
-    available = _layer_channels(model, layer, shape)
+    resolve_layers(model, [layer])
+    inputs = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    available = jax.eval_shape(lambda x: models.layer_outputs(model, params, x), inputs)[layer].shape[-1]  # shapes only
     if filters is None:
         chosen = np.arange(available)
     elif isinstance(filters, int):
@@ -261,27 +218,9 @@ def filter_ascent(
         chosen = np.asarray(list(filters), np.int32)
     if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= available:
         raise ValueError(f"filters must be indices in 0..{available - 1} of {layer}, got {list(chosen)}")
-    noise = jax.random.uniform(jax.random.PRNGKey(seed), (len(chosen), *shape), minval=-0.05, maxval=0.05)
+    noise = jax.random.uniform(jax.random.PRNGKey(seed), (len(chosen), *model.input_shape), minval=-0.05, maxval=0.05)
     images, before, after = _ascent_fn(model, layer, int(steps))(params, 0.5 + noise, jnp.asarray(chosen, jnp.int32), step_size)
-    images, before, after = jax.device_get((images, before, after))
-    return FilterAscent(layer, chosen, np.asarray(images), np.asarray(before), np.asarray(after))
-
-
-def filter_patterns(
-    model: nn.Module,
-    params: Any,
-    layer: str,
-    filters: int | Sequence[int] | None = None,
-    steps: int = 40,
-    step_size: float = 1.0,
-    seed: int = 0,
-    size: int | tuple[int, int] | None = None,
-) -> np.ndarray:
-    """The patterns (F, H, W, C) in 0..1 that the chosen filters of `layer` respond to most.
-
-    `filter_ascent` with the images deprocessed; call that for the activations reached.
-    """
-    return filter_ascent(model, params, layer, filters, steps, step_size, seed, size).patterns
+    return FilterAscent(layer, chosen, *jax.device_get((images, before, after)))
 
 
 # --- Grad-CAM --------------------------------------------------------------------------------
@@ -295,6 +234,7 @@ class GradCam(NamedTuple):
 
 
 def last_conv_layer(model: nn.Module) -> str:
+    """The name of the model's last conv2d layer, the one Grad-CAM looks at."""
     names = [name for name in _layer_names(model) if name.startswith("conv2d")]
     if not names:
         raise ValueError(f"{type(model).__name__} has no conv2d layer")
@@ -302,12 +242,9 @@ def last_conv_layer(model: nn.Module) -> str:
 
 
 def _add_to_output(layer: str, delta: jax.Array, captured: list):
-    """A flax method interceptor that adds `delta` to the output of the child module `layer`.
-
-    With delta = 0 the model computes exactly what it did; differentiating with respect
-    to delta is differentiating with respect to that layer's output. The layer's output is
-    also kept in `captured`.
-    """
+    """A flax method interceptor that adds `delta` to the output of the child module `layer`
+    and keeps that output in `captured`: the gradient with respect to delta (at 0) is the
+    gradient with respect to the layer's output."""
     depth = [0]
 
     def interceptor(next_fun, args, kwargs, context):
@@ -355,46 +292,29 @@ def _grad_cam_fn(model: nn.Module, layer: str):
     return jax.jit(run)
 
 
-def grad_cam(
-    model: nn.Module, params: Any, image: jax.Array, class_index: int | None = None, layer: str | None = None
-) -> GradCam:
+def grad_cam(model: nn.Module, params: Any, image: jax.Array, class_index: int | None = None) -> GradCam:
     """Grad-CAM heatmap of one image (H, W, C) for `class_index` (default: the predicted class).
 
-    The gradient of the class score (the model head's `score`: the class's logit, or +-z for
-    the sigmoid head) with respect to `layer`'s output (default: the last conv layer),
-    averaged over positions, weighs that layer's channels; the heatmap is
-    ReLU(sum_c w_c A_c) divided by its maximum (all zeros when nothing speaks for the class).
+    The gradient of the class score (the head's `score`) with respect to the last conv
+    layer's output, averaged over positions, weighs its channels: the heatmap is
+    ReLU(sum_c w_c A_c) over its maximum (all zeros when nothing speaks for the class).
     """
     image = jnp.asarray(image, jnp.float32)
-    if image.ndim == 4 and image.shape[0] == 1:
-        image = image[0]
     if image.ndim != 3:
         raise ValueError(f"expected one image (H, W, C), got shape {image.shape}")
-    layer = layer or last_conv_layer(model)
-    resolve_layers(model, [layer])
     classes = model.head.num_classes
     if class_index is not None and not 0 <= class_index < classes:
         raise ValueError(f"class_index must be in 0..{classes - 1}, got {class_index}")
     index = jnp.int32(-1 if class_index is None else class_index)
-    heatmap, c, probability, predicted = jax.device_get(_grad_cam_fn(model, layer)(params, image, index))
-    if heatmap.ndim != 2:
-        raise ValueError(f"layer {layer} has output shape {heatmap.shape} per image; Grad-CAM needs a (h, w, channels) layer")
+    heatmap, c, probability, predicted = jax.device_get(_grad_cam_fn(model, last_conv_layer(model))(params, image, index))
     return GradCam(np.asarray(heatmap), int(c), float(probability), int(predicted))
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """The heatmap upsampled (bilinear) to the image, coloured with jet, blended: (H, W, 3) in 0..1.
-
-    image: (H, W, 3) or (H, W, 1) in 0..1. The result is (1 - alpha) * image + alpha * colour.
-    """
+    """The heatmap upsampled (bilinear) to the image (H, W, 3 or 1; 0..1) and coloured with jet: (1 - alpha) * image + alpha * colour."""
     import matplotlib
 
     image = np.asarray(image, np.float32)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    height, width = image.shape[:2]
-    upsampled = np.asarray(jax.image.resize(jnp.asarray(heatmap, jnp.float32), (height, width), "bilinear"))
+    upsampled = np.asarray(jax.image.resize(jnp.asarray(heatmap, jnp.float32), image.shape[:2], "bilinear"))
     colour = matplotlib.colormaps["jet"](np.clip(upsampled, 0, 1))[..., :3]
-    return np.clip((1 - alpha) * image + alpha * colour, 0, 1).astype(np.float32)
+    return np.clip((1 - alpha) * image + alpha * colour, 0, 1).astype(np.float32)  # a gray image broadcasts to 3 channels

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -22,11 +21,7 @@ from cnnjax import files
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Save through `files.atomic_path` (a reader never sees half a PNG).
-
-    The format follows the suffix of `path` where matplotlib knows it (.png, .pdf, .svg, ...);
-    PNG otherwise.
-    """
+    """Save through `files.atomic_path` (a reader never sees half a PNG), as the suffix's format or PNG."""
     path = Path(path)
     suffix = path.suffix[1:].lower()
     with files.atomic_path(path) as tmp:
@@ -34,19 +29,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     return path
 
 
-_HISTORY_PANELS = (
-    ("accuracy", "Training and Validation Accuracy", "Training Accuracy", "Validation Accuracy"),
-    ("loss", "Training and Validation Loss", "Training Loss", "Validation Loss"),
-)
-
-
 def _metric(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
-    """One column of the history as float64, with NaN where a row has None, a non-finite value or no entry.
-
-    matplotlib leaves NaN undrawn: a gap in a line, no dot.
-    """
-    values = [row.get(key) for row in history]
-    column = np.array([math.nan if v is None else float(v) for v in values], np.float64)
+    """One column of the history, NaN (undrawn: a gap) where a row has None, a non-finite value or no entry."""
+    column = np.array([math.nan if row.get(key) is None else row[key] for row in history], np.float64)
     column[~np.isfinite(column)] = math.nan
     return column
 
@@ -54,22 +39,19 @@ def _metric(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
 def history_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
     """The lecture's two-panel "Accuracy & Loss" figure, returned unsaved (1000x500 pixels at dpi 100).
 
-    Each row is one epoch: "epoch" (1-based; the row's position when absent) and any of
-    loss, accuracy, val_loss, val_accuracy. Training is drawn as blue dots, validation as a
-    red line with small markers, so that a single epoch, or one left alone between gaps,
-    still shows. A metric that is None, NaN or infinite in a row (a diverged epoch; strict
-    JSON writes NaN as null) is left out: a gap, not an error. The x axis ticks whole
-    epochs only; a one-epoch history gets half an epoch of room on either side.
+    Each row is one epoch: "epoch" (1-based; the row's position when absent) and any of loss,
+    accuracy, val_loss, val_accuracy. Validation is a line with markers, so that an epoch
+    alone between gaps still shows; None, NaN or infinite values (a diverged epoch) are gaps.
     """
     epochs = np.array([row.get("epoch", i + 1) for i, row in enumerate(history)], np.float64)
     fig = Figure(figsize=(10, 5))
-    for panel, (metric, title, train_label, val_label) in enumerate(_HISTORY_PANELS):
+    for panel, (metric, name) in enumerate((("accuracy", "Accuracy"), ("loss", "Loss"))):
         ax = fig.add_subplot(1, 2, panel + 1)
         if any(metric in row for row in history):
-            ax.plot(epochs, _metric(history, metric), "bo", label=train_label)
+            ax.plot(epochs, _metric(history, metric), "bo", label=f"Training {name}")
         if any(f"val_{metric}" in row for row in history):
-            ax.plot(epochs, _metric(history, f"val_{metric}"), "r-", marker="o", markersize=4, label=val_label)
-        ax.set_title(title)
+            ax.plot(epochs, _metric(history, f"val_{metric}"), "r-", marker="o", markersize=4, label=f"Validation {name}")
+        ax.set_title(f"Training and Validation {name}")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))  # one epoch: one tick, not 0.1 steps
         if len(epochs) and epochs.min() == epochs.max():
@@ -95,8 +77,6 @@ def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequenc
     fig = Figure(figsize=(2.5 * cols, 2.5 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
         ax.axis("off")
     for i, image in enumerate(images):
         ax = axes.flat[i]
@@ -110,18 +90,12 @@ def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequenc
 # --- Looking inside a convnet (cnnjax.inspect) ------------------------------------------
 
 
-def _no_ticks(ax: Axes) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def plot_channel(activation: np.ndarray, channel: int, path: str | os.PathLike, title: str | None = None) -> Path:
     """One channel of an activation (H, W, C), as the lecture's plt.matshow(..., cmap='viridis')."""
-    activation = np.asarray(activation)
     fig = Figure(figsize=(3, 3.3))
     ax = fig.subplots()
-    ax.matshow(activation[..., channel], cmap="viridis")
-    _no_ticks(ax)
+    ax.matshow(np.asarray(activation)[..., channel], cmap="viridis")
+    ax.set(xticks=[], yticks=[])
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -129,11 +103,7 @@ def plot_channel(activation: np.ndarray, channel: int, path: str | os.PathLike, 
 
 
 def plot_activation_grid(layer_name: str, grid: np.ndarray, path: str | os.PathLike, images_per_row: int = 16) -> Path:
-    """A channel grid (`cnnjax.inspect.activation_grid`) as the lecture draws it.
-
-    Figure size is the grid's pixel size times 1/size (one inch per channel tile), title
-    the layer name, imshow with viridis, aspect auto, no grid lines.
-    """
+    """A channel grid (`cnnjax.inspect.activation_grid`) as the lecture draws it: one inch per channel tile, viridis."""
     grid = np.asarray(grid)
     scale = images_per_row / grid.shape[1]  # 1 / size: the grid is images_per_row tiles wide
     fig = Figure(figsize=(scale * grid.shape[1], max(scale * grid.shape[0], 1.0) + 0.4))
@@ -178,7 +148,7 @@ def plot_heatmap(overlay: np.ndarray, heatmap: np.ndarray, path: str | os.PathLi
     right.imshow(np.asarray(overlay))
     right.set_title("overlay", fontsize=10)
     for ax in (left, right):
-        _no_ticks(ax)
+        ax.set(xticks=[], yticks=[])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -198,8 +168,7 @@ def curve_stats(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> t
 
 
 def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
-    """The ablation's figure: mean validation accuracy and loss per epoch of every setting (its
-    result record: name, status, histories), with a ±1 std band over seeds."""
+    """Mean validation accuracy and loss per epoch of each ablation setting, with a ±1 std band over seeds."""
     fig = Figure(figsize=(13, 5))
     axes = fig.subplots(1, 2)
     for result in results:

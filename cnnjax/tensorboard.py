@@ -1,17 +1,13 @@
 """TensorBoard logs as Keras's TensorBoard callback writes them, without TensorFlow.
 
-One run (one seed of a training, one setting of an ablation) is one folder of event files:
-per epoch the scalars "epoch/loss", "epoch/accuracy", "epoch/val_loss",
-"epoch/val_accuracy" and "epoch/learning_rate" at step = epoch (1-based; non-finite values
-are skipped: a gap, as strict JSON's null in history.json), the resolved config as the
-run's hparams (in the run's own folder: tensorboardX's `add_hparams` would make a
-timestamped sub-run), and figures as images. `tensorboard --logdir RUN/tensorboard`.
+One run (a seed of a training, a setting of an ablation) is one folder: per epoch the
+scalars "epoch/<metric>" at step = epoch, the config as the run's hparams (in the run's own
+folder, where tensorboardX's `add_hparams` would make a timestamped sub-run), and figures.
 
-Why not tensorboardX's SummaryWriter: it writes from a background thread, and its flush()
-does not wait for that thread, so a process killed right after an epoch was logged can lose
-that epoch from the event file for good (measured: 20 of 20 fresh writers had not written a
-scalar logged and flushed an instant before). Its event writer (`EventsWriter`) is used
-here directly: every call is in the file when it returns.
+Why not tensorboardX's SummaryWriter: it writes from a background thread that its flush()
+does not wait for, so a process killed right after an epoch was logged can lose that epoch
+for good (measured: 20 of 20 fresh writers had not written a scalar logged and flushed an
+instant before). Its `EventsWriter` is used directly: every call is in the file when it returns.
 """
 
 from __future__ import annotations
@@ -32,11 +28,6 @@ from tensorboardX.summary import hparams, scalar
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
 
-def hparam(value: Any) -> bool | int | float | str:
-    """A config value as TensorBoard's hparams hold them: booleans, numbers and strings; anything else as its str."""
-    return value if isinstance(value, (bool, int, float, str)) else str(value)
-
-
 class Writer:
     """The event file of one run in `logdir` (created if needed)."""
 
@@ -47,22 +38,21 @@ class Writer:
         self._events = EventsWriter(str(self.logdir / "events"), f".{time.time_ns()}-{os.getpid()}")
         self._session_end: Summary | None = None
 
-    def _write(self, summary: Summary, step: int | None = None) -> None:
-        event = Event(wall_time=time.time(), summary=summary)
-        if step is not None:
-            event.step = int(step)
-        self._events.write_event(event)
+    def _write(self, summary: Summary, step: int = 0) -> None:
+        self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
         self._events.flush()
 
     def config(self, flat: Mapping[str, Any]) -> None:
-        """The run's config ({"section.field": value}) as its hparams. Only the session's start is
-        written (its end at `close`): TensorBoard reads an experiment summary from one run only, so
-        with one per run the HParams tab would show the first run's keys alone."""
-        _, start, self._session_end = hparams({k: hparam(v) for k, v in flat.items()}, {})
+        """The run's config ({"section.field": value}) as its hparams; values other than booleans, numbers
+        and strings as their str. Only the session's start is written (its end at `close`): TensorBoard
+        reads an experiment summary from one run only, so with one per run the HParams tab would show
+        the first run's keys alone."""
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+        _, start, self._session_end = hparams(flat, {})
         self._write(start)
 
     def epoch(self, row: Mapping[str, Any]) -> None:
-        """One history row (plus "learning_rate") as scalars at step row["epoch"]."""
+        """One history row (plus "learning_rate") as scalars at step row["epoch"]; non-finite values are gaps."""
         for key in METRICS:
             value = row.get(key)
             if value is not None and math.isfinite(value):

@@ -121,7 +121,7 @@ def test_gradient_ascent_increases_each_filters_mean_activation(mnist):
     # Filters dead on the grey start (no gradient after the ReLU) come alive too: the ascent follows the pre-activation.
     dead = ascent.before == 0
     assert dead.sum() >= 6 and (ascent.after[dead] > 0).all()
-    patterns = look.filter_patterns(model, params, "conv2d_1", filters=[3, 5], steps=3)
+    patterns = look.filter_ascent(model, params, "conv2d_1", filters=[3, 5], steps=3).patterns
     assert patterns.shape == (2, 28, 28, 1) and patterns.min() >= 0 and patterns.max() <= 1
     with pytest.raises(ValueError, match="0..63"):
         look.filter_ascent(model, params, "conv2d_1", filters=[64])
