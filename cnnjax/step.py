@@ -1,16 +1,12 @@
 """The steps: one seed, one global batch, pure functions; and how a pass of steps is compiled.
 
-A batch is a dict: "image" uint8 (B, H, W, C), "label" int32 (B,), "weight" float32 (B,).
-Weight-0 rows are padding: an epoch sees every example once, as Keras does, and its last
-batch is padded to the full size so that one compiled program serves every step (the
-padding changes neither the loss nor its gradient). A step returns the batch's totals
-(weighted loss sum, correct count, example count), summed over the pass.
+A batch is a dict: "image" uint8 (B, H, W, C), "label" int32 (B,), "weight" float32 (B,). An
+epoch sees every example once, as Keras does; its last batch is padded with weight-0 rows so
+that one compiled program serves every step (the padding changes neither loss nor gradient).
 
-`compile_steps` is the one place where a step meets the devices: vmap over seeds (the
-state has a leading seed axis, K=1 for a single run), lax.scan over the steps of a call,
-jit with named shardings on the (seed, data) mesh (cnnjax.mesh). Augmentation and dropout
-draw from the state's key folded with the step number, then per example from its position
-in the global batch, so 1, 2 or 8 devices compute the same numbers.
+`compile_steps` is the one place where a step meets the devices. Augmentation and dropout draw
+from the state's key folded with the step number, then per example from its position in the
+global batch, so 1, 2 or 8 devices compute the same numbers.
 """
 
 from __future__ import annotations
@@ -83,11 +79,8 @@ def abstract_states(model: nn.Module, tx: optax.GradientTransformation, num_seed
 
 
 def preprocess(images: Array, rng: Array | None = None, augment: AugmentConfig | None = None) -> Array:
-    """uint8 pixels -> float, augmented (when given) on the 0..255 scale, then / 255.
-
-    Keras's ImageDataGenerator also augments first and rescales after, so a constant fill
-    value (cval) means the same in both.
-    """
+    """uint8 pixels -> float, augmented (when given) on the 0..255 scale, then / 255: Keras's
+    ImageDataGenerator also rescales after augmenting, so a constant fill value (cval) means the same."""
     x = images.astype(jnp.float32)
     if augment is not None and not augment.is_identity:
         x = random_augment(rng, x, augment)
@@ -130,16 +123,12 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> tuple[Any, Tota
 
 def compile_steps(step: Callable[[Any, Batch], tuple[Any, Totals]], mesh: Mesh, *, per_seed: bool, resident: bool,
                   donate: bool) -> Callable:
-    """`step(carry, batch) -> (carry, totals)` as one jitted call over many steps and every seed:
-
-        run(carry, totals, batches, data) -> (carry, totals)
-
-    carry (a TrainState or params) and totals have a leading seed axis, sharded over `seed`.
-    batches hold the call's steps on a leading axis (after the seed axis when `per_seed`: each
-    seed its own order), sharded over `data`. With `resident`, a batch is {"index", "weight"}
-    and the step gathers its images and labels from `data` ({"image", "label"}, the whole set,
-    replicated on every device); else batches are whole and data is None.
-    """
+    """`step(carry, batch) -> (carry, totals)` as one jitted `run(carry, totals, batches, data) -> (carry, totals)`
+    over many steps (lax.scan) and every seed (vmap). carry (a TrainState or params) and totals have a leading
+    seed axis, sharded over `seed`; batches hold the call's steps on a leading axis (after the seed axis when
+    `per_seed`: each seed its own order), sharded over `data`. With `resident`, a batch is {"index", "weight"}
+    and the step gathers its images and labels from `data` ({"image", "label"}, the whole set, replicated on
+    every device); else batches are whole and data is None."""
 
     def one_seed(carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array) -> tuple[Any, Totals]:
         batch = {k: v[i] for k, v in batches.items()}
@@ -176,21 +165,14 @@ def totals_to_metrics(sums: dict[str, Any]) -> list[dict[str, float]]:
 
 
 def epoch_batches(rng: Array | None, num_examples: int, batch_size: int) -> tuple[Array, Array]:
-    """Index and weight matrices (steps, batch_size) covering every example once.
-
-    rng=None keeps the order (evaluation). The last batch is padded with index 0, weight 0.
-    """
+    """Index and weight matrices (steps, batch_size) covering every example once, shuffled by rng
+    (None: in order, for evaluation). The last batch is padded with index 0, weight 0."""
     steps = math.ceil(num_examples / batch_size)
     order = jnp.arange(num_examples) if rng is None else jax.random.permutation(rng, num_examples)
     pad = steps * batch_size - num_examples
     indices = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).astype(jnp.int32)
     weights = (jnp.arange(steps * batch_size) < num_examples).astype(jnp.float32)
     return indices.reshape(steps, batch_size), weights.reshape(steps, batch_size)
-
-
-def epoch_rng(state_rng: Array, epoch: int | Array) -> Array:
-    """The key of one seed's shuffling in one epoch (0-based)."""
-    return jax.random.fold_in(jax.random.fold_in(state_rng, 0x5EED), epoch)
 
 
 def epoch_order(rngs: np.ndarray, num_examples: int, batch_size: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +185,10 @@ def epoch_order(rngs: np.ndarray, num_examples: int, batch_size: int, epoch: int
 
 @functools.lru_cache(maxsize=8)
 def _order_fn(num_examples: int, batch_size: int) -> Callable:
-    return jax.jit(jax.vmap(lambda rng, epoch: epoch_batches(epoch_rng(rng, epoch), num_examples, batch_size), in_axes=(0, None)))
+    def one_seed(rng: Array, epoch: Array) -> tuple[Array, Array]:  # shuffled by the seed's key of the epoch
+        return epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch), num_examples, batch_size)
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, None)))
 
 
 def steps_per_call(num_steps: int, max_calls: int = 20) -> int:

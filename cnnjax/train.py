@@ -1,24 +1,15 @@
-"""Training: `train_and_evaluate` owns the epoch loop; `evaluate` measures a model on a dataset.
+"""Training: `train_and_evaluate` owns the epoch loop (no callbacks: Keras's early stopping and
+ReduceLROnPlateau are written into it); `evaluate` measures a model on a dataset.
 
-    result = train_and_evaluate(config.catsdogs(2), "checkpoints/exp2")
-
-The loop reads top to bottom, in sections: the mesh, the input, the model and its compiled
-steps, the state (restored from the latest checkpoint, else new), then per epoch: the
-order -> the compiled steps -> evaluation -> the history rows -> the divergence check ->
-the checkpoint -> the logs. There are no callbacks: to add early stopping or a schedule,
-change this loop. The steps themselves are cnnjax.step.
-
-The input is fed one of two ways, chosen once per dataset (`_feed`): a dataset in memory
-is put on every device once, and each call of the compiled steps gathers its batches from
-it by index (no image crosses from the host during training); a stream (cnnjax.data.Stream)
-is read by the host batch by batch and placed two steps ahead. Either way every example is
-seen once per epoch, in the seed's own order, and the numbers are the same.
+The input is fed one of two ways, chosen per dataset (`_feed`): a dataset in memory is put on
+every device once and the compiled steps gather their batches from it by index (no image
+crosses from the host during training); a stream (cnnjax.data.Stream) is read by the host and
+placed two steps ahead. The numbers are the same either way.
 
 A seed whose loss stops being finite is diverged: its history ends with a row marked
 "diverged", its state goes back to its last finite one (the newest intact checkpoint, read
-only when a seed diverges), and it stays there while the other seeds train on. A seed whose
-val_loss has not improved for `train.early_stopping` epochs stops the same way, at its last
-state (its best checkpoint is kept). Training ends once no seed trains.
+only then), and it waits there while the other seeds train on. A seed stopped early
+(`train.early_stopping`) waits the same way, at its last state. Training ends once no seed trains.
 """
 
 from __future__ import annotations
@@ -76,6 +67,7 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
 
     # --- Mesh: seeds over the `seed` axis, each batch over `data`.
     mesh = meshlib.make_mesh(len(seeds)) if mesh is None else mesh
+    seeded = meshlib.sharding(mesh, meshlib.SEED)
     meshlib.check_batch(mesh, cfg.train.batch_size)
     meshlib.check_batch(mesh, cfg.train.eval_batch_size, "train.eval_batch_size")
 
@@ -113,8 +105,8 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
     finished = False
     try:
         for epoch in range(first_epoch, cfg.train.epochs):
-            training = [d is None and s is None for d, s in zip(diverged, stopped)]
-            if not any(training):
+            training = [k for k in range(len(seeds)) if diverged[k] is None and stopped[k] is None]
+            if not training:
                 break
             start, compiled_before = time.perf_counter(), _compile_seconds[0]
             order = step.epoch_order(meshlib.to_host(state.rng), len(train_set), cfg.train.batch_size, epoch)
@@ -123,27 +115,36 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
             rows = [{"epoch": epoch + 1, **m, **{f"val_{k}": v for k, v in val.items()}, "seconds": time.perf_counter() - start}
                     for m, val in zip(step.totals_to_metrics(meshlib.to_host(sums)), evaluate_val(state.params))]
 
-            # Divergence and early stopping: such a seed waits, held at its last finite or its stopping state.
-            newly_diverged = [k for k in range(len(seeds)) if training[k] and not _finite(rows[k])]
+            # Divergence and early stopping: such a seed waits in `kept` while the others train on, held at its last
+            # finite state (the newest intact checkpoint, read only now; before any, a new state) or its stopping state.
+            newly_diverged = [k for k in training if not all(math.isfinite(rows[k][m]) for m in ("loss", "val_loss"))]
             for k in newly_diverged:
                 rows[k]["diverged"], diverged[k] = True, epoch + 1
-            for k in (k for k in range(len(seeds)) if training[k]):
+            for k in training:
                 histories[k].append(rows[k])
-            newly_stopped = [k for k in range(len(seeds)) if training[k] and diverged[k] is None
+            newly_stopped = [k for k in training if diverged[k] is None
                              and cfg.train.early_stopping and _stale(histories[k]) >= cfg.train.early_stopping]
             for k in newly_stopped:
                 rows[k]["stopped"], stopped[k] = True, epoch + 1
-            state, kept = _hold(state, kept, newly_diverged, newly_stopped, diverged, stopped, ckpts, model, tx, seeds, mesh)
+            if newly_diverged:
+                back = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
+                last_finite = step.init_states(model, tx, seeds, mesh) if back is None else back[0]
+                kept = _select(np.isin(range(len(seeds)), newly_diverged), last_finite, state if kept is None else kept, seeded)
+            if newly_stopped:
+                kept = _select(np.isin(range(len(seeds)), newly_stopped), state, state if kept is None else kept, seeded)
+            frozen = np.array([d is not None or s is not None for d, s in zip(diverged, stopped)])
+            if frozen.any():
+                state = kept if frozen.all() else _select(frozen, kept, state, seeded)
             if cfg.optim.plateau_factor:  # ReduceLROnPlateau: the scale for the next epoch, in the optimizer state
                 scales = np.array([optim.plateau_scale(cfg.optim, [row["val_loss"] for row in h]) for h in histories], np.float32)
-                state = state.replace(opt_state=(*state.opt_state[:-1], optim.PlateauState(meshlib.put(scales, _seeded(mesh)))))
+                state = state.replace(opt_state=(*state.opt_state[:-1], optim.PlateauState(meshlib.put(scales, seeded))))
 
             # Checkpoint, history, logs.
-            if any(training[k] and k not in newly_diverged for k in range(len(seeds))):
+            if any(k not in newly_diverged for k in training):
                 _save(ckpts, epoch + 1, state, cfg, model, train_set.class_names, seeds, histories, diverged, stopped)
             _write_history(workdir, seeds, histories)
             steps_done = meshlib.to_host(state.step)
-            for k in (k for k in range(len(seeds)) if training[k]):
+            for k in training:
                 if verbose:
                     prefix = f"[seed {seeds[k]}] " if len(seeds) > 1 else ""
                     print(prefix + format_epoch(rows[k], cfg.train.epochs, _compile_seconds[0] - compiled_before, cfg.train.early_stopping),
@@ -162,10 +163,9 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
     return Result(seeds, histories, diverged, best_epochs(histories), state, stopped)
 
 
-def evaluate(model: nn.Module, params: Any, dataset: Any, batch_size: int = 100, mesh: Mesh | None = None) -> dict[str, float]:
-    """Loss and accuracy of one seed's parameters over all of `dataset` (in memory or a stream),
-    on one device of this process unless a mesh is given."""
-    mesh = meshlib.make_mesh(1, jax.local_devices()[:1]) if mesh is None else mesh
+def evaluate(model: nn.Module, params: Any, dataset: Any, batch_size: int = 100) -> dict[str, float]:
+    """Loss and accuracy of one seed's parameters over all of `dataset` (in memory or a stream), on one device of this process."""
+    mesh = meshlib.make_mesh(1, jax.local_devices()[:1])
     stacked = jax.device_put(jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], params), meshlib.sharding(mesh, meshlib.SEED))
     return _evaluator(model, dataset, mesh, min(batch_size, len(dataset)))(stacked)[0]
 
@@ -190,10 +190,6 @@ def format_epoch(row: dict[str, Any], epochs: int, compiling: float = 0.0, patie
     return f"Epoch {row['epoch']}/{epochs} - {seconds} - {metrics}{note}"
 
 
-def history_figure_name(seed: int, num_seeds: int) -> str:
-    return "history.png" if num_seeds == 1 else f"history-seed{seed}.png"
-
-
 def read_history(workdir: str | Path) -> dict[int, History]:
     """history.json of a run folder, as {seed: rows}."""
     out: dict[int, History] = {}
@@ -209,12 +205,8 @@ def _feed(dataset: Any, mesh: Mesh) -> tuple[dict[str, jax.Array] | None, Callab
     """(the data the compiled steps gather from, or None; batches(indices, weights) -> the host
     batches of a pass, each holding the steps of one call). indices and weights are the pass's
     order (seeds or 1, steps, batch) restricted to this process's block."""
-    if isinstance(dataset, data.Stream):
-        def read(indices: np.ndarray, weights: np.ndarray) -> Iterator[dict]:
-            for batch in dataset.batches(indices, weights):  # one step: (seeds, batch, ...)
-                yield {k: v[:, None] for k, v in batch.items()}  # one call of one step
-
-        return None, read
+    if isinstance(dataset, data.Stream):  # the host reads each step's batch (seeds, batch, ...): one call of one step
+        return None, lambda indices, weights: ({k: v[:, None] for k, v in b.items()} for b in dataset.batches(indices, weights))
 
     replicated = meshlib.replicated(mesh)
     on_device = {"image": meshlib.put(dataset.images, replicated), "label": meshlib.put(np.asarray(dataset.labels, np.int32), replicated)}
@@ -236,7 +228,11 @@ def _run_pass(fn: Callable, carry: Any, batches: Iterable[dict], on_device: dict
     sums = jax.device_put(step.zero_totals(num_seeds), meshlib.sharding(mesh, meshlib.SEED))
     sharding = meshlib.sharding(mesh, *((meshlib.SEED,) if per_seed else ()), None, meshlib.DATA)
     in_flight: collections.deque = collections.deque()
-    bar = _progress_bar(progress)
+    bar = None
+    if progress is not None:  # (description, steps): a bar for a terminal; reading the totals for it waits for the devices
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=progress[0], total=progress[1], leave=False, unit="step", dynamic_ncols=True)
     for batch in _prefetch(batches if per_seed else ({k: v[0] for k, v in b.items()} for b in batches), sharding):
         carry, sums = fn(carry, sums, batch, on_device)
         in_flight.append(sums)
@@ -251,8 +247,7 @@ def _run_pass(fn: Callable, carry: Any, batches: Iterable[dict], on_device: dict
 
 
 def _prefetch(batches: Iterable[dict], sharding: jax.sharding.NamedSharding, ahead: int = 2) -> Iterator[dict]:
-    """Host batches (this process's block) as global arrays, `ahead` batches on the devices before
-    the one handed out."""
+    """Host batches (this process's block) as global arrays, `ahead` batches on the devices before the one handed out."""
     queue: collections.deque = collections.deque()
     for batch in batches:
         queue.append({k: meshlib.put_local(np.asarray(v), sharding) for k, v in batch.items()})
@@ -294,7 +289,7 @@ def _evaluator(model: nn.Module, dataset: Any, mesh: Mesh, batch_size: int) -> C
 
     def run(params: Any) -> list[dict[str, float]]:
         _, sums = _run_pass(fn, params, batches(indices, weights), on_device, mesh, per_seed=False)
-        return [{"loss": m["loss"], "accuracy": m["accuracy"]} for m in step.totals_to_metrics(meshlib.to_host(sums))]
+        return step.totals_to_metrics(meshlib.to_host(sums))
 
     return run
 
@@ -338,44 +333,15 @@ def _where_frozen(frozen: jax.Array, kept: TrainState, new: TrainState) -> Train
     return jax.tree.map(lambda o, n: jnp.where(frozen.reshape((-1,) + (1,) * (n.ndim - 1)), o, n), kept, new)
 
 
-def _seeded(mesh: Mesh) -> jax.sharding.NamedSharding:
-    return meshlib.sharding(mesh, meshlib.SEED)
-
-
-def _select(frozen: np.ndarray, kept: TrainState, new: TrainState, mesh: Mesh) -> TrainState:
-    """Per seed, `kept` where frozen, else `new`, keeping the state's sharding."""
-    return jax.device_put(_where_frozen(meshlib.put(frozen, _seeded(mesh)), kept, new), _seeded(mesh))
-
-
-def _hold(state: TrainState, kept: TrainState | None, newly_diverged: list[int], newly_stopped: list[int],
-          diverged: list[int | None], stopped: list[int | None], ckpts: checkpoint.Checkpoints, model: nn.Module, tx: Any,
-          seeds: list[int], mesh: Mesh) -> tuple[TrainState, TrainState | None]:
-    """(state, kept): a seed that diverged goes back to its last finite state (the newest intact checkpoint,
-    read only now; before any, a new state), a seed stopped early stays as it is; both wait in `kept`
-    while the others train on."""
-    def mask(ks: list[int]) -> np.ndarray:
-        return np.array([k in ks for k in range(len(seeds))])
-
-    if newly_diverged:
-        back = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
-        kept = _select(mask(newly_diverged), step.init_states(model, tx, seeds, mesh) if back is None else back[0],
-                       state if kept is None else kept, mesh)
-    if newly_stopped:
-        kept = _select(mask(newly_stopped), state, state if kept is None else kept, mesh)
-    frozen = np.array([d is not None or s is not None for d, s in zip(diverged, stopped)])
-    if frozen.any():
-        state = kept if frozen.all() else _select(frozen, kept, state, mesh)
-    return state, kept
+def _select(frozen: np.ndarray, kept: TrainState, new: TrainState, seeded: jax.sharding.NamedSharding) -> TrainState:
+    """Per seed, `kept` where frozen, else `new`, keeping the state's sharding (`seeded`)."""
+    return jax.device_put(_where_frozen(meshlib.put(frozen, seeded), kept, new), seeded)
 
 
 def _stale(history: History) -> int:
     """Epochs since the lowest val_loss (Keras's EarlyStopping: a tie is no improvement)."""
     losses = [row["val_loss"] for row in history]
     return len(losses) - 1 - int(np.argmin(losses))
-
-
-def _finite(row: dict[str, Any]) -> bool:
-    return all(math.isfinite(row[k]) for k in ("loss", "val_loss") if k in row)
 
 
 def _write_history(workdir: Path, seeds: Sequence[int], histories: Sequence[History]) -> None:
@@ -405,34 +371,22 @@ def _write_figures(workdir: Path, seeds: Sequence[int], histories: Sequence[Hist
     from cnnjax import plots
 
     for k, (seed, history) in enumerate(zip(seeds, histories)):
-        path = plots.plot_history(history, workdir / history_figure_name(seed, len(seeds)))
+        path = plots.plot_history(history, workdir / ("history.png" if len(seeds) == 1 else f"history-seed{seed}.png"))
         if writers:
             writers[k].png("history", path, history[-1]["epoch"] if history else 0)
             if (workdir / "preview.png").is_file():
                 writers[k].png("preview", workdir / "preview.png", 0)
 
 
-def _progress_bar(progress: tuple[str, int] | None) -> Any:
-    """A bar within the epoch (description, steps), for a terminal; reading the totals for it waits for the devices."""
-    if progress is None:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=progress[0], total=progress[1], leave=False, unit="step", dynamic_ncols=True)
-
-
 _compile_seconds = [0.0]
 
 
+@functools.cache
 def _count_compile_time() -> None:
-    """Count the seconds jax spends compiling (tracing, lowering, XLA), for the first epoch's line.
-    Registered once, when a training first starts."""
-    if getattr(_count_compile_time, "registered", False):
-        return
+    """Count the seconds jax spends compiling (tracing, lowering, XLA), for the first epoch's line."""
 
     def listen(event: str, seconds: float, **_: Any) -> None:
         if event.startswith("/jax/core/compile/"):
             _compile_seconds[0] += seconds
 
     jax.monitoring.register_event_duration_secs_listener(listen)
-    _count_compile_time.registered = True  # type: ignore[attr-defined]
