@@ -2,26 +2,15 @@
 
     RUN/checkpoints/<epoch>/
         <tree>/          one orbax item per pytree the caller names (params, opt_state, ...)
-        description/     JSON: whatever the caller says the checkpoint is (epoch, config,
-                         model, class names, history, best-so-far)
+        description/     JSON: whatever the caller says it is (epoch, config, model, class names, history, best-so-far)
+        checksums.json   the seal: the sha256 of every file orbax wrote
 
-`Checkpoints` wraps orbax's CheckpointManager: every save is atomic (orbax writes into
-a temporary folder and renames it when complete; temporaries a killed process left are
-removed when the manager opens the folder), the latest `keep_latest` saves are kept, and
-for each named metric the save where it was lowest (orbax's BestN preservation policy),
-so a run's best epoch (per seed) is never deleted.
-
-Every save is then sealed: `checksums.json` holds the sha256 of every file orbax wrote.
-Nothing is read from a checkpoint before its files are checked against it (`damage`): a
-changed byte, a missing or cut-off file, or a save that never got its seal (killed in
-between) makes the checkpoint damaged. A run resumes from the newest intact one, saying
-which it skipped and why; loading a damaged model is an error naming it.
-
-`Checkpoints` knows pytrees and JSON, nothing about training: the caller builds the
-abstract target of a restore (jax.eval_shape, with shardings) and reads the description.
-`read_description` / `restore_trees` open a single epoch folder directly. At the bottom,
-a saved model found and loaded from a run folder alone (`find`, `load_model`, `save_model`):
-what evaluate.py, activations.py and the ablation's test accuracy use.
+Every save is atomic (orbax renames a finished temporary folder; those a killed process left are removed
+when the folder is reopened). The latest `keep_latest` saves are kept, and for each named metric the one
+where it was lowest, so a run's best epoch (per seed) is never deleted. Nothing is read from a checkpoint
+before its files are checked against its seal (`damage`): a changed byte, a missing or cut-off file, or a
+save killed before its seal makes it damaged. A run resumes from the newest intact one; loading a damaged
+model is an error naming it.
 """
 
 from __future__ import annotations
@@ -73,9 +62,8 @@ class Checkpoints:
             checkpoint_managers.BestN(get_metric_fn=lambda metrics, name=name: _finite_or_inf(metrics.get(name)), n=1, reverse=True)
             for name in best_metrics
         ]
-        # best_fn only makes orbax write each save's metrics to disk (the preservation policy
-        # decides what is kept): without them a reopened folder would not know its old
-        # checkpoints' metrics, and a resumed run would keep stale ones forever.
+        # best_fn only makes orbax write each save's metrics to disk (the preservation policy decides what is kept):
+        # without them a reopened folder would not know its old checkpoints' metrics, and would keep stale ones forever.
         first = best_metrics[0] if best_metrics else None
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
@@ -171,8 +159,7 @@ def damage(path: str | os.PathLike) -> str | None:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return (path / DESCRIPTION).is_dir()
+    return (Path(path) / DESCRIPTION).is_dir()
 
 
 def _require(path: Path) -> None:
@@ -193,21 +180,15 @@ def read_description(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[str, Any]:
-    """The named trees of one checkpoint folder, shaped (and sharded, where the leaves say so) like `abstract`.
-
-    Leaves of `abstract` are arrays or jax.ShapeDtypeStruct (from jax.eval_shape); only the
-    trees named are read.
-    """
+    """The trees named in `abstract` (only those are read), shaped and sharded like its leaves (arrays or ShapeDtypeStructs)."""
     path = Path(path).absolute()
     _require(path)
     missing = [name for name in abstract if not (path / name).is_dir()]
     if missing:
         raise CheckpointError(f"{path} has no {', '.join(missing)}; it was saved by another kind of run")
-    targets = {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree) for name, tree in abstract.items()}
+    targets = {name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)) for name, tree in abstract.items()}
     try:
-        restored = _checkpointer().restore(
-            path, ocp.args.Composite(**{name: ocp.args.StandardRestore(tree) for name, tree in targets.items()})
-        )
+        restored = _checkpointer().restore(path, ocp.args.Composite(**targets))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} does not fit what was asked for ({str(e).splitlines()[0][:200]})") from None
     return {name: restored[name] for name in abstract}

@@ -1,16 +1,17 @@
 """Writing files so that a reader never sees half of one, and cleaning up after dead writers.
 
-Every file cnnjax writes (JSON, CSV, PNG, the decode cache, downloads) goes through
-`atomic_path` or `atomic_write`: the bytes go to a hidden temporary file beside the
-target, are flushed to disk, and replace the target in one `os.replace`. A process
-killed at any moment leaves either the old file or the new one, plus at most a
-temporary named `.NAME.tmp-PID-XXXX` that `clean_orphans` removes once PID is dead.
+Every file cnnjax writes (JSON, CSV, PNG, the decode cache, downloads) goes through `atomic_path` or
+`atomic_write`: the bytes go to a hidden temporary file beside the target, are flushed to disk, and replace
+the target in one `os.replace`. A process killed at any moment leaves either the old file or the new one,
+plus at most a temporary named `.NAME.tmp-PID-XXXX` that `clean_orphans` removes once PID is dead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -49,34 +50,27 @@ def temporary_name(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write to; on success it replaces `path`, on error it is removed.
+    """Yield a temporary file name to write to, for writers that take one (matplotlib, PIL, shutil).
 
-    For writers that take a file name (matplotlib, PIL, numpy, tarfile). The temporary
-    may be a file or a folder; a folder replaces `path` only where `path` does not exist
-    or is an empty folder.
-    """
+    On success the file replaces `path`; on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """`open(path, mode)` that only ever shows the finished file (see the module docstring)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
-    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
         yield f
         f.flush()
 
@@ -102,9 +96,6 @@ def strict_json(obj: Any) -> Any:
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Rows as CSV (columns in first-seen order; NaN and infinities as empty cells, as strict JSON has null), atomically."""
-    import csv
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
     writer.writeheader()
@@ -129,8 +120,6 @@ def read_json(path: str | os.PathLike) -> Any:
 def clean_orphans(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
     """Remove the temporaries that writers which are no longer alive left in `folder`."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
     removed = []
     for path in folder.rglob(".*.tmp-*") if recursive else folder.glob(".*.tmp-*"):
         match = _TMP.match(path.name)

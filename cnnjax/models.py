@@ -1,19 +1,13 @@
-"""The lecture's two convnets as flax.linen modules, with Keras's layer names.
+"""The lecture's two convnets as flax.linen modules, with Keras's layer names and default initialisers.
 
-Both return logits (the pre-softmax / pre-sigmoid scores) and carry their head (`Softmax`,
-`Sigmoid`): what the logits mean. The head owns the loss (applying the softmax / sigmoid
-itself, the numerically stable way), the predicted class, the probabilities Keras's last
-layer would output, and the class count; the train step, evaluation and inspection ask
-the head and never switch on the kind of model. A head counts the correct examples too.
-
-Each layer is a flax module named as Keras names it, so flax's `capture_intermediates`
-gives every layer's output by name: the summary table and the activation pictures read
-the real shapes from there. Keras's default initialisers are used (glorot_uniform kernels, zero biases) so
-training behaves like the lecture's.
+Both return logits and carry their head (`Softmax`, `Sigmoid`), which owns what the logits mean: the loss
+(the numerically stable way), the predicted class, the probabilities Keras's last layer would output and
+the class count, so the train step, evaluation and inspection never switch on the kind of model.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -30,9 +24,6 @@ from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
 glorot_uniform = nn.initializers.glorot_uniform()
 zeros = nn.initializers.zeros
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {None: lambda x: x, "relu": nn.relu}
-
-
-# --- Heads: what the logits mean ------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +80,14 @@ class Sigmoid:
         return jnp.where(label == 1, logits, -logits)
 
 
-Head = Softmax | Sigmoid
-
-
-# Keras-like layers. Each is a module of its own so that its output is what flax's
-# `capture_intermediates` records for it (the activation included, as in Keras), and
-# its parameters sit directly under its name: params["conv2d"]["kernel"].
+# Keras-like layers, each a module of its own so that its output is what flax's `capture_intermediates`
+# records for it (the activation included, as in Keras) and its parameters sit under its name: params["conv2d"].
 
 
 class Conv2D(nn.Module):
-    """Keras's Conv2D: 'valid' padding, stride 1, glorot_uniform kernel, zero bias, an activation.
+    """Keras's Conv2D ('valid' padding, stride 1), its parameters named and shaped as nn.Conv's.
 
-    Parameters as nn.Conv names and shapes them (kernel (kh, kw, C_in, C_out), bias);
-    the convolution is `cnnjax.ops.conv2d_nhwc`, whose gradient is fast on the CPU too.
-    """
+    The convolution is `cnnjax.ops.conv2d_nhwc`, whose gradient is fast on the CPU too."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
@@ -116,10 +101,9 @@ class Conv2D(nn.Module):
 
 
 class Dense(nn.Dense):
-    """nn.Dense with Keras's default initialisers and an activation."""
+    """nn.Dense with Keras's default initialisers (a glorot_uniform kernel; nn.Dense's biases are zeros already) and an activation."""
 
     kernel_init: Callable = glorot_uniform
-    bias_init: Callable = zeros
     activation: str | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -129,7 +113,6 @@ class Dense(nn.Dense):
 class MaxPooling2D(nn.Module):
     """2x2 max pooling, stride 2, 'valid'."""
 
-    @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return max_pool_nhwc(x, 2)
 
@@ -137,10 +120,8 @@ class MaxPooling2D(nn.Module):
 class Dropout(nn.Module):
     """Keras's Dropout: in training, zero each unit with probability `rate` and scale the rest by 1/(1-rate).
 
-    Each example's mask comes from its own key, the step's "dropout" key folded with the
-    example's position in the global batch, so the masks do not depend on how the batch
-    is split over devices (nn.Dropout draws one mask for the whole array).
-    """
+    Each example's mask comes from the step's "dropout" key folded with the example's position in the
+    global batch, so masks do not depend on how the batch is split over devices (nn.Dropout draws one)."""
 
     rate: float
 
@@ -155,7 +136,6 @@ class Dropout(nn.Module):
 
 
 class Flatten(nn.Module):
-    @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return x.reshape(x.shape[0], -1)
 
@@ -186,8 +166,7 @@ class MnistConvNet(nn.Module):
 class CatsDogsConvNet(nn.Module):
     """The lecture's cats-vs-dogs convnet: 3,453,121 parameters. Returns one logit per image.
 
-    dropout_rate > 0 inserts Dropout after Flatten (the lecture's second experiment).
-    """
+    dropout_rate > 0 inserts Dropout after Flatten (the lecture's second experiment)."""
 
     dropout_rate: float = 0.0
     input_shape: tuple[int, int, int] = (150, 150, 3)
@@ -221,8 +200,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     for name, cls in MODELS.items():
         if type(model) is cls:
             fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
-            fields["input_shape"] = list(fields["input_shape"])
-            return {"model": name, **fields}
+            return {"model": name, **fields, "input_shape": list(model.input_shape)}
     raise ValueError(f"unknown model class {type(model).__name__}")
 
 
@@ -248,27 +226,21 @@ def from_config(name: str, image_size: int, dropout: float = 0.0) -> nn.Module:
 
 def _fits(model: nn.Module, size: int) -> bool:
     """Whether every layer keeps an output of at least 1 pixel for a size x size input."""
-    probe = model.clone(input_shape=(size, size, model.input_shape[2]))
     try:
-        params = jax.eval_shape(lambda: init_params(probe, jax.random.PRNGKey(0)))
-        x = jax.ShapeDtypeStruct((1, size, size, model.input_shape[2]), jnp.float32)
-        outputs = jax.eval_shape(lambda p, x: layer_outputs(probe, p, x), params, x)
+        shapes = _layer_shapes(model.clone(input_shape=(size, size, model.input_shape[2])))
     except Exception:  # noqa: BLE001 - a layer whose output would be empty fails to trace
         return False
-    return all(min(out.shape[1:], default=1) >= 1 for out in jax.tree.leaves(outputs))
+    return all(min(out.shape[1:], default=1) >= 1 for out in shapes.values())
 
 
 @functools.lru_cache(maxsize=16)
 def min_input_size(model: nn.Module) -> int:
     """The smallest square input every layer of `model` can take, found by tracing its layers
     (no arithmetic copied from them): 46 for the cats-vs-dogs convnet."""
-    lo, hi = 1, model.input_shape[0]  # the model's own size fits
-    if not _fits(model, hi):
+    if not _fits(model, model.input_shape[0]):
         raise ValueError(f"{type(model).__name__} does not fit its own input shape {model.input_shape}")
-    while lo < hi:  # fitting is monotone in the size
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if not _fits(model, mid) else (lo, mid)
-    return lo
+    sizes = range(1, model.input_shape[0] + 1)  # fitting is monotone in the size
+    return sizes[bisect.bisect_left(sizes, True, key=lambda size: _fits(model, size))]
 
 
 def init_params(model: nn.Module, rng: jax.Array) -> Any:
@@ -283,11 +255,7 @@ def predict(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
 
 
 def layer_outputs(model: nn.Module, params: Any, images: jax.Array, train: bool = False, rngs: Any = None) -> dict[str, jax.Array]:
-    """Every layer's output, by Keras name, in the order the layers run.
-
-    Uses flax's `capture_intermediates`, keeping the direct children of the model (the
-    Keras layers) and the model's own output under "output".
-    """
+    """Every layer's output by Keras name, in the order the layers run, and the model's own under "output"."""
     output, state = model.apply(
         {"params": params}, images, train=train, rngs=rngs, capture_intermediates=True, mutable=["intermediates"]
     )
@@ -298,22 +266,26 @@ def layer_outputs(model: nn.Module, params: Any, images: jax.Array, train: bool 
     return {**layers, "output": output}
 
 
-def layer_names(model: nn.Module) -> list[str]:
-    """The Keras layer names in the order the layers run (dropout included when present).
+def _layer_shapes(model: nn.Module, params: Any | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """`layer_outputs` for one example, traced (nothing computed), in the order the layers run.
 
-    Read while tracing: jax sorts dict keys in traced outputs, so the order is taken
-    from the dict flax builds, before it leaves the function.
-    """
+    The order is read while tracing: jax sorts dict keys in traced outputs."""
+    if params is None:
+        params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     names: list[str] = []
 
     def trace(params, x):
         outputs = layer_outputs(model, params, x)
-        names.extend(name for name in outputs if name != "output")
+        names.extend(outputs)
         return outputs
 
-    params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-    jax.eval_shape(trace, params, jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32))
-    return names
+    outputs = jax.eval_shape(trace, params, jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32))
+    return {name: outputs[name] for name in names}
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """The Keras layer names in the order the layers run (dropout included when present)."""
+    return [name for name in _layer_shapes(model) if name != "output"]
 
 
 LAYER_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D", "flatten": "Flatten", "dropout": "Dropout", "dense": "Dense"}
@@ -325,20 +297,15 @@ def layer_type(name: str) -> str:
 
 
 def summary(model: nn.Module, params: Any | None = None) -> str:
-    """The Keras `model.summary()` table: layer (type), output shape with None batch, params.
-
-    Shapes come from tracing the model (jax.eval_shape), so nothing is computed.
-    """
+    """The Keras `model.summary()` table: layer (type), output shape with None batch, params (shapes traced, nothing computed)."""
     if params is None:
         params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
-    dummy = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
-    outputs = jax.eval_shape(lambda p, x: layer_outputs(model, p, x), params, dummy)
     rows = []
-    for name in layer_names(model):
-        out = outputs[name]
-        count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params.get(name, {})))
-        shape = "(None, " + ", ".join(str(d) for d in out.shape[1:]) + ")"
-        rows.append((f"{name} ({layer_type(name)})", shape, f"{count}"))
+    for name, output in _layer_shapes(model, params).items():
+        if name != "output":
+            count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params.get(name, {})))
+            shape = "(None, " + ", ".join(str(d) for d in output.shape[1:]) + ")"
+            rows.append((f"{name} ({layer_type(name)})", shape, str(count)))
     total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
     widths = (max(29, max(len(r[0]) for r in rows) + 1), 26, 10)
     line = lambda cells: "".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
