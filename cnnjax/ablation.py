@@ -1,8 +1,7 @@
 """Ablations: a grid of settings, each a list of overrides of one recipe, several seeds each.
 
-A setting is a name and overrides by path, e.g. ("rotation", {"augment.rotation_range": 40}).
-Every setting is a run of `cnnjax.runs` (its own folder, checkpoints, resume, history),
-of the base recipe with the setting's overrides:
+A setting is a name and overrides by path, e.g. ("rotation", {"augment.rotation_range": 40}). Each
+setting is a run of `cnnjax.runs` (its own folder, checkpoints, resume, history):
 
     OUT/ablation.json            the base recipe and the settings
     OUT/<setting>/seeds/         one run of K seeds together (seeds="vmap"), or
@@ -11,20 +10,14 @@ of the base recipe with the setting's overrides:
     OUT/<setting>/error.json     instead, when the setting failed (retried on the next run)
     OUT/results.csv, results.md, curves.png
 
-How the seeds of a setting run: "vmap" trains them in one compiled program, the seeds
-spread over the mesh's seed axis; "sequential" trains one after another. "auto" takes
-vmap: on a 2-core CPU, 3 seeds in one program measured faster than running them in turn
-(benchmarks/ablation_vmap.py prints the ratio; the README has the figures), and on
-accelerators one program per step is what keeps the device busy.
-
-A finished setting (result.json) is never redone; an unfinished one resumes from its
-latest checkpoint; a failed one is tried again. The table is always rebuilt from the
-result files, and each seed's test accuracy comes from its own best checkpoint (lowest
-validation loss).
+"auto" takes vmap, the seeds in one compiled program spread over the mesh's seed axis: on a 2-core CPU, 3 seeds
+in one program measured faster than running them in turn (benchmarks/ablation_vmap.py prints the ratio; the
+README has the figures), and on accelerators one program per step is what keeps the device busy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import traceback
@@ -75,10 +68,8 @@ def default_settings() -> list[Setting]:
 
 
 def parse_setting(spec: str, base: Config | None = None) -> Setting:
-    """A default setting by name ("zoom"), or your own: "NAME:field=value,..." where each field is
-    named as config.override takes it: a full path (augment.rotation_range) or a name only one
-    section has (rotation_range, dropout). A name two sections share (interpolation) needs its path.
-    """
+    """A default setting by name ("zoom"), or your own: "NAME:field=value,..." with each field named as
+    config.override takes it: a path (augment.rotation_range) or a name only one section has (dropout)."""
     defaults = {s.name: s for s in default_settings()}
     if ":" not in spec:
         if spec not in defaults:
@@ -117,14 +108,11 @@ def _folder_name(name: str) -> str:
 
 def _run_configs(cfg: Config, folder: Path, mode: str) -> list[Config]:
     """The run(s) of one setting: K seeds in one folder, or one folder per seed."""
-    runs_cfg = dataclasses.replace(cfg.run, resume=True, tensorboard=cfg.run.tensorboard)
     if mode == "vmap":
-        return [dataclasses.replace(cfg, run=dataclasses.replace(runs_cfg, out=str(folder / "seeds")))]
-    return [
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k, seeds=1),
-                            run=dataclasses.replace(runs_cfg, out=str(folder / f"seed{cfg.train.seed + k}")))
-        for k in range(cfg.train.seeds)
-    ]
+        return [configlib.override(cfg, {"run.resume": True, "run.out": str(folder / "seeds")})]
+    seeds = range(cfg.train.seed, cfg.train.seed + cfg.train.seeds)
+    return [configlib.override(cfg, {"train.seed": seed, "train.seeds": 1, "run.resume": True, "run.out": str(folder / f"seed{seed}")})
+            for seed in seeds]
 
 
 def run_setting(setting: Setting, base: Config, datasets: dict[str, Any], test: Any, folder: Path, mode: str = "auto",
@@ -139,21 +127,18 @@ def run_setting(setting: Setting, base: Config, datasets: dict[str, Any], test: 
     tests: list[float] = []
     wall = 0.0  # training time: the seeds of one run share each epoch's seconds
     for run_cfg in _run_configs(cfg, folder, mode):
-        run_folder = runs.RunFolder.open(run_cfg)
-        try:
+        with contextlib.closing(runs.RunFolder.open(run_cfg)) as run_folder:
             run_folder.write_config({"config": configlib.to_dict(run_cfg), "setting": setting.as_dict(),
                                      "class_names": list(datasets["train"].class_names), "model": models.model_config(model)})
             result = train.train_and_evaluate(run_cfg, run_folder.path, datasets, verbose=verbose)
-        finally:
-            run_folder.close()
         histories += result.histories
         # A diverged seed's history stops while the others train on: the longest one is the run's time.
         wall += max(sum(row["seconds"] for row in history) for history in result.histories)
-        for k, best in enumerate(result.best):  # each seed's best checkpoint (lowest validation loss) on the test split
+        for seed, best in zip(result.seeds, result.best):  # each seed's best checkpoint (lowest validation loss) on the test split
             if test is None or best is None:
                 tests.append(math.nan)
             else:
-                _, params, _ = checkpoint.load_model(run_folder.path, "best", result.seeds[k])
+                _, params, _ = checkpoint.load_model(run_folder.path, "best", seed)
                 tests.append(train.evaluate(model, params, test, cfg.train.eval_batch_size)["accuracy"])
     summary = summarize(setting, histories, tests, wall)
     record = {"setting": setting.as_dict(), "config": configlib.to_dict(cfg), "mode": mode, **summary, "histories": histories}
@@ -166,8 +151,7 @@ def run_setting(setting: Setting, base: Config, datasets: dict[str, Any], test: 
 def summarize(setting: Setting, histories: Sequence[train.History], tests: Sequence[float], wall: float) -> dict[str, Any]:
     """Per seed: best and final validation accuracy, final and best validation loss, best epoch, test accuracy."""
     seeds = []
-    for history, test in zip(histories, tests):
-        best = train.best_epochs([history])[0]
+    for history, test, best in zip(histories, tests, train.best_epochs(histories)):
         finite = [row for row in history if not row.get("diverged")]
         last = finite[-1] if finite else None
         seeds.append({
@@ -187,9 +171,8 @@ def summarize(setting: Setting, histories: Sequence[train.History], tests: Seque
 
 def run_ablation(settings: Sequence[Setting], base: Config, datasets: dict[str, Any], test: Any, out: Path, mode: str = "auto",
                  verbose: bool = True) -> list[dict[str, Any]]:
-    """Every setting in turn (finished ones skipped, failed ones retried), then the table and the plot.
-
-    Returns every setting's record, failed ones with status "failed: ..."."""
+    """Every setting in turn (finished ones skipped, unfinished ones resumed, failed ones retried), then
+    the table and the plot. Returns every setting's record, failed ones with status "failed: ..."."""
     mode = resolve_mode(mode)
     main = mesh.is_main_process()  # in a run of several processes, process 0 writes and prints
     verbose = verbose and main
@@ -212,9 +195,7 @@ def run_ablation(settings: Sequence[Setting], base: Config, datasets: dict[str, 
             print(f"[{setting.name}] {dict(setting.overrides) or 'the base recipe'}", flush=True)
         try:
             run_setting(setting, base, datasets, test, folder, mode, verbose)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - one broken setting must not end the whole ablation
+        except Exception as e:  # noqa: BLE001 - one broken setting must not end the whole ablation (Ctrl-C is no Exception)
             if main:
                 files.write_json(folder / "error.json", {"setting": setting.as_dict(), "error": f"{type(e).__name__}: {e}",
                                                          "traceback": traceback.format_exc()})
@@ -270,31 +251,21 @@ def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     return float(np.mean(finite)), float(np.std(finite))
 
 
-def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for result in results:
-        row: dict[str, Any] = {"setting": result["name"], "status": result["status"], "seeds": len(result["seeds"])}
-        for key, _ in COLUMNS:
-            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([s[key] for s in result["seeds"]])
-        row["wall_seconds"] = result.get("wall_seconds", math.nan)
-        rows.append(row)
-    return rows
-
-
-def format_cell(key: str, mean: float, std: float) -> str:
-    fmt = ".1f" if key == "best_epoch" else ".3f"
-    return "n/a" if math.isnan(mean) else f"{mean:{fmt}} ± {std:{fmt}}"
-
-
 def write_table(results: Sequence[dict[str, Any]], out: Path) -> None:
     """results.csv (every number) and results.md (mean ± std over seeds)."""
-    rows = table_rows(results)
-    files.write_csv(out / "results.csv", rows)
     header = ["setting", "status", "seeds", *(label for _, label in COLUMNS), "wall (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
+    rows, lines = [], ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        row: dict[str, Any] = {"setting": result["name"], "status": result["status"], "seeds": len(result["seeds"])}
         cells = [row["setting"], row["status"], str(row["seeds"])]
-        cells += [format_cell(key, row[f"{key}_mean"], row[f"{key}_std"]) for key, _ in COLUMNS]
+        for key, _ in COLUMNS:
+            mean, std = mean_std([s[key] for s in result["seeds"]])
+            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+            fmt = ".1f" if key == "best_epoch" else ".3f"
+            cells.append("n/a" if math.isnan(mean) else f"{mean:{fmt}} ± {std:{fmt}}")
+        row["wall_seconds"] = result.get("wall_seconds", math.nan)
         cells.append("n/a" if math.isnan(row["wall_seconds"]) else f"{row['wall_seconds']:.0f}")
+        rows.append(row)
         lines.append("| " + " | ".join(cells) + " |")
+    files.write_csv(out / "results.csv", rows)
     files.write_text(out / "results.md", "\n".join(lines) + "\n")

@@ -1,18 +1,17 @@
 """Where a run computes: one device mesh with a `seed` axis and a `data` axis, on one or many hosts.
 
-Train states are stacked over seeds (leading axis K, K=1 for a single run) and sharded
-over `seed`; every batch is sharded over `data`; the dataset held in memory is
-replicated. The train step is written for one seed and the global batch: jit's
-shardings, not `if` branches, decide how it spreads (big_vision's way; no pmap).
-
-Many hosts join through jax.distributed (`initialize`); every process then sees the
-global device list, builds the same mesh, and places only its own part of each array.
+Train states are stacked over seeds (leading axis K, K=1 for a single run) and sharded over `seed`;
+every batch is sharded over `data`; the dataset held in memory is replicated. The train step is written
+for one seed and the global batch: jit's shardings, not `if` branches, decide how it spreads (big_vision's
+way; no pmap). Many hosts join through jax.distributed (`initialize`); every process then sees the global
+device list, builds the same mesh, and places only its own part of each array.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -50,17 +49,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                        help="seconds to wait for every process to start (default: %(default)s)")
 
 
-# Cluster environments that jax.distributed.initialize() reads by itself, and the variable
-# that gives their process count.
+# Cluster environments that jax.distributed.initialize() reads by itself, and the variable that gives their process count.
 CLUSTERS = {"SLURM": "SLURM_NTASKS", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
 
 
 def cluster_detected() -> str | None:
-    """The cluster environment (SLURM, Open MPI) that launched this process among several, if any.
-
-    A single task (`srun python ...` with --ntasks=1) is not joined: jax.distributed would
-    then give the process one GPU of the node (its SLURM local id) instead of all of them.
-    """
+    """The cluster environment (SLURM, Open MPI) that launched this process among several, if any. A single
+    task (srun --ntasks=1) is not joined: jax.distributed would give it one GPU of the node, not all of them."""
     for name, variable in CLUSTERS.items():
         if int(os.environ.get(variable, "1") or "1") > 1:
             return name
@@ -77,21 +72,16 @@ EXIT_LOST = 5
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               join_timeout: float = 120, heartbeat_timeout_seconds: int = 30, shutdown_timeout_seconds: int = 60) -> None:
+               join_timeout: float = 120) -> None:
     """Join the other processes of this run, or do nothing for a single process.
 
-    With the three arguments, every process first reaches process 0 on PORT+1 (`_meet`): a
-    process that never starts is one JoinError within `join_timeout`, not a hang. Then
-    jax.distributed.initialize(...) with them. With none, the no-argument call only where a
-    cluster environment is detected (SLURM, Open MPI), else nothing. On the CPU the
-    collectives go through gloo. Call it before anything else touches jax (jax.distributed
+    With the three arguments, every process first meets process 0 on PORT+1 (`_meet`), so that a process
+    that never starts is one JoinError within `join_timeout`, not a hang. With none, jax joins by itself
+    only where a cluster environment is detected. Call it before anything else touches jax (jax.distributed
     refuses to join once a backend has started); calling it again does nothing.
 
-    When a process dies, the others stop instead of waiting for it: the connections of
-    `_meet` close with it, and `_watch` ends the others at once with one line and exit code
-    EXIT_LOST (a collective that loses its peer first raises, and `exit_on_error` does the
-    same). A process that leaves with an error of its own waits at most
-    `shutdown_timeout_seconds` for the others.
+    When a process dies, the others stop instead of waiting for it: `_watch` (its `_meet` connection
+    closed) or `exit_on_error` (a collective lost its peer) ends them at once with one line, EXIT_LOST.
     """
     if jax.distributed.is_initialized():  # the scripts join before checking their config, and execute() asks again
         return
@@ -107,14 +97,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if ":" not in coordinator_address or not coordinator_address.rsplit(":", 1)[1].isdigit():
             raise ValueError(f"--coordinator-address must be HOST:PORT, got {coordinator_address!r}")
         links = _meet(coordinator_address, num_processes, process_id, join_timeout)
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    if not jax.config.jax_platforms or "cpu" in jax.config.jax_platforms:  # collectives on the CPU go through gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs: dict[str, Any] = {"heartbeat_timeout_seconds": heartbeat_timeout_seconds, "initialization_timeout": int(join_timeout),
-                              "shutdown_timeout_seconds": shutdown_timeout_seconds}
-    if all(given):
-        kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
-    try:
-        jax.distributed.initialize(**kwargs)
+    try:  # shutdown_timeout_seconds: how long a process that leaves with an error of its own waits for the others
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=int(join_timeout),
+                                   heartbeat_timeout_seconds=30, shutdown_timeout_seconds=60)
     except Exception as e:  # noqa: BLE001 - jax raises bare RuntimeErrors / XLA errors: one line says what failed
         where = coordinator_address or "the address the cluster environment gives"
         raise JoinError(f"could not join the other processes at {where}: {first_line(e)}") from None
@@ -135,35 +122,30 @@ def _meet(address: str, count: int, index: int, timeout: float) -> list[socket.s
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(1, count)) - set(peers))
                     raise JoinError(f"process(es) {', '.join(map(str, missing))} did not join at {address} {late}")
-                try:
+                with contextlib.suppress(OSError, ValueError):  # no one yet, or a connection that did not say its index
                     conn, _ = server.accept()
                     conn.settimeout(10)
                     peers[int(conn.recv(16).decode().strip())] = conn
-                except (OSError, ValueError):
-                    continue
         for conn in peers.values():
             conn.sendall(b"go\n")
             conn.settimeout(None)  # _watch waits on it for as long as the run lasts
         return list(peers.values())
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(OSError):  # process 0 not listening yet
             conn = socket.create_connection((host, int(port) + 1), timeout=2)
             conn.sendall(f"{index}\n".encode())
             conn.settimeout(max(1.0, deadline - time.monotonic()))
             if conn.recv(3) == b"go\n":
                 conn.settimeout(None)
                 return [conn]
-        except OSError:
-            pass
         time.sleep(0.5)
     raise JoinError(f"process 0 did not gather the processes at {host}:{int(port) + 1} {late}")
 
 
 def _watch(links: list[socket.socket]) -> None:
-    """A daemon thread per connection of `_meet`: when the process at the other end is gone without
-    saying goodbye (killed, crashed, lost its host), this one ends at once with one line, EXIT_LOST.
-    A process that leaves normally says goodbye on its way out (atexit), so its peers do not mistake
-    it for a loss."""
+    """A daemon thread per connection of `_meet`: when the process at the other end is gone without saying
+    goodbye (killed, crashed, lost its host), this one ends at once (`_lost`). A process that leaves
+    normally says goodbye on its way out (atexit), so its peers do not mistake it for a loss."""
 
     def watch(conn: socket.socket) -> None:
         try:
@@ -175,15 +157,12 @@ def _watch(links: list[socket.socket]) -> None:
 
     for conn in links:
         threading.Thread(target=watch, args=(conn,), daemon=True, name="cnnjax-peer-watch").start()
-    if links:
-        atexit.register(lambda: [_say_bye(conn) for conn in links])
+        atexit.register(_say_bye, conn)
 
 
 def _say_bye(conn: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         conn.sendall(b"bye\n")
-    except OSError:
-        pass
 
 
 # What must happen before a process that lost its peers leaves (the run folder lets go of its lock).
@@ -193,10 +172,8 @@ before_leaving: list[Callable[[], None]] = []
 def _lost(why: str) -> None:
     where = f"process {jax.process_index()} of {jax.process_count()}"
     for cleanup in list(before_leaving):
-        try:
+        with contextlib.suppress(Exception):  # leaving anyway: one cleanup failing must not stop the others
             cleanup()
-        except Exception:  # noqa: BLE001, S110 - leaving anyway: one cleanup failing must not stop the others
-            pass
     try:
         sys.stdout.flush()
         print(f"error: {where} lost contact with the other processes of this run ({why}); another process stopped, see "
@@ -215,10 +192,9 @@ def lost_contact(error: BaseException) -> bool:
 
 
 def exit_on_error(error: BaseException) -> None:
-    """End a process of a run of several at once (os._exit) on an error it cannot carry on from:
-    the normal exit would first wait at jax's shutdown barrier for processes that are
-    themselves blocked in a collective waiting for this one. A lost peer is one line and exit
-    code EXIT_LOST; anything else keeps its traceback (exit 1). Does nothing in a single process."""
+    """End a process of a run of several at once (os._exit) on an error it cannot carry on from: the normal
+    exit would first wait at jax's shutdown barrier for processes blocked in a collective waiting for this
+    one. A lost peer is one line, EXIT_LOST; anything else keeps its traceback (exit 1). Single process: nothing."""
     if jax.process_count() == 1:
         return
     if lost_contact(error):
