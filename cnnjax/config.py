@@ -1,19 +1,11 @@
 """One nested config per recipe: data, model, augment, optim, train, run.
 
-The lecture's recipes are the functions at the bottom (`mnist`, `catsdogs`); their
-docstrings say how to run them and what to expect. Everything else (the scripts, the
-ablation grid, the benchmarks, the tests) takes its recipe from there and changes it by
-path, `override(catsdogs(2), {"augment.rotation_range": 20, "train.epochs": 50})`.
-
-Each section is a frozen dataclass, so two sections can share a field name
-(`data.interpolation` resizes on load, `augment.interpolation` samples the augmentation)
-without one ever being read for the other. A field is named by its path, or by its name
-alone where only one section has it (`rotation_range=20` in an ablation setting).
-
-On the command line every field a script can use is a flag, `--augment.rotation_range 20`
-(flax's `--config.augment.rotation_range=20` works too), and the short flags users type
-(`--epochs`, `--rotation-range`) are aliases of paths, listed once in `ALIASES`. `check`
-validates a resolved config in one place, before anything is written.
+The lecture's recipes are `mnist` and `catsdogs` at the bottom; everything else changes them by
+path, `override(catsdogs(2), {"augment.rotation_range": 20})`. Sections are separate frozen
+dataclasses so two can share a field name (`data.interpolation` resizes on load,
+`augment.interpolation` samples the augmentation) without one being read for the other.
+On the command line every field is a flag, `--augment.rotation_range 20`, plus the short aliases
+of `ALIASES`; `check` validates a resolved config once, before anything is written.
 """
 
 from __future__ import annotations
@@ -112,6 +104,8 @@ _AUGMENT_HELP = {
     "interpolation": "sampling of the transformed image (Keras: bilinear)",
 }
 _AUGMENT_CHOICES = {"fill_mode": FILL_MODES, "interpolation": ("bilinear", "nearest")}
+# AugmentConfig lives in cnnjax.augment, without metadata: its fields' metadata, as _field gives it.
+_AUGMENT_META = {name: {"help": text, "recipe": True, "choices": _AUGMENT_CHOICES.get(name)} for name, text in _AUGMENT_HELP.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +119,10 @@ class Config:
     run: RunConfig = RunConfig()
 
 
-# --- Paths, types, overrides ----------------------------------------------------------------------
-
-
-SECTIONS = ("data", "model", "augment", "optim", "train", "run")
 SECTION_CLASSES: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "augment": AugmentConfig, "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
 }
+SECTIONS = tuple(SECTION_CLASSES)
 
 
 def _section_fields(section: str) -> dict[str, dataclasses.Field]:
@@ -148,20 +139,10 @@ def _hint(path: str) -> Any:
     return typing.get_type_hints(SECTION_CLASSES[section])[name]
 
 
-def field_help(path: str) -> str:
+def _meta(path: str) -> Mapping[str, Any]:
+    """The field's help, choices and recipe (whether it changes what a run computes: data_dir, input and run.* do not)."""
     section, name = path.split(".")
-    return _AUGMENT_HELP.get(name, "") if section == "augment" else _section_fields(section)[name].metadata["help"]
-
-
-def field_choices(path: str) -> Sequence[str] | None:
-    section, name = path.split(".")
-    return _AUGMENT_CHOICES.get(name) if section == "augment" else _section_fields(section)[name].metadata["choices"]
-
-
-def is_recipe(path: str) -> bool:
-    """Whether a field changes what a run computes (data_dir, input and run.* do not)."""
-    section, name = path.split(".")
-    return section == "augment" or _section_fields(section)[name].metadata["recipe"]
+    return _AUGMENT_META[name] if section == "augment" else _section_fields(section)[name].metadata
 
 
 def _parse_value(path: str, raw: Any, hint: Any) -> Any:
@@ -239,11 +220,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def from_dict(d: Mapping[str, Any]) -> Config:
     """Inverse of `to_dict`; fields missing from d keep their defaults."""
     sections = {}
-    for section in SECTIONS:
-        values = dict(d.get(section, {}))
-        if section == "augment" and isinstance(values.get("zoom_range"), list):
-            values["zoom_range"] = tuple(values["zoom_range"])
-        sections[section] = SECTION_CLASSES[section](**{k: v for k, v in values.items() if k in _section_fields(section)})
+    for section, cls in SECTION_CLASSES.items():  # (AugmentConfig makes a zoom_range list a tuple)
+        sections[section] = cls(**{k: v for k, v in d.get(section, {}).items() if k in _section_fields(section)})
     return Config(name=d.get("name", "run"), **sections)
 
 
@@ -257,41 +235,36 @@ def recipe_diff(saved: Config, asked: Config) -> list[str]:
     ignored, and more epochs than saved extend a run)."""
     fa, fb = flatten(saved), flatten(asked)
     return [f"{p}: {fa[p]!r} -> {fb[p]!r}" for p in paths()
-            if is_recipe(p) and fa[p] != fb[p] and not (p == "train.epochs" and fb[p] > fa[p])]
-
-
-# --- Validation -----------------------------------------------------------------------------------
+            if _meta(p)["recipe"] and fa[p] != fb[p] and not (p == "train.epochs" and fb[p] > fa[p])]
 
 
 def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) -> Config:
     """Raise ConfigError (one line: the field, the value, what is allowed) for a config that cannot run.
 
-    min_image_size(cfg) gives the model's smallest input (cnnjax.models.min_input_size);
-    the experiment scripts pass it so the message names the model's limit.
+    min_image_size(cfg) gives the model's smallest input, so the message can name the model's limit.
     """
     flat = flatten(cfg)
     for path in paths():
-        choices, value = field_choices(path), flat[path]
+        choices, value = _meta(path)["choices"], flat[path]
         if choices is not None and value not in choices:
             raise ConfigError(f"{path} must be one of {', '.join(choices)}, got {value!r}")
-    ints = ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.seeds", "run.keep", "data.image_size",
-            "optim.plateau_patience")
-    for path in ints:
-        if isinstance(flat[path], bool) or not isinstance(flat[path], int) or flat[path] < 1:
-            raise ConfigError(f"{path} must be an integer >= 1, got {flat[path]!r}")
-    for path in ("train.seed", "train.early_stopping", "optim.warmup_epochs"):
-        if isinstance(flat[path], bool) or not isinstance(flat[path], int) or flat[path] < 0:
-            raise ConfigError(f"{path} must be an integer >= 0, got {flat[path]!r}")
-    def number(path: str, ok: Callable[[float], bool], what: str) -> None:
-        value = flat[path]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-            raise ConfigError(f"{path} must be {what}, got {value!r}")
 
-    for path in ("optim.learning_rate", "optim.epsilon"):
-        number(path, lambda v: v > 0, "a finite number > 0")
-    for path in ("optim.rho", "optim.beta_1", "optim.beta_2", "optim.plateau_factor", "model.dropout"):
-        number(path, lambda v: 0 <= v < 1, "in [0, 1)")
-    number("optim.decay_rate", lambda v: 0 < v <= 1, "in (0, 1]")
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    rules = [
+        (("train.epochs", "train.batch_size", "train.eval_batch_size", "train.seeds", "run.keep", "data.image_size",
+          "optim.plateau_patience"), lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        (("train.seed", "train.early_stopping", "optim.warmup_epochs"), lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        (("optim.learning_rate", "optim.epsilon"), lambda v: number(v) and v > 0, "a finite number > 0"),
+        (("optim.rho", "optim.beta_1", "optim.beta_2", "optim.plateau_factor", "model.dropout"), lambda v: number(v) and 0 <= v < 1,
+         "in [0, 1)"),
+        (("optim.decay_rate",), lambda v: number(v) and 0 < v <= 1, "in (0, 1]"),
+    ]
+    for rule_paths, ok, what in rules:
+        for path in rule_paths:
+            if isinstance(flat[path], bool) or not ok(flat[path]):
+                raise ConfigError(f"{path} must be {what}, got {flat[path]!r}")
     if cfg.model.name != cfg.data.dataset:
         raise ConfigError(f"model.name {cfg.model.name!r} does not fit data.dataset {cfg.data.dataset!r}")
     if cfg.model.name == "mnist":
@@ -307,9 +280,6 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
     return cfg
 
 
-# --- Command line ---------------------------------------------------------------------------------
-
-
 # The short flags users type, each an alias of one field.
 ALIASES = {
     "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
@@ -323,20 +293,19 @@ ALIASES = {
 
 def add_flags(parser: argparse.ArgumentParser, defaults: Config, sections: Sequence[str] = SECTIONS, fixed: Sequence[str] = (),
               other_defaults: Mapping[str, Config] = ()) -> None:
-    """A --section.field flag for every field of `sections` but `fixed` (what the script cannot
-    change), and the short flags of ALIASES among them. `--help` shows each default once (with
-    `other_defaults`, {"experiment 2": cfg}, the values that differ there) and the allowed
-    values. A boolean takes yes/no or nothing (--resume, --no-resume), short or long alike.
-    Nothing is filled in for an absent flag: `overrides_from_args` sees only what was typed."""
+    """A --section.field flag (and its ALIASES) for every field of `sections` but `fixed`. `--help` shows each
+    default once, and where `other_defaults` ({"experiment 2": cfg}) differ. A boolean takes yes/no or nothing
+    (--resume, --no-resume). Absent flags stay absent: `overrides_from_args` sees only what was typed."""
     usable = [p for p in paths() if p.split(".")[0] in sections and p not in fixed]
     flat, others = flatten(defaults), {label: flatten(cfg) for label, cfg in dict(other_defaults).items()}
     short = {path: flag for flag, path in ALIASES.items()}
     fields = parser.add_argument_group("config fields (--section.field VALUE; flax's --config.section.field=VALUE works too)")
     for path in usable:
-        choices = f" {{{', '.join(map(str, field_choices(path)))}}}" if field_choices(path) else ""
+        meta = _meta(path)
+        choices = f" {{{', '.join(map(str, meta['choices']))}}}" if meta["choices"] else ""
         shown = f"default: {flat[path]!r}" + "".join(f"; {k}: {v[path]!r}" for k, v in others.items() if v[path] != flat[path])
         alias = f"; short: {short[path]}" if path in short else ""
-        _add(fields, f"--{path}", path, f"{field_help(path)}{choices} [{shown}{alias}]")
+        _add(fields, f"--{path}", path, f"{meta['help']}{choices} [{shown}{alias}]")
     for path in (p for p in usable if p in short):  # listed in their field's help
         _add(fields, short[path], f"alias:{path}", argparse.SUPPRESS)
 
@@ -388,17 +357,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-# --- The lecture's recipes ------------------------------------------------------------------------
-
-
 def mnist() -> Config:
-    """The lecture's MNIST convnet: RMSprop (lr 1e-3, rho 0.9, eps 1e-7), categorical
-    cross-entropy, batch 64, 5 epochs, validated on the 10,000 test images every epoch.
-
-        python experiments/mnist.py
-
-    Expected: test accuracy about 0.991 after 5 epochs (the book reports 0.991, the
-    lecture about 0.98); README "Results" has the measured run.
+    """The lecture's MNIST convnet (`python experiments/mnist.py`): RMSprop (Keras defaults),
+    batch 64, 5 epochs, validated on the 10,000 test images. Expected test accuracy: about 0.991
+    (the book's; the lecture's about 0.98).
     """
     return Config(
         name="mnist",
@@ -411,17 +373,13 @@ def mnist() -> Config:
 
 
 def catsdogs(experiment: int = 1) -> Config:
-    """Cats vs dogs from scratch, 150x150 (nearest resize on load, as load_img), Adam 1e-3
-    (Keras defaults), binary cross-entropy, batch 20, validated on 1,000 images every epoch.
+    """Cats vs dogs from scratch, 150x150 (nearest resize on load, as load_img), Adam (Keras
+    defaults), batch 20, validated on 1,000 images.
 
-    experiment 1: no augmentation, no dropout, 30 epochs. Overfits: training accuracy
+    experiment 1 (`python experiments/catsdogs.py`): 30 epochs; overfits, training accuracy
         reaches 1.0 while validation accuracy stalls near 0.70.
-            python experiments/catsdogs.py
-    experiment 2: the lecture's ImageDataGenerator augmentation (AugmentConfig.LECTURE:
-        rotation 40, shifts 0.1, shear 0.4 degrees, zoom 0.5, horizontal flip, fill
-        nearest, bilinear sampling) and Dropout(0.5) after Flatten, 100 epochs. Ends near
-        0.80-0.85 validation accuracy (README "Results").
-            python experiments/catsdogs.py --dropout
+    experiment 2 (`--dropout`): AugmentConfig.LECTURE and Dropout(0.5) after Flatten, 100 epochs;
+        ends near 0.80-0.85 validation accuracy.
     """
     if experiment not in (1, 2):
         raise ConfigError(f"experiment must be 1 or 2, got {experiment!r}")

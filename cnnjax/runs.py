@@ -1,31 +1,16 @@
 """A run: its folder (refused, locked, described by config.json), its exit codes, and `execute`,
 what an experiment script does once its config is resolved.
 
-    RUN/
-        config.json        the resolved config (whole), the devices, the classes, the command
-        .lock              pid and host of the process writing RUN (process 0)
-        checkpoints/<E>/   orbax, after every epoch E: params, optimizer state, step and RNG,
-                           and a description (config, model, classes, histories, best so far).
-                           The latest `run.keep` epochs are kept, and each seed's best.
-        history.json/.csv  one row per seed and epoch, rewritten after every epoch
-        history.png        the lecture's "Accuracy & Loss" figure (history-seedN.png for K > 1)
-        tensorboard/       event files (tensorboard/seedN/ for K > 1)
-
-Rules, as Keras's BackupAndRestore and ModelCheckpoint have them, and stricter:
-- A run into an existing non-empty folder is refused unless it is resumed (`run.resume`);
-  a folder another live process writes is refused (its lock names the pid). The lock is
-  the kernel's (fcntl.flock on RUN/.lock), so a process that dies, however it dies, lets
-  go of it: what it left in the file (pid, host, time) is only read to name it.
-- `--resume` continues from the latest checkpoint, with exactly the history, parameters
-  and best checkpoints an uninterrupted run would have (same seed). A folder with no
-  checkpoint yet starts from the beginning. A resume whose recipe differs from the
-  saved one is refused, naming the fields.
-- A run whose loss stops being finite stops; its checkpoints keep the last finite
-  state, and the process exits with EXIT_DIVERGED.
+RUN/ holds config.json, .lock (pid and host of process 0), checkpoints/<epoch>/ (the latest
+`run.keep` and each seed's best), history.json/.csv/.png and tensorboard/. The rules, stricter
+than Keras's BackupAndRestore and ModelCheckpoint:
+- A non-empty folder is refused unless resumed, and so is one a live process writes. The lock
+  is the kernel's (fcntl.flock on RUN/.lock), so a process that dies, however it dies, lets go
+  of it: what it left in the file is only read to name it.
+- `--resume` ends with exactly what an uninterrupted run would have; a resume whose recipe
+  differs from the saved one is refused, naming the fields.
+- A run whose loss stops being finite stops, its checkpoints keeping the last finite state (EXIT_DIVERGED).
 - Every check on flags and data happens before the folder is created.
-
-The training itself is cnnjax.train.train_and_evaluate; finding and loading a saved model
-is cnnjax.checkpoint (find, load_model).
 """
 
 from __future__ import annotations
@@ -97,12 +82,9 @@ def exits(interrupted: str = "", folder: Path | None = None) -> Iterator[None]:
             print(f"error: the disk is full{where}: no space left on device; every finished epoch is kept: free some space, "
                   "then run the same command with --resume", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_NO_SPACE) from None
-        if isinstance(e, meshlib.JoinError):
+        if isinstance(e, (meshlib.JoinError, *BAD_INPUT)):
             print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(meshlib.EXIT_LOST) from None
-        if isinstance(e, BAD_INPUT):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_BAD_INPUT) from None
+            raise SystemExit(meshlib.EXIT_LOST if isinstance(e, meshlib.JoinError) else EXIT_BAD_INPUT) from None
         meshlib.exit_on_error(e)  # with several processes: one line (a lost peer) or the traceback, then out at once
         raise
 
@@ -128,9 +110,8 @@ def _quiet_closed_loop(unraisable: Any) -> None:
 
 
 def setup_logging() -> None:
-    """INFO lines from cnnjax's loggers on stdout, as plain messages (process 0 only); none of
-    orbax's (through absl: every save and restore, and its errors, which are raised as well).
-    Called by the scripts, never on import."""
+    """INFO lines from cnnjax's loggers on stdout, as plain messages (process 0 only), none of orbax's
+    (through absl: every save and restore). Called by the scripts, never on import."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax's save errors come back as exceptions: no second report
     sys.unraisablehook = _quiet_closed_loop
     level = logging.INFO if meshlib.is_main_process() else logging.WARNING
@@ -141,9 +122,6 @@ def setup_logging() -> None:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-
-
-# --- The run folder --------------------------------------------------------------------------------
 
 
 def default_out(name: str, seed: int) -> Path:
@@ -189,8 +167,8 @@ class RunFolder:
         path = self.path
         if path.exists() and not path.is_dir():
             raise RunError(f"--out {path} is a file, not a folder")
-        if (path / ".lock").is_file():
-            self._refuse_if_held(path / ".lock")  # a live run's folder is refused as in use, not as merely full
+        if (path / ".lock").is_file():  # a live run's folder is refused as in use, not as merely full
+            os.close(self._flock(path / ".lock"))  # nobody holds it: let go again, the file untouched
         entries = [p.name for p in path.iterdir() if p.name != ".lock"] if path.is_dir() else []
         if entries and not self.resume:
             raise RunError(f"--out {path} already holds a run ({', '.join(sorted(entries)[:4])}...); "
@@ -201,8 +179,8 @@ class RunFolder:
         self._lock()
         try:
             files.clean_orphans(path, recursive=True)
-            saved = self.saved_config()
-            differ = configlib.recipe_diff(configlib.from_dict(saved), cfg) if saved is not None else []
+            saved = path / "config.json"
+            differ = configlib.recipe_diff(configlib.from_dict(files.read_json(saved)["config"]), cfg) if saved.is_file() else []
             if differ:
                 raise RunError(f"--resume with another recipe than {path}/config.json: {'; '.join(differ)}. "
                                "Resume with the run's own flags, or start a new run with another --out")
@@ -221,9 +199,6 @@ class RunFolder:
             raise RunError(f"{self.path} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
                            f"(since {holder.get('started', '?')}); wait for it to finish") from None
         return fd
-
-    def _refuse_if_held(self, lock: Path) -> None:
-        os.close(self._flock(lock))  # nobody holds it: let go again, the file untouched
 
     def _lock(self) -> None:
         """Take RUN/.lock with the kernel's flock; refuse the folder while a live process holds it."""
@@ -251,19 +226,12 @@ class RunFolder:
             if self.close in meshlib.before_leaving:
                 meshlib.before_leaving.remove(self.close)
 
-    def saved_config(self) -> dict[str, Any] | None:
-        path = self.path / "config.json"
-        return files.read_json(path)["config"] if path.is_file() else None
-
     def write_config(self, record: dict[str, Any]) -> None:
         """config.json: the run's config as it now runs (a resume may have extended it), when it first started."""
         path = self.path / "config.json"
         if self.writer:
             first = files.read_json(path).get("started") if path.is_file() else None
             files.write_json(path, {**record, "started": first or time.strftime("%Y-%m-%d %H:%M:%S")})
-
-
-# --- Reports ------------------------------------------------------------------------------------------
 
 
 def exit_code(result: train.Result) -> int:
@@ -339,11 +307,9 @@ def write_preview(dataset: Any, augmentation: augment.AugmentConfig, path: Path,
 
 
 def execute(cfg: Config, args: Any, argv: list[str] | None = None, preview: bool = False) -> train.Result:
-    """Everything an experiment script does after resolving its config: join the processes,
-    check the data and the folder (all before writing anything), write config.json (and with
-    `preview` the augmentation preview), train, and print what the run left. What a user can
-    cause or meet is one line and an exit code (`exits`); Ctrl-C says how to resume. A
-    diverged run says so and returns: the script exits with `exit_code(result)`."""
+    """Everything an experiment script does after resolving its config: join the processes, check the
+    data and the folder (before writing anything), write config.json (and the `preview`), train, and
+    print what the run left. A diverged run returns: the script exits with `exit_code(result)`."""
     with exits():
         start(args)
         model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
