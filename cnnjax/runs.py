@@ -24,6 +24,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +147,9 @@ class RunFolder:
     def __init__(self, path: Path, resume: bool, writer: bool):
         self.path, self.resume, self.writer = path, resume, writer
         self._lock_fd: int | None = None
+        # mesh's watch thread may let go while the main thread does: the second waits until the lock file is gone,
+        # since either may end the process (os._exit) right after.
+        self._closing = threading.Lock()
 
     @classmethod
     def open(cls, cfg: Config) -> RunFolder:
@@ -219,12 +223,13 @@ class RunFolder:
 
     def close(self) -> None:
         """Let go of the folder; safe to call twice, and from mesh's watch of the peers while the run ends."""
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            (self.path / ".lock").unlink(missing_ok=True)  # while still holding it: see _lock's inode check
-            os.close(fd)
-            if self.close in meshlib.before_leaving:
-                meshlib.before_leaving.remove(self.close)
+        with self._closing:
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                (self.path / ".lock").unlink(missing_ok=True)  # while still holding it: see _lock's inode check
+                os.close(fd)
+                if self.close in meshlib.before_leaving:
+                    meshlib.before_leaving.remove(self.close)
 
     def write_config(self, record: dict[str, Any]) -> None:
         """config.json: the run's config as it now runs (a resume may have extended it), when it first started."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -231,3 +233,19 @@ def test_a_first_epoch_that_diverges_keeps_no_checkpoint_and_says_so(tmp_path):
     result = train.Result([0], [[{"epoch": 1, "loss": float("nan"), "val_loss": float("nan"), "diverged": True}]], [1], [None], None)
     (line,) = runs.closing_lines(result, tmp_path)
     assert line.endswith("keeps no checkpoint. Try a lower learning rate (--learning-rate).")
+
+
+def test_a_second_close_waits_until_the_lock_file_is_gone(tmp_path, monkeypatch):
+    """A lost peer makes mesh's watch thread let go of the folder while the main thread may be doing
+    the same; whichever returns first may end the process at once, so neither returns before the lock
+    file is gone."""
+    folder = runs.RunFolder(tmp_path, resume=False, writer=True)
+    folder._lock()
+    real_unlink = pathlib.Path.unlink
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, **kw: (time.sleep(0.5), real_unlink(self, **kw))[1])
+    first = threading.Thread(target=folder.close)
+    first.start()
+    time.sleep(0.1)  # the first close is letting go
+    folder.close()
+    assert not (tmp_path / ".lock").exists()
+    first.join()
