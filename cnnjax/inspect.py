@@ -208,8 +208,7 @@ def filter_ascent(
     root mean square; `before` and `after` report the mean activation after the ReLU.
     """
     resolve_layers(model, [layer])
-    inputs = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
-    available = jax.eval_shape(lambda x: models.layer_outputs(model, params, x), inputs)[layer].shape[-1]  # shapes only
+    available = models.layer_shapes(model, params)[layer].shape[-1]
     if filters is None:
         chosen = np.arange(available)
     elif isinstance(filters, int):

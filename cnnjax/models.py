@@ -227,7 +227,7 @@ def from_config(name: str, image_size: int, dropout: float = 0.0) -> nn.Module:
 def _fits(model: nn.Module, size: int) -> bool:
     """Whether every layer keeps an output of at least 1 pixel for a size x size input."""
     try:
-        shapes = _layer_shapes(model.clone(input_shape=(size, size, model.input_shape[2])))
+        shapes = layer_shapes(model.clone(input_shape=(size, size, model.input_shape[2])))
     except Exception:  # noqa: BLE001 - a layer whose output would be empty fails to trace
         return False
     return all(min(out.shape[1:], default=1) >= 1 for out in shapes.values())
@@ -266,7 +266,7 @@ def layer_outputs(model: nn.Module, params: Any, images: jax.Array, train: bool 
     return {**layers, "output": output}
 
 
-def _layer_shapes(model: nn.Module, params: Any | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def layer_shapes(model: nn.Module, params: Any | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """`layer_outputs` for one example, traced (nothing computed), in the order the layers run.
 
     The order is read while tracing: jax sorts dict keys in traced outputs."""
@@ -285,7 +285,7 @@ def _layer_shapes(model: nn.Module, params: Any | None = None) -> dict[str, jax.
 
 def layer_names(model: nn.Module) -> list[str]:
     """The Keras layer names in the order the layers run (dropout included when present)."""
-    return [name for name in _layer_shapes(model) if name != "output"]
+    return [name for name in layer_shapes(model) if name != "output"]
 
 
 LAYER_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D", "flatten": "Flatten", "dropout": "Dropout", "dense": "Dense"}
@@ -301,7 +301,7 @@ def summary(model: nn.Module, params: Any | None = None) -> str:
     if params is None:
         params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     rows = []
-    for name, output in _layer_shapes(model, params).items():
+    for name, output in layer_shapes(model, params).items():
         if name != "output":
             count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params.get(name, {})))
             shape = "(None, " + ", ".join(str(d) for d in output.shape[1:]) + ")"
