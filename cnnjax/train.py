@@ -57,12 +57,10 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
                        mesh: Mesh | None = None, verbose: bool = True) -> Result:
     """Train cfg's recipe, writing into `workdir`: checkpoints/, history.json/.csv, history*.png,
     tensorboard/ (process 0). Continues from the newest intact checkpoint there when it has one.
-
     datasets: {"train": ..., cfg.data.validation_split: ...} already loaded (default: data.load(cfg.data)).
     """
     workdir = Path(workdir)
-    main = meshlib.is_main_process()
-    verbose = verbose and main
+    verbose = verbose and meshlib.is_main_process()
     seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
 
     # --- Mesh: seeds over the `seed` axis, each batch over `data`.
@@ -88,16 +86,13 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
     # --- State: the newest intact checkpoint, else a new one per seed.
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", TREES, keep_latest=cfg.run.keep,
                                    best_metrics=[f"val_loss/{k}" for k in range(len(seeds))])
-    restored = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
-    if restored is None:
-        restored = step.init_states(model, tx, seeds, mesh), [[] for _ in seeds], [None] * len(seeds), [None] * len(seeds), 0
-    elif verbose:
-        print(f"Resuming {workdir} after epoch {restored[-1]}", flush=True)
-    state, histories, diverged, stopped, first_epoch = restored
+    state, histories, diverged, stopped, first_epoch = _restore(ckpts, ckpts.latest_intact(), model, tx, seeds, mesh)
+    if first_epoch and verbose:
+        print(f"Resuming {workdir} after epoch {first_epoch}", flush=True)
     # The states of seeds that diverged or stopped, held once one did (a copy: training donates `state`).
     kept = jax.tree.map(jnp.copy, state) if any(diverged) or any(stopped) else None
     _write_history(workdir, seeds, histories)
-    writers = _tensorboard(cfg, workdir, seeds) if main else []
+    writers = _tensorboard(cfg, workdir, seeds)
 
     # --- The loop.
     _count_compile_time()
@@ -127,8 +122,7 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
             for k in newly_stopped:
                 rows[k]["stopped"], stopped[k] = True, epoch + 1
             if newly_diverged:
-                back = _restore(ckpts, ckpts.latest_intact(), model, tx, len(seeds), mesh)
-                last_finite = step.init_states(model, tx, seeds, mesh) if back is None else back[0]
+                last_finite = _restore(ckpts, ckpts.latest_intact(), model, tx, seeds, mesh)[0]
                 kept = _select(np.isin(range(len(seeds)), newly_diverged), last_finite, state if kept is None else kept, seeded)
             if newly_stopped:
                 kept = _select(np.isin(range(len(seeds)), newly_stopped), state, state if kept is None else kept, seeded)
@@ -150,11 +144,8 @@ def train_and_evaluate(cfg: configlib.Config, workdir: str | Path, datasets: dic
                     print(prefix + format_epoch(rows[k], cfg.train.epochs, _compile_seconds[0] - compiled_before, cfg.train.early_stopping),
                           flush=True)
                 if writers:
-                    scale = optim.plateau_scale(cfg.optim, [row["val_loss"] for row in histories[k]]) if cfg.optim.plateau_factor else 1.0
-                    rate = optim.current_rate(cfg.optim, steps_per_epoch, cfg.train.epochs, int(steps_done[k]), scale)
-                    writers[k].epoch({**rows[k], "learning_rate": rate})
-        if main:
-            _write_figures(workdir, seeds, histories, writers)
+                    writers[k].epoch({**rows[k], "learning_rate": _learning_rate(cfg, steps_per_epoch, histories[k], int(steps_done[k]))})
+        _write_figures(workdir, seeds, histories, writers)
         finished = True
     finally:
         ckpts.close()
@@ -297,11 +288,12 @@ def _evaluator(model: nn.Module, dataset: Any, mesh: Mesh, batch_size: int) -> C
 # --- State, checkpoints, logs ---------------------------------------------------------------------
 
 
-def _restore(ckpts: checkpoint.Checkpoints, epoch: int | None, model: nn.Module, tx: Any, num_seeds: int,
-             mesh: Mesh) -> tuple[TrainState, list[History], list[int | None], list[int | None], int] | None:
-    """(state, histories, diverged, stopped, epoch) of the checkpoint of `epoch`, or None for no epoch."""
+def _restore(ckpts: checkpoint.Checkpoints, epoch: int | None, model: nn.Module, tx: Any, seeds: Sequence[int],
+             mesh: Mesh) -> tuple[TrainState, list[History], list[int | None], list[int | None], int]:
+    """(state, histories, diverged, stopped, epoch) of the checkpoint of `epoch`; for None, a new state per seed at epoch 0."""
+    num_seeds = len(seeds)
     if epoch is None:
-        return None
+        return step.init_states(model, tx, seeds, mesh), [[] for _ in seeds], [None] * num_seeds, [None] * num_seeds, 0
     description = ckpts.description(epoch)
     saved_seeds = len(description.get("seeds", []))
     if saved_seeds != num_seeds:
@@ -338,6 +330,12 @@ def _select(frozen: np.ndarray, kept: TrainState, new: TrainState, seeded: jax.s
     return jax.device_put(_where_frozen(meshlib.put(frozen, seeded), kept, new), seeded)
 
 
+def _learning_rate(cfg: configlib.Config, steps_per_epoch: int, history: History, steps_done: int) -> float:
+    """The rate in use after `steps_done` steps (what TensorBoard shows), ReduceLROnPlateau's scale included."""
+    scale = optim.plateau_scale(cfg.optim, [row["val_loss"] for row in history]) if cfg.optim.plateau_factor else 1.0
+    return optim.current_rate(cfg.optim, steps_per_epoch, cfg.train.epochs, steps_done, scale)
+
+
 def _stale(history: History) -> int:
     """Epochs since the lowest val_loss (Keras's EarlyStopping: a tie is no improvement)."""
     losses = [row["val_loss"] for row in history]
@@ -353,8 +351,8 @@ def _write_history(workdir: Path, seeds: Sequence[int], histories: Sequence[Hist
 
 
 def _tensorboard(cfg: configlib.Config, workdir: Path, seeds: Sequence[int]) -> list[Any]:
-    """One TensorBoard run per seed: tensorboard/, or tensorboard/seedN/ for several."""
-    if not cfg.run.tensorboard:
+    """One TensorBoard run per seed: tensorboard/, or tensorboard/seedN/ for several; process 0 only."""
+    if not cfg.run.tensorboard or not meshlib.is_main_process():
         return []
     from cnnjax.tensorboard import Writer
 
@@ -367,7 +365,9 @@ def _tensorboard(cfg: configlib.Config, workdir: Path, seeds: Sequence[int]) -> 
 
 
 def _write_figures(workdir: Path, seeds: Sequence[int], histories: Sequence[History], writers: Sequence[Any]) -> None:
-    """The lecture's accuracy & loss figure per seed; with the augmentation preview, into TensorBoard too."""
+    """The lecture's accuracy & loss figure per seed; with the augmentation preview, into TensorBoard too; process 0 only."""
+    if not meshlib.is_main_process():
+        return
     from cnnjax import plots
 
     for k, (seed, history) in enumerate(zip(seeds, histories)):
