@@ -189,19 +189,21 @@ class AugmentConfig:
     the width (height) when s < 1, else pixels; zoom_range z gives zx, zy ~ U[1-z, 1+z]
     independently, or is a (lo, hi) pair (zoom > 1 zooms out); each flip has probability
     0.5, after the transform; interpolation is ``bilinear`` (Keras's) or ``nearest``.
-    Frozen and hashable, so it can be a static argument of ``jax.jit``.
+    Frozen and hashable, so it can be a static argument of ``jax.jit``. Every field is a flag of the
+    scripts (``--augment.NAME``, cnnjax.config), its metadata the flag's help and allowed values.
     """
 
-    rotation_range: float = 0.0
-    width_shift_range: float = 0.0
-    height_shift_range: float = 0.0
-    shear_range: float = 0.0
-    zoom_range: float | tuple[float, float] = 0.0
-    horizontal_flip: bool = False
-    vertical_flip: bool = False
-    fill_mode: str = "nearest"
-    cval: float = 0.0
-    interpolation: str = "bilinear"
+    rotation_range: float = dataclasses.field(default=0.0, metadata={"help": "degrees, theta ~ U[-r, r]"})
+    width_shift_range: float = dataclasses.field(default=0.0, metadata={"help": "horizontal shift ~ U[-s, s] x width (pixels when >= 1)"})
+    height_shift_range: float = dataclasses.field(default=0.0, metadata={"help": "vertical shift ~ U[-s, s] x height (pixels when >= 1)"})
+    shear_range: float = dataclasses.field(default=0.0, metadata={"help": "degrees (Keras 2.0.x took radians)"})
+    zoom_range: float | tuple[float, float] = dataclasses.field(default=0.0, metadata={"help": "z: zx, zy ~ U[1-z, 1+z]; or LO,HI"})
+    horizontal_flip: bool = dataclasses.field(default=False, metadata={"help": "flip half the images left-right"})
+    vertical_flip: bool = dataclasses.field(default=False, metadata={"help": "flip half the images upside down"})
+    fill_mode: str = dataclasses.field(default="nearest", metadata={"help": "points outside the image", "choices": FILL_MODES})
+    cval: float = dataclasses.field(default=0.0, metadata={"help": "the fill value of fill_mode constant (0..255 scale)"})
+    interpolation: str = dataclasses.field(default="bilinear", metadata={"help": "sampling of the transformed image (Keras: bilinear)",
+                                                                         "choices": tuple(_ORDERS)})
 
     LECTURE: ClassVar[AugmentConfig]
     LECTURE_PREVIEW: ClassVar[AugmentConfig]

@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from cnnjax.augment import FILL_MODES, AugmentConfig
+from cnnjax.augment import AugmentConfig
 from cnnjax.data import INPUTS
 from cnnjax.data import INTERPOLATIONS as RESIZE_FILTERS
 from cnnjax.optim import NAMES as OPTIMIZERS
@@ -91,23 +91,6 @@ class RunConfig:
     tensorboard: bool = _field(True, "write TensorBoard event files into the run folder", recipe=False)
 
 
-_AUGMENT_HELP = {
-    "rotation_range": "degrees, theta ~ U[-r, r]",
-    "width_shift_range": "horizontal shift ~ U[-s, s] x width (pixels when >= 1)",
-    "height_shift_range": "vertical shift ~ U[-s, s] x height (pixels when >= 1)",
-    "shear_range": "degrees (Keras 2.0.x took radians)",
-    "zoom_range": "z: zx, zy ~ U[1-z, 1+z]; or LO,HI",
-    "horizontal_flip": "flip half the images left-right",
-    "vertical_flip": "flip half the images upside down",
-    "fill_mode": "points outside the image",
-    "cval": "the fill value of fill_mode constant (0..255 scale)",
-    "interpolation": "sampling of the transformed image (Keras: bilinear)",
-}
-_AUGMENT_CHOICES = {"fill_mode": FILL_MODES, "interpolation": ("bilinear", "nearest")}
-# AugmentConfig lives in cnnjax.augment, without metadata: its fields' metadata, as _field gives it.
-_AUGMENT_META = {name: {"help": text, "recipe": True, "choices": _AUGMENT_CHOICES.get(name)} for name, text in _AUGMENT_HELP.items()}
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str
@@ -140,9 +123,10 @@ def _hint(path: str) -> Any:
 
 
 def _meta(path: str) -> Mapping[str, Any]:
-    """The field's help, choices and recipe (whether it changes what a run computes: data_dir, input and run.* do not)."""
+    """The field's help, choices and recipe (whether it changes what a run computes: data_dir, input and run.* do not).
+    A field without them (one added to AugmentConfig, say) is still a flag: no help, any value, part of the recipe."""
     section, name = path.split(".")
-    return _AUGMENT_META[name] if section == "augment" else _section_fields(section)[name].metadata
+    return {"help": "", "recipe": True, "choices": None, **_section_fields(section)[name].metadata}
 
 
 def _parse_value(path: str, raw: Any, hint: Any) -> Any:

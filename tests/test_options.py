@@ -6,6 +6,7 @@ ReduceLROnPlateau and EarlyStopping, each resumed exactly."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -14,6 +15,7 @@ import optax
 import pytest
 
 from cnnjax import checkpoint, config, optim
+from cnnjax.augment import AugmentConfig
 from experiments import catsdogs, evaluate
 from experiments import mnist as mnist_script
 from tests.conftest import CATS_SIZE, write_cats_dogs_folder
@@ -39,6 +41,27 @@ def test_help_lists_only_the_fields_a_script_can_use_with_their_allowed_values()
     assert "{rmsprop, adam}" in mnist_help and "{constant, cosine, exponential}" in mnist_help and "short: --epochs" in mnist_help
     assert "{nearest, constant, reflect, wrap}" in cats_help and "{nearest, bilinear, bicubic, hamming, box, lanczos}" in cats_help
     assert "experiment 2: True" in cats_help and "--data.dataset" not in cats_help
+
+
+def test_a_field_added_to_augment_config_is_a_flag_by_itself(monkeypatch):
+    """The README's "where to change what": a new AugmentConfig field needs no other edit to be a flag,
+    listed by --help, overridden, checked and saved in config.json (its help text is its metadata)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(AugmentConfig):
+        brightness_range: float = dataclasses.field(default=0.0, metadata={"help": "brightness ~ U[1-b, 1+b]"})
+        channel_shift: float = 0.0  # no metadata at all
+
+    monkeypatch.setitem(config.SECTION_CLASSES, "augment", Extended)
+    monkeypatch.setattr(config, "_PATHS", frozenset(config.paths()))
+    recipe = dataclasses.replace(config.catsdogs(1), augment=Extended())
+    parser = config.ArgumentParser(prog="x")
+    config.add_flags(parser, recipe)
+    assert "--augment.brightness_range VALUE brightness ~ U[1-b, 1+b] [default: 0.0]" in " ".join(parser.format_help().split())
+    args = parser.parse_args(["--augment.brightness_range", "0.2", "--augment.channel_shift", "3"])
+    cfg = config.check(config.override(recipe, config.overrides_from_args(args)))
+    assert (cfg.augment.brightness_range, cfg.augment.channel_shift) == (0.2, 3.0)
+    assert config.from_dict(config.to_dict(cfg)).augment == cfg.augment
 
 
 def test_short_and_long_switches_alike_and_flax_style_paths():
