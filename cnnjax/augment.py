@@ -243,9 +243,11 @@ class AugmentConfig:
 
     @property
     def is_identity(self) -> bool:
-        """True when every draw is the identity (nothing to do)."""
-        ranges = (self.rotation_range, self.width_shift_range, self.height_shift_range, self.shear_range)
-        return not any(ranges) and self.zoom_bounds == (1.0, 1.0) and not (self.horizontal_flip or self.vertical_flip)
+        """True when every draw is the identity (nothing to do): every field at its default but those that only say how
+        to sample (fill_mode, cval, interpolation), a zoom of (1, 1) included. So a field added here is drawn when set."""
+        defaults = type(self)()
+        how = {name: getattr(defaults, name) for name in ("fill_mode", "cval", "interpolation", "zoom_range")}
+        return self.zoom_bounds == (1.0, 1.0) and dataclasses.replace(self, **how) == defaults
 
 
 # Experiment 2 of the lecture, and the settings of its augmentation preview.

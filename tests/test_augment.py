@@ -12,6 +12,7 @@ a real one. ``nearest`` and ``reflect`` with order 1 are continuous and have no 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 
@@ -336,6 +337,22 @@ def test_lecture_configs():
     assert (pre.rotation_range, pre.shear_range, pre.zoom_range, pre.horizontal_flip) == (30, 0.2, 0.5, True)
     assert not lec.is_identity and AugmentConfig().is_identity and AugmentConfig(zoom_range=(1, 1)).is_identity
     assert hash(AugmentConfig(zoom_range=[0.9, 1.1])) == hash(AugmentConfig(zoom_range=(0.9, 1.1)))
+
+
+def test_identity_is_every_drawn_field_at_its_default_a_new_field_included():
+    """How to sample (fill_mode, cval, interpolation) draws nothing; every other field does, one added to
+    AugmentConfig too (the README's "where to change what": it must not be skipped as the identity)."""
+    sampling_only = AugmentConfig(fill_mode="constant", cval=7.0, interpolation="nearest", zoom_range=(1.0, 1.0))
+    assert sampling_only.is_identity
+    for name, value in [("rotation_range", 1), ("width_shift_range", 0.1), ("height_shift_range", 2), ("shear_range", 1),
+                        ("zoom_range", 0.1), ("zoom_range", (1.0, 1.2)), ("horizontal_flip", True), ("vertical_flip", True)]:
+        assert not AugmentConfig(**{name: value}).is_identity, name
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(AugmentConfig):
+        brightness_range: float = 0.0
+
+    assert Extended().is_identity and not Extended(brightness_range=30.0).is_identity
 
 
 @pytest.mark.parametrize(
