@@ -147,4 +147,8 @@ def test_the_lecture_notebook_runs_top_to_bottom(tmp_path, mnist_dir):
     shipped_mnist = float(re.search(r"shipped MNIST model, epoch [0-9]+: test accuracy ([0-9.]+)", printed)[1])
     assert shipped_mnist == card_accuracy("mnist", "test")[1]
     assert "100 epochs; last:" in printed and re.search(r"Grad-CAM for (cats|dogs)", printed)
+    photo = re.search(r"the photo: (\S+\.jpg)", printed)
+    if photo:  # a real cat (CI's data): the notebook decodes it as predict.py does, so both give the same probability
+        said = re.search(r"the model predicts (\w+) \(p = ([0-9.]+)", printed)
+        assert run_script("predict.py", photo[1]).stdout.strip().endswith(f": {said[1]} ({said[2]})")
     assert {"augmentation.png", "history.png", "channel.png", "heatmap.png", "filters_conv2d_3.png"} <= {p.name for p in figures.iterdir()}
