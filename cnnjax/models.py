@@ -288,12 +288,14 @@ def layer_names(model: nn.Module) -> list[str]:
     return [name for name in layer_shapes(model) if name != "output"]
 
 
-LAYER_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D", "flatten": "Flatten", "dropout": "Dropout", "dense": "Dense"}
+# Keras names a layer after its class in snake case; these two classes are not the CamelCase of their names.
+LAYER_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D"}
 
 
 def layer_type(name: str) -> str:
-    """Keras's class name for one of our layer names ("conv2d_1" -> "Conv2D")."""
-    return LAYER_TYPES[name.rstrip("0123456789").rstrip("_")]
+    """Keras's class name for a layer name ("conv2d_1" -> "Conv2D", "layer_normalization" -> "LayerNormalization")."""
+    prefix = name.rstrip("0123456789").rstrip("_")
+    return LAYER_TYPES.get(prefix) or "".join(word[:1].upper() + word[1:] for word in prefix.split("_"))
 
 
 def summary(model: nn.Module, params: Any | None = None) -> str:

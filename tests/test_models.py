@@ -47,6 +47,25 @@ def test_dropout_sits_after_flatten_and_adds_no_parameters():
     assert "dropout (Dropout)" in models.summary(model)
 
 
+def test_a_layer_of_another_kind_gets_its_row_in_the_summary():
+    """Changing the model is editing its module (README): a layer kind the lecture lacks must not break summary."""
+    import flax.linen as nn
+
+    class Normed(nn.Module):
+        input_shape: tuple = (8, 8, 1)
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = models.Conv2D(4, activation="relu", name="conv2d")(x)
+            x = nn.LayerNorm(name="layer_normalization")(x)
+            return models.Dense(2, name="dense")(models.Flatten(name="flatten")(x))
+
+    table = models.summary(Normed())
+    assert "layer_normalization (LayerNormalization) (None, 6, 6, 4) 8".split() in [line.split() for line in table.splitlines()]
+    assert "Total params: 338" in table  # 40 + 8 + 290
+    assert models.layer_type("max_pooling2d_3") == "MaxPooling2D" and models.layer_type("dense_1") == "Dense"
+
+
 def test_dropout_is_active_in_training_and_off_in_evaluation():
     model = models.CatsDogsConvNet(dropout_rate=0.5, input_shape=(64, 64, 3))
     params = models.init_params(model, jax.random.PRNGKey(0))
