@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=[s.name for s in ablation.default_settings()],
                         help="setting names, or NAME:field=value,... (default: the whole grid)")
-    parser.add_argument("--seed-mode", default="auto", choices=ablation.SEED_MODES)
+    parser.add_argument("--seed-mode", default="auto", choices=ablation.SEED_MODES,
+                        help="a setting's seeds in one vmapped program (vmap; auto is vmap) or one run each (default: auto)")
     parser.add_argument("--train-subset", type=int, default=None, help="train on a class-balanced subset of N images")
-    parser.add_argument("--out", default="checkpoints/ablation")
+    parser.add_argument("--out", default="checkpoints/ablation", help="the ablation's folder; a rerun resumes it (default: %(default)s)")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table and plot from what --out holds; train nothing")
     config.add_flags(parser, base_recipe(), sections=("data", "model", "augment", "optim", "train"), fixed=("data.dataset", "model.name"))
     runs.add_flags(parser)

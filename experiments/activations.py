@@ -39,20 +39,20 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints, RUN/best, RUN/latest or "
                         "RUN/checkpoints/<epoch> (default: the shipped experiment-2 model)")
-    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
+    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number (default: best)")
     parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
     parser.add_argument("--image", help="an image file (default: the first validation cat, or MNIST's first test image)")
     parser.add_argument("--data-dir", help="data folder for the default image (default: CNNJAX_DATA_DIR)")
-    parser.add_argument("--layers", type=int, default=8, help="how many conv/pool layers to draw, from the first")
-    parser.add_argument("--channel", type=int, default=2, help="channel of the first conv layer drawn on its own")
+    parser.add_argument("--layers", type=int, default=8, help="how many conv/pool layers to draw, from the first (default: 8)")
+    parser.add_argument("--channel", type=int, default=2, help="channel of the first conv layer drawn on its own (default: 2)")
     parser.add_argument("--out", help="output folder (default: RUN/inspect)")
     parser.add_argument("--filters", action="store_true", help="draw filter patterns (gradient ascent)")
     parser.add_argument("--filter-layer", help="layer for --filters (default: the last conv layer)")
-    parser.add_argument("--num-filters", type=int, default=16, help="the first N filters of --filter-layer")
-    parser.add_argument("--steps", type=int, default=40, help="gradient ascent steps for --filters")
+    parser.add_argument("--num-filters", type=int, default=16, help="the first N filters of --filter-layer (default: 16)")
+    parser.add_argument("--steps", type=int, default=40, help="gradient ascent steps for --filters (default: 40)")
     parser.add_argument("--heatmap", action="store_true", help="draw the Grad-CAM heatmap")
     parser.add_argument("--class-index", type=int, help="class Grad-CAM explains (default: the predicted one)")
     return parser.parse_args(argv)

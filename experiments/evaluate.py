@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints, RUN/best, RUN/latest, or "
                         "RUN/checkpoints/<epoch> (default: the shipped experiment-2 model)")
-    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
+    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number (default: best)")
     parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=None, help="the data folder (default: CNNJAX_DATA_DIR, else the user cache or a download)")
     parser.add_argument("--split", default="test", help="the split to evaluate on (default: test)")
     parser.add_argument("--interpolation", default=None, choices=config.INTERPOLATIONS,
                         help="resize filter (default: the one the run trained with)")
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100, help="images per evaluation step (default: 100)")
     args = parser.parse_args(argv)
     runs.setup_logging()
     with runs.exits():

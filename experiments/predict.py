@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints or RUN/checkpoints/<epoch> "
                                                                    "(default: the shipped experiment-2 model)")
-    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number")
+    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number (default: best)")
     args = parser.parse_args(argv)
     runs.setup_logging()
     with runs.exits():
