@@ -240,6 +240,10 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
         (("train.epochs", "train.batch_size", "train.eval_batch_size", "train.seeds", "run.keep", "data.image_size",
           "optim.plateau_patience"), lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         (("train.seed", "train.early_stopping", "optim.warmup_epochs"), lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        # Counts must fit a step counter or an index (int32), seeds jax's key (uint32, seed + seeds - 1 included).
+        (("train.epochs", "train.batch_size", "train.eval_batch_size", "train.seeds", "run.keep", "data.image_size",
+          "optim.plateau_patience", "train.early_stopping", "optim.warmup_epochs"), lambda v: v < 2**31, "below 2**31"),
+        (("train.seed",), lambda v: v <= 2**32 - cfg.train.seeds, "at most 2**32 - train.seeds"),
         (("optim.learning_rate", "optim.epsilon"), lambda v: number(v) and v > 0, "a finite number > 0"),
         (("optim.rho", "optim.beta_1", "optim.beta_2", "optim.plateau_factor", "model.dropout"), lambda v: number(v) and 0 <= v < 1,
          "in [0, 1)"),

@@ -80,7 +80,8 @@ def load(spec: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
         raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
     splits = tuple(dict.fromkeys(splits))  # ("train", "train") when validating on the training split
     if spec.data_dir is not None and not Path(spec.data_dir).expanduser().is_dir():
-        raise DataError(f"--data-dir {spec.data_dir} does not exist; pass the folder that holds the data")
+        what = "is a file, not a folder" if Path(spec.data_dir).expanduser().exists() else "does not exist"
+        raise DataError(f"--data-dir {spec.data_dir} {what}; pass the folder that holds the data")
     if spec.dataset == "mnist":
         return _mnist(spec, splits)
     if spec.dataset == "cats_dogs":
