@@ -150,10 +150,13 @@ def damage(path: str | os.PathLike) -> str | None:
         return f"no {CHECKSUMS}: its save did not finish"
     except (OSError, ValueError):
         return f"its {CHECKSUMS} cannot be read"
+    if not isinstance(expected, dict) or DESCRIPTION not in {name.split("/")[0] for name in expected}:
+        return f"its {CHECKSUMS} is not a seal of its files"
     found = _digests(path)
-    wrong = [name for name, digest in expected.items() if found.get(name) != digest]
+    wrong = [name for name, digest in expected.items() if found.get(name) != digest] + sorted(set(found) - set(expected))
     if wrong:
-        what = "is missing" if wrong[0] not in found else "differs from what was saved"
+        what = ("is missing" if wrong[0] not in found else "is not in the seal" if wrong[0] not in expected
+                else "differs from what was saved")
         return f"{wrong[0]} {what}" + (f", and {len(wrong) - 1} more file(s)" if len(wrong) > 1 else "")
     return None
 

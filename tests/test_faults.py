@@ -108,6 +108,24 @@ def test_a_checkpoint_without_its_seal_is_incomplete(reference, tmp_path):
         assert ckpts.latest_intact() == 2
 
 
+@pytest.mark.parametrize("seal,why", [("{}", "is not a seal of its files"), ("[1, 2]", "is not a seal of its files"),
+                                      (None, "extra.bin is not in the seal")])
+def test_an_emptied_or_foreign_seal_or_an_unsealed_file_is_damage(seal, why, reference, tmp_path):
+    """A seal that lists nothing would check nothing: with it, changed weights loaded without a word."""
+    out = copy_run(reference, tmp_path)
+    step_dir = out / "checkpoints" / "3"
+    if seal is None:
+        (step_dir / "extra.bin").write_bytes(b"not saved by the run")
+    else:
+        (step_dir / checkpoint.CHECKSUMS).write_text(seal)
+        with open(params_file(step_dir), "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff\xff\xff\xff")
+    assert why in checkpoint.damage(step_dir)
+    with pytest.raises(checkpoint.CheckpointError, match="is damaged"):
+        checkpoint.load_model(out, 3)
+
+
 def test_a_read_of_a_run_being_written_finds_the_checkpoint_again_when_it_is_pruned(reference, tmp_path, monkeypatch):
     """The best epoch is found, then pruned by the writing run before it is read (a new best replaced it):
     load_model finds the new one instead of failing with "not a cnnjax checkpoint"."""
