@@ -22,10 +22,12 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,10 +112,16 @@ def _quiet_closed_loop(unraisable: Any) -> None:
         sys.__unraisablehook__(unraisable)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    return f"warning: {message}\n"  # Python's format adds the source line that warned, which tells a user nothing
+
+
 def setup_logging() -> None:
     """INFO lines from cnnjax's loggers on stdout, as plain messages (process 0 only), none of orbax's
     (through absl: every save and restore). Called by the scripts, never on import."""
-    logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax's save errors come back as exceptions: no second report
+    for name in ("absl", "asyncio"):  # orbax's save errors come back as exceptions: no second report, nor its writes left in flight
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.formatwarning = _one_line_warning
     sys.unraisablehook = _quiet_closed_loop
     level = logging.INFO if meshlib.is_main_process() else logging.WARNING
     logger = logging.getLogger("cnnjax")
@@ -285,10 +293,16 @@ def add_flags(parser: Any) -> None:
     meshlib.add_flags(parser)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # `kill` or a scheduler's stop ends a run as Ctrl-C does: one line, EXIT_INTERRUPTED, the lock let go
+
+
 def start(args: Any) -> None:
-    """Join the other processes (when flags or a cluster say so) and set up logging."""
+    """Join the other processes (when flags or a cluster say so), set up logging, and take SIGTERM as Ctrl-C."""
     meshlib.initialize(args.coordinator_address, args.num_processes, args.process_id, args.join_timeout)
     setup_logging()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 def versions() -> dict[str, str]:

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import pytest
 
 from cnnjax import checkpoint, data, runs, train
 from experiments import catsdogs, evaluate
-from tests.conftest import CATS_SIZE, write_cats_dogs_folder
+from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
 
 ARGS = ["--dropout", "--epochs", "3", "--batch-size", "8", "--train.eval_batch_size", "8", "--image-size", str(CATS_SIZE),
         "--run.keep", "3"]
@@ -181,6 +182,25 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(where, folder, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted") and "\n" not in err and "Traceback" not in err
     assert ("--resume" in err) == (where == "training") and not (out / ".lock").exists()
+
+
+@pytest.mark.slow  # a process stopped by SIGTERM, then its resume
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_resume_is_exact(folder, reference, tmp_path):
+    """`kill` and schedulers stop with SIGTERM: one line, exit 130, the lock let go, every finished epoch kept."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(REPO / "experiments" / "catsdogs.py"), *ARGS, "--data-dir", str(folder), "--out", str(out)]
+    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        for line in process.stdout:
+            if line.startswith("Epoch 1/"):
+                process.send_signal(signal.SIGTERM)
+                break
+        _, err = process.communicate(timeout=600)
+    assert process.returncode == runs.EXIT_INTERRUPTED, err[-2000:]
+    assert err.strip().startswith("interrupted") and "\n" not in err.strip() and "--resume" in err
+    assert not (out / ".lock").exists()
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr[-2000:]
+    assert without_seconds(out / "history.json") == without_seconds(reference / "history.json")
 
 
 def test_a_damaged_config_json_is_named_and_the_lock_let_go(folder, reference, tmp_path, capsys):
