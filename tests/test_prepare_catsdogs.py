@@ -123,6 +123,20 @@ def test_rerun_skips_identical_files(tmp_path, capsys):
     assert {rel: ((out / rel).stat().st_ino, (out / rel).stat().st_mtime_ns) for rel in outputs(out)} == before  # not rewritten
 
 
+def test_a_rerun_with_other_sizes_is_refused_before_splits_share_images(tmp_path, capsys):
+    src, out = kaggle(tmp_path / "kaggle"), tmp_path / "small"
+    assert run_main(["--kaggle-dir", str(src), "--out", str(out), *SIZES], capsys)[0] == 0
+    before = outputs(out)
+    code, stdout, stderr = run_main(["--kaggle-dir", str(src), "--out", str(out), "--sizes", "2", "2", "2"], capsys)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1
+    assert stderr.startswith(f"error: {out / 'test' / 'cats'} holds cat.6.jpg, which this split puts elsewhere")
+    assert "another --out" in stderr
+    assert outputs(out) == before  # nothing copied
+    (tmp_path / "a_file").write_text("")
+    code, _, stderr = run_main(["--kaggle-dir", str(src), "--out", str(tmp_path / "a_file"), *SIZES], capsys)
+    assert code == 2 and stderr == f"error: --out {tmp_path / 'a_file'} is a file; pass the folder to make\n"
+
+
 def test_a_different_file_at_a_destination_is_refused_before_anything_is_written(tmp_path, capsys):
     src, out = kaggle(tmp_path / "kaggle"), tmp_path / "small"
     argv = ["--kaggle-dir", str(src), "--out", str(out), *SIZES]

@@ -86,7 +86,15 @@ def prepare_small_split(kaggle_dir: str | os.PathLike, out: str | os.PathLike,
     if not (kaggle / "cat.0.jpg").exists() and (kaggle / "train" / "cat.0.jpg").exists():
         kaggle = kaggle / "train"
     out, sizes = Path(out).expanduser(), _check_sizes(sizes)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; pass the folder to make")
     plan = small_split_plan(kaggle, out, sizes)
+    planned = {dest for _, dest in plan}
+    for folder in sorted({dest.parent for dest in planned}):
+        present = folder.iterdir() if folder.is_dir() else ()
+        if extra := sorted(p.name for p in present if p not in planned and not p.name.startswith(".")):
+            raise DataError(f"{folder} holds {extra[0]}{_more(extra)}, which this split puts elsewhere or nowhere (an earlier run with "
+                            "other --sizes?): splits sharing images would mislead every validation; choose another --out")
     start = time.perf_counter()
 
     if missing := [src for src, _ in plan if not src.is_file()]:
