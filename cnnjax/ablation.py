@@ -169,6 +169,28 @@ def summarize(setting: Setting, histories: Sequence[train.History], tests: Seque
             "wall_seconds": wall}
 
 
+def check_out(out: Path, base: Config, settings: Sequence[Setting]) -> None:
+    """Refuse, before anything is written, an --out that is a file, holds something other than an ablation, or
+    holds one of another base recipe or other settings of the same names (its finished settings would be
+    taken for this one's)."""
+    if out.exists() and not out.is_dir():
+        raise runs.RunError(f"--out {out} is a file, not a folder")
+    if not (out / "ablation.json").is_file():
+        if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+            raise runs.RunError(f"--out {out} holds something other than an ablation (no ablation.json); choose another --out")
+        return
+    saved = files.read_json(out / "ablation.json")
+    old, new = configlib.flatten(configlib.from_dict(saved["config"])), configlib.flatten(base)
+    differ = [f"{path}: {old[path]!r} -> {new[path]!r}" for path in configlib.paths() if path.split(".")[0] != "run"
+              and path not in ("data.data_dir", "data.input") and old[path] != new[path]]
+    kept = {s["name"]: s["overrides"] for s in saved.get("settings", [])}
+    differ += [f"setting {s.name}: {kept[s.name]} -> {s.as_dict()['overrides']}" for s in settings
+               if s.name in kept and kept[s.name] != files.strict_json(s.as_dict()["overrides"])]
+    if differ:
+        raise runs.RunError(f"--out {out} holds an ablation of another recipe ({'; '.join(differ)}); rerun it with its own flags "
+                            "to finish it, or choose another --out")
+
+
 def run_ablation(settings: Sequence[Setting], base: Config, datasets: dict[str, Any], test: Any, out: Path, mode: str = "auto",
                  verbose: bool = True) -> list[dict[str, Any]]:
     """Every setting in turn (finished ones skipped, unfinished ones resumed, failed ones retried), then

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if base.data.input == "stream":
             raise config.ConfigError("--data.input stream: the ablation trains every setting on the same images, held in "
                                      "memory; use --data.input memory or auto")
+        ablation.check_out(out, base, settings)
         validation = base.data.validation_split
         loaded = data.load(dataclasses.replace(base.data, input="memory"), tuple(dict.fromkeys(("train", validation, "test"))))
         datasets = {"train": subset(loaded["train"], args.train_subset)}

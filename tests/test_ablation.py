@@ -198,3 +198,18 @@ def test_the_script_reports_an_interrupt_and_keeps_finished_settings(tmp_path, m
     assert exit_info.value.code == runs.EXIT_INTERRUPTED
     assert "interrupted: 1 finished setting(s)" in capsys.readouterr().err
     assert "| none | ok | 2 |" in (out / "results.md").read_text() and not (out / "flip" / "result.json").exists()
+
+    # Its finished settings are kept for the same recipe only: anything else is refused before a thing is written.
+    before = sorted((p.relative_to(out).as_posix(), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_run").mkdir()
+    (tmp_path / "a_run" / "config.json").write_text("{}")
+    for change, message in [(["--epochs", "2"], "holds an ablation of another recipe (train.epochs: 1 -> 2)"),
+                            (["--settings", "none:dropout=0.5"], "setting none: {} -> {'model.dropout': 0.5}"),
+                            (["--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+                            (["--out", str(tmp_path / "a_run")], "holds something other than an ablation")]:
+        with pytest.raises(SystemExit) as exit_info:
+            ablate_augmentation.main([*argv, *change])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == runs.EXIT_BAD_INPUT and err.startswith("error: ") and "\n" not in err and message in err, err
+    assert sorted((p.relative_to(out).as_posix(), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
