@@ -142,6 +142,16 @@ def default_out(name: str, seed: int) -> Path:
     return Path("checkpoints") / f"{name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}"
 
 
+def saved_config(path: Path) -> Config:
+    """The config a run folder's config.json holds; RunError, naming it, when it holds none."""
+    record = files.read_json(path)
+    try:
+        return configlib.from_dict(record["config"])
+    except (TypeError, KeyError, AttributeError, ValueError) as e:  # a list, a missing key, a section that is not a dict
+        raise RunError(f"{path} holds no run config ({type(e).__name__}: {e}); it was damaged or edited by hand: "
+                       "start the run again with another --out") from None
+
+
 def _read_lock(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -192,7 +202,7 @@ class RunFolder:
         try:
             files.clean_orphans(path, recursive=True)
             saved = path / "config.json"
-            differ = configlib.recipe_diff(configlib.from_dict(files.read_json(saved)["config"]), cfg) if saved.is_file() else []
+            differ = configlib.recipe_diff(saved_config(saved), cfg) if saved.is_file() else []
             if differ:
                 raise RunError(f"--resume with another recipe than {path}/config.json: {'; '.join(differ)}. "
                                "Resume with the run's own flags, or start a new run with another --out")
@@ -284,7 +294,7 @@ def resolve(recipe: Config, overrides: dict[str, Any]) -> Config:
     cfg = configlib.override(recipe, overrides)
     saved = Path(cfg.run.out or "", "config.json").expanduser()
     if cfg.run.resume and cfg.run.out and saved.is_file():
-        cfg = configlib.override(configlib.from_dict(files.read_json(saved)["config"]), overrides)
+        cfg = configlib.override(saved_config(saved), overrides)
     return check_config(cfg)
 
 

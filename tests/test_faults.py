@@ -203,13 +203,15 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_resume_is_exact(folder, refer
     assert without_seconds(out / "history.json") == without_seconds(reference / "history.json")
 
 
-def test_a_damaged_config_json_is_named_and_the_lock_let_go(folder, reference, tmp_path, capsys):
+@pytest.mark.parametrize("text,message", [('{"config": {"name": "catsdogs', "is not valid JSON"),  # cut off
+                                          ("[]", "holds no run config"), ('{"config": {"train": [1]}}', "holds no run config")])
+def test_a_damaged_config_json_is_named_and_the_lock_let_go(text, message, folder, reference, tmp_path, capsys):
     out = copy_run(reference, tmp_path)
-    (out / "config.json").write_text('{"config": {"name": "catsdogs')  # cut off
+    (out / "config.json").write_text(text)
     with pytest.raises(SystemExit) as exit_info:
         catsdogs.main([*ARGS, "--data-dir", str(folder), "--out", str(out), "--resume"])
     assert exit_info.value.code == runs.EXIT_BAD_INPUT
-    assert f"{out / 'config.json'} is not valid JSON" in one_error_line(capsys)
+    assert f"{out / 'config.json'} {message}" in one_error_line(capsys)
     assert not (out / ".lock").exists()
 
 
