@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from cnnjax import checkpoint, config, models, runs
 from cnnjax import inspect as look
@@ -41,13 +42,15 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
         predicted, failed = [], 0
         for path in args.images:
             if not Path(path).is_file():
-                print(f"error: {path}: no such file; skipped", file=sys.stderr, flush=True)
+                print(f"error: {path}: {'a folder, not an image' if Path(path).is_dir() else 'no such file'}; skipped", file=sys.stderr,
+                      flush=True)
                 failed += 1
                 continue
             try:
                 image = look.load_image(path, model.input_shape[:2], model.input_shape[-1], interpolation)
             except OSError as e:  # PIL's UnidentifiedImageError is one: not an image, or unreadable
-                print(f"error: {path}: not an image that can be read ({type(e).__name__}); skipped", file=sys.stderr, flush=True)
+                why = type(e).__name__ if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+                print(f"error: {path}: not an image that can be read ({why}); skipped", file=sys.stderr, flush=True)
                 failed += 1
                 continue
             probabilities = np.asarray(jax.device_get(models.predict(model, params, image[None])))[0]

@@ -189,6 +189,14 @@ def test_corrupt_file_skipped_with_warning(tmp_path):
     assert again.files == data.files and again.skipped == data.skipped
 
 
+def test_an_image_past_pils_pixel_limit_is_an_unreadable_file(tmp_path, monkeypatch):
+    """PIL refuses decompression bombs with an error of its own, no OSError: one is skipped or refused like a broken file."""
+    Image.new("RGB", (40, 40)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 40 is past twice the limit
+    with pytest.raises(OSError, match=r"huge.png has more pixels than PIL decodes safely \(Image size \(1600 pixels\)"):
+        decode.decode_file(tmp_path / "huge.png", (4, 4))
+
+
 @pytest.mark.parametrize("kind", ["dangling", "loop"])
 def test_broken_symlink_skipped_with_warning(tmp_path, kind):
     write_two_classes(tmp_path)

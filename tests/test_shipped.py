@@ -100,11 +100,14 @@ def test_predict_classifies_any_image_file_and_names_each_bad_one(tmp_path):
     (tmp_path / "notes.jpg").write_text("not a picture")
     (tmp_path / "cut.jpg").write_bytes(photo.read_bytes()[:300])
     paths = [str(p) for p in files.values()]
+    (tmp_path / "folder.jpg").mkdir()
     done = run_script("predict.py", paths[0], str(tmp_path / "notes.jpg"), *paths[1:], str(tmp_path / "cut.jpg"),
-                      str(tmp_path / "missing.png"))
+                      str(tmp_path / "missing.png"), str(tmp_path / "folder.jpg"))
     assert done.returncode == 2
     errors = done.stderr.strip().splitlines()
-    assert [line.split(":")[1].strip() for line in errors] == [str(tmp_path / n) for n in ("notes.jpg", "cut.jpg", "missing.png")]
+    assert [line.split(":")[1].strip() for line in errors] == [str(tmp_path / n) for n in ("notes.jpg", "cut.jpg", "missing.png",
+                                                                                           "folder.jpg")]
+    assert errors[-1].endswith("folder.jpg: a folder, not an image; skipped")
     assert all(line.startswith("error: ") and "skipped" in line for line in errors) and "Traceback" not in done.stderr
     printed = dict(re.fullmatch(r"(.+): (cats|dogs) \(([0-9.]+)\)", line).group(1, 3) for line in done.stdout.splitlines())
     assert list(printed) == paths

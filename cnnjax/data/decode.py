@@ -26,7 +26,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from cnnjax.data.common import Images, cache_root, default_workers, thread_map
+from cnnjax.data.common import Images, cache_root, default_workers, first_line, thread_map
 from cnnjax.files import atomic_write, clean_orphans, sha256
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,11 @@ def decode_file(path: str | os.PathLike, size_hw: Sequence[int], interpolation: 
     """One image file as uint8 (H, W, 3) for mode "RGB", (H, W, 1) for "L"; raises what open() or PIL raises."""
     size_hw = check_size(size_hw, interpolation)
     with open(path, "rb") as f:
-        return _pixels(Image.open(f), size_hw, interpolation, mode)
+        try:
+            image = Image.open(f)
+        except Image.DecompressionBombError as e:  # as unreadable as a broken file: skipped or refused like one
+            raise OSError(f"{path} has more pixels than PIL decodes safely ({first_line(e).rstrip('.')})") from None
+        return _pixels(image, size_hw, interpolation, mode)
 
 
 def decode_bytes(data: bytes, size_hw: Sequence[int], interpolation: str = "nearest", mode: str = "RGB") -> np.ndarray:
