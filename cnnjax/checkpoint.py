@@ -224,7 +224,7 @@ def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = 
     elif which == "best":
         intact = next((folder / str(step) for step in reversed(steps) if damage(folder / str(step)) is None), None)
         if intact is None:
-            raise CheckpointError(f"every checkpoint in {folder} is damaged; none is used")
+            raise CheckpointError(f"every checkpoint in {folder} is damaged (the newest: {damage(folder / str(steps[-1]))}); none is used")
         description = read_description(intact)
         k = seed_index(description, seed, path)
         if description["best"][k] is None:
@@ -235,6 +235,8 @@ def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = 
     else:
         raise CheckpointError(f"{path} has no checkpoint of epoch {which}; it keeps epochs {', '.join(map(str, steps))}")
     why = damage(chosen)
+    if why is not None and chosen == path:
+        raise CheckpointError(f"{chosen} is damaged ({why}); its weights are not used: choose another epoch of its run")
     if why is not None:
         raise CheckpointError(f"{chosen} is damaged ({why}); its weights are not used: choose another epoch "
                               f"(--which; {folder} keeps {', '.join(map(str, steps)) or 'none'})")

@@ -69,10 +69,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs.start(args)
         base = runs.check_config(config.override(base_recipe(), config.overrides_from_args(args)))
         settings = [ablation.parse_setting(spec, base) for spec in args.settings]
-        if len({s.name for s in settings}) != len(settings):
-            raise config.ConfigError("two settings have the same name; give each its own")
+        if twice := sorted({s.name for s in settings if [t.name for t in settings].count(s.name) > 1}):
+            raise config.ConfigError(f"two settings are named {twice[0]!r}; give each its own name")
         for setting in settings:
-            runs.check_config(ablation.setting_config(base, setting))
+            try:
+                runs.check_config(ablation.setting_config(base, setting))
+            except config.ConfigError as e:
+                raise config.ConfigError(f"setting {setting.name!r}: {e}") from None
         if args.train_subset is not None and args.train_subset < 2:
             raise config.ConfigError(f"--train-subset must be at least 2 (one image per class), got {args.train_subset}")
         if base.data.input == "stream":

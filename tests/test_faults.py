@@ -125,6 +125,8 @@ def test_an_emptied_or_foreign_seal_or_an_unsealed_file_is_damage(seal, why, ref
     assert why in checkpoint.damage(step_dir)
     with pytest.raises(checkpoint.CheckpointError, match="is damaged"):
         checkpoint.load_model(out, 3)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{step_dir} is damaged .*: choose another epoch of its run$"):
+        checkpoint.find(step_dir)  # the epoch's own folder: no --which to point at
 
 
 def test_a_read_of_a_run_being_written_finds_the_checkpoint_again_when_it_is_pruned(reference, tmp_path, monkeypatch):

@@ -173,6 +173,8 @@ BAD_FLAGS = [
     ("catsdogs", ["--augment", "heavy"], "invalid choice: 'heavy'"),
     ("catsdogs", ["--augment.interpolation", "bicubic"], "interpolation must be one of ('bilinear', 'nearest')"),
     ("catsdogs", ["--interpolation", "bilinear"], "did you mean --data.interpolation or --augment.interpolation?"),  # by path only
+    ("ablate_augmentation", ["--settings", "x:model.dropout=1.5"], "setting 'x': model.dropout must be in [0, 1), got 1.5"),
+    ("ablate_augmentation", ["--settings", "none", "flip", "none"], "two settings are named 'none'; give each its own name"),
 ]
 
 
