@@ -226,8 +226,14 @@ def test_keras_mnist_npz_is_downloaded_through_pooch_and_checked(tmp_path, monke
         monkeypatch.setattr(mnist_module, "KERAS_NPZ_SHA256", hashlib.sha256(served.read_bytes()).hexdigest())
         with caplog.at_level(logging.INFO, logger="cnnjax.data.mnist"):
             loaded = load_mnist()
+            cached = cache_root() / "mnist" / "mnist.npz"
+            cached.write_bytes(cached.read_bytes()[:1000])  # damaged in cnnjax's cache: fetched again, not blocking every run
+            refetched = load_mnist()
     finally:
         server.shutdown()
+    assert "is not Keras's mnist.npz" in caplog.text and "removing the cached copy and fetching MNIST again" in caplog.text
+    assert caplog.text.count("its sha256 matched") == 2
+    np.testing.assert_array_equal(refetched["train_images"], loaded["train_images"])
     assert "downloading MNIST: Keras's mnist.npz from" in caplog.text and "its sha256 matched" in caplog.text
     np.testing.assert_array_equal(loaded["train_images"][..., 0], arrays["train_images"])
     np.testing.assert_array_equal(loaded["test_labels"], arrays["test_labels"])

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def load_npz(path: Path) -> Mnist:
         with np.load(path, allow_pickle=False) as z:
             return {"train_images": z["x_train"][..., None].astype(np.uint8), "train_labels": z["y_train"].astype(np.int32),
                     "test_images": z["x_test"][..., None].astype(np.uint8), "test_labels": z["y_test"].astype(np.int32)}
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path} is not Keras's mnist.npz ({type(e).__name__}: {first_line(e)}); remove it and run again") from None
 
 
@@ -225,10 +226,15 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
             return load_mnist_files(files)
         tried.append(f"CNNJAX_DATA_DIR: {_not_there(env.expanduser())}")
     cache = cache_root() / "mnist"
-    if (files := find_mnist_files(cache)) is not None:
-        return load_mnist_files(files)
-    if (cache / "mnist.npz").is_file():
-        return load_npz(cache / "mnist.npz")
+    cached: list = [(files, load_mnist_files)] if (files := find_mnist_files(cache)) else []
+    cached += [(cache / "mnist.npz", load_npz)] if (cache / "mnist.npz").is_file() else []
+    for found, read in cached:
+        try:
+            return read(found)
+        except DataError as e:  # cnnjax's own copy, damaged: fetched again rather than blocking every run
+            log.warning("warning: %s; removing the cached copy and fetching MNIST again", e)
+            for path in found.values() if isinstance(found, dict) else [found]:
+                path.unlink(missing_ok=True)
     tried.append(f"cache {cache}: empty")
     try:
         return load_npz(fetch_keras_npz(cache))
