@@ -180,9 +180,8 @@ def check_out(out: Path, base: Config, settings: Sequence[Setting]) -> None:
             raise runs.RunError(f"--out {out} holds something other than an ablation (no ablation.json); choose another --out")
         return
     saved = files.read_json(out / "ablation.json")
-    old, new = configlib.flatten(configlib.from_dict(saved["config"])), configlib.flatten(base)
-    differ = [f"{path}: {old[path]!r} -> {new[path]!r}" for path in configlib.paths() if path.split(".")[0] != "run"
-              and path not in ("data.data_dir", "data.input") and old[path] != new[path]]
+    # No extending here: a finished setting is skipped, so more epochs would leave it at its old count.
+    differ = configlib.recipe_diff(configlib.from_dict(saved["config"]), base, extend=False)
     kept = {s["name"]: s["overrides"] for s in saved.get("settings", [])}
     differ += [f"setting {s.name}: {kept[s.name]} -> {s.as_dict()['overrides']}" for s in settings
                if s.name in kept and kept[s.name] != files.strict_json(s.as_dict()["overrides"])]

@@ -214,12 +214,12 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, values in to_dict(cfg).items() if isinstance(values, dict) for k, v in values.items()}
 
 
-def recipe_diff(saved: Config, asked: Config) -> list[str]:
+def recipe_diff(saved: Config, asked: Config, extend: bool = True) -> list[str]:
     """The recipe fields whose values differ, as "path: saved -> asked" (where and how a run happens is
-    ignored, and more epochs than saved extend a run)."""
+    ignored, and with `extend` more epochs than saved extend a run)."""
     fa, fb = flatten(saved), flatten(asked)
     return [f"{p}: {fa[p]!r} -> {fb[p]!r}" for p in paths()
-            if _meta(p)["recipe"] and fa[p] != fb[p] and not (p == "train.epochs" and fb[p] > fa[p])]
+            if _meta(p)["recipe"] and fa[p] != fb[p] and not (extend and p == "train.epochs" and fb[p] > fa[p])]
 
 
 def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) -> Config:
