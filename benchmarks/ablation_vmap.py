@@ -21,7 +21,9 @@ import contextlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repository, for benchmarks.common
 from benchmarks.common import (  # noqa: E402
     backend_line,
     epoch_twice,
@@ -48,9 +50,19 @@ def measure(cfg, dataset, seeds: int, steps: int, loop: bool = False) -> dict:
     dataset = first(dataset, steps * cfg.train.batch_size)
     one, one_mesh = ms_per_step(1, cfg, dataset, steps, loop)
     together, k_mesh = ms_per_step(seeds, cfg, dataset, steps, loop)
-    return {"seeds": seeds, "steps": steps, "image_size": cfg.data.image_size, "batch_size": cfg.train.batch_size,
-            "one_seed_ms_per_step": one, "k_seeds_ms_per_step": together, "k_over_one": together / one,
-            "k_over_sequential": together / (seeds * one), "mesh_one": one_mesh, "mesh_k": k_mesh, "scan": not loop}
+    return {
+        "seeds": seeds,
+        "steps": steps,
+        "image_size": cfg.data.image_size,
+        "batch_size": cfg.train.batch_size,
+        "one_seed_ms_per_step": one,
+        "k_seeds_ms_per_step": together,
+        "k_over_one": together / one,
+        "k_over_sequential": together / (seeds * one),
+        "mesh_one": one_mesh,
+        "mesh_k": k_mesh,
+        "scan": not loop,
+    }
 
 
 def main() -> None:
@@ -60,22 +72,32 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--loop", action="store_true", help="one jitted step per call instead of scanned calls")
+    parser.add_argument(
+        "--loop", action="store_true", help="one jitted step per call instead of scanned calls"
+    )
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     cfg = recipe("catsdogs2", {"data.image_size": args.image_size})
     n = args.steps * cfg.train.batch_size
-    dataset = random_data(cfg, n) if args.random else real_data(cfg, args.data_dir, ("train",))["train"]
+    dataset = (
+        random_data(cfg, n) if args.random else real_data(cfg, args.data_dir, ("train",))["train"]
+    )
     if len(dataset) < n:
         parser.error(f"--steps {args.steps} needs {n} training images, the data has {len(dataset)}")
     print(backend_line())
     result = measure(cfg, dataset, args.seeds, args.steps, args.loop)
-    print(f"experiment 2 at {args.image_size}px, batch {cfg.train.batch_size}, {args.steps} steps "
-          f"({'one call per step' if args.loop else 'scanned calls'})")
-    print(f"1 seed: {result['one_seed_ms_per_step']:.1f} ms/step (mesh {result['mesh_one']}); {args.seeds} seeds together: "
-          f"{result['k_seeds_ms_per_step']:.1f} ms/step (mesh {result['mesh_k']})")
-    print(f"{args.seeds} seeds / 1 seed = {result['k_over_one']:.2f}x (GPU goal: <= 2x for 8 seeds); "
-          f"together / one after another = {result['k_over_sequential']:.2f}")
+    print(
+        f"experiment 2 at {args.image_size}px, batch {cfg.train.batch_size}, {args.steps} steps "
+        f"({'one call per step' if args.loop else 'scanned calls'})"
+    )
+    print(
+        f"1 seed: {result['one_seed_ms_per_step']:.1f} ms/step (mesh {result['mesh_one']}); {args.seeds} seeds together: "
+        f"{result['k_seeds_ms_per_step']:.1f} ms/step (mesh {result['mesh_k']})"
+    )
+    print(
+        f"{args.seeds} seeds / 1 seed = {result['k_over_one']:.2f}x (GPU goal: <= 2x for 8 seeds); "
+        f"together / one after another = {result['k_over_sequential']:.2f}"
+    )
     write_json(args.json, {"backend": backend_line(), **result})
 
 

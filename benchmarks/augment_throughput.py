@@ -47,7 +47,9 @@ def time_loop(step, seconds: float, min_calls: int = 3) -> tuple[int, float]:
 
 
 def cnnjax_images_per_second(batch_size: int, seconds: float) -> float:
-    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (batch_size, SIZE, SIZE, 3), dtype=np.uint8))
+    images = jax.device_put(
+        np.random.default_rng(0).integers(0, 256, (batch_size, SIZE, SIZE, 3), dtype=np.uint8)
+    )
 
     @jax.jit
     def augment(key, i, x):
@@ -57,7 +59,9 @@ def cnnjax_images_per_second(batch_size: int, seconds: float) -> float:
     key = jax.random.PRNGKey(0)
     augment(key, 0, images).block_until_ready()  # compile
     counter = iter(range(1 << 30))
-    calls, elapsed = time_loop(lambda: augment(key, next(counter), images).block_until_ready(), seconds)
+    calls, elapsed = time_loop(
+        lambda: augment(key, next(counter), images).block_until_ready(), seconds
+    )
     return calls * batch_size / elapsed
 
 
@@ -113,7 +117,9 @@ def main() -> None:
 
     why = None if args.no_keras else choose_keras_backend()
     image = None if args.no_keras else keras_image_module()
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs"
+    )
     print(f"settings: {CONFIG}")
     if image is not None:
         import keras
@@ -121,13 +127,17 @@ def main() -> None:
         print(f"Keras {keras.__version__} on the {keras.backend.backend()} backend ({why})")
     elif not args.no_keras:
         backend = os.environ.get("KERAS_BACKEND", "Keras's default")
-        print(f"Keras is not importable with backend {backend} (pip install 'cnnjax[keras]'): showing cnnjax's figure only.")
+        print(
+            f"Keras is not importable with backend {backend} (pip install 'cnnjax[keras]'): showing cnnjax's figure only."
+        )
     for bs in args.batch_sizes:
         ours = cnnjax_images_per_second(bs, args.seconds)
         line = f"batch {bs:4d}: cnnjax {ours:9.0f} images/s"
         if image is not None:
             theirs = keras_images_per_second(image, bs, args.seconds)
-            line += f" | Keras ImageDataGenerator {theirs:7.0f} images/s | ratio {ours / theirs:6.1f}x"
+            line += (
+                f" | Keras ImageDataGenerator {theirs:7.0f} images/s | ratio {ours / theirs:6.1f}x"
+            )
         print(line, flush=True)
 
 

@@ -13,7 +13,10 @@ Prints seconds per epoch and the ratio cnnjax / Keras (below 1: cnnjax faster).
 
 from __future__ import annotations
 
-from mnist_epoch import compare_with_keras, recipe_epochs  # benchmarks/ is on the path when run as a script
+from mnist_epoch import (
+    compare_with_keras,
+    recipe_epochs,
+)  # benchmarks/ is on the path when run as a script
 
 
 def cnnjax_epochs(data_dir: str | None, epochs: int) -> list[dict]:

@@ -33,7 +33,11 @@ from cnnjax.step import TrainState
 def recipe(name: str, overrides: dict[str, Any] | None = None) -> config.Config:
     """mnist, catsdogs1 or catsdogs2 (experiment 1 or 2) from cnnjax.config, with overrides by path;
     no TensorBoard files."""
-    base = {"mnist": config.mnist, "catsdogs1": lambda: config.catsdogs(1), "catsdogs2": lambda: config.catsdogs(2)}[name]()
+    base = {
+        "mnist": config.mnist,
+        "catsdogs1": lambda: config.catsdogs(1),
+        "catsdogs2": lambda: config.catsdogs(2),
+    }[name]()
     return config.override(base, {"run.tensorboard": False, **(overrides or {})})
 
 
@@ -48,12 +52,18 @@ def random_data(cfg: config.Config, n: int, seed: int = 0) -> data.Images:
     return data.Images(images, rng.integers(0, len(classes), n).astype(np.int32), classes)
 
 
-def real_data(cfg: config.Config, data_dir: str | None, splits: Sequence[str] | None = None,
-              input: str = "memory") -> dict[str, Any]:
+def real_data(
+    cfg: config.Config,
+    data_dir: str | None,
+    splits: Sequence[str] | None = None,
+    input: str = "memory",
+) -> dict[str, Any]:
     """{split: dataset} of cfg's data from data_dir (MNIST's IDX files, or a cats-vs-dogs folder)
     through cnnjax.data.load; by default the training and validation splits, held in memory."""
     splits = ("train", cfg.data.validation_split) if splits is None else tuple(splits)
-    return data.load(config.override(cfg, {"data.data_dir": data_dir, "data.input": input}).data, splits)
+    return data.load(
+        config.override(cfg, {"data.data_dir": data_dir, "data.input": input}).data, splits
+    )
 
 
 def subset(dataset: data.Images, n: int | None) -> data.Images:
@@ -61,7 +71,9 @@ def subset(dataset: data.Images, n: int | None) -> data.Images:
     if n is None or n >= len(dataset):
         return dataset
     every = len(dataset) // n
-    return data.Images(dataset.images[::every][:n], dataset.labels[::every][:n], dataset.class_names)
+    return data.Images(
+        dataset.images[::every][:n], dataset.labels[::every][:n], dataset.class_names
+    )
 
 
 def first(dataset: data.Images, n: int) -> data.Images:
@@ -98,13 +110,19 @@ class Training:
 
     def place(self, state: TrainState | None = None) -> TrainState:
         """A host state (default: the initial one) on the devices, sharded over the seed axis."""
-        return jax.device_put(self.start if state is None else state, mesh.sharding(self.mesh, mesh.SEED))
+        return jax.device_put(
+            self.start if state is None else state, mesh.sharding(self.mesh, mesh.SEED)
+        )
 
     def epoch(self, state: TrainState, epoch: int = 0) -> tuple[TrainState, list[dict[str, float]]]:
         """One epoch from a placed state (donated): the new state and per seed {"loss", "accuracy"}."""
-        order = step.epoch_order(mesh.to_host(state.rng), len(self.dataset), self.cfg.train.batch_size, epoch)
+        order = step.epoch_order(
+            mesh.to_host(state.rng), len(self.dataset), self.cfg.train.batch_size, epoch
+        )
         batches = self.batches(*train._local_order(*order, self.mesh, per_seed=True))
-        state, sums = train._run_pass(self.fn, state, batches, self.on_device, self.mesh, per_seed=True)
+        state, sums = train._run_pass(
+            self.fn, state, batches, self.on_device, self.mesh, per_seed=True
+        )
         return state, step.totals_to_metrics(mesh.to_host(sums))
 
     def timed_epoch(self, epoch: int = 0) -> tuple[float, list[dict[str, float]]]:
@@ -121,7 +139,12 @@ class Training:
         return train._evaluator(self.model, dataset, self.mesh, self.cfg.train.eval_batch_size)
 
 
-def training(cfg: config.Config, dataset: Any, num_seeds: int = 1, devices: Sequence[jax.Device] | None = None) -> Training:
+def training(
+    cfg: config.Config,
+    dataset: Any,
+    num_seeds: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Training:
     """cfg's training of `num_seeds` seeds (cfg.train.seed, +1, ...) on a mesh over `devices` (default: all)."""
     m = mesh.make_mesh(num_seeds, devices)
     mesh.check_batch(m, cfg.train.batch_size)
@@ -131,7 +154,9 @@ def training(cfg: config.Config, dataset: Any, num_seeds: int = 1, devices: Sequ
     tx = optim.make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
     start = mesh.to_host(step.init_states(model, tx, seeds, m))
     on_device, batches = train._feed(dataset, m)
-    fn = train._train_fn(model, cfg.optim, cfg.augment, m, on_device is not None, steps_per_epoch, cfg.train.epochs)
+    fn = train._train_fn(
+        model, cfg.optim, cfg.augment, m, on_device is not None, steps_per_epoch, cfg.train.epochs
+    )
     return Training(cfg, m, model, dataset, start, fn, on_device, batches)
 
 
@@ -163,17 +188,30 @@ def timed_fit(cfg: config.Config, train_set: Any, val_set: Any, epochs: int) -> 
             state, metrics = run.epoch(state, epoch)
             val = validate(state.params)
             for history, m, v in zip(histories, metrics, val):
-                history.append({"epoch": epoch + 1, **m, "val_loss": v["loss"], "val_accuracy": v["accuracy"],
-                                "seconds": time.perf_counter() - start})
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        **m,
+                        "val_loss": v["loss"],
+                        "val_accuracy": v["accuracy"],
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
         jax.block_until_ready(state)
         return time.perf_counter() - begin, histories
 
     warmup, _ = fit(1)
     wall, histories = fit(epochs)
     seconds = [row["seconds"] for row in histories[0]]
-    return {"wall_s": wall, "epoch_s": seconds, "median_epoch_s": statistics.median(seconds), "warmup_epoch_s": warmup,
-            "compile_s_estimate": max(0.0, warmup - statistics.median(seconds)), "histories": histories,
-            "mesh": dict(run.mesh.shape)}
+    return {
+        "wall_s": wall,
+        "epoch_s": seconds,
+        "median_epoch_s": statistics.median(seconds),
+        "warmup_epoch_s": warmup,
+        "compile_s_estimate": max(0.0, warmup - statistics.median(seconds)),
+        "histories": histories,
+        "mesh": dict(run.mesh.shape),
+    }
 
 
 def run_recipe(cfg: config.Config, datasets: dict[str, Any] | None = None) -> train.Result:
@@ -181,13 +219,17 @@ def run_recipe(cfg: config.Config, datasets: dict[str, Any] | None = None) -> tr
     included; no TensorBoard) in a temporary folder, removed afterwards. Each history row's
     "seconds" is its epoch's wall time; the first epoch's includes compiling."""
     with tempfile.TemporaryDirectory(prefix="cnnjax-bench-") as workdir:
-        return train.train_and_evaluate(config.override(cfg, {"run.tensorboard": False}), workdir, datasets, verbose=False)
+        return train.train_and_evaluate(
+            config.override(cfg, {"run.tensorboard": False}), workdir, datasets, verbose=False
+        )
 
 
 def backend_line() -> str:
     devices = jax.devices()
-    return (f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} x "
-            f"{getattr(devices[0], 'device_kind', devices[0].platform)}, {jax.process_count()} process(es)")
+    return (
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} x "
+        f"{getattr(devices[0], 'device_kind', devices[0].platform)}, {jax.process_count()} process(es)"
+    )
 
 
 def write_json(path: str | None, record: dict[str, Any]) -> None:

@@ -40,7 +40,11 @@ def layer_shapes(name: str) -> tuple[list[tuple], list[tuple]]:
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
     previous = (cfg.train.batch_size, *model.input_shape)
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
-    outputs = jax.eval_shape(lambda p, x: models.layer_outputs(model, p, x), params, jax.ShapeDtypeStruct(previous, jnp.float32))
+    outputs = jax.eval_shape(
+        lambda p, x: models.layer_outputs(model, p, x),
+        params,
+        jax.ShapeDtypeStruct(previous, jnp.float32),
+    )
     convs, pools = [], []
     for layer in models.layer_names(model):
         if models.layer_type(layer) == "Conv2D":
@@ -79,7 +83,10 @@ def best_times(fns: dict, args: tuple, reps: int, calls: int) -> dict[str, tuple
             for _ in range(calls):
                 out = f(*args)
             jax.block_until_ready(out)
-            wall, cpu = (time.perf_counter() - wall) / calls * 1e3, (time.process_time() - cpu) / calls * 1e3
+            wall, cpu = (
+                (time.perf_counter() - wall) / calls * 1e3,
+                (time.process_time() - cpu) / calls * 1e3,
+            )
             best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
     return best
 
@@ -96,36 +103,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mnist,cats", help="comma-separated: mnist, cats")
     parser.add_argument("--reps", type=int, default=7, help="interleaved rounds; the best is kept")
-    parser.add_argument("--tune-malloc", action="store_true", help="keep freed memory in the process (see mnist_step.py)")
+    parser.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="keep freed memory in the process (see mnist_step.py)",
+    )
     args = parser.parse_args()
     if args.tune_malloc:
         tune_malloc()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; ms per call, best of {args.reps}: wall (CPU)")
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; ms per call, best of {args.reps}: wall (CPU)"
+    )
     rng = np.random.default_rng(0)
     for model in args.models.split(","):
         conv_layers, pool_layers = layer_shapes(model)
-        print(f"\n{model}: convolutions{'':30s}lax                    ours           lax/ours   max rel diff")
+        print(
+            f"\n{model}: convolutions{'':30s}lax                    ours           lax/ours   max rel diff"
+        )
         for i, (name, n, h, w, c_in, c_out) in enumerate(conv_layers):
             x = jnp.asarray(rng.standard_normal((n, h, w, c_in)), jnp.float32)
-            k = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)) * np.sqrt(2 / (9 * c_in)), jnp.float32)
+            k = jnp.asarray(
+                rng.standard_normal((3, 3, c_in, c_out)) * np.sqrt(2 / (9 * c_in)), jnp.float32
+            )
             dy = jnp.asarray(rng.standard_normal((n, h - 2, w - 2, c_out)), jnp.float32)
-            calls = max(2, int(1e9 // (n * h * w * c_in * c_out * 18)))  # about 1 GFLOP per round, 2 calls at least
-            (lax_fwd, lax_grad), (our_fwd, our_grad) = layer_fns(lax_conv, i == 0), layer_fns(ops.conv2d_nhwc, i == 0)
+            calls = max(
+                2, int(1e9 // (n * h * w * c_in * c_out * 18))
+            )  # about 1 GFLOP per round, 2 calls at least
+            (lax_fwd, lax_grad), (our_fwd, our_grad) = (
+                layer_fns(lax_conv, i == 0),
+                layer_fns(ops.conv2d_nhwc, i == 0),
+            )
             fwd = best_times({"lax": lax_fwd, "ours": our_fwd}, (x, k), args.reps, calls)
             grad = best_times({"lax": lax_grad, "ours": our_grad}, (x, k, dy), args.reps, calls)
             diff = rel_diff(our_grad(x, k, dy), lax_grad(x, k, dy))
             label = f"{name} {h}x{w}x{c_in}->{c_out}"
-            print(f"  {label:30s} fwd  {fmt(fwd['lax'])} {fmt(fwd['ours'])}   {fwd['lax'][0] / fwd['ours'][0]:5.2f}x")
+            print(
+                f"  {label:30s} fwd  {fmt(fwd['lax'])} {fmt(fwd['ours'])}   {fwd['lax'][0] / fwd['ours'][0]:5.2f}x"
+            )
             print(
                 f"  {'':30s} grad {fmt(grad['lax'])} {fmt(grad['ours'])}   {grad['lax'][0] / grad['ours'][0]:5.2f}x   {diff:.1e}",
                 flush=True,
             )
-        print(f"{model}: ReLU + 2x2 max pool, forward + gradient   reshape-and-max        ours           ratio")
+        print(
+            f"{model}: ReLU + 2x2 max pool, forward + gradient   reshape-and-max        ours           ratio"
+        )
         for name, n, h, w, c in pool_layers:
             pre = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
             g = jnp.asarray(rng.standard_normal((n, h // 2, w // 2, c)), jnp.float32)
             fns = {
-                label: jax.jit(jax.grad(lambda pre, g, pool=pool: jnp.sum(pool(jax.nn.relu(pre)) * g)))
+                label: jax.jit(
+                    jax.grad(lambda pre, g, pool=pool: jnp.sum(pool(jax.nn.relu(pre)) * g))
+                )
                 for label, pool in (("reshape", reshape_max_pool), ("ours", ops.max_pool_nhwc))
             }
             same = bool(jnp.all(fns["reshape"](pre, g) == fns["ours"](pre, g)))

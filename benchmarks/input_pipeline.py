@@ -25,7 +25,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repository, for benchmarks.common
 from benchmarks.common import real_data, recipe, training  # noqa: E402
 from cnnjax import data, step  # noqa: E402
 
@@ -54,21 +56,31 @@ def main() -> None:
     cfg = recipe("catsdogs2", {"data.image_size": args.image_size})
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
     load_before = os.getloadavg()
-    print(f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} (1 min) {load_before[1]:.1f} (5 min); jax {jax.__version__}, "
-          f"{jax.devices()[0].platform}")
+    print(
+        f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} (1 min) {load_before[1]:.1f} (5 min); jax {jax.__version__}, "
+        f"{jax.devices()[0].platform}"
+    )
 
     splits = ("train", "validation")
-    inputs = {name: real_data(cfg, args.data_dir, splits, input=name) for name in ("memory", "stream")}
+    inputs = {
+        name: real_data(cfg, args.data_dir, splits, input=name) for name in ("memory", "stream")
+    }
     streams = inputs["stream"]
     n = len(streams["train"])
-    assert isinstance(streams["train"], data.Stream) and isinstance(inputs["memory"]["train"], data.Images)
-    assert n == len(inputs["memory"]["train"]) and np.array_equal(streams["train"].labels, inputs["memory"]["train"].labels)
+    assert isinstance(streams["train"], data.Stream) and isinstance(
+        inputs["memory"]["train"], data.Images
+    )
+    assert n == len(inputs["memory"]["train"]) and np.array_equal(
+        streams["train"].labels, inputs["memory"]["train"].labels
+    )
 
     pipeline_alone(streams["train"], batch, 0)  # TensorFlow's start-up
     rate, cpu_ms = pipeline_alone(streams["train"], batch, 1)
     val_rate, val_cpu_ms = pipeline_alone(streams["validation"], eval_batch, 0)
-    print(f"pipeline alone: train {rate:.0f} images/s ({cpu_ms:.2f} CPU ms/image), validation {val_rate:.0f} images/s "
-          f"({val_cpu_ms:.2f} CPU ms/image)")
+    print(
+        f"pipeline alone: train {rate:.0f} images/s ({cpu_ms:.2f} CPU ms/image), validation {val_rate:.0f} images/s "
+        f"({val_cpu_ms:.2f} CPU ms/image)"
+    )
 
     # The loop's own epochs (cnnjax.train's internals: order, feeding, compiled steps, validation), from one initial state.
     runs = {name: training(cfg, datasets["train"]) for name, datasets in inputs.items()}
@@ -78,7 +90,9 @@ def main() -> None:
     step_seconds: dict[str, list[float]] = {name: [] for name in inputs}
     losses: dict[str, list[float]] = {name: [] for name in inputs}
     for epoch in range(args.epochs):
-        for name in (("memory", "stream") if epoch % 2 == 0 else ("stream", "memory")):  # interleaved: load drifts evenly
+        for name in (
+            ("memory", "stream") if epoch % 2 == 0 else ("stream", "memory")
+        ):  # interleaved: load drifts evenly
             start = time.perf_counter()
             states[name], metrics = runs[name].epoch(states[name], epoch)
             trained = time.perf_counter()
@@ -86,8 +100,11 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
             step_seconds[name].append(trained - start)
             losses[name].append(metrics[0]["loss"])
-            print(f"epoch {epoch + 1} {name:6s}: {seconds[name][-1]:6.1f} s (training {trained - start:5.1f} s) "
-                  f"loss {metrics[0]['loss']:.6f} val_loss {val[0]['loss']:.6f}", flush=True)
+            print(
+                f"epoch {epoch + 1} {name:6s}: {seconds[name][-1]:6.1f} s (training {trained - start:5.1f} s) "
+                f"loss {metrics[0]['loss']:.6f} val_loss {val[0]['loss']:.6f}",
+                flush=True,
+            )
 
     def best(values: list[float]) -> float:
         return min(values[1:]) if len(values) > 1 else values[0]
@@ -95,11 +112,17 @@ def main() -> None:
     mem, st = best(seconds["memory"]), best(seconds["stream"])
     step_rate = n / best(step_seconds["memory"])
     load_after = os.getloadavg()
-    print(f"\nepoch (validation included), fastest after the first: memory {mem:.1f} s, stream {st:.1f} s, "
-          f"ratio stream / memory {st / mem:.3f} (goal <= 1.15)")
-    print(f"images/s: pipeline alone {rate:.0f}, training step alone {step_rate:.1f} (memory epoch's training part): "
-          f"pipeline / step {rate / step_rate:.1f}x (goal > 1)")
-    print(f"largest |loss difference| stream vs memory: {max(abs(a - b) for a, b in zip(losses['memory'], losses['stream'])):.2e}")
+    print(
+        f"\nepoch (validation included), fastest after the first: memory {mem:.1f} s, stream {st:.1f} s, "
+        f"ratio stream / memory {st / mem:.3f} (goal <= 1.15)"
+    )
+    print(
+        f"images/s: pipeline alone {rate:.0f}, training step alone {step_rate:.1f} (memory epoch's training part): "
+        f"pipeline / step {rate / step_rate:.1f}x (goal > 1)"
+    )
+    print(
+        f"largest |loss difference| stream vs memory: {max(abs(a - b) for a, b in zip(losses['memory'], losses['stream'])):.2e}"
+    )
     print(f"load average after: {load_after[0]:.1f} (1 min) {load_after[1]:.1f} (5 min)")
 
 

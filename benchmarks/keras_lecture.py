@@ -25,7 +25,11 @@ def timed_epochs(model, epochs: int, **fit_kwargs) -> None:
             self.start = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            row = {"epoch": epoch + 1, "seconds": time.perf_counter() - self.start, **{k: float(v) for k, v in (logs or {}).items()}}
+            row = {
+                "epoch": epoch + 1,
+                "seconds": time.perf_counter() - self.start,
+                **{k: float(v) for k, v in (logs or {}).items()},
+            }
             print(json.dumps(row), flush=True)
 
     model.fit(epochs=epochs, callbacks=[Timer()], verbose=0, **fit_kwargs)
@@ -55,7 +59,14 @@ def mnist(args: argparse.Namespace) -> None:
     model.add(layers.Dense(64, activation="relu"))
     model.add(layers.Dense(10, activation="softmax"))
     model.compile(optimizer="rmsprop", loss="categorical_crossentropy", metrics=["accuracy"])
-    timed_epochs(model, args.epochs, x=train_images, y=train_labels, batch_size=64, validation_data=(test_images, test_labels))
+    timed_epochs(
+        model,
+        args.epochs,
+        x=train_images,
+        y=train_labels,
+        batch_size=64,
+        validation_data=(test_images, test_labels),
+    )
 
 
 def catsdogs(args: argparse.Namespace) -> None:
@@ -84,16 +95,34 @@ def catsdogs(args: argparse.Namespace) -> None:
     model.add(layers.Dropout(0.5))
     model.add(layers.Dense(512, activation="relu"))
     model.add(layers.Dense(1, activation="sigmoid"))
-    model.compile(loss="binary_crossentropy", metrics=["acc"], optimizer=optimizers.Adam(learning_rate=0.001))
+    model.compile(
+        loss="binary_crossentropy", metrics=["acc"], optimizer=optimizers.Adam(learning_rate=0.001)
+    )
 
     train_datagen = ImageDataGenerator(
-        rescale=1.0 / 255, rotation_range=40, width_shift_range=0.1, height_shift_range=0.1,
-        shear_range=0.4, zoom_range=0.5, horizontal_flip=True,
+        rescale=1.0 / 255,
+        rotation_range=40,
+        width_shift_range=0.1,
+        height_shift_range=0.1,
+        shear_range=0.4,
+        zoom_range=0.5,
+        horizontal_flip=True,
     )
     test_datagen = ImageDataGenerator(rescale=1.0 / 255)
-    train_generator = train_datagen.flow_from_directory(str(root / "train"), target_size=(150, 150), batch_size=20, class_mode="binary")
-    valid_generator = test_datagen.flow_from_directory(str(root / "validation"), target_size=(150, 150), batch_size=20, class_mode="binary")
-    timed_epochs(model, args.epochs, x=train_generator, steps_per_epoch=100, validation_data=valid_generator, validation_steps=50)
+    train_generator = train_datagen.flow_from_directory(
+        str(root / "train"), target_size=(150, 150), batch_size=20, class_mode="binary"
+    )
+    valid_generator = test_datagen.flow_from_directory(
+        str(root / "validation"), target_size=(150, 150), batch_size=20, class_mode="binary"
+    )
+    timed_epochs(
+        model,
+        args.epochs,
+        x=train_generator,
+        steps_per_epoch=100,
+        validation_data=valid_generator,
+        validation_steps=50,
+    )
 
 
 def main() -> None:

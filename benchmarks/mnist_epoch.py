@@ -23,7 +23,9 @@ from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repository, for benchmarks.common
 from benchmarks.common import real_data, recipe, run_recipe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -50,14 +52,20 @@ def keras_epochs(data_dir: str | None, epochs: int, experiment: str = "mnist") -
     cmd = [sys.executable, str(HERE / "keras_lecture.py"), experiment, "--epochs", str(epochs)]
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)}
+    )
     if result.returncode != 0:
-        print(f"Keras run failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        print(
+            f"Keras run failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
+        )
         return None
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def compare_with_keras(name: str, run_cnnjax, experiment: str, argv: list[str] | None = None) -> None:
+def compare_with_keras(
+    name: str, run_cnnjax, experiment: str, argv: list[str] | None = None
+) -> None:
     """Shared main of the epoch benchmarks: time cnnjax, then the lecture's Keras script, print the ratio."""
     parser = argparse.ArgumentParser(description=name)
     parser.add_argument("--data-dir", default=None)
@@ -68,8 +76,10 @@ def compare_with_keras(name: str, run_cnnjax, experiment: str, argv: list[str] |
     start = time.perf_counter()
     ours = run_cnnjax(args.data_dir, args.epochs)
     ours_s = best_epoch([r["seconds"] for r in ours])
-    print(f"cnnjax: epochs {[round(r['seconds'], 1) for r in ours]} s, val_accuracy {ours[-1]['val_accuracy']:.4f}; "
-          f"wall {time.perf_counter() - start:.0f} s")
+    print(
+        f"cnnjax: epochs {[round(r['seconds'], 1) for r in ours]} s, val_accuracy {ours[-1]['val_accuracy']:.4f}; "
+        f"wall {time.perf_counter() - start:.0f} s"
+    )
     if args.skip_keras:
         return
     theirs = keras_epochs(args.data_dir, args.epochs, experiment)
@@ -77,8 +87,12 @@ def compare_with_keras(name: str, run_cnnjax, experiment: str, argv: list[str] |
         return
     theirs_s = best_epoch([r["seconds"] for r in theirs])
     val_key = "val_accuracy" if "val_accuracy" in theirs[-1] else "val_acc"
-    print(f"keras : epochs {[round(r['seconds'], 1) for r in theirs]} s, val_accuracy {theirs[-1].get(val_key, float('nan')):.4f}")
-    print(f"epoch seconds: cnnjax {ours_s:.1f}, keras {theirs_s:.1f}; ratio cnnjax/keras = {ours_s / theirs_s:.2f}")
+    print(
+        f"keras : epochs {[round(r['seconds'], 1) for r in theirs]} s, val_accuracy {theirs[-1].get(val_key, float('nan')):.4f}"
+    )
+    print(
+        f"epoch seconds: cnnjax {ours_s:.1f}, keras {theirs_s:.1f}; ratio cnnjax/keras = {ours_s / theirs_s:.2f}"
+    )
 
 
 def main() -> None:

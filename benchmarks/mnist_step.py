@@ -118,10 +118,14 @@ def compiled_step(model, tx, data, conv, pool):
     return fn, state, totals
 
 
-def time_model(model_name: str, reps: int, batch: int, calls: int) -> dict[str, tuple[float, float]]:
+def time_model(
+    model_name: str, reps: int, batch: int, calls: int
+) -> dict[str, tuple[float, float]]:
     steps = 10
     model, tx, data = setup(model_name, batch, steps)
-    runs = {name: list(compiled_step(model, tx, data, *layers)) for name, layers in VARIANTS.items()}
+    runs = {
+        name: list(compiled_step(model, tx, data, *layers)) for name, layers in VARIANTS.items()
+    }
     best = {name: (float("inf"), float("inf")) for name in runs}
     for r in range(reps):
         for name, run in runs.items():
@@ -130,7 +134,10 @@ def time_model(model_name: str, reps: int, batch: int, calls: int) -> dict[str, 
             for i in range(calls):
                 state, totals = fn(state, totals, *data, np.int32((r * calls + i) % steps))
             jax.block_until_ready(state)
-            wall, cpu = (time.perf_counter() - wall) / calls * 1e3, (time.process_time() - cpu) / calls * 1e3
+            wall, cpu = (
+                (time.perf_counter() - wall) / calls * 1e3,
+                (time.process_time() - cpu) / calls * 1e3,
+            )
             best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
             run[1], run[2] = state, totals
     # Every step ran the program traced inside `layers_use` (a retrace would use the defaults).
@@ -142,17 +149,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mnist,cats", help="comma-separated: mnist, cats")
     parser.add_argument("--reps", type=int, default=15, help="interleaved rounds; the best is kept")
-    parser.add_argument("--tune-malloc", action="store_true", help="keep freed memory in the process (see above)")
+    parser.add_argument(
+        "--tune-malloc", action="store_true", help="keep freed memory in the process (see above)"
+    )
     args = parser.parse_args()
     if args.tune_malloc:
         tune_malloc()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs{', malloc tuned' if args.tune_malloc else ''}")
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs{', malloc tuned' if args.tune_malloc else ''}"
+    )
     for model_name in args.models.split(","):
         batch = recipe(RECIPES[model_name]).train.batch_size
         calls, reps = (5, args.reps) if model_name == "mnist" else (1, max(2, args.reps // 3))
         best = time_model(model_name, reps, batch, calls)
         base = best["lax"]
-        print(f"{model_name} (batch {batch}), ms per step, best of {reps}:   wall     CPU    lax/this (wall, CPU)")
+        print(
+            f"{model_name} (batch {batch}), ms per step, best of {reps}:   wall     CPU    lax/this (wall, CPU)"
+        )
         for name, (wall, cpu) in best.items():
             print(
                 f"  {name:10s}                                 {wall:8.1f} {cpu:8.1f}   {base[0] / wall:5.2f}x {base[1] / cpu:5.2f}x",

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks.common
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repository, for benchmarks.common
 from benchmarks.common import Training, one_step_per_call, random_data, recipe, training  # noqa: E402
 from cnnjax import step  # noqa: E402
 
@@ -51,13 +53,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples-mnist", type=int, default=12_800)
     parser.add_argument("--examples-cats", type=int, default=2_000)
-    parser.add_argument("--image-size", type=int, default=None, help="cats only (default: the recipe's 150)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="cats only (default: the recipe's 150)"
+    )
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}; ms per step, best round after the first: wall (CPU)")
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}; ms per step, best round after the first: wall (CPU)"
+    )
     for name in args.models.split(","):
-        cfg = recipe(RECIPES[name], {"data.image_size": args.image_size} if args.image_size and name == "cats" else {})
+        cfg = recipe(
+            RECIPES[name],
+            {"data.image_size": args.image_size} if args.image_size and name == "cats" else {},
+        )
         batch = cfg.train.batch_size
-        run = training(cfg, random_data(cfg, getattr(args, f"examples_{name}")))  # both drivers: the same compiled steps and data
+        run = training(
+            cfg, random_data(cfg, getattr(args, f"examples_{name}"))
+        )  # both drivers: the same compiled steps and data
         steps = math.ceil(len(run.dataset) / batch)
         runs: dict[str, list[tuple[float, float, float]]] = {"loop": [], "scan": []}
         for _ in range(args.rounds):
@@ -65,11 +76,15 @@ def main() -> None:
                 runs[kind].append(time_epoch(run, loop=kind == "loop"))
         best = {k: min(r[1:] or r) for k, r in runs.items()}
         losses = {k: r[0][2] for k, r in runs.items()}
-        print(f"{name}: {steps} steps of batch {batch}, scan in calls of {step.steps_per_call(steps)} steps")
+        print(
+            f"{name}: {steps} steps of batch {batch}, scan in calls of {step.steps_per_call(steps)} steps"
+        )
         for kind, (wall, cpu, _) in best.items():
             print(f"  {kind:5s} {wall / steps * 1e3:8.1f} ({cpu / steps * 1e3:8.1f})")
-        print(f"  scan / loop = {best['scan'][0] / best['loop'][0]:.2f} wall, {best['scan'][1] / best['loop'][1]:.2f} CPU; "
-              f"epoch loss loop {losses['loop']:.6f}, scan {losses['scan']:.6f}")
+        print(
+            f"  scan / loop = {best['scan'][0] / best['loop'][0]:.2f} wall, {best['scan'][1] / best['loop'][1]:.2f} CPU; "
+            f"epoch loss loop {losses['loop']:.6f}, scan {losses['scan']:.6f}"
+        )
 
 
 if __name__ == "__main__":

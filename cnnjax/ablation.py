@@ -52,13 +52,20 @@ class Setting:
 
 def default_settings() -> list[Setting]:
     """No augmentation; each transform alone at the lecture's range; the full set; with dropout; dropout alone."""
-    lecture = {f"augment.{f.name}": getattr(LECTURE, f.name) for f in dataclasses.fields(AugmentConfig)}
+    lecture = {
+        f"augment.{f.name}": getattr(LECTURE, f.name) for f in dataclasses.fields(AugmentConfig)
+    }
     return [
         Setting.of("none"),
         Setting.of("flip", {"augment.horizontal_flip": True}),
         Setting.of("rotation", {"augment.rotation_range": LECTURE.rotation_range}),
-        Setting.of("shift", {"augment.width_shift_range": LECTURE.width_shift_range,
-                             "augment.height_shift_range": LECTURE.height_shift_range}),
+        Setting.of(
+            "shift",
+            {
+                "augment.width_shift_range": LECTURE.width_shift_range,
+                "augment.height_shift_range": LECTURE.height_shift_range,
+            },
+        ),
         Setting.of("shear", {"augment.shear_range": LECTURE.shear_range}),
         Setting.of("zoom", {"augment.zoom_range": LECTURE.zoom_range}),
         Setting.of("lecture", lecture),
@@ -73,7 +80,9 @@ def parse_setting(spec: str, base: Config | None = None) -> Setting:
     defaults = {s.name: s for s in default_settings()}
     if ":" not in spec:
         if spec not in defaults:
-            raise ConfigError(f"unknown setting {spec!r}; known: {', '.join(defaults)}, or NAME:field=value,...")
+            raise ConfigError(
+                f"unknown setting {spec!r}; known: {', '.join(defaults)}, or NAME:field=value,..."
+            )
         return defaults[spec]
     name, _, body = spec.partition(":")
     if not name or not all(c.isalnum() or c in "-_.+" for c in name):
@@ -84,7 +93,9 @@ def parse_setting(spec: str, base: Config | None = None) -> Setting:
         raise ConfigError(f"setting {spec!r}: {bad[0]!r} is not field=value")
     try:
         overrides = {configlib.resolve_path(key): value for key, _, value in items}
-        resolved = configlib.flatten(configlib.override(base or configlib.catsdogs(1), overrides))  # every value parsed and checked
+        resolved = configlib.flatten(
+            configlib.override(base or configlib.catsdogs(1), overrides)
+        )  # every value parsed and checked
     except ConfigError as e:
         raise ConfigError(f"setting {spec!r}: {e}") from None
     return Setting.of(name, {path: resolved[path] for path in overrides})
@@ -111,12 +122,29 @@ def _run_configs(cfg: Config, folder: Path, mode: str) -> list[Config]:
     if mode == "vmap":
         return [configlib.override(cfg, {"run.resume": True, "run.out": str(folder / "seeds")})]
     seeds = range(cfg.train.seed, cfg.train.seed + cfg.train.seeds)
-    return [configlib.override(cfg, {"train.seed": seed, "train.seeds": 1, "run.resume": True, "run.out": str(folder / f"seed{seed}")})
-            for seed in seeds]
+    return [
+        configlib.override(
+            cfg,
+            {
+                "train.seed": seed,
+                "train.seeds": 1,
+                "run.resume": True,
+                "run.out": str(folder / f"seed{seed}"),
+            },
+        )
+        for seed in seeds
+    ]
 
 
-def run_setting(setting: Setting, base: Config, datasets: dict[str, Any], test: Any, folder: Path, mode: str = "auto",
-                verbose: bool = True) -> dict[str, Any]:
+def run_setting(
+    setting: Setting,
+    base: Config,
+    datasets: dict[str, Any],
+    test: Any,
+    folder: Path,
+    mode: str = "auto",
+    verbose: bool = True,
+) -> dict[str, Any]:
     """Train every seed of one setting (resuming where it stopped), then write its result.json.
 
     datasets: {"train": ..., base.data.validation_split: ...} in memory; test: a dataset or None."""
@@ -128,45 +156,70 @@ def run_setting(setting: Setting, base: Config, datasets: dict[str, Any], test: 
     wall = 0.0  # training time: the seeds of one run share each epoch's seconds
     for run_cfg in _run_configs(cfg, folder, mode):
         with contextlib.closing(runs.RunFolder.open(run_cfg)) as run_folder:
-            run_folder.write_config({"config": configlib.to_dict(run_cfg), "setting": setting.as_dict(),
-                                     "class_names": list(datasets["train"].class_names), "model": models.model_config(model)})
+            run_folder.write_config(
+                {
+                    "config": configlib.to_dict(run_cfg),
+                    "setting": setting.as_dict(),
+                    "class_names": list(datasets["train"].class_names),
+                    "model": models.model_config(model),
+                }
+            )
             result = train.train_and_evaluate(run_cfg, run_folder.path, datasets, verbose=verbose)
         histories += result.histories
         # A diverged seed's history stops while the others train on: the longest one is the run's time.
         wall += max(sum(row["seconds"] for row in history) for history in result.histories)
-        for seed, best in zip(result.seeds, result.best):  # each seed's best checkpoint (lowest validation loss) on the test split
+        for seed, best in zip(
+            result.seeds, result.best
+        ):  # each seed's best checkpoint (lowest validation loss) on the test split
             if test is None or best is None:
                 tests.append(math.nan)
             else:
                 _, params, _ = checkpoint.load_model(run_folder.path, "best", seed)
-                tests.append(train.evaluate(model, params, test, cfg.train.eval_batch_size)["accuracy"])
+                tests.append(
+                    train.evaluate(model, params, test, cfg.train.eval_batch_size)["accuracy"]
+                )
     summary = summarize(setting, histories, tests, wall)
-    record = {"setting": setting.as_dict(), "config": configlib.to_dict(cfg), "mode": mode, **summary, "histories": histories}
+    record = {
+        "setting": setting.as_dict(),
+        "config": configlib.to_dict(cfg),
+        "mode": mode,
+        **summary,
+        "histories": histories,
+    }
     if mesh.is_main_process():  # in a run of several processes, process 0 writes the folder
         files.write_json(folder / "result.json", record)
         (folder / "error.json").unlink(missing_ok=True)
     return record
 
 
-def summarize(setting: Setting, histories: Sequence[train.History], tests: Sequence[float], wall: float) -> dict[str, Any]:
+def summarize(
+    setting: Setting, histories: Sequence[train.History], tests: Sequence[float], wall: float
+) -> dict[str, Any]:
     """Per seed: best and final validation accuracy, final and best validation loss, best epoch, test accuracy."""
     seeds = []
     for history, test, best in zip(histories, tests, train.best_epochs(histories)):
         finite = [row for row in history if not row.get("diverged")]
         last = finite[-1] if finite else None
-        seeds.append({
-            "best_val_accuracy": max((row["val_accuracy"] for row in finite), default=math.nan),
-            "final_val_accuracy": last["val_accuracy"] if last else math.nan,
-            "final_val_loss": last["val_loss"] if last else math.nan,
-            "best_val_loss": best["val_loss"] if best else math.nan,
-            "best_epoch": best["epoch"] if best else math.nan,
-            "test_accuracy": test,
-            "diverged": any(row.get("diverged") for row in history),
-        })
+        seeds.append(
+            {
+                "best_val_accuracy": max((row["val_accuracy"] for row in finite), default=math.nan),
+                "final_val_accuracy": last["val_accuracy"] if last else math.nan,
+                "final_val_loss": last["val_loss"] if last else math.nan,
+                "best_val_loss": best["val_loss"] if best else math.nan,
+                "best_epoch": best["epoch"] if best else math.nan,
+                "test_accuracy": test,
+                "diverged": any(row.get("diverged") for row in history),
+            }
+        )
     diverged = [s["diverged"] for s in seeds]
     status = "diverged" if all(diverged) else ("partly diverged" if any(diverged) else "ok")
-    return {"name": setting.name, "status": status, "seeds": seeds, "epochs": max((len(h) for h in histories), default=0),
-            "wall_seconds": wall}
+    return {
+        "name": setting.name,
+        "status": status,
+        "seeds": seeds,
+        "epochs": max((len(h) for h in histories), default=0),
+        "wall_seconds": wall,
+    }
 
 
 def check_out(out: Path, base: Config, settings: Sequence[Setting]) -> None:
@@ -177,21 +230,35 @@ def check_out(out: Path, base: Config, settings: Sequence[Setting]) -> None:
         raise runs.RunError(f"--out {out} is a file, not a folder")
     if not (out / "ablation.json").is_file():
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-            raise runs.RunError(f"--out {out} holds something other than an ablation (no ablation.json); choose another --out")
+            raise runs.RunError(
+                f"--out {out} holds something other than an ablation (no ablation.json); choose another --out"
+            )
         return
     saved = files.read_json(out / "ablation.json")
     # No extending here: a finished setting is skipped, so more epochs would leave it at its old count.
     differ = configlib.recipe_diff(configlib.from_dict(saved["config"]), base, extend=False)
     kept = {s["name"]: s["overrides"] for s in saved.get("settings", [])}
-    differ += [f"setting {s.name}: {kept[s.name]} -> {s.as_dict()['overrides']}" for s in settings
-               if s.name in kept and kept[s.name] != files.strict_json(s.as_dict()["overrides"])]
+    differ += [
+        f"setting {s.name}: {kept[s.name]} -> {s.as_dict()['overrides']}"
+        for s in settings
+        if s.name in kept and kept[s.name] != files.strict_json(s.as_dict()["overrides"])
+    ]
     if differ:
-        raise runs.RunError(f"--out {out} holds an ablation of another recipe ({'; '.join(differ)}); rerun it with its own flags "
-                            "to finish it, or choose another --out")
+        raise runs.RunError(
+            f"--out {out} holds an ablation of another recipe ({'; '.join(differ)}); rerun it with its own flags "
+            "to finish it, or choose another --out"
+        )
 
 
-def run_ablation(settings: Sequence[Setting], base: Config, datasets: dict[str, Any], test: Any, out: Path, mode: str = "auto",
-                 verbose: bool = True) -> list[dict[str, Any]]:
+def run_ablation(
+    settings: Sequence[Setting],
+    base: Config,
+    datasets: dict[str, Any],
+    test: Any,
+    out: Path,
+    mode: str = "auto",
+    verbose: bool = True,
+) -> list[dict[str, Any]]:
     """Every setting in turn (finished ones skipped, unfinished ones resumed, failed ones retried), then
     the table and the plot. Returns every setting's record, failed ones with status "failed: ..."."""
     mode = resolve_mode(mode)
@@ -200,12 +267,21 @@ def run_ablation(settings: Sequence[Setting], base: Config, datasets: dict[str, 
     if main:
         out.mkdir(parents=True, exist_ok=True)
         files.clean_orphans(out)
-        files.write_json(out / "ablation.json", {"config": configlib.to_dict(base), "mode": mode,
-                                                 "settings": [s.as_dict() for s in settings]})
+        files.write_json(
+            out / "ablation.json",
+            {
+                "config": configlib.to_dict(base),
+                "mode": mode,
+                "settings": [s.as_dict() for s in settings],
+            },
+        )
     if verbose:
         how = "together in one program (vmap)" if mode == "vmap" else "one after another"
-        print(f"{len(settings)} settings x {base.train.seeds} seeds; the seeds of a setting train {how} "
-              f"({jax.default_backend()}, {jax.device_count()} device(s))", flush=True)
+        print(
+            f"{len(settings)} settings x {base.train.seeds} seeds; the seeds of a setting train {how} "
+            f"({jax.default_backend()}, {jax.device_count()} device(s))",
+            flush=True,
+        )
     for setting in settings:
         folder = out / _folder_name(setting.name)
         if (folder / "result.json").exists():
@@ -218,9 +294,18 @@ def run_ablation(settings: Sequence[Setting], base: Config, datasets: dict[str, 
             run_setting(setting, base, datasets, test, folder, mode, verbose)
         except Exception as e:  # noqa: BLE001 - one broken setting must not end the whole ablation (Ctrl-C is no Exception)
             if main:
-                files.write_json(folder / "error.json", {"setting": setting.as_dict(), "error": f"{type(e).__name__}: {e}",
-                                                         "traceback": traceback.format_exc()})
-                print(f"[{setting.name}] failed: {type(e).__name__}: {e} (retried on the next run)", flush=True)
+                files.write_json(
+                    folder / "error.json",
+                    {
+                        "setting": setting.as_dict(),
+                        "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(),
+                    },
+                )
+                print(
+                    f"[{setting.name}] failed: {type(e).__name__}: {e} (retried on the next run)",
+                    flush=True,
+                )
     names = [s.name for s in settings]
     return rebuild_report(out, names) if main else collect_results(out, names)
 
@@ -228,8 +313,14 @@ def run_ablation(settings: Sequence[Setting], base: Config, datasets: dict[str, 
 def rebuild_report(out: Path, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The table and plot from the settings on disk, in the order ablation.json lists them."""
     if names is None:
-        listed = files.read_json(out / "ablation.json")["settings"] if (out / "ablation.json").exists() else []
-        names = [s["name"] for s in listed] or sorted(p.parent.name for p in out.glob("*/result.json"))
+        listed = (
+            files.read_json(out / "ablation.json")["settings"]
+            if (out / "ablation.json").exists()
+            else []
+        )
+        names = [s["name"] for s in listed] or sorted(
+            p.parent.name for p in out.glob("*/result.json")
+        )
     results = collect_results(out, names)
     if results:
         write_table(results, out)
@@ -246,8 +337,15 @@ def collect_results(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
             results.append(files.read_json(folder / "result.json"))
         elif (folder / "error.json").exists():
             error = files.read_json(folder / "error.json")
-            results.append({"name": name, "status": f"failed: {error['error']}", "seeds": [], "histories": [],
-                            "wall_seconds": math.nan})
+            results.append(
+                {
+                    "name": name,
+                    "status": f"failed: {error['error']}",
+                    "seeds": [],
+                    "histories": [],
+                    "wall_seconds": math.nan,
+                }
+            )
     return results
 
 
@@ -277,7 +375,11 @@ def write_table(results: Sequence[dict[str, Any]], out: Path) -> None:
     header = ["setting", "status", "seeds", *(label for _, label in COLUMNS), "wall (s)"]
     rows, lines = [], ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
-        row: dict[str, Any] = {"setting": result["name"], "status": result["status"], "seeds": len(result["seeds"])}
+        row: dict[str, Any] = {
+            "setting": result["name"],
+            "status": result["status"],
+            "seeds": len(result["seeds"]),
+        }
         cells = [row["setting"], row["status"], str(row["seeds"])]
         for key, _ in COLUMNS:
             mean, std = mean_std([s[key] for s in result["seeds"]])

@@ -83,11 +83,15 @@ def _map_coordinate(x: Array, n: int, mode: str) -> Array:
 def _as_batch(v: Array | float, n: int, dtype) -> Array:
     v = jnp.asarray(v, dtype)
     if v.ndim > 1:
-        raise ValueError(f"transform parameters must be scalars or shape ({n},), got shape {v.shape}")
+        raise ValueError(
+            f"transform parameters must be scalars or shape ({n},), got shape {v.shape}"
+        )
     return jnp.broadcast_to(v, (n,))
 
 
-def _transform(images: Array, p: dict[str, Array | float], fill_mode: str, cval: float, order: int) -> Array:
+def _transform(
+    images: Array, p: dict[str, Array | float], fill_mode: str, cval: float, order: int
+) -> Array:
     """Each image's affine transform, then its flips; ``p`` has :func:`sample_params`'s keys."""
     if images.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
@@ -98,7 +102,9 @@ def _transform(images: Array, p: dict[str, Array | float], fill_mode: str, cval:
     dtype = images.dtype if jnp.issubdtype(images.dtype, jnp.floating) else jnp.float32
     images = images.astype(dtype)
     n, h, w, c = images.shape
-    theta, tx, ty, shear, zx, zy = (_as_batch(p[k], n, dtype) for k in ("theta", "tx", "ty", "shear", "zx", "zy"))
+    theta, tx, ty, shear, zx, zy = (
+        _as_batch(p[k], n, dtype) for k in ("theta", "tx", "ty", "shear", "zx", "zy")
+    )
     t, s = jnp.deg2rad(theta), jnp.deg2rad(shear)
     cos_t, sin_t, sin_s, cos_s = jnp.cos(t), jnp.sin(t), jnp.sin(s), jnp.cos(s)
     # Linear part R @ Shear @ Zoom in the (x = col, y = row) frame, and the shift R @ (tx, ty).
@@ -193,17 +199,40 @@ class AugmentConfig:
     scripts (``--augment.NAME``, cnnjax.config), its metadata the flag's help and allowed values.
     """
 
-    rotation_range: float = dataclasses.field(default=0.0, metadata={"help": "degrees, theta ~ U[-r, r]"})
-    width_shift_range: float = dataclasses.field(default=0.0, metadata={"help": "horizontal shift ~ U[-s, s] x width (pixels when >= 1)"})
-    height_shift_range: float = dataclasses.field(default=0.0, metadata={"help": "vertical shift ~ U[-s, s] x height (pixels when >= 1)"})
-    shear_range: float = dataclasses.field(default=0.0, metadata={"help": "degrees (Keras 2.0.x took radians)"})
-    zoom_range: float | tuple[float, float] = dataclasses.field(default=0.0, metadata={"help": "z: zx, zy ~ U[1-z, 1+z]; or LO,HI"})
-    horizontal_flip: bool = dataclasses.field(default=False, metadata={"help": "flip half the images left-right"})
-    vertical_flip: bool = dataclasses.field(default=False, metadata={"help": "flip half the images upside down"})
-    fill_mode: str = dataclasses.field(default="nearest", metadata={"help": "points outside the image", "choices": FILL_MODES})
-    cval: float = dataclasses.field(default=0.0, metadata={"help": "the fill value of fill_mode constant (0..255 scale)"})
-    interpolation: str = dataclasses.field(default="bilinear", metadata={"help": "sampling of the transformed image (Keras: bilinear)",
-                                                                         "choices": tuple(_ORDERS)})
+    rotation_range: float = dataclasses.field(
+        default=0.0, metadata={"help": "degrees, theta ~ U[-r, r]"}
+    )
+    width_shift_range: float = dataclasses.field(
+        default=0.0, metadata={"help": "horizontal shift ~ U[-s, s] x width (pixels when >= 1)"}
+    )
+    height_shift_range: float = dataclasses.field(
+        default=0.0, metadata={"help": "vertical shift ~ U[-s, s] x height (pixels when >= 1)"}
+    )
+    shear_range: float = dataclasses.field(
+        default=0.0, metadata={"help": "degrees (Keras 2.0.x took radians)"}
+    )
+    zoom_range: float | tuple[float, float] = dataclasses.field(
+        default=0.0, metadata={"help": "z: zx, zy ~ U[1-z, 1+z]; or LO,HI"}
+    )
+    horizontal_flip: bool = dataclasses.field(
+        default=False, metadata={"help": "flip half the images left-right"}
+    )
+    vertical_flip: bool = dataclasses.field(
+        default=False, metadata={"help": "flip half the images upside down"}
+    )
+    fill_mode: str = dataclasses.field(
+        default="nearest", metadata={"help": "points outside the image", "choices": FILL_MODES}
+    )
+    cval: float = dataclasses.field(
+        default=0.0, metadata={"help": "the fill value of fill_mode constant (0..255 scale)"}
+    )
+    interpolation: str = dataclasses.field(
+        default="bilinear",
+        metadata={
+            "help": "sampling of the transformed image (Keras: bilinear)",
+            "choices": tuple(_ORDERS),
+        },
+    )
 
     LECTURE: ClassVar[AugmentConfig]
     LECTURE_PREVIEW: ClassVar[AugmentConfig]
@@ -221,14 +250,18 @@ class AugmentConfig:
             # A list would make the config unhashable (and so unusable as a static argument).
             object.__setattr__(self, "zoom_range", (lo, hi))
         elif _check_range("zoom_range", z) >= 1:
-            raise ValueError(f"zoom_range as a float must be in [0, 1) (it gives [1-z, 1+z]), got {z!r}")
+            raise ValueError(
+                f"zoom_range as a float must be in [0, 1) (it gives [1-z, 1+z]), got {z!r}"
+            )
         for name in ("horizontal_flip", "vertical_flip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.fill_mode not in FILL_MODES:
             raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {self.fill_mode!r}")
         if self.interpolation not in _ORDERS:
-            raise ValueError(f"interpolation must be one of {tuple(_ORDERS)}, got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {tuple(_ORDERS)}, got {self.interpolation!r}"
+            )
         if isinstance(self.cval, bool) or not isinstance(self.cval, (int, float)):
             raise ValueError(f"cval must be a number, got {self.cval!r}")
 
@@ -246,23 +279,37 @@ class AugmentConfig:
         """True when every draw is the identity (nothing to do): every field at its default but those that only say how
         to sample (fill_mode, cval, interpolation), a zoom of (1, 1) included. So a field added here is drawn when set."""
         defaults = type(self)()
-        how = {name: getattr(defaults, name) for name in ("fill_mode", "cval", "interpolation", "zoom_range")}
+        how = {
+            name: getattr(defaults, name)
+            for name in ("fill_mode", "cval", "interpolation", "zoom_range")
+        }
         return self.zoom_bounds == (1.0, 1.0) and dataclasses.replace(self, **how) == defaults
 
 
 # Experiment 2 of the lecture, and the settings of its augmentation preview.
 AugmentConfig.LECTURE = AugmentConfig(
-    rotation_range=40, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.4, zoom_range=0.5,
-    horizontal_flip=True, fill_mode="nearest",
+    rotation_range=40,
+    width_shift_range=0.1,
+    height_shift_range=0.1,
+    shear_range=0.4,
+    zoom_range=0.5,
+    horizontal_flip=True,
+    fill_mode="nearest",
 )
 AugmentConfig.LECTURE_PREVIEW = AugmentConfig(
-    rotation_range=30, width_shift_range=0.1, height_shift_range=0.1, shear_range=0.2, zoom_range=0.5,
+    rotation_range=30,
+    width_shift_range=0.1,
+    height_shift_range=0.1,
+    shear_range=0.2,
+    zoom_range=0.5,
     horizontal_flip=True,
 )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "n", "height", "width"))
-def sample_params(rng: Array, config: AugmentConfig, n: int, height: int, width: int) -> dict[str, Array]:
+def sample_params(
+    rng: Array, config: AugmentConfig, n: int, height: int, width: int
+) -> dict[str, Array]:
     """Draw one parameter set per image: a dict of (n,) arrays, in :func:`affine_transform`'s units.
 
     Keys: theta, tx (horizontal), ty (vertical), shear, zx, zy, flip (horizontal, bool) and
@@ -271,7 +318,9 @@ def sample_params(rng: Array, config: AugmentConfig, n: int, height: int, width:
     # Eight independent U[0, 1) variates per image, one row per parameter. Image i draws
     # from rng folded with i, its position in the (global) batch, so what an image gets
     # does not depend on how the batch is split over devices.
-    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (8,), jnp.float32))(jnp.arange(n)).T
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (8,), jnp.float32))(
+        jnp.arange(n)
+    ).T
     zeros, ones = jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32)
 
     def between(row: int, lo: float, hi: float, identity: Array) -> Array:
@@ -305,4 +354,6 @@ def random_augment(rng: Array, images: Array, config: AugmentConfig) -> Array:
     if config.is_identity:
         return images
     n, h, w, _ = images.shape
-    return _transform(images, sample_params(rng, config, n, h, w), config.fill_mode, config.cval, config.order)
+    return _transform(
+        images, sample_params(rng, config, n, h, w), config.fill_mode, config.cval, config.order
+    )

@@ -53,13 +53,22 @@ class Checkpoints:
     whose best save is kept besides the latest ones, e.g. ["val_loss/0", "val_loss/1"].
     """
 
-    def __init__(self, directory: str | os.PathLike, tree_names: Sequence[str], keep_latest: int = 2,
-                 best_metrics: Sequence[str] = ()):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        tree_names: Sequence[str],
+        keep_latest: int = 2,
+        best_metrics: Sequence[str] = (),
+    ):
         self.directory = Path(directory).absolute()
         self.tree_names = tuple(tree_names)
         policies: list[Any] = [checkpoint_managers.LatestN(keep_latest)]
         policies += [
-            checkpoint_managers.BestN(get_metric_fn=lambda metrics, name=name: _finite_or_inf(metrics.get(name)), n=1, reverse=True)
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics, name=name: _finite_or_inf(metrics.get(name)),
+                n=1,
+                reverse=True,
+            )
             for name in best_metrics
         ]
         # best_fn only makes orbax write each save's metrics to disk (the preservation policy decides what is kept):
@@ -75,9 +84,13 @@ class Checkpoints:
         )
         handlers = {name: ocp.StandardCheckpointHandler() for name in self.tree_names}
         handlers[DESCRIPTION] = ocp.JsonCheckpointHandler()
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=tuple(handlers), item_handlers=handlers)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=tuple(handlers), item_handlers=handlers
+        )
         cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
-        if cleanup is not None:  # orbax removes a killed save's temporary folder in the background: wait for it
+        if (
+            cleanup is not None
+        ):  # orbax removes a killed save's temporary folder in the background: wait for it
             cleanup.result()
 
     def steps(self) -> list[int]:
@@ -92,16 +105,26 @@ class Checkpoints:
             log.warning("warning: %s is damaged (%s) and is not used", self.path(step), why)
         return None
 
-    def save(self, step: int, trees: Mapping[str, Any], description: Mapping[str, Any], metrics: Mapping[str, float] = ()) -> Path:
+    def save(
+        self,
+        step: int,
+        trees: Mapping[str, Any],
+        description: Mapping[str, Any],
+        metrics: Mapping[str, float] = (),
+    ) -> Path:
         """Save the trees and the description as step `step` (replacing an existing one of that number)."""
         if set(trees) != set(self.tree_names):
             raise ValueError(f"save needs the trees {self.tree_names}, got {tuple(trees)}")
-        if step in self._manager.all_steps():  # a redone epoch after a crash: the same content again
+        if (
+            step in self._manager.all_steps()
+        ):  # a redone epoch after a crash: the same content again
             self._manager.delete(step)
         args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
         args[DESCRIPTION] = ocp.args.JsonSave(strict_json(dict(description)))
         metrics = {k: _finite_or_inf(v) for k, v in dict(metrics).items()}
-        self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics or None, force=True)
+        self._manager.save(
+            step, args=ocp.args.Composite(**args), metrics=metrics or None, force=True
+        )
         if jax.process_index() == 0:
             seal(self.path(step))
         return self.path(step)
@@ -127,7 +150,11 @@ class Checkpoints:
 
 
 def _digests(path: Path) -> dict[str, str]:
-    return {p.relative_to(path).as_posix(): files.sha256(p) for p in sorted(path.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+    return {
+        p.relative_to(path).as_posix(): files.sha256(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
 
 
 def seal(path: str | os.PathLike) -> None:
@@ -150,14 +177,25 @@ def damage(path: str | os.PathLike) -> str | None:
         return f"no {CHECKSUMS}: its save did not finish"
     except (OSError, ValueError):
         return f"its {CHECKSUMS} cannot be read"
-    if not isinstance(expected, dict) or DESCRIPTION not in {name.split("/")[0] for name in expected}:
+    if not isinstance(expected, dict) or DESCRIPTION not in {
+        name.split("/")[0] for name in expected
+    }:
         return f"its {CHECKSUMS} is not a seal of its files"
     found = _digests(path)
-    wrong = [name for name, digest in expected.items() if found.get(name) != digest] + sorted(set(found) - set(expected))
+    wrong = [name for name, digest in expected.items() if found.get(name) != digest] + sorted(
+        set(found) - set(expected)
+    )
     if wrong:
-        what = ("is missing" if wrong[0] not in found else "is not in the seal" if wrong[0] not in expected
-                else "differs from what was saved")
-        return f"{wrong[0]} {what}" + (f", and {len(wrong) - 1} more file(s)" if len(wrong) > 1 else "")
+        what = (
+            "is missing"
+            if wrong[0] not in found
+            else "is not in the seal"
+            if wrong[0] not in expected
+            else "differs from what was saved"
+        )
+        return f"{wrong[0]} {what}" + (
+            f", and {len(wrong) - 1} more file(s)" if len(wrong) > 1 else ""
+        )
     return None
 
 
@@ -167,8 +205,10 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 def _require(path: Path) -> None:
     if not is_checkpoint(path):
-        raise CheckpointError(f"{path} is not a cnnjax checkpoint (no {DESCRIPTION}/ inside); pass a run folder or one of its "
-                              "checkpoints/<epoch> folders")
+        raise CheckpointError(
+            f"{path} is not a cnnjax checkpoint (no {DESCRIPTION}/ inside); pass a run folder or one of its "
+            "checkpoints/<epoch> folders"
+        )
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -179,7 +219,9 @@ def read_description(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON description of one checkpoint folder."""
     path = Path(path).absolute()
     _require(path)
-    return _checkpointer().restore(path, ocp.args.Composite(**{DESCRIPTION: ocp.args.JsonRestore()}))[DESCRIPTION]
+    return _checkpointer().restore(
+        path, ocp.args.Composite(**{DESCRIPTION: ocp.args.JsonRestore()})
+    )[DESCRIPTION]
 
 
 def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,12 +230,19 @@ def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[
     _require(path)
     missing = [name for name in abstract if not (path / name).is_dir()]
     if missing:
-        raise CheckpointError(f"{path} has no {', '.join(missing)}; it was saved by another kind of run")
-    targets = {name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)) for name, tree in abstract.items()}
+        raise CheckpointError(
+            f"{path} has no {', '.join(missing)}; it was saved by another kind of run"
+        )
+    targets = {
+        name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+        for name, tree in abstract.items()
+    }
     try:
         restored = _checkpointer().restore(path, ocp.args.Composite(**targets))
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} does not fit what was asked for ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path} does not fit what was asked for ({str(e).splitlines()[0][:200]})"
+        ) from None
     return {name: restored[name] for name in abstract}
 
 
@@ -207,39 +256,60 @@ def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = 
     if isinstance(which, str) and which.isdigit():
         which = int(which)
     if which not in ("best", "latest") and not (isinstance(which, int) and which >= 0):
-        raise CheckpointError(f"which checkpoint must be best, latest or an epoch number, got {which!r}")
+        raise CheckpointError(
+            f"which checkpoint must be best, latest or an epoch number, got {which!r}"
+        )
     path = Path(path).expanduser().absolute()
     if path.name == "checkpoints" and not is_checkpoint(path):
         path = path.parent
     if path.name in ("best", "latest") and not path.exists():
         path, which = path.parent, path.name
     folder = path / "checkpoints"
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and is_checkpoint(p)) if folder.is_dir() else []
+    steps = (
+        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and is_checkpoint(p))
+        if folder.is_dir()
+        else []
+    )
     if is_checkpoint(path):
         chosen = path
     elif not steps:
-        raise CheckpointError(f"{path} holds no checkpoint (neither a run folder with checkpoints/<epoch>/ nor a checkpoint folder)")
+        raise CheckpointError(
+            f"{path} holds no checkpoint (neither a run folder with checkpoints/<epoch>/ nor a checkpoint folder)"
+        )
     elif which == "latest":
         chosen = folder / str(steps[-1])
     elif which == "best":
-        intact = next((folder / str(step) for step in reversed(steps) if damage(folder / str(step)) is None), None)
+        intact = next(
+            (folder / str(step) for step in reversed(steps) if damage(folder / str(step)) is None),
+            None,
+        )
         if intact is None:
-            raise CheckpointError(f"every checkpoint in {folder} is damaged (the newest: {damage(folder / str(steps[-1]))}); none is used")
+            raise CheckpointError(
+                f"every checkpoint in {folder} is damaged (the newest: {damage(folder / str(steps[-1]))}); none is used"
+            )
         description = read_description(intact)
         k = seed_index(description, seed, path)
         if description["best"][k] is None:
-            raise CheckpointError(f"{path}: seed {description['seeds'][k]} has no finite validation loss, so no best epoch")
+            raise CheckpointError(
+                f"{path}: seed {description['seeds'][k]} has no finite validation loss, so no best epoch"
+            )
         chosen = folder / str(description["best"][k]["epoch"])
     elif which in steps:
         chosen = folder / str(which)
     else:
-        raise CheckpointError(f"{path} has no checkpoint of epoch {which}; it keeps epochs {', '.join(map(str, steps))}")
+        raise CheckpointError(
+            f"{path} has no checkpoint of epoch {which}; it keeps epochs {', '.join(map(str, steps))}"
+        )
     why = damage(chosen)
     if why is not None and chosen == path:
-        raise CheckpointError(f"{chosen} is damaged ({why}); its weights are not used: choose another epoch of its run")
+        raise CheckpointError(
+            f"{chosen} is damaged ({why}); its weights are not used: choose another epoch of its run"
+        )
     if why is not None:
-        raise CheckpointError(f"{chosen} is damaged ({why}); its weights are not used: choose another epoch "
-                              f"(--which; {folder} keeps {', '.join(map(str, steps)) or 'none'})")
+        raise CheckpointError(
+            f"{chosen} is damaged ({why}); its weights are not used: choose another epoch "
+            f"(--which; {folder} keeps {', '.join(map(str, steps)) or 'none'})"
+        )
     return chosen
 
 
@@ -249,11 +319,15 @@ def seed_index(description: Mapping[str, Any], seed: int | None, where: Any) -> 
     if seed is None:
         return 0
     if seed not in seeds:
-        raise CheckpointError(f"{where} holds seed(s) {', '.join(map(str, seeds))}; seed {seed} is not one of them")
+        raise CheckpointError(
+            f"{where} holds seed(s) {', '.join(map(str, seeds))}; seed {seed} is not one of them"
+        )
     return seeds.index(seed)
 
 
-def load_model(path: str | os.PathLike, which: str | int = "best", seed: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+def load_model(
+    path: str | os.PathLike, which: str | int = "best", seed: int | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
     """(model, params, description) of one seed (default: the run's first) from a checkpoint, rebuilt
     from the folder alone; the description gains "path", the checkpoint folder read.
 
@@ -278,8 +352,13 @@ def _read_model(step_dir: Path, seed: int | None) -> tuple[Any, Any, dict[str, A
     k = seed_index(description, seed, step_dir)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     count = len(description.get("seeds", [0]))
-    shapes = jax.eval_shape(jax.vmap(lambda rng: models.init_params(model, rng)), jax.ShapeDtypeStruct((count, 2), jnp.uint32))
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    shapes = jax.eval_shape(
+        jax.vmap(lambda rng: models.init_params(model, rng)),
+        jax.ShapeDtypeStruct((count, 2), jnp.uint32),
+    )
+    abstract = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes
+    )
     params = restore_trees(step_dir, {"params": abstract})["params"]
     return model, jax.tree.map(lambda leaf: leaf[k], params), {**description, "path": str(step_dir)}
 
@@ -289,11 +368,27 @@ def class_names(model: Any, description: Mapping[str, Any]) -> list[str]:
     return list(description.get("class_names") or [str(c) for c in range(model.head.num_classes)])
 
 
-def save_model(folder: str | os.PathLike, model: Any, params: Any, class_names: Sequence[str] | None = None, epoch: int = 0,
-               extra: Mapping[str, Any] | None = None) -> Path:
+def save_model(
+    folder: str | os.PathLike,
+    model: Any,
+    params: Any,
+    class_names: Sequence[str] | None = None,
+    epoch: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """One seed's parameters as FOLDER/checkpoints/<epoch>, which load_model, evaluate.py and
     activations.py read (for a model trained or changed outside a run)."""
     with Checkpoints(Path(folder) / "checkpoints", ("params",)) as ckpts:
-        description = {"epoch": epoch, "model": models.model_config(model), "class_names": list(class_names or []),
-                       "seeds": [0], "best": [{"epoch": epoch}], **(extra or {})}
-        return ckpts.save(epoch, {"params": jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], params)}, description)
+        description = {
+            "epoch": epoch,
+            "model": models.model_config(model),
+            "class_names": list(class_names or []),
+            "seeds": [0],
+            "best": [{"epoch": epoch}],
+            **(extra or {}),
+        }
+        return ckpts.save(
+            epoch,
+            {"params": jax.tree.map(lambda leaf: jnp.asarray(leaf)[None], params)},
+            description,
+        )

@@ -34,19 +34,34 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and what is allowed."""
 
 
-def _field(default: Any, help: str, recipe: bool = True, choices: Sequence[str] | None = None) -> Any:
+def _field(
+    default: Any, help: str, recipe: bool = True, choices: Sequence[str] | None = None
+) -> Any:
     """A dataclass field with its --help text. recipe=False: where or how a run happens, not what it computes."""
-    return dataclasses.field(default=default, metadata={"help": help, "recipe": recipe, "choices": choices})
+    return dataclasses.field(
+        default=default, metadata={"help": help, "recipe": recipe, "choices": choices}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     dataset: str = _field("mnist", "which data", choices=DATASETS)
-    data_dir: str | None = _field(None, "folder holding the data; none: CNNJAX_DATA_DIR, else the user cache or a download", recipe=False)
+    data_dir: str | None = _field(
+        None,
+        "folder holding the data; none: CNNJAX_DATA_DIR, else the user cache or a download",
+        recipe=False,
+    )
     image_size: int = _field(28, "images are resized to image_size x image_size on load")
-    interpolation: str = _field("nearest", "resize filter on load, as keras.utils.load_img", choices=INTERPOLATIONS)
+    interpolation: str = _field(
+        "nearest", "resize filter on load, as keras.utils.load_img", choices=INTERPOLATIONS
+    )
     validation_split: str = _field("test", "the split validated on after every epoch")
-    input: str = _field("auto", "memory (decoded once, on the device), stream (tf.data) or auto", recipe=False, choices=INPUTS)
+    input: str = _field(
+        "auto",
+        "memory (decoded once, on the device), stream (tf.data) or auto",
+        recipe=False,
+        choices=INPUTS,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,32 +78,56 @@ class OptimConfig:
     rho: float = _field(0.9, "RMSprop's decay rate")
     beta_1: float = _field(0.9, "Adam's first-moment decay")
     beta_2: float = _field(0.999, "Adam's second-moment decay")
-    schedule: str = _field("constant", "the rate over training: cosine decays to 0 by the last epoch, exponential by decay_rate "
-                                       "each epoch", choices=SCHEDULES)
+    schedule: str = _field(
+        "constant",
+        "the rate over training: cosine decays to 0 by the last epoch, exponential by decay_rate "
+        "each epoch",
+        choices=SCHEDULES,
+    )
     warmup_epochs: int = _field(0, "first raise the rate linearly from 0 over this many epochs")
     decay_rate: float = _field(0.9, "exponential: the rate's factor per epoch")
-    plateau_factor: float = _field(0.0, "ReduceLROnPlateau: times this when val_loss has not improved for plateau_patience "
-                                        "epochs (0: off)")
+    plateau_factor: float = _field(
+        0.0,
+        "ReduceLROnPlateau: times this when val_loss has not improved for plateau_patience "
+        "epochs (0: off)",
+    )
     plateau_patience: int = _field(5, "ReduceLROnPlateau: epochs without improvement")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _field(5, "passes over the training data (more than a finished run's extends it with --resume)")
+    epochs: int = _field(
+        5, "passes over the training data (more than a finished run's extends it with --resume)"
+    )
     batch_size: int = _field(64, "global batch size (split over the devices)")
     eval_batch_size: int = _field(500, "batch size of validation and evaluation")
     seed: int = _field(0, "random seed: initialisation, shuffling, augmentation, dropout")
-    seeds: int = _field(1, "train this many seeds together (seed, seed+1, ...), one compiled program")
-    early_stopping: int = _field(0, "EarlyStopping: stop a seed once val_loss has not improved for this many epochs "
-                                    "(0: off; its best checkpoint is kept)")
+    seeds: int = _field(
+        1, "train this many seeds together (seed, seed+1, ...), one compiled program"
+    )
+    early_stopping: int = _field(
+        0,
+        "EarlyStopping: stop a seed once val_loss has not improved for this many epochs "
+        "(0: off; its best checkpoint is kept)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    out: str | None = _field(None, "run folder (default: checkpoints/NAME-seedN-TIME)", recipe=False)
-    resume: bool = _field(False, "continue the run in --out from its latest checkpoint, with its config.json", recipe=False)
-    keep: int = _field(2, "latest checkpoints kept (the best one per seed is kept as well)", recipe=False)
-    tensorboard: bool = _field(True, "write TensorBoard event files into the run folder", recipe=False)
+    out: str | None = _field(
+        None, "run folder (default: checkpoints/NAME-seedN-TIME)", recipe=False
+    )
+    resume: bool = _field(
+        False,
+        "continue the run in --out from its latest checkpoint, with its config.json",
+        recipe=False,
+    )
+    keep: int = _field(
+        2, "latest checkpoints kept (the best one per seed is kept as well)", recipe=False
+    )
+    tensorboard: bool = _field(
+        True, "write TensorBoard event files into the run folder", recipe=False
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +142,12 @@ class Config:
 
 
 SECTION_CLASSES: dict[str, type] = {
-    "data": DataConfig, "model": ModelConfig, "augment": AugmentConfig, "optim": OptimConfig, "train": TrainConfig, "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "augment": AugmentConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
 }
 SECTIONS = tuple(SECTION_CLASSES)
 
@@ -152,7 +196,9 @@ def _parse_value(path: str, raw: Any, hint: Any) -> Any:
         try:
             return hint(raw)
         except ValueError:
-            raise ConfigError(f"--{path} must be {'an integer' if hint is int else 'a number'}, got {raw!r}") from None
+            raise ConfigError(
+                f"--{path} must be {'an integer' if hint is int else 'a number'}, got {raw!r}"
+            ) from None
     return raw
 
 
@@ -205,21 +251,33 @@ def from_dict(d: Mapping[str, Any]) -> Config:
     """Inverse of `to_dict`; fields missing from d keep their defaults."""
     sections = {}
     for section, cls in SECTION_CLASSES.items():  # (AugmentConfig makes a zoom_range list a tuple)
-        sections[section] = cls(**{k: v for k, v in d.get(section, {}).items() if k in _section_fields(section)})
+        sections[section] = cls(
+            **{k: v for k, v in d.get(section, {}).items() if k in _section_fields(section)}
+        )
     return Config(name=d.get("name", "run"), **sections)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """{"section.field": value} for every field (TensorBoard's hyperparameters, diffs)."""
-    return {f"{s}.{k}": v for s, values in to_dict(cfg).items() if isinstance(values, dict) for k, v in values.items()}
+    return {
+        f"{s}.{k}": v
+        for s, values in to_dict(cfg).items()
+        if isinstance(values, dict)
+        for k, v in values.items()
+    }
 
 
 def recipe_diff(saved: Config, asked: Config, extend: bool = True) -> list[str]:
     """The recipe fields whose values differ, as "path: saved -> asked" (where and how a run happens is
     ignored, and with `extend` more epochs than saved extend a run)."""
     fa, fb = flatten(saved), flatten(asked)
-    return [f"{p}: {fa[p]!r} -> {fb[p]!r}" for p in paths()
-            if _meta(p)["recipe"] and fa[p] != fb[p] and not (extend and p == "train.epochs" and fb[p] > fa[p])]
+    return [
+        f"{p}: {fa[p]!r} -> {fb[p]!r}"
+        for p in paths()
+        if _meta(p)["recipe"]
+        and fa[p] != fb[p]
+        and not (extend and p == "train.epochs" and fb[p] > fa[p])
+    ]
 
 
 def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) -> Config:
@@ -237,16 +295,51 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
         return isinstance(v, (int, float)) and math.isfinite(v)
 
     rules = [
-        (("train.epochs", "train.batch_size", "train.eval_batch_size", "train.seeds", "run.keep", "data.image_size",
-          "optim.plateau_patience"), lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        (("train.seed", "train.early_stopping", "optim.warmup_epochs"), lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        (
+            (
+                "train.epochs",
+                "train.batch_size",
+                "train.eval_batch_size",
+                "train.seeds",
+                "run.keep",
+                "data.image_size",
+                "optim.plateau_patience",
+            ),
+            lambda v: isinstance(v, int) and v >= 1,
+            "an integer >= 1",
+        ),
+        (
+            ("train.seed", "train.early_stopping", "optim.warmup_epochs"),
+            lambda v: isinstance(v, int) and v >= 0,
+            "an integer >= 0",
+        ),
         # Counts must fit a step counter or an index (int32), seeds jax's key (uint32, seed + seeds - 1 included).
-        (("train.epochs", "train.batch_size", "train.eval_batch_size", "train.seeds", "run.keep", "data.image_size",
-          "optim.plateau_patience", "train.early_stopping", "optim.warmup_epochs"), lambda v: v < 2**31, "below 2**31"),
+        (
+            (
+                "train.epochs",
+                "train.batch_size",
+                "train.eval_batch_size",
+                "train.seeds",
+                "run.keep",
+                "data.image_size",
+                "optim.plateau_patience",
+                "train.early_stopping",
+                "optim.warmup_epochs",
+            ),
+            lambda v: v < 2**31,
+            "below 2**31",
+        ),
         (("train.seed",), lambda v: v <= 2**32 - cfg.train.seeds, "at most 2**32 - train.seeds"),
-        (("optim.learning_rate", "optim.epsilon"), lambda v: number(v) and v > 0, "a finite number > 0"),
-        (("optim.rho", "optim.beta_1", "optim.beta_2", "optim.plateau_factor", "model.dropout"), lambda v: number(v) and 0 <= v < 1,
-         "in [0, 1)"),
+        (
+            ("optim.learning_rate", "optim.epsilon"),
+            lambda v: number(v) and v > 0,
+            "a finite number > 0",
+        ),
+        (
+            ("optim.rho", "optim.beta_1", "optim.beta_2", "optim.plateau_factor", "model.dropout"),
+            lambda v: number(v) and 0 <= v < 1,
+            "in [0, 1)",
+        ),
         (("optim.decay_rate",), lambda v: number(v) and 0 < v <= 1, "in (0, 1]"),
     ]
     for rule_paths, ok, what in rules:
@@ -254,44 +347,75 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
             if isinstance(flat[path], bool) or not ok(flat[path]):
                 raise ConfigError(f"{path} must be {what}, got {flat[path]!r}")
     if cfg.model.name != cfg.data.dataset:
-        raise ConfigError(f"model.name {cfg.model.name!r} does not fit data.dataset {cfg.data.dataset!r}")
+        raise ConfigError(
+            f"model.name {cfg.model.name!r} does not fit data.dataset {cfg.data.dataset!r}"
+        )
     if cfg.model.name == "mnist":
         if cfg.data.image_size != 28:
             raise ConfigError(f"data.image_size must be 28 for MNIST, got {cfg.data.image_size}")
         if cfg.model.dropout:
-            raise ConfigError("model.dropout: the MNIST convnet has no Dropout layer; leave it at 0")
+            raise ConfigError(
+                "model.dropout: the MNIST convnet has no Dropout layer; leave it at 0"
+            )
     if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.optim.warmup_epochs:
-        raise ConfigError(f"optim.warmup_epochs {cfg.optim.warmup_epochs} leaves no epoch after the warmup of {cfg.train.epochs}")
+        raise ConfigError(
+            f"optim.warmup_epochs {cfg.optim.warmup_epochs} leaves no epoch after the warmup of {cfg.train.epochs}"
+        )
     if min_image_size is not None and cfg.data.image_size < (smallest := min_image_size(cfg)):
-        raise ConfigError(f"data.image_size {cfg.data.image_size} is too small: the {cfg.model.name} convnet needs at least "
-                          f"{smallest}x{smallest} pixels (every conv and pool layer must keep an output of at least 1x1)")
+        raise ConfigError(
+            f"data.image_size {cfg.data.image_size} is too small: the {cfg.model.name} convnet needs at least "
+            f"{smallest}x{smallest} pixels (every conv and pool layer must keep an output of at least 1x1)"
+        )
     return cfg
 
 
 # The short flags users type, each an alias of one field.
 ALIASES = {
-    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--learning-rate": "optim.learning_rate",
-    "--seed": "train.seed", "--seeds": "train.seeds", "--image-size": "data.image_size", "--data-dir": "data.data_dir",
-    "--input": "data.input", "--out": "run.out", "--resume": "run.resume",
-    "--rotation-range": "augment.rotation_range", "--width-shift-range": "augment.width_shift_range",
-    "--height-shift-range": "augment.height_shift_range", "--shear-range": "augment.shear_range",
-    "--zoom-range": "augment.zoom_range", "--horizontal-flip": "augment.horizontal_flip", "--fill-mode": "augment.fill_mode",
+    "--epochs": "train.epochs",
+    "--batch-size": "train.batch_size",
+    "--learning-rate": "optim.learning_rate",
+    "--seed": "train.seed",
+    "--seeds": "train.seeds",
+    "--image-size": "data.image_size",
+    "--data-dir": "data.data_dir",
+    "--input": "data.input",
+    "--out": "run.out",
+    "--resume": "run.resume",
+    "--rotation-range": "augment.rotation_range",
+    "--width-shift-range": "augment.width_shift_range",
+    "--height-shift-range": "augment.height_shift_range",
+    "--shear-range": "augment.shear_range",
+    "--zoom-range": "augment.zoom_range",
+    "--horizontal-flip": "augment.horizontal_flip",
+    "--fill-mode": "augment.fill_mode",
 }
 
 
-def add_flags(parser: argparse.ArgumentParser, defaults: Config, sections: Sequence[str] = SECTIONS, fixed: Sequence[str] = (),
-              other_defaults: Mapping[str, Config] = ()) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    defaults: Config,
+    sections: Sequence[str] = SECTIONS,
+    fixed: Sequence[str] = (),
+    other_defaults: Mapping[str, Config] = (),
+) -> None:
     """A --section.field flag (and its ALIASES) for every field of `sections` but `fixed`. `--help` shows each
     default once, and where `other_defaults` ({"experiment 2": cfg}) differ. A boolean takes yes/no or nothing
     (--resume, --no-resume). Absent flags stay absent: `overrides_from_args` sees only what was typed."""
     usable = [p for p in paths() if p.split(".")[0] in sections and p not in fixed]
-    flat, others = flatten(defaults), {label: flatten(cfg) for label, cfg in dict(other_defaults).items()}
+    flat, others = (
+        flatten(defaults),
+        {label: flatten(cfg) for label, cfg in dict(other_defaults).items()},
+    )
     short = {path: flag for flag, path in ALIASES.items()}
-    fields = parser.add_argument_group("config fields (--section.field VALUE; flax's --config.section.field=VALUE works too)")
+    fields = parser.add_argument_group(
+        "config fields (--section.field VALUE; flax's --config.section.field=VALUE works too)"
+    )
     for path in usable:
         meta = _meta(path)
         choices = f" {{{', '.join(map(str, meta['choices']))}}}" if meta["choices"] else ""
-        shown = f"default: {flat[path]!r}" + "".join(f"; {k}: {v[path]!r}" for k, v in others.items() if v[path] != flat[path])
+        shown = f"default: {flat[path]!r}" + "".join(
+            f"; {k}: {v[path]!r}" for k, v in others.items() if v[path] != flat[path]
+        )
         alias = f"; short: {short[path]}" if path in short else ""
         _add(fields, f"--{path}", path, f"{meta['help']}{choices} [{shown}{alias}]")
     for path in (p for p in usable if p in short):  # listed in their field's help
@@ -300,9 +424,23 @@ def add_flags(parser: argparse.ArgumentParser, defaults: Config, sections: Seque
 
 def _add(group: Any, flag: str, dest: str, help: str) -> None:
     if _hint(dest.removeprefix("alias:")) is bool:
-        group.add_argument(flag, dest=dest, nargs="?", const="true", default=argparse.SUPPRESS, metavar="yes|no", help=help)
-        group.add_argument(f"--no-{flag[2:]}", dest=dest, action="store_const", const="false", default=argparse.SUPPRESS,
-                           help=argparse.SUPPRESS)
+        group.add_argument(
+            flag,
+            dest=dest,
+            nargs="?",
+            const="true",
+            default=argparse.SUPPRESS,
+            metavar="yes|no",
+            help=help,
+        )
+        group.add_argument(
+            f"--no-{flag[2:]}",
+            dest=dest,
+            action="store_const",
+            const="false",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
     else:
         group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar="VALUE", help=help)
 
@@ -315,7 +453,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if path not in _PATHS:
             continue
         if path in overrides and overrides[path] != value:
-            raise ConfigError(f"{path} given twice ({overrides[path]!r} and {value!r}); give it once")
+            raise ConfigError(
+                f"{path} given twice ({overrides[path]!r} and {value!r}); give it once"
+            )
         overrides[path] = value
     return overrides
 
@@ -325,19 +465,36 @@ class ArgumentParser(argparse.ArgumentParser):
     --config.PATH=VALUE spelling of --PATH VALUE."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("allow_abbrev", False)  # --augment must never be read as --augment.rotation_range
+        kwargs.setdefault(
+            "allow_abbrev", False
+        )  # --augment must never be read as --augment.rotation_range
         kwargs.setdefault("usage", "%(prog)s [flags] (--help lists every flag with its default)")
         super().__init__(*args, **kwargs)
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        argv = [a.replace("--config.", "--", 1) if a.startswith("--config.") else a for a in (sys.argv[1:] if args is None else args)]
+        argv = [
+            a.replace("--config.", "--", 1) if a.startswith("--config.") else a
+            for a in (sys.argv[1:] if args is None else args)
+        ]
         parsed, unknown = self.parse_known_args(argv, namespace)
         if unknown:
             flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), unknown[0])
-            options = [o for action in self._actions for o in action.option_strings if not o.startswith("--no-")]
-            by_name = [o for o in options if o.lstrip("-").split(".")[-1].replace("-", "_") == flag.lstrip("-").replace("-", "_")]
+            options = [
+                o
+                for action in self._actions
+                for o in action.option_strings
+                if not o.startswith("--no-")
+            ]
+            by_name = [
+                o
+                for o in options
+                if o.lstrip("-").split(".")[-1].replace("-", "_")
+                == flag.lstrip("-").replace("-", "_")
+            ]
             near = by_name or difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
-            self.error(f"unknown flag {flag}" + (f"; did you mean {' or '.join(near)}?" if near else ""))
+            self.error(
+                f"unknown flag {flag}" + (f"; did you mean {' or '.join(near)}?" if near else "")
+            )
         return parsed
 
     def error(self, message: str) -> typing.NoReturn:
@@ -374,7 +531,12 @@ def catsdogs(experiment: int = 1) -> Config:
     second = experiment == 2
     return Config(
         name=f"catsdogs-exp{experiment}",
-        data=DataConfig(dataset="cats_dogs", image_size=150, interpolation="nearest", validation_split="validation"),
+        data=DataConfig(
+            dataset="cats_dogs",
+            image_size=150,
+            interpolation="nearest",
+            validation_split="validation",
+        ),
         model=ModelConfig(name="cats_dogs", dropout=0.5 if second else 0.0),
         augment=AugmentConfig.LECTURE if second else AugmentConfig(),
         optim=OptimConfig(name="adam", learning_rate=1e-3),
@@ -382,6 +544,10 @@ def catsdogs(experiment: int = 1) -> Config:
     )
 
 
-AUGMENT_PRESETS = {"none": AugmentConfig(), "lecture": AugmentConfig.LECTURE, "preview": AugmentConfig.LECTURE_PREVIEW}
+AUGMENT_PRESETS = {
+    "none": AugmentConfig(),
+    "lecture": AugmentConfig.LECTURE,
+    "preview": AugmentConfig.LECTURE_PREVIEW,
+}
 
 _PATHS = frozenset(paths())

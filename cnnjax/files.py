@@ -40,7 +40,9 @@ def pid_alive(pid: int) -> bool:
 
 def sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()  # releases the GIL while it hashes: threads help
+        return hashlib.file_digest(
+            f, "sha256"
+        ).hexdigest()  # releases the GIL while it hashes: threads help
 
 
 def temporary_name(path: Path) -> Path:
@@ -97,7 +99,9 @@ def strict_json(obj: Any) -> Any:
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Rows as CSV (columns in first-seen order; NaN and infinities as empty cells, as strict JSON has null), atomically."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+    writer = csv.DictWriter(
+        buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row))
+    )
     writer.writeheader()
     writer.writerows(strict_json([dict(row) for row in rows]))
     return write_text(path, buffer.getvalue())
@@ -105,7 +109,9 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Pat
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Strict JSON (NaN and infinities written as null), atomically."""
-    return write_text(path, json.dumps(strict_json(obj), indent=2, allow_nan=False, default=str) + "\n")
+    return write_text(
+        path, json.dumps(strict_json(obj), indent=2, allow_nan=False, default=str) + "\n"
+    )
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -114,7 +120,9 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); it was damaged or edited by hand") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); it was damaged or edited by hand"
+        ) from None
 
 
 def clean_orphans(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:

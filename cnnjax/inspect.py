@@ -27,7 +27,12 @@ from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
 LayerSpec = int | Sequence[str] | None
 
 
-def load_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3, interpolation: str = "nearest") -> np.ndarray:
+def load_image(
+    path: str | os.PathLike,
+    size: tuple[int, int],
+    channels: int = 3,
+    interpolation: str = "nearest",
+) -> np.ndarray:
     """One image file as float32 (h, w, channels) in 0..1, as Keras's load_img + img_to_array / 255.
 
     Decoded as the folder loader decodes training images (`interpolation` is the run's
@@ -37,7 +42,10 @@ def load_image(path: str | os.PathLike, size: tuple[int, int], channels: int = 3
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    return decode_file(path, size, interpolation, "L" if channels == 1 else "RGB").astype(np.float32) / 255.0
+    return (
+        decode_file(path, size, interpolation, "L" if channels == 1 else "RGB").astype(np.float32)
+        / 255.0
+    )
 
 
 # --- Activations -------------------------------------------------------------------------
@@ -55,13 +63,17 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
         return names
     if isinstance(layers, int):
         if not 1 <= layers <= len(names):
-            raise ValueError(f"layers={layers}: the model has {len(names)} layers ({', '.join(names)})")
+            raise ValueError(
+                f"layers={layers}: the model has {len(names)} layers ({', '.join(names)})"
+            )
         return names[:layers]
     if isinstance(layers, str):  # a single name would otherwise be read letter by letter
         layers = [layers]
     unknown = [name for name in layers if name not in names and name != "output"]
     if unknown:
-        raise ValueError(f"unknown layer(s) {', '.join(unknown)}; the model's layers: {', '.join(names)}")
+        raise ValueError(
+            f"unknown layer(s) {', '.join(unknown)}; the model's layers: {', '.join(names)}"
+        )
     return list(layers)
 
 
@@ -74,7 +86,9 @@ def _activations_fn(model: nn.Module, names: tuple[str, ...]):
     return jax.jit(run)
 
 
-def capture_activations(model: nn.Module, params: Any, images: jax.Array, layers: LayerSpec = None) -> list[tuple[str, jax.Array]]:
+def capture_activations(
+    model: nn.Module, params: Any, images: jax.Array, layers: LayerSpec = None
+) -> list[tuple[str, jax.Array]]:
     """(layer name, output) for the chosen layers, in the order they run: the lecture's activation model.
 
     images: (N, H, W, C) in 0..1, or one image (H, W, C), whose outputs then have no batch
@@ -114,7 +128,9 @@ def activation_grid(activation: np.ndarray, images_per_row: int = 16) -> np.ndar
     grid = np.zeros((rows * height, images_per_row * width), np.uint8)
     for c in range(channels):
         row, col = divmod(c, images_per_row)
-        grid[row * height : (row + 1) * height, col * width : (col + 1) * width] = normalise_channel(activation[..., c])
+        grid[row * height : (row + 1) * height, col * width : (col + 1) * width] = (
+            normalise_channel(activation[..., c])
+        )
     return grid
 
 
@@ -182,7 +198,9 @@ def _ascent_fn(model: nn.Module, layer: str, steps: int):
     def ascend(params, x0, f, step_size):
         def step(_, x):
             g = grad(params, x, f)
-            g = g / (jnp.sqrt(jnp.mean(g**2)) + 1e-5)  # normalised step: the same pace for every filter
+            g = g / (
+                jnp.sqrt(jnp.mean(g**2)) + 1e-5
+            )  # normalised step: the same pace for every filter
             return x + step_size * g
 
         x = jax.lax.fori_loop(0, steps, step, x0)
@@ -216,9 +234,15 @@ def filter_ascent(
     else:
         chosen = np.asarray(list(filters), np.int32)
     if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= available:
-        raise ValueError(f"filters must be indices in 0..{available - 1} of {layer}, got {list(chosen)}")
-    noise = jax.random.uniform(jax.random.PRNGKey(seed), (len(chosen), *model.input_shape), minval=-0.05, maxval=0.05)
-    images, before, after = _ascent_fn(model, layer, int(steps))(params, 0.5 + noise, jnp.asarray(chosen, jnp.int32), step_size)
+        raise ValueError(
+            f"filters must be indices in 0..{available - 1} of {layer}, got {list(chosen)}"
+        )
+    noise = jax.random.uniform(
+        jax.random.PRNGKey(seed), (len(chosen), *model.input_shape), minval=-0.05, maxval=0.05
+    )
+    images, before, after = _ascent_fn(model, layer, int(steps))(
+        params, 0.5 + noise, jnp.asarray(chosen, jnp.int32), step_size
+    )
     return FilterAscent(layer, chosen, *jax.device_get((images, before, after)))
 
 
@@ -250,10 +274,16 @@ def _add_to_output(layer: str, delta: jax.Array, captured: list):
         module = context.module
         # Only the model's own child of that name (the root module's parent is a flax Scope).
         parent = module.parent
-        is_layer = module.name == layer and isinstance(parent, nn.Module) and not isinstance(parent.parent, nn.Module)
+        is_layer = (
+            module.name == layer
+            and isinstance(parent, nn.Module)
+            and not isinstance(parent.parent, nn.Module)
+        )
         if context.method_name != "__call__" or not is_layer:
             return next_fun(*args, **kwargs)
-        depth[0] += 1  # a layer that calls its base class's __call__ is intercepted twice: add once, outermost
+        depth[0] += (
+            1  # a layer that calls its base class's __call__ is intercepted twice: add once, outermost
+        )
         try:
             out = next_fun(*args, **kwargs)
         finally:
@@ -281,8 +311,12 @@ def _grad_cam_fn(model: nn.Module, layer: str):
             probability = model.head.probabilities(logits)[0, c]
             return model.head.score(logits, c)[0], (captured[0], c, probability, predicted)
 
-        grads, (activation, c, probability, predicted) = jax.grad(target, has_aux=True)(jnp.zeros(shape, jnp.float32))
-        weights = jnp.mean(grads[0], axis=(0, 1))  # one weight per channel: the gradient averaged over positions
+        grads, (activation, c, probability, predicted) = jax.grad(target, has_aux=True)(
+            jnp.zeros(shape, jnp.float32)
+        )
+        weights = jnp.mean(
+            grads[0], axis=(0, 1)
+        )  # one weight per channel: the gradient averaged over positions
         cam = jax.nn.relu(jnp.sum(activation[0] * weights, axis=-1))
         peak = jnp.max(cam)
         heatmap = jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0)
@@ -291,7 +325,9 @@ def _grad_cam_fn(model: nn.Module, layer: str):
     return jax.jit(run)
 
 
-def grad_cam(model: nn.Module, params: Any, image: jax.Array, class_index: int | None = None) -> GradCam:
+def grad_cam(
+    model: nn.Module, params: Any, image: jax.Array, class_index: int | None = None
+) -> GradCam:
     """Grad-CAM heatmap of one image (H, W, C) for `class_index` (default: the predicted class).
 
     The gradient of the class score (the head's `score`) with respect to the last conv
@@ -305,7 +341,9 @@ def grad_cam(model: nn.Module, params: Any, image: jax.Array, class_index: int |
     if class_index is not None and not 0 <= class_index < classes:
         raise ValueError(f"class_index must be in 0..{classes - 1}, got {class_index}")
     index = jnp.int32(-1 if class_index is None else class_index)
-    heatmap, c, probability, predicted = jax.device_get(_grad_cam_fn(model, last_conv_layer(model))(params, image, index))
+    heatmap, c, probability, predicted = jax.device_get(
+        _grad_cam_fn(model, last_conv_layer(model))(params, image, index)
+    )
     return GradCam(np.asarray(heatmap), int(c), float(probability), int(predicted))
 
 
@@ -314,6 +352,10 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) 
     import matplotlib
 
     image = np.asarray(image, np.float32)
-    upsampled = np.asarray(jax.image.resize(jnp.asarray(heatmap, jnp.float32), image.shape[:2], "bilinear"))
+    upsampled = np.asarray(
+        jax.image.resize(jnp.asarray(heatmap, jnp.float32), image.shape[:2], "bilinear")
+    )
     colour = matplotlib.colormaps["jet"](np.clip(upsampled, 0, 1))[..., :3]
-    return np.clip((1 - alpha) * image + alpha * colour, 0, 1).astype(np.float32)  # a gray image broadcasts to 3 channels
+    return np.clip((1 - alpha) * image + alpha * colour, 0, 1).astype(
+        np.float32
+    )  # a gray image broadcasts to 3 channels

@@ -41,12 +41,20 @@ SEED, DATA = "seed", "data"
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """The arguments of jax.distributed.initialize, for runs over several processes or hosts."""
     group = parser.add_argument_group("several processes / hosts (jax.distributed)")
-    group.add_argument("--coordinator-address", metavar="HOST:PORT",
-                       help="process 0's address, the same for every process (jax uses PORT, cnnjax PORT+1)")
+    group.add_argument(
+        "--coordinator-address",
+        metavar="HOST:PORT",
+        help="process 0's address, the same for every process (jax uses PORT, cnnjax PORT+1)",
+    )
     group.add_argument("--num-processes", type=int, metavar="N", help="how many processes join")
     group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
-    group.add_argument("--join-timeout", type=float, default=120, metavar="S",
-                       help="seconds to wait for every process to start (default: %(default)s)")
+    group.add_argument(
+        "--join-timeout",
+        type=float,
+        default=120,
+        metavar="S",
+        help="seconds to wait for every process to start (default: %(default)s)",
+    )
 
 
 # Cluster environments that jax.distributed.initialize() reads by itself, and the variable that gives their process count.
@@ -71,8 +79,12 @@ class JoinError(Exception):
 EXIT_LOST = 5
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               join_timeout: float = 120) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    join_timeout: float = 120,
+) -> None:
     """Join the other processes of this run, or do nothing for a single process.
 
     With the three arguments, every process first meets process 0 on PORT+1 (`_meet`), so that a process
@@ -83,25 +95,41 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     When a process dies, the others stop instead of waiting for it: `_watch` (its `_meet` connection
     closed) or `exit_on_error` (a collective lost its peer) ends them at once with one line, EXIT_LOST.
     """
-    if jax.distributed.is_initialized():  # the scripts join before checking their config, and execute() asks again
+    if (
+        jax.distributed.is_initialized()
+    ):  # the scripts join before checking their config, and execute() asks again
         return
     given = [a is not None for a in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):
-        raise ValueError("--coordinator-address, --num-processes and --process-id go together: give all three or none")
+        raise ValueError(
+            "--coordinator-address, --num-processes and --process-id go together: give all three or none"
+        )
     if not any(given) and cluster_detected() is None:
         return
     links: list[socket.socket] = []
     if all(given):
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id must be in 0..{num_processes - 1} and --num-processes >= 1")
+            raise ValueError(
+                f"--process-id must be in 0..{num_processes - 1} and --num-processes >= 1"
+            )
         if ":" not in coordinator_address or not coordinator_address.rsplit(":", 1)[1].isdigit():
-            raise ValueError(f"--coordinator-address must be HOST:PORT, got {coordinator_address!r}")
+            raise ValueError(
+                f"--coordinator-address must be HOST:PORT, got {coordinator_address!r}"
+            )
         links = _meet(coordinator_address, num_processes, process_id, join_timeout)
-    if not jax.config.jax_platforms or "cpu" in jax.config.jax_platforms:  # collectives on the CPU go through gloo
+    if (
+        not jax.config.jax_platforms or "cpu" in jax.config.jax_platforms
+    ):  # collectives on the CPU go through gloo
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:  # shutdown_timeout_seconds: how long a process that leaves with an error of its own waits for the others
-        jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=int(join_timeout),
-                                   heartbeat_timeout_seconds=30, shutdown_timeout_seconds=60)
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes,
+            process_id,
+            initialization_timeout=int(join_timeout),
+            heartbeat_timeout_seconds=30,
+            shutdown_timeout_seconds=60,
+        )
     except Exception as e:  # noqa: BLE001 - jax raises bare RuntimeErrors / XLA errors: one line says what failed
         where = coordinator_address or "the address the cluster environment gives"
         raise JoinError(f"could not join the other processes at {where}: {first_line(e)}") from None
@@ -121,8 +149,12 @@ def _meet(address: str, count: int, index: int, timeout: float) -> list[socket.s
             while len(peers) < count - 1:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(1, count)) - set(peers))
-                    raise JoinError(f"process(es) {', '.join(map(str, missing))} did not join at {address} {late}")
-                with contextlib.suppress(OSError, ValueError):  # no one yet, or a connection that did not say its index
+                    raise JoinError(
+                        f"process(es) {', '.join(map(str, missing))} did not join at {address} {late}"
+                    )
+                with contextlib.suppress(
+                    OSError, ValueError
+                ):  # no one yet, or a connection that did not say its index
                     conn, _ = server.accept()
                     conn.settimeout(10)
                     peers[int(conn.recv(16).decode().strip())] = conn
@@ -153,7 +185,9 @@ def _watch(links: list[socket.socket]) -> None:
         except OSError:
             said = b""
         if not said.startswith(b"bye"):
-            _lost(f"the connection to another process closed ({'no goodbye' if not said else said.decode(errors='replace')})")
+            _lost(
+                f"the connection to another process closed ({'no goodbye' if not said else said.decode(errors='replace')})"
+            )
 
     for conn in links:
         threading.Thread(target=watch, args=(conn,), daemon=True, name="cnnjax-peer-watch").start()
@@ -172,18 +206,33 @@ before_leaving: list[Callable[[], None]] = []
 def _lost(why: str) -> None:
     where = f"process {jax.process_index()} of {jax.process_count()}"
     for cleanup in list(before_leaving):
-        with contextlib.suppress(Exception):  # leaving anyway: one cleanup failing must not stop the others
+        with contextlib.suppress(
+            Exception
+        ):  # leaving anyway: one cleanup failing must not stop the others
             cleanup()
     try:
         sys.stdout.flush()
-        print(f"error: {where} lost contact with the other processes of this run ({why}); another process stopped, see "
-              "its log. Every finished epoch is kept: start all processes again with --resume", file=sys.stderr, flush=True)
+        print(
+            f"error: {where} lost contact with the other processes of this run ({why}); another process stopped, see "
+            "its log. Every finished epoch is kept: start all processes again with --resume",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
         os._exit(EXIT_LOST)
 
 
-_PEER_MARKERS = ("gloo", "coordination service", "heartbeat", "connection reset", "connection closed", "socket closed",
-                 "deadline_exceeded", "unavailable", "barrier")
+_PEER_MARKERS = (
+    "gloo",
+    "coordination service",
+    "heartbeat",
+    "connection reset",
+    "connection closed",
+    "socket closed",
+    "deadline_exceeded",
+    "unavailable",
+    "barrier",
+)
 
 
 def lost_contact(error: BaseException) -> bool:
@@ -202,8 +251,11 @@ def exit_on_error(error: BaseException) -> None:
     traceback.print_exception(error)
     try:
         sys.stdout.flush()
-        print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: {type(error).__name__}: {first_line(error)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()} stopped: {type(error).__name__}: {first_line(error)}",
+            file=sys.stderr,
+            flush=True,
+        )
     finally:
         os._exit(1)
 
@@ -255,15 +307,19 @@ def describe(mesh: Mesh) -> dict[str, Any]:
 
 def summary_line(mesh: Mesh) -> str:
     d = describe(mesh)
-    return (f"devices: {d['count']} x {d['platform']} ({d['kind']}), {d['processes']} process(es), "
-            f"mesh seed={d['mesh'][SEED]} x data={d['mesh'][DATA]}")
+    return (
+        f"devices: {d['count']} x {d['platform']} ({d['kind']}), {d['processes']} process(es), "
+        f"mesh seed={d['mesh'][SEED]} x data={d['mesh'][DATA]}"
+    )
 
 
 def check_batch(mesh: Mesh, batch_size: int, what: str = "train.batch_size") -> None:
     data = mesh.shape[DATA]
     if batch_size % data:
-        raise ValueError(f"{what} {batch_size} cannot be split over the {data} devices of the data axis; "
-                         f"use a multiple of {data}")
+        raise ValueError(
+            f"{what} {batch_size} cannot be split over the {data} devices of the data axis; "
+            f"use a multiple of {data}"
+        )
 
 
 def sharding(mesh: Mesh, *spec: str | None) -> NamedSharding:
@@ -277,11 +333,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def local_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
     """The block of a global array of `shape` that this process's devices hold under `sharding`, one
     slice per axis (the whole array in a single process). Raises when the block is not contiguous."""
-    pieces = {tuple(s.indices(n)[:2] for s, n in zip(index, shape)) for index in sharding.addressable_devices_indices_map(shape).values()}
-    block = tuple(slice(min(p[d][0] for p in pieces), max(p[d][1] for p in pieces)) for d in range(len(shape)))
-    if math.prod(b.stop - b.start for b in block) != sum(math.prod(hi - lo for lo, hi in p) for p in pieces):
-        raise ValueError(f"this process's devices hold a non-contiguous part of a {shape} batch; use a mesh whose "
-                         "processes each hold whole blocks")
+    pieces = {
+        tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        for index in sharding.addressable_devices_indices_map(shape).values()
+    }
+    block = tuple(
+        slice(min(p[d][0] for p in pieces), max(p[d][1] for p in pieces)) for d in range(len(shape))
+    )
+    if math.prod(b.stop - b.start for b in block) != sum(
+        math.prod(hi - lo for lo, hi in p) for p in pieces
+    ):
+        raise ValueError(
+            f"this process's devices hold a non-contiguous part of a {shape} batch; use a mesh whose "
+            "processes each hold whole blocks"
+        )
     return block
 
 
@@ -307,4 +372,6 @@ def to_host(tree: Any) -> Any:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+    return jax.tree.map(
+        lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree
+    )

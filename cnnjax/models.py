@@ -23,7 +23,10 @@ from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
 
 glorot_uniform = nn.initializers.glorot_uniform()
 zeros = nn.initializers.zeros
-ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {None: lambda x: x, "relu": nn.relu}
+ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
+    None: lambda x: x,
+    "relu": nn.relu,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +98,9 @@ class Conv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", glorot_uniform, (*self.kernel_size, x.shape[-1], self.features))
+        kernel = self.param(
+            "kernel", glorot_uniform, (*self.kernel_size, x.shape[-1], self.features)
+        )
         bias = self.param("bias", zeros, (self.features,))
         return ACTIVATIONS[self.activation](conv2d_nhwc(x, kernel) + bias)
 
@@ -199,7 +204,11 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     """A JSON-able description from which `build_model` rebuilds the same architecture."""
     for name, cls in MODELS.items():
         if type(model) is cls:
-            fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+            fields = {
+                f.name: getattr(model, f.name)
+                for f in dataclasses.fields(cls)
+                if f.name not in ("parent", "name")
+            }
             return {"model": name, **fields, "input_shape": list(model.input_shape)}
     raise ValueError(f"unknown model class {type(model).__name__}")
 
@@ -238,7 +247,9 @@ def min_input_size(model: nn.Module) -> int:
     """The smallest square input every layer of `model` can take, found by tracing its layers
     (no arithmetic copied from them): 46 for the cats-vs-dogs convnet."""
     if not _fits(model, model.input_shape[0]):
-        raise ValueError(f"{type(model).__name__} does not fit its own input shape {model.input_shape}")
+        raise ValueError(
+            f"{type(model).__name__} does not fit its own input shape {model.input_shape}"
+        )
     sizes = range(1, model.input_shape[0] + 1)  # fitting is monotone in the size
     return sizes[bisect.bisect_left(sizes, True, key=lambda size: _fits(model, size))]
 
@@ -254,10 +265,17 @@ def predict(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
     return model.head.probabilities(model.apply({"params": params}, images))
 
 
-def layer_outputs(model: nn.Module, params: Any, images: jax.Array, train: bool = False, rngs: Any = None) -> dict[str, jax.Array]:
+def layer_outputs(
+    model: nn.Module, params: Any, images: jax.Array, train: bool = False, rngs: Any = None
+) -> dict[str, jax.Array]:
     """Every layer's output by Keras name, in the order the layers run, and the model's own under "output"."""
     output, state = model.apply(
-        {"params": params}, images, train=train, rngs=rngs, capture_intermediates=True, mutable=["intermediates"]
+        {"params": params},
+        images,
+        train=train,
+        rngs=rngs,
+        capture_intermediates=True,
+        mutable=["intermediates"],
     )
     captured = state["intermediates"]
     # [-1]: the layer's outermost call. Dense runs nn.Dense.__call__ inside its own __call__,
@@ -279,7 +297,9 @@ def layer_shapes(model: nn.Module, params: Any | None = None) -> dict[str, jax.S
         names.extend(outputs)
         return outputs
 
-    outputs = jax.eval_shape(trace, params, jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32))
+    outputs = jax.eval_shape(
+        trace, params, jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    )
     return {name: outputs[name] for name in names}
 
 
@@ -295,7 +315,9 @@ LAYER_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D"}
 def layer_type(name: str) -> str:
     """Keras's class name for a layer name ("conv2d_1" -> "Conv2D", "layer_normalization" -> "LayerNormalization")."""
     prefix = name.rstrip("0123456789").rstrip("_")
-    return LAYER_TYPES.get(prefix) or "".join(word[:1].upper() + word[1:] for word in prefix.split("_"))
+    return LAYER_TYPES.get(prefix) or "".join(
+        word[:1].upper() + word[1:] for word in prefix.split("_")
+    )
 
 
 def summary(model: nn.Module, params: Any | None = None) -> str:
@@ -312,9 +334,19 @@ def summary(model: nn.Module, params: Any | None = None) -> str:
     widths = (max(29, max(len(r[0]) for r in rows) + 1), 26, 10)
     line = lambda cells: "".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     rule = sum(widths)
-    out = [f'Model: "{type(model).__name__}"', "_" * rule, line(("Layer (type)", "Output Shape", "Param #")), "=" * rule]
+    out = [
+        f'Model: "{type(model).__name__}"',
+        "_" * rule,
+        line(("Layer (type)", "Output Shape", "Param #")),
+        "=" * rule,
+    ]
     for i, row in enumerate(rows):
         out.append(line(row))
         out.append("=" * rule if i == len(rows) - 1 else "")
-    out += [f"Total params: {total:,}", f"Trainable params: {total:,}", "Non-trainable params: 0", "_" * rule]
+    out += [
+        f"Total params: {total:,}",
+        f"Trainable params: {total:,}",
+        "Non-trainable params: 0",
+        "_" * rule,
+    ]
     return "\n".join(out)

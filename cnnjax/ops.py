@@ -52,7 +52,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "val
             raise ValueError("a 2-D kernel needs a 2-D (single-channel) input")
         kernel = kernel[:, :, None, None]
     if x.ndim != 3 or kernel.ndim != 4:
-        raise ValueError(f"x must be (H, W[, C]) and kernel (kh, kw[, C_in, C_out]); got {x.shape}, {kernel.shape}")
+        raise ValueError(
+            f"x must be (H, W[, C]) and kernel (kh, kw[, C_in, C_out]); got {x.shape}, {kernel.shape}"
+        )
     kh, kw, c_in, _ = kernel.shape
     if x.shape[2] != c_in:
         raise ValueError(f"input has {x.shape[2]} channels but the kernel expects {c_in}")
@@ -71,12 +73,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "val
     out = jnp.zeros((out_h, out_w, kernel.shape[3]), jnp.result_type(x, kernel))
     for i in range(kh):
         for j in range(kw):
-            patch = x[i : i + (out_h - 1) * stride + 1 : stride, j : j + (out_w - 1) * stride + 1 : stride]
+            patch = x[
+                i : i + (out_h - 1) * stride + 1 : stride, j : j + (out_w - 1) * stride + 1 : stride
+            ]
             out = out + patch @ kernel[i, j]  # (H', W', C_in) @ (C_in, C_out): sum over channels
     return out[:, :, 0] if single_filter else out
 
 
-def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: str = "valid") -> jax.Array:
+def max_pool(
+    x: jax.Array, window: int = 2, stride: int | None = None, padding: str = "valid"
+) -> jax.Array:
     """Max pooling of one image, (H, W) or (H, W, C). stride defaults to the window.
 
     "same" padding pads the bottom/right with -inf, as Keras does, so a border row or
@@ -97,7 +103,9 @@ def max_pool(x: jax.Array, window: int = 2, stride: int | None = None, padding: 
     out = jnp.full((out_h, out_w, x.shape[2]), -jnp.inf, x.dtype)
     for i in range(window):
         for j in range(window):
-            patch = x[i : i + (out_h - 1) * stride + 1 : stride, j : j + (out_w - 1) * stride + 1 : stride]
+            patch = x[
+                i : i + (out_h - 1) * stride + 1 : stride, j : j + (out_w - 1) * stride + 1 : stride
+            ]
             out = jnp.maximum(out, patch)
     return out[:, :, 0] if squeeze else out
 
@@ -126,7 +134,9 @@ _DIRECT_MAX_TAPS = 27  # kh * kw * C_in up to this: forward as a fused sum of ta
 _EIGEN_MAX_WASTE = 0.3  # zero rows / useful rows up to this: pad to reach Eigen
 
 
-def conv2d_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "valid") -> jax.Array:
+def conv2d_nhwc(
+    x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "valid"
+) -> jax.Array:
     """Batched convolution, (N, H, W, C_in) with kernel (kh, kw, C_in, C_out) as flax stores it."""
     padding = _check_padding(padding)
     if jax.default_backend() == "cpu" and stride == 1 and padding == "valid":
@@ -134,8 +144,12 @@ def conv2d_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str =
     return _lax_conv(x, kernel, stride, padding)
 
 
-def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "valid") -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding.upper(), dimension_numbers=_NHWC)
+def _lax_conv(
+    x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "valid"
+) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding.upper(), dimension_numbers=_NHWC
+    )
 
 
 @jax.custom_vjp
@@ -156,7 +170,9 @@ def _conv_bwd(residuals, dy):
 _conv_valid_fast_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _seed_loop_under_vmap(fn: Callable[..., jax.Array], n_axis_args: tuple[int, ...], output_has_n_axis: bool):
+def _seed_loop_under_vmap(
+    fn: Callable[..., jax.Array], n_axis_args: tuple[int, ...], output_has_n_axis: bool
+):
     """`fn` (one convolution pass), with a vmap rule of its own. Same sums either way.
 
     jax.vmap trains several seeds at once with batched kernels, which jax's batching rule
@@ -219,7 +235,13 @@ def _kernel_grad_impl(x: jax.Array, dy: jax.Array) -> jax.Array:
         # at both models' first layers (benchmarks/conv_grad.py).
         def add_image(acc, x_dy):
             xi, dyi = x_dy
-            patches_t = jnp.stack([tap[0, :, :, c].reshape(-1) for tap in _taps(xi[None], kh, kw) for c in range(c_in)])
+            patches_t = jnp.stack(
+                [
+                    tap[0, :, :, c].reshape(-1)
+                    for tap in _taps(xi[None], kh, kw)
+                    for c in range(c_in)
+                ]
+            )
             return acc + patches_t @ dyi.reshape(oh * ow, c_out), None
 
         d_kernel, _ = jax.lax.scan(add_image, jnp.zeros((kh * kw * c_in, c_out), dy.dtype), (x, dy))
@@ -231,8 +253,12 @@ def _kernel_grad_impl(x: jax.Array, dy: jax.Array) -> jax.Array:
     # YNNPACK declines, Eigen computes it; the zero rows meet x's kh rows of padding, adding nothing.
     pad = kh if kh / oh <= _EIGEN_MAX_WASTE else 0
     x_t = x.transpose(3, 1, 2, 0)  # (C_in, H, W, N)
-    dy_t = jnp.pad(dy, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(1, 2, 0, 3)  # (oh+pad, ow, N, C_out)
-    out = jax.lax.conv_general_dilated(x_t, dy_t, (1, 1), ((0, pad), (0, 0)), dimension_numbers=_NHWC)
+    dy_t = jnp.pad(dy, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(
+        1, 2, 0, 3
+    )  # (oh+pad, ow, N, C_out)
+    out = jax.lax.conv_general_dilated(
+        x_t, dy_t, (1, 1), ((0, pad), (0, 0)), dimension_numbers=_NHWC
+    )
     return out.transpose(1, 2, 0, 3)  # (C_in, kh, kw, C_out) -> (kh, kw, C_in, C_out)
 
 
@@ -243,7 +269,9 @@ def _input_grad_impl(dy: jax.Array, kernel: jax.Array) -> jax.Array:
     """
     kh, kw = kernel.shape[:2]
     flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # (kh, kw, C_out, C_in)
-    return jax.lax.conv_general_dilated(dy, flipped, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)), dimension_numbers=_NHWC)
+    return jax.lax.conv_general_dilated(
+        dy, flipped, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)), dimension_numbers=_NHWC
+    )
 
 
 _forward = _seed_loop_under_vmap(_forward_impl, n_axis_args=(0,), output_has_n_axis=True)
@@ -275,7 +303,9 @@ def _pool_views(x: jax.Array, window: int) -> list[jax.Array]:
 
 
 def _max_pool_forward(x: jax.Array, window: int) -> jax.Array:
-    return reduce(jnp.maximum, _pool_views(x, window))  # elementwise: XLA fuses it with the ReLU before
+    return reduce(
+        jnp.maximum, _pool_views(x, window)
+    )  # elementwise: XLA fuses it with the ReLU before
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))

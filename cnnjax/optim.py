@@ -28,16 +28,24 @@ class KerasRMSpropState(NamedTuple):
     velocity: Any
 
 
-def rmsprop_keras(learning_rate: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7) -> optax.GradientTransformation:
+def rmsprop_keras(
+    learning_rate: float = 1e-3, rho: float = 0.9, epsilon: float = 1e-7
+) -> optax.GradientTransformation:
     """Keras 3's RMSprop (no momentum, not centered), operation for operation."""
 
     def init(params: Any) -> KerasRMSpropState:
         return KerasRMSpropState(jax.tree.map(jnp.zeros_like, params))
 
-    def update(grads: Any, state: KerasRMSpropState, params: Any = None) -> tuple[Any, KerasRMSpropState]:
+    def update(
+        grads: Any, state: KerasRMSpropState, params: Any = None
+    ) -> tuple[Any, KerasRMSpropState]:
         del params
-        velocity = jax.tree.map(lambda v, g: rho * v + (1 - rho) * jnp.square(g), state.velocity, grads)
-        updates = jax.tree.map(lambda v, g: -((learning_rate * g) / jnp.sqrt(v + epsilon)), velocity, grads)
+        velocity = jax.tree.map(
+            lambda v, g: rho * v + (1 - rho) * jnp.square(g), state.velocity, grads
+        )
+        updates = jax.tree.map(
+            lambda v, g: -((learning_rate * g) / jnp.sqrt(v + epsilon)), velocity, grads
+        )
         return updates, KerasRMSpropState(velocity)
 
     return optax.GradientTransformation(init, update)
@@ -49,21 +57,34 @@ class KerasAdamState(NamedTuple):
     velocity: Any
 
 
-def adam_keras(learning_rate: float = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
-               epsilon: float = 1e-7) -> optax.GradientTransformation:
+def adam_keras(
+    learning_rate: float = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-7
+) -> optax.GradientTransformation:
     """Keras 3's Adam (not amsgrad), operation for operation."""
 
     def init(params: Any) -> KerasAdamState:
-        return KerasAdamState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
+        return KerasAdamState(
+            jnp.zeros((), jnp.int32),
+            jax.tree.map(jnp.zeros_like, params),
+            jax.tree.map(jnp.zeros_like, params),
+        )
 
     def update(grads: Any, state: KerasAdamState, params: Any = None) -> tuple[Any, KerasAdamState]:
         del params
         count = state.count + 1
         t = count.astype(jnp.float32)
-        alpha = learning_rate * jnp.sqrt(1 - jnp.power(jnp.float32(beta_2), t)) / (1 - jnp.power(jnp.float32(beta_1), t))
+        alpha = (
+            learning_rate
+            * jnp.sqrt(1 - jnp.power(jnp.float32(beta_2), t))
+            / (1 - jnp.power(jnp.float32(beta_1), t))
+        )
         momentum = jax.tree.map(lambda m, g: m + (g - m) * (1 - beta_1), state.momentum, grads)
-        velocity = jax.tree.map(lambda v, g: v + (jnp.square(g) - v) * (1 - beta_2), state.velocity, grads)
-        updates = jax.tree.map(lambda m, v: -((m * alpha) / (jnp.sqrt(v) + epsilon)), momentum, velocity)
+        velocity = jax.tree.map(
+            lambda v, g: v + (jnp.square(g) - v) * (1 - beta_2), state.velocity, grads
+        )
+        updates = jax.tree.map(
+            lambda m, v: -((m * alpha) / (jnp.sqrt(v) + epsilon)), momentum, velocity
+        )
         return updates, KerasAdamState(count, momentum, velocity)
 
     return optax.GradientTransformation(init, update)
@@ -81,7 +102,11 @@ def schedule(optim: Any, steps_per_epoch: int, epochs: int) -> optax.Schedule | 
         main = optax.constant_schedule(1.0)
     else:
         return None
-    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup]) if warmup else main
+    return (
+        optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), main], [warmup])
+        if warmup
+        else main
+    )
 
 
 class PlateauState(NamedTuple):
@@ -90,8 +115,13 @@ class PlateauState(NamedTuple):
 
 def plateau() -> optax.GradientTransformation:
     """Updates times the state's scale, which the loop lowers on a plateau (`plateau_scale`)."""
-    return optax.GradientTransformation(lambda params: PlateauState(jnp.ones((), jnp.float32)),
-                                        lambda updates, state, params=None: (jax.tree.map(lambda u: u * state.scale, updates), state))
+    return optax.GradientTransformation(
+        lambda params: PlateauState(jnp.ones((), jnp.float32)),
+        lambda updates, state, params=None: (
+            jax.tree.map(lambda u: u * state.scale, updates),
+            state,
+        ),
+    )
 
 
 def plateau_scale(optim: Any, val_losses: list[float]) -> float:
@@ -105,11 +135,15 @@ def plateau_scale(optim: Any, val_losses: list[float]) -> float:
     return scale
 
 
-def make_optimizer(optim: Any, steps_per_epoch: int = 1, epochs: int = 1) -> optax.GradientTransformation:
+def make_optimizer(
+    optim: Any, steps_per_epoch: int = 1, epochs: int = 1
+) -> optax.GradientTransformation:
     """The optimizer a config's optim section describes (cnnjax.config.OptimConfig), over `epochs` of
     `steps_per_epoch` steps (what a schedule needs)."""
     rate = schedule(optim, steps_per_epoch, epochs)
-    peak = optim.learning_rate if rate is None else 1.0  # with a schedule, the peak rate scales with it
+    peak = (
+        optim.learning_rate if rate is None else 1.0
+    )  # with a schedule, the peak rate scales with it
     if optim.name == "rmsprop":
         base = rmsprop_keras(peak, optim.rho, optim.epsilon)
     elif optim.name == "adam":
@@ -124,7 +158,9 @@ def make_optimizer(optim: Any, steps_per_epoch: int = 1, epochs: int = 1) -> opt
     return optax.chain(*stages) if len(stages) > 1 else base
 
 
-def current_rate(optim: Any, steps_per_epoch: int, epochs: int, step: int, scale: float = 1.0) -> float:
+def current_rate(
+    optim: Any, steps_per_epoch: int, epochs: int, step: int, scale: float = 1.0
+) -> float:
     """The learning rate at optimizer step `step` (what TensorBoard shows), with the plateau's scale."""
     rate = schedule(optim, steps_per_epoch, epochs)
     return float(optim.learning_rate * (1.0 if rate is None else rate(step)) * scale)

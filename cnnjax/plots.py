@@ -25,13 +25,17 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     path = Path(path)
     suffix = path.suffix[1:].lower()
     with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png")
+        fig.savefig(
+            tmp, dpi=dpi, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
+        )
     return path
 
 
 def _metric(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     """One column of the history, NaN (undrawn: a gap) where a row has None, a non-finite value or no entry."""
-    column = np.array([math.nan if row.get(key) is None else row[key] for row in history], np.float64)
+    column = np.array(
+        [math.nan if row.get(key) is None else row[key] for row in history], np.float64
+    )
     column[~np.isfinite(column)] = math.nan
     return column
 
@@ -50,10 +54,19 @@ def history_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
         if any(metric in row for row in history):
             ax.plot(epochs, _metric(history, metric), "bo", label=f"Training {name}")
         if any(f"val_{metric}" in row for row in history):
-            ax.plot(epochs, _metric(history, f"val_{metric}"), "r-", marker="o", markersize=4, label=f"Validation {name}")
+            ax.plot(
+                epochs,
+                _metric(history, f"val_{metric}"),
+                "r-",
+                marker="o",
+                markersize=4,
+                label=f"Validation {name}",
+            )
         ax.set_title(f"Training and Validation {name}")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))  # one epoch: one tick, not 0.1 steps
+        ax.xaxis.set_major_locator(
+            MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1)
+        )  # one epoch: one tick, not 0.1 steps
         if len(epochs) and epochs.min() == epochs.max():
             ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
         if ax.get_legend_handles_labels()[0]:
@@ -68,7 +81,9 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | os.PathLike) 
     return save_figure(history_figure(history), path)
 
 
-def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequence[str] | None = None, cols: int = 5) -> Path:
+def plot_image_grid(
+    images: np.ndarray, path: str | os.PathLike, titles: Sequence[str] | None = None, cols: int = 5
+) -> Path:
     """Images (N, H, W, C) in 0..1 or uint8, side by side (the augmentation preview)."""
     images = np.asarray(images)
     n = len(images)
@@ -80,7 +95,10 @@ def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequenc
         ax.axis("off")
     for i, image in enumerate(images):
         ax = axes.flat[i]
-        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+        ax.imshow(
+            image.squeeze(-1) if image.shape[-1] == 1 else image,
+            cmap="gray" if image.shape[-1] == 1 else None,
+        )
         if titles is not None:
             ax.set_title(titles[i], fontsize=9)
     fig.tight_layout()
@@ -90,7 +108,9 @@ def plot_image_grid(images: np.ndarray, path: str | os.PathLike, titles: Sequenc
 # --- Looking inside a convnet (cnnjax.inspect) ------------------------------------------
 
 
-def plot_channel(activation: np.ndarray, channel: int, path: str | os.PathLike, title: str | None = None) -> Path:
+def plot_channel(
+    activation: np.ndarray, channel: int, path: str | os.PathLike, title: str | None = None
+) -> Path:
     """One channel of an activation (H, W, C), as the lecture's plt.matshow(..., cmap='viridis')."""
     fig = Figure(figsize=(3, 3.3))
     ax = fig.subplots()
@@ -102,7 +122,9 @@ def plot_channel(activation: np.ndarray, channel: int, path: str | os.PathLike, 
     return save_figure(fig, path)
 
 
-def plot_activation_grid(layer_name: str, grid: np.ndarray, path: str | os.PathLike, images_per_row: int = 16) -> Path:
+def plot_activation_grid(
+    layer_name: str, grid: np.ndarray, path: str | os.PathLike, images_per_row: int = 16
+) -> Path:
     """A channel grid (`cnnjax.inspect.activation_grid`) as the lecture draws it: one inch per channel tile, viridis."""
     grid = np.asarray(grid)
     scale = images_per_row / grid.shape[1]  # 1 / size: the grid is images_per_row tiles wide
@@ -116,7 +138,11 @@ def plot_activation_grid(layer_name: str, grid: np.ndarray, path: str | os.PathL
 
 
 def plot_filter_patterns(
-    images: np.ndarray, path: str | os.PathLike, title: str | None = None, labels: Sequence[str] | None = None, cols: int = 8
+    images: np.ndarray,
+    path: str | os.PathLike,
+    title: str | None = None,
+    labels: Sequence[str] | None = None,
+    cols: int = 8,
 ) -> Path:
     """Filter patterns (F, H, W, C) in 0..1 side by side, `cols` per row, optionally labelled."""
     images = np.asarray(images)
@@ -124,7 +150,13 @@ def plot_filter_patterns(
     cols = min(cols, n)
     rows = -(-n // cols)
     # constrained layout keeps room for each label above its image (tight_layout let a row's labels run into the row above)
-    fig = Figure(figsize=(1.6 * cols, (1.6 + (0.25 if labels is not None else 0)) * rows + (0.5 if title else 0)), layout="constrained")
+    fig = Figure(
+        figsize=(
+            1.6 * cols,
+            (1.6 + (0.25 if labels is not None else 0)) * rows + (0.5 if title else 0),
+        ),
+        layout="constrained",
+    )
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -139,7 +171,9 @@ def plot_filter_patterns(
     return save_figure(fig, path)
 
 
-def plot_heatmap(overlay: np.ndarray, heatmap: np.ndarray, path: str | os.PathLike, title: str | None = None) -> Path:
+def plot_heatmap(
+    overlay: np.ndarray, heatmap: np.ndarray, path: str | os.PathLike, title: str | None = None
+) -> Path:
     """Grad-CAM: the raw class-activation heatmap (matshow, as the book shows it) and its overlay on the image."""
     fig = Figure(figsize=(7, 3.8))
     left, right = fig.subplots(1, 2)
@@ -158,11 +192,18 @@ def plot_heatmap(overlay: np.ndarray, heatmap: np.ndarray, path: str | os.PathLi
 # --- Ablations (cnnjax.ablation) ---------------------------------------------------------
 
 
-def curve_stats(histories: Sequence[Sequence[Mapping[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def curve_stats(
+    histories: Sequence[Sequence[Mapping[str, Any]]], key: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(epochs, mean, std) of `key` over seeds, per epoch, up to the shortest history; NaN where every seed lacks it."""
     epochs = min(len(h) for h in histories)
-    values = np.array([[np.nan if row.get(key) is None else row[key] for row in h[:epochs]] for h in histories], np.float64)
-    with warnings.catch_warnings():  # a diverged setting is all NaN: plotted as a gap, not a warning
+    values = np.array(
+        [[np.nan if row.get(key) is None else row[key] for row in h[:epochs]] for h in histories],
+        np.float64,
+    )
+    with (
+        warnings.catch_warnings()
+    ):  # a diverged setting is all NaN: plotted as a gap, not a warning
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.arange(1, epochs + 1), np.nanmean(values, 0), np.nanstd(values, 0)
 
@@ -177,10 +218,17 @@ def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
             continue
         for ax, key in zip(axes, ("val_accuracy", "val_loss")):
             x, mean, std = curve_stats(histories, key)
-            label = result["name"] if result["status"] == "ok" else f"{result['name']} ({result['status']})"
+            label = (
+                result["name"]
+                if result["status"] == "ok"
+                else f"{result['name']} ({result['status']})"
+            )
             (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    for ax, title in zip(axes, ("Validation accuracy (mean ± std over seeds)", "Validation loss (mean ± std over seeds)")):
+    for ax, title in zip(
+        axes,
+        ("Validation accuracy (mean ± std over seeds)", "Validation loss (mean ± std over seeds)"),
+    ):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -56,12 +56,21 @@ class RunError(Exception):
     """A run folder that cannot be used as asked; the message says why and what to do."""
 
 
-BAD_INPUT = (ConfigError, DataError, RunError, CheckpointError, ValueError, OSError)  # OSError: an unreadable file
+BAD_INPUT = (
+    ConfigError,
+    DataError,
+    RunError,
+    CheckpointError,
+    ValueError,
+    OSError,
+)  # OSError: an unreadable file
 
 
 def _disk_full(error: BaseException | None) -> bool:
     while error is not None:
-        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "no space left on device" in str(error).lower():
+        if (
+            isinstance(error, OSError) and error.errno == errno.ENOSPC
+        ) or "no space left on device" in str(error).lower():
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -79,16 +88,26 @@ def exits(interrupted: str = "", folder: Path | None = None) -> Iterator[None]:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as e:
         if jax.process_count() > 1 and meshlib.lost_contact(e):
-            meshlib.exit_on_error(e)  # one line, EXIT_LOST, out at once: jax's own watch of the peers may act next
+            meshlib.exit_on_error(
+                e
+            )  # one line, EXIT_LOST, out at once: jax's own watch of the peers may act next
         if _disk_full(e):
             where = f" ({folder})" if folder else ""
-            print(f"error: the disk is full{where}: no space left on device; every finished epoch is kept: free some space, "
-                  "then run the same command with --resume", file=sys.stderr, flush=True)
+            print(
+                f"error: the disk is full{where}: no space left on device; every finished epoch is kept: free some space, "
+                "then run the same command with --resume",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(EXIT_NO_SPACE) from None
         if isinstance(e, (meshlib.JoinError, *BAD_INPUT)):
             print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(meshlib.EXIT_LOST if isinstance(e, meshlib.JoinError) else EXIT_BAD_INPUT) from None
-        meshlib.exit_on_error(e)  # with several processes: one line (a lost peer) or the traceback, then out at once
+            raise SystemExit(
+                meshlib.EXIT_LOST if isinstance(e, meshlib.JoinError) else EXIT_BAD_INPUT
+            ) from None
+        meshlib.exit_on_error(
+            e
+        )  # with several processes: one line (a lost peer) or the traceback, then out at once
         raise
 
 
@@ -108,18 +127,25 @@ class _StdoutHandler(logging.StreamHandler):
 def _quiet_closed_loop(unraisable: Any) -> None:
     """After a failed save (a full disk), orbax's writes still in flight report into its closed event
     loop: a traceback each, with nothing left to act on. Any other unraisable error is printed."""
-    if not (unraisable.exc_type is RuntimeError and "Event loop is closed" in str(unraisable.exc_value)):
+    if not (
+        unraisable.exc_type is RuntimeError and "Event loop is closed" in str(unraisable.exc_value)
+    ):
         sys.__unraisablehook__(unraisable)
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
+) -> str:
     return f"warning: {message}\n"  # Python's format adds the source line that warned, which tells a user nothing
 
 
 def setup_logging() -> None:
     """INFO lines from cnnjax's loggers on stdout, as plain messages (process 0 only), none of orbax's
     (through absl: every save and restore). Called by the scripts, never on import."""
-    for name in ("absl", "asyncio"):  # orbax's save errors come back as exceptions: no second report, nor its writes left in flight
+    for name in (
+        "absl",
+        "asyncio",
+    ):  # orbax's save errors come back as exceptions: no second report, nor its writes left in flight
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.formatwarning = _one_line_warning
     sys.unraisablehook = _quiet_closed_loop
@@ -139,7 +165,10 @@ def default_out(name: str, seed: int) -> Path:
         from jax.experimental import multihost_utils
 
         stamp = int(multihost_utils.broadcast_one_to_all(np.int64(stamp)))
-    return Path("checkpoints") / f"{name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}"
+    return (
+        Path("checkpoints")
+        / f"{name}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}"
+    )
 
 
 def saved_config(path: Path) -> Config:
@@ -147,9 +176,16 @@ def saved_config(path: Path) -> Config:
     record = files.read_json(path)
     try:
         return configlib.from_dict(record["config"])
-    except (TypeError, KeyError, AttributeError, ValueError) as e:  # a list, a missing key, a section that is not a dict
-        raise RunError(f"{path} holds no run config ({type(e).__name__}: {e}); it was damaged or edited by hand: "
-                       "start the run again with another --out") from None
+    except (
+        TypeError,
+        KeyError,
+        AttributeError,
+        ValueError,
+    ) as e:  # a list, a missing key, a section that is not a dict
+        raise RunError(
+            f"{path} holds no run config ({type(e).__name__}: {e}); it was damaged or edited by hand: "
+            "start the run again with another --out"
+        ) from None
 
 
 def _read_lock(path: Path) -> dict[str, Any]:
@@ -172,7 +208,9 @@ class RunFolder:
     @classmethod
     def open(cls, cfg: Config) -> RunFolder:
         """Check, create and lock the run folder (process 0); other processes only find it."""
-        path = Path(cfg.run.out).expanduser() if cfg.run.out else default_out(cfg.name, cfg.train.seed)
+        path = (
+            Path(cfg.run.out).expanduser() if cfg.run.out else default_out(cfg.name, cfg.train.seed)
+        )
         folder = cls(path.absolute(), cfg.run.resume, meshlib.is_main_process())
         refusal = None
         if folder.writer:
@@ -180,7 +218,9 @@ class RunFolder:
                 folder._prepare(cfg)
             except RunError as e:
                 refusal = str(e)
-        refusal = meshlib.from_process_0(refusal)  # every process stops with process 0's words, none waits for it
+        refusal = meshlib.from_process_0(
+            refusal
+        )  # every process stops with process 0's words, none waits for it
         if refusal is not None:
             raise RunError(refusal)
         return folder
@@ -189,14 +229,22 @@ class RunFolder:
         path = self.path
         if path.exists() and not path.is_dir():
             raise RunError(f"--out {path} is a file, not a folder")
-        if (path / ".lock").is_file():  # a live run's folder is refused as in use, not as merely full
-            os.close(self._flock(path / ".lock"))  # nobody holds it: let go again, the file untouched
+        if (
+            path / ".lock"
+        ).is_file():  # a live run's folder is refused as in use, not as merely full
+            os.close(
+                self._flock(path / ".lock")
+            )  # nobody holds it: let go again, the file untouched
         entries = [p.name for p in path.iterdir() if p.name != ".lock"] if path.is_dir() else []
         if entries and not self.resume:
-            raise RunError(f"--out {path} already holds a run ({', '.join(sorted(entries)[:4])}...); "
-                           "add --resume to continue it, or choose another --out")
+            raise RunError(
+                f"--out {path} already holds a run ({', '.join(sorted(entries)[:4])}...); "
+                "add --resume to continue it, or choose another --out"
+            )
         if self.resume and entries and not (path / "config.json").is_file():
-            raise RunError(f"--out {path} is not empty and holds no config.json: not a cnnjax run folder, nothing to resume")
+            raise RunError(
+                f"--out {path} is not empty and holds no config.json: not a cnnjax run folder, nothing to resume"
+            )
         path.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
@@ -204,8 +252,10 @@ class RunFolder:
             saved = path / "config.json"
             differ = configlib.recipe_diff(saved_config(saved), cfg) if saved.is_file() else []
             if differ:
-                raise RunError(f"--resume with another recipe than {path}/config.json: {'; '.join(differ)}. "
-                               "Resume with the run's own flags, or start a new run with another --out")
+                raise RunError(
+                    f"--resume with another recipe than {path}/config.json: {'; '.join(differ)}. "
+                    "Resume with the run's own flags, or start a new run with another --out"
+                )
         except BaseException:
             self.close()
             raise
@@ -218,8 +268,10 @@ class RunFolder:
         except BlockingIOError:
             os.close(fd)
             holder = _read_lock(lock)
-            raise RunError(f"{self.path} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                           f"(since {holder.get('started', '?')}); wait for it to finish") from None
+            raise RunError(
+                f"{self.path} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"(since {holder.get('started', '?')}); wait for it to finish"
+            ) from None
         return fd
 
     def _lock(self) -> None:
@@ -232,8 +284,14 @@ class RunFolder:
             os.close(fd)  # the holder removed the file as it let go: lock the new one
         left = _read_lock(lock)
         if left:  # a process that died holding the folder (the kernel let go of its lock)
-            log.warning(f"warning: {lock} was left by process {left.get('pid')}, which is no longer running; taking it over")
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            log.warning(
+                f"warning: {lock} was left by process {left.get('pid')}, which is no longer running; taking it over"
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self._lock_fd = fd
@@ -244,7 +302,9 @@ class RunFolder:
         with self._closing:
             fd, self._lock_fd = self._lock_fd, None
             if fd is not None:
-                (self.path / ".lock").unlink(missing_ok=True)  # while still holding it: see _lock's inode check
+                (self.path / ".lock").unlink(
+                    missing_ok=True
+                )  # while still holding it: see _lock's inode check
                 os.close(fd)
                 if self.close in meshlib.before_leaving:
                     meshlib.before_leaving.remove(self.close)
@@ -254,7 +314,9 @@ class RunFolder:
         path = self.path / "config.json"
         if self.writer:
             first = files.read_json(path).get("started") if path.is_file() else None
-            files.write_json(path, {**record, "started": first or time.strftime("%Y-%m-%d %H:%M:%S")})
+            files.write_json(
+                path, {**record, "started": first or time.strftime("%Y-%m-%d %H:%M:%S")}
+            )
 
 
 def exit_code(result: train.Result) -> int:
@@ -271,14 +333,24 @@ def closing_lines(result: train.Result, folder: Path) -> list[str]:
         last = next((row for row in reversed(history) if not row.get("diverged")), None)
         if result.diverged[k] is not None:
             kept = f"the last finite state, epoch {last['epoch']}." if last else "no checkpoint."
-            lines.append(f"{prefix}Diverged at epoch {result.diverged[k]}: the training loss is not finite. {ckpts} keeps {kept} "
-                         "Try a lower learning rate (--learning-rate).")
+            lines.append(
+                f"{prefix}Diverged at epoch {result.diverged[k]}: the training loss is not finite. {ckpts} keeps {kept} "
+                "Try a lower learning rate (--learning-rate)."
+            )
         elif last is not None:
-            lines.append(f"{prefix}Final val_accuracy {last.get('val_accuracy', math.nan):.4f} (epoch {last['epoch']})"
-                         + (" - stopped early: val_loss had stopped improving" if result.stopped and result.stopped[k] else ""))
+            lines.append(
+                f"{prefix}Final val_accuracy {last.get('val_accuracy', math.nan):.4f} (epoch {last['epoch']})"
+                + (
+                    " - stopped early: val_loss had stopped improving"
+                    if result.stopped and result.stopped[k]
+                    else ""
+                )
+            )
         if best is not None:
-            lines.append(f"{prefix}Best val_loss {best['val_loss']:.4f} at epoch {best['epoch']} "
-                         f"(val_accuracy {best['val_accuracy']:.4f}): {ckpts / str(best['epoch'])}")
+            lines.append(
+                f"{prefix}Best val_loss {best['val_loss']:.4f} at epoch {best['epoch']} "
+                f"(val_accuracy {best['val_accuracy']:.4f}): {ckpts / str(best['epoch'])}"
+            )
     return lines
 
 
@@ -309,7 +381,9 @@ def _terminated(signum: int, frame: Any) -> None:
 
 def start(args: Any) -> None:
     """Join the other processes (when flags or a cluster say so), set up logging, and take SIGTERM as Ctrl-C."""
-    meshlib.initialize(args.coordinator_address, args.num_processes, args.process_id, args.join_timeout)
+    meshlib.initialize(
+        args.coordinator_address, args.num_processes, args.process_id, args.join_timeout
+    )
     setup_logging()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
@@ -320,8 +394,14 @@ def versions() -> dict[str, str]:
     import optax
     import orbax.checkpoint
 
-    return {"python": sys.version.split()[0], "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "orbax-checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__}
+    return {
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "orbax-checkpoint": orbax.checkpoint.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def write_preview(dataset: Any, augmentation: augment.AugmentConfig, path: Path, seed: int) -> Path:
@@ -329,13 +409,17 @@ def write_preview(dataset: Any, augmentation: augment.AugmentConfig, path: Path,
     lecture's preview settings when the run does not augment)."""
     shown = augmentation if not augmentation.is_identity else augment.AugmentConfig.LECTURE_PREVIEW
     image = dataset.image(7 if len(dataset) > 7 else 0)  # the lecture shows train/cats' 8th file
-    augmented = augment.random_augment(jax.random.PRNGKey(seed), np.repeat(image[None].astype(np.float32), 4, axis=0), shown)
+    augmented = augment.random_augment(
+        jax.random.PRNGKey(seed), np.repeat(image[None].astype(np.float32), 4, axis=0), shown
+    )
     grid = np.concatenate([image[None] / 255.0, np.clip(np.asarray(augmented) / 255.0, 0, 1)])
     title = "augmented" if not augmentation.is_identity else "lecture preview settings"
     return plots.plot_image_grid(grid, path, ["original"] + [f"{title} {i}" for i in range(1, 5)])
 
 
-def execute(cfg: Config, args: Any, argv: list[str] | None = None, preview: bool = False) -> train.Result:
+def execute(
+    cfg: Config, args: Any, argv: list[str] | None = None, preview: bool = False
+) -> train.Result:
     """Everything an experiment script does after resolving its config: join the processes, check the
     data and the folder (before writing anything), write config.json (and the `preview`), train, and
     print what the run left. A diverged run returns: the script exits with `exit_code(result)`."""
@@ -347,7 +431,11 @@ def execute(cfg: Config, args: Any, argv: list[str] | None = None, preview: bool
         meshlib.check_batch(mesh, cfg.train.eval_batch_size, "train.eval_batch_size")
         datasets = data.load(cfg.data, ("train", cfg.data.validation_split))
         train_set, val_set = datasets["train"], datasets[cfg.data.validation_split]
-        data.check_classes(datasets, model.head.num_classes, "MNIST" if cfg.data.dataset == "mnist" else "the data folder")
+        data.check_classes(
+            datasets,
+            model.head.num_classes,
+            "MNIST" if cfg.data.dataset == "mnist" else "the data folder",
+        )
         folder = RunFolder.open(cfg)
     main = meshlib.is_main_process()
     resume = f": every finished epoch is kept in {folder.path}/checkpoints; continue with the same command plus --resume"
@@ -356,20 +444,33 @@ def execute(cfg: Config, args: Any, argv: list[str] | None = None, preview: bool
             if main:
                 print(meshlib.summary_line(mesh), flush=True)
                 print(models.summary(model), flush=True)
-                print(f"train: {len(train_set)} images, validation: {len(val_set)}, classes {', '.join(train_set.class_names)}; "
-                      f"run folder {folder.path}", flush=True)
-            folder.write_config({
-                "config": configlib.to_dict(cfg), "devices": meshlib.describe(mesh), "class_names": list(train_set.class_names),
-                "model": models.model_config(model), "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
-                "versions": versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            })
+                print(
+                    f"train: {len(train_set)} images, validation: {len(val_set)}, classes {', '.join(train_set.class_names)}; "
+                    f"run folder {folder.path}",
+                    flush=True,
+                )
+            folder.write_config(
+                {
+                    "config": configlib.to_dict(cfg),
+                    "devices": meshlib.describe(mesh),
+                    "class_names": list(train_set.class_names),
+                    "model": models.model_config(model),
+                    "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+                    "versions": versions(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            )
             if preview and main:
                 write_preview(train_set, cfg.augment, folder.path / "preview.png", cfg.train.seed)
             result = train.train_and_evaluate(cfg, folder.path, datasets, mesh=mesh)
             if main:
                 for line in closing_lines(result, folder.path):
                     print(line, flush=True)
-                written = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.path.iterdir() if not p.name.startswith("."))
+                written = sorted(
+                    p.name + ("/" if p.is_dir() else "")
+                    for p in folder.path.iterdir()
+                    if not p.name.startswith(".")
+                )
                 print(f"Wrote {folder.path}/: {', '.join(written)}", flush=True)
         finally:
             folder.close()

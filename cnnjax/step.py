@@ -47,14 +47,23 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -
     """One seed's initial state: parameters from one split of rng, the state's key from the other."""
     init_rng, state_rng = jax.random.split(rng)
     params = models.init_params(model, init_rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+    )
 
 
-def init_states(model: nn.Module, tx: optax.GradientTransformation, seeds: Sequence[int], mesh: Mesh) -> TrainState:
+def init_states(
+    model: nn.Module, tx: optax.GradientTransformation, seeds: Sequence[int], mesh: Mesh
+) -> TrainState:
     """init_state(model, tx, PRNGKey(seed)) for each seed, stacked and placed over the mesh's seed axis."""
     seeded = meshlib.sharding(mesh, meshlib.SEED)
     params, rng = _seeded_params(model)(meshlib.put(np.asarray(seeds, np.uint32), seeded))
-    state = TrainState(step=jnp.zeros((len(seeds),), jnp.int32), params=params, opt_state=jax.vmap(tx.init)(params), rng=rng)
+    state = TrainState(
+        step=jnp.zeros((len(seeds),), jnp.int32),
+        params=params,
+        opt_state=jax.vmap(tx.init)(params),
+        rng=rng,
+    )
     return jax.device_put(state, seeded)
 
 
@@ -70,15 +79,21 @@ def _seeded_params(model: nn.Module) -> Callable[[Array], tuple[Any, Array]]:
     return jax.jit(jax.vmap(one))
 
 
-def abstract_states(model: nn.Module, tx: optax.GradientTransformation, num_seeds: int, mesh: Mesh) -> TrainState:
+def abstract_states(
+    model: nn.Module, tx: optax.GradientTransformation, num_seeds: int, mesh: Mesh
+) -> TrainState:
     """Shapes, dtypes and shardings of init_states' result: the target of a checkpoint restore."""
     seeded = meshlib.sharding(mesh, meshlib.SEED)
-    shapes = jax.eval_shape(jax.vmap(lambda seed: init_state(model, tx, jax.random.PRNGKey(seed))),
-                            jax.ShapeDtypeStruct((num_seeds,), jnp.uint32))
+    shapes = jax.eval_shape(
+        jax.vmap(lambda seed: init_state(model, tx, jax.random.PRNGKey(seed))),
+        jax.ShapeDtypeStruct((num_seeds,), jnp.uint32),
+    )
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=seeded), shapes)
 
 
-def preprocess(images: Array, rng: Array | None = None, augment: AugmentConfig | None = None) -> Array:
+def preprocess(
+    images: Array, rng: Array | None = None, augment: AugmentConfig | None = None
+) -> Array:
     """uint8 pixels -> float, augmented (when given) on the 0..255 scale, then / 255: Keras's
     ImageDataGenerator also rescales after augmenting, so a constant fill value (cval) means the same."""
     x = images.astype(jnp.float32)
@@ -94,11 +109,21 @@ def totals(model: nn.Module, logits: Array, batch: Batch) -> tuple[Array, Array]
 
 def weighted(loss: Array, correct: Array, weight: Array) -> Totals:
     """A batch's totals: weighted loss sum, correct count, example count."""
-    return {"loss_sum": jnp.sum(loss * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
+    return {
+        "loss_sum": jnp.sum(loss * weight),
+        "correct": jnp.sum(correct * weight),
+        "count": jnp.sum(weight),
+    }
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               augment: AugmentConfig | None) -> tuple[TrainState, Totals]:
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    augment: AugmentConfig | None,
+) -> tuple[TrainState, Totals]:
     """One optimizer step on one batch, for one seed: augment, dropout, loss, gradient, update."""
     augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     x = preprocess(batch["image"], augment_rng, augment)
@@ -112,7 +137,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     grads, (loss, correct) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), weighted(loss, correct, batch["weight"])
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), weighted(
+        loss, correct, batch["weight"]
+    )
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> tuple[Any, Totals]:
@@ -121,8 +148,14 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> tuple[Any, Tota
     return params, weighted(*totals(model, logits, batch), batch["weight"])
 
 
-def compile_steps(step: Callable[[Any, Batch], tuple[Any, Totals]], mesh: Mesh, *, per_seed: bool, resident: bool,
-                  donate: bool) -> Callable:
+def compile_steps(
+    step: Callable[[Any, Batch], tuple[Any, Totals]],
+    mesh: Mesh,
+    *,
+    per_seed: bool,
+    resident: bool,
+    donate: bool,
+) -> Callable:
     """`step(carry, batch) -> (carry, totals)` as one jitted `run(carry, totals, batches, data) -> (carry, totals)`
     over many steps (lax.scan) and every seed (vmap). carry (a TrainState or params) and totals have a leading
     seed axis, sharded over `seed`; batches hold the call's steps on a leading axis (after the seed axis when
@@ -130,7 +163,9 @@ def compile_steps(step: Callable[[Any, Batch], tuple[Any, Totals]], mesh: Mesh, 
     and the step gathers its images and labels from `data` ({"image", "label"}, the whole set, replicated on
     every device); else batches are whole and data is None."""
 
-    def one_seed(carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array) -> tuple[Any, Totals]:
+    def one_seed(
+        carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array
+    ) -> tuple[Any, Totals]:
         batch = {k: v[i] for k, v in batches.items()}
         if resident:
             index = batch.pop("index")
@@ -142,13 +177,21 @@ def compile_steps(step: Callable[[Any, Batch], tuple[Any, Totals]], mesh: Mesh, 
 
     def run(carry: Any, sums: Totals, batches: Batch, data: Batch | None) -> tuple[Any, Totals]:
         num_steps = batches["weight"].shape[1 if per_seed else 0]
-        (carry, sums), _ = jax.lax.scan(lambda c, i: (seeds(*c, batches, data, i), None), (carry, sums), jnp.arange(num_steps))
+        (carry, sums), _ = jax.lax.scan(
+            lambda c, i: (seeds(*c, batches, data, i), None), (carry, sums), jnp.arange(num_steps)
+        )
         return carry, sums
 
     seeded = meshlib.sharding(mesh, meshlib.SEED)
-    batch_sharding = meshlib.sharding(mesh, *((meshlib.SEED,) if per_seed else ()), None, meshlib.DATA)
-    return jax.jit(run, in_shardings=(seeded, seeded, batch_sharding, meshlib.replicated(mesh)), out_shardings=(seeded, seeded),
-                   donate_argnums=(0,) if donate else ())  # not the totals: the host waits on earlier calls' totals
+    batch_sharding = meshlib.sharding(
+        mesh, *((meshlib.SEED,) if per_seed else ()), None, meshlib.DATA
+    )
+    return jax.jit(
+        run,
+        in_shardings=(seeded, seeded, batch_sharding, meshlib.replicated(mesh)),
+        out_shardings=(seeded, seeded),
+        donate_argnums=(0,) if donate else (),
+    )  # not the totals: the host waits on earlier calls' totals
 
 
 def zero_totals(num_seeds: int) -> Totals:
@@ -157,8 +200,13 @@ def zero_totals(num_seeds: int) -> Totals:
 
 def totals_to_metrics(sums: dict[str, Any]) -> list[dict[str, float]]:
     """One {"loss", "accuracy"} per seed from running totals."""
-    loss_sum, correct, count = (np.asarray(sums[k], np.float64).reshape(-1) for k in ("loss_sum", "correct", "count"))
-    return [{"loss": float(s / c), "accuracy": float(a / c)} for s, a, c in zip(loss_sum, correct, count)]
+    loss_sum, correct, count = (
+        np.asarray(sums[k], np.float64).reshape(-1) for k in ("loss_sum", "correct", "count")
+    )
+    return [
+        {"loss": float(s / c), "accuracy": float(a / c)}
+        for s, a, c in zip(loss_sum, correct, count)
+    ]
 
 
 # --- The order of an epoch ----------------------------------------------------------------------
@@ -175,18 +223,26 @@ def epoch_batches(rng: Array | None, num_examples: int, batch_size: int) -> tupl
     return indices.reshape(steps, batch_size), weights.reshape(steps, batch_size)
 
 
-def epoch_order(rngs: np.ndarray, num_examples: int, batch_size: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+def epoch_order(
+    rngs: np.ndarray, num_examples: int, batch_size: int, epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per seed, the epoch's index and weight matrices (K, steps, batch) as numpy, from the seeds'
     keys (K, 2). Computed on the host's CPU, the same bits on every process and backend (threefry)."""
     cpu = jax.local_devices(backend="cpu")[0]
-    indices, weights = _order_fn(num_examples, batch_size)(jax.device_put(np.asarray(rngs), cpu), jax.device_put(np.int32(epoch), cpu))
+    indices, weights = _order_fn(num_examples, batch_size)(
+        jax.device_put(np.asarray(rngs), cpu), jax.device_put(np.int32(epoch), cpu)
+    )
     return np.asarray(indices), np.asarray(weights)
 
 
 @functools.lru_cache(maxsize=8)
 def _order_fn(num_examples: int, batch_size: int) -> Callable:
-    def one_seed(rng: Array, epoch: Array) -> tuple[Array, Array]:  # shuffled by the seed's key of the epoch
-        return epoch_batches(jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch), num_examples, batch_size)
+    def one_seed(
+        rng: Array, epoch: Array
+    ) -> tuple[Array, Array]:  # shuffled by the seed's key of the epoch
+        return epoch_batches(
+            jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch), num_examples, batch_size
+        )
 
     return jax.jit(jax.vmap(one_seed, in_axes=(0, None)))
 

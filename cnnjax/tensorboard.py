@@ -64,7 +64,12 @@ class Writer:
 
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as image:
-            picture = Summary.Image(height=image.height, width=image.width, colorspace=len(image.getbands()), encoded_image_string=data)
+            picture = Summary.Image(
+                height=image.height,
+                width=image.width,
+                colorspace=len(image.getbands()),
+                encoded_image_string=data,
+            )
         self._write(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
 
     def close(self, finished: bool = True) -> None:

@@ -34,7 +34,9 @@ from cnnjax import ablation, config, data, mesh, models, runs
 def base_recipe() -> config.Config:
     """Experiment 1's recipe, 30 epochs, 3 seeds: what every setting overrides."""
     cfg = config.catsdogs(1)
-    return dataclasses.replace(cfg, name="ablation", train=dataclasses.replace(cfg.train, epochs=30, seeds=3))
+    return dataclasses.replace(
+        cfg, name="ablation", train=dataclasses.replace(cfg.train, epochs=30, seeds=3)
+    )
 
 
 def subset(images: data.Images, n: int | None, seed: int = 0) -> data.Images:
@@ -44,20 +46,58 @@ def subset(images: data.Images, n: int | None, seed: int = 0) -> data.Images:
     rng = np.random.default_rng(seed)
     labels = images.labels
     per_class = n // len(images.class_names)
-    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in np.unique(labels)]))
-    return data.Images(images.images[keep], labels[keep], images.class_names, [images.files[i] for i in keep] if images.files else [])
+    keep = np.sort(
+        np.concatenate(
+            [
+                rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+                for c in np.unique(labels)
+            ]
+        )
+    )
+    return data.Images(
+        images.images[keep],
+        labels[keep],
+        images.class_names,
+        [images.files[i] for i in keep] if images.files else [],
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="+", default=[s.name for s in ablation.default_settings()],
-                        help="setting names, or NAME:field=value,... (default: the whole grid)")
-    parser.add_argument("--seed-mode", default="auto", choices=ablation.SEED_MODES,
-                        help="a setting's seeds in one vmapped program (vmap; auto is vmap) or one run each (default: auto)")
-    parser.add_argument("--train-subset", type=int, default=None, help="train on a class-balanced subset of N images")
-    parser.add_argument("--out", default="checkpoints/ablation", help="the ablation's folder; a rerun resumes it (default: %(default)s)")
-    parser.add_argument("--table-only", action="store_true", help="rebuild the table and plot from what --out holds; train nothing")
-    config.add_flags(parser, base_recipe(), sections=("data", "model", "augment", "optim", "train"), fixed=("data.dataset", "model.name"))
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=[s.name for s in ablation.default_settings()],
+        help="setting names, or NAME:field=value,... (default: the whole grid)",
+    )
+    parser.add_argument(
+        "--seed-mode",
+        default="auto",
+        choices=ablation.SEED_MODES,
+        help="a setting's seeds in one vmapped program (vmap; auto is vmap) or one run each (default: auto)",
+    )
+    parser.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="train on a class-balanced subset of N images",
+    )
+    parser.add_argument(
+        "--out",
+        default="checkpoints/ablation",
+        help="the ablation's folder; a rerun resumes it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="rebuild the table and plot from what --out holds; train nothing",
+    )
+    config.add_flags(
+        parser,
+        base_recipe(),
+        sections=("data", "model", "augment", "optim", "train"),
+        fixed=("data.dataset", "model.name"),
+    )
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -69,7 +109,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs.start(args)
         base = runs.check_config(config.override(base_recipe(), config.overrides_from_args(args)))
         settings = [ablation.parse_setting(spec, base) for spec in args.settings]
-        if twice := sorted({s.name for s in settings if [t.name for t in settings].count(s.name) > 1}):
+        if twice := sorted(
+            {s.name for s in settings if [t.name for t in settings].count(s.name) > 1}
+        ):
             raise config.ConfigError(f"two settings are named {twice[0]!r}; give each its own name")
         for setting in settings:
             try:
@@ -77,39 +119,71 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except config.ConfigError as e:
                 raise config.ConfigError(f"setting {setting.name!r}: {e}") from None
         if args.train_subset is not None and args.train_subset < 2:
-            raise config.ConfigError(f"--train-subset must be at least 2 (one image per class), got {args.train_subset}")
+            raise config.ConfigError(
+                f"--train-subset must be at least 2 (one image per class), got {args.train_subset}"
+            )
         if base.data.input == "stream":
-            raise config.ConfigError("--data.input stream: the ablation trains every setting on the same images, held in "
-                                     "memory; use --data.input memory or auto")
+            raise config.ConfigError(
+                "--data.input stream: the ablation trains every setting on the same images, held in "
+                "memory; use --data.input memory or auto"
+            )
         ablation.check_out(out, base, settings)
         validation = base.data.validation_split
-        loaded = data.load(dataclasses.replace(base.data, input="memory"), tuple(dict.fromkeys(("train", validation, "test"))))
+        loaded = data.load(
+            dataclasses.replace(base.data, input="memory"),
+            tuple(dict.fromkeys(("train", validation, "test"))),
+        )
         datasets = {"train": subset(loaded["train"], args.train_subset)}
-        datasets.setdefault(validation, loaded[validation])  # validating on "train": the images trained on
+        datasets.setdefault(
+            validation, loaded[validation]
+        )  # validating on "train": the images trained on
         num_classes = models.from_config(base.model.name, base.data.image_size).head.num_classes
         data.check_classes(datasets, num_classes, "the data folder")
     main_process = mesh.is_main_process()  # with several processes, process 0 prints (and writes)
     if main_process:
-        print(f"{base.train.epochs} epochs, {len(datasets['train'])} training images at {base.data.image_size}px, "
-              f"validation on {validation}", flush=True)
+        print(
+            f"{base.train.epochs} epochs, {len(datasets['train'])} training images at {base.data.image_size}px, "
+            f"validation on {validation}",
+            flush=True,
+        )
     try:
-        results = ablation.run_ablation(settings, base, datasets, loaded["test"], out, args.seed_mode)
+        results = ablation.run_ablation(
+            settings, base, datasets, loaded["test"], out, args.seed_mode
+        )
     except KeyboardInterrupt:
         names = [s.name for s in settings]
-        results = ablation.rebuild_report(out, names) if main_process else ablation.collect_results(out, names)
+        results = (
+            ablation.rebuild_report(out, names)
+            if main_process
+            else ablation.collect_results(out, names)
+        )
         done = len(results) - len(ablation.failed(results))
         if main_process:
-            print(f"\ninterrupted: {done} finished setting(s) are in {out}/results.md; the same command skips them and "
-                  "resumes the rest", file=sys.stderr, flush=True)
+            print(
+                f"\ninterrupted: {done} finished setting(s) are in {out}/results.md; the same command skips them and "
+                "resumes the rest",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(runs.EXIT_INTERRUPTED) from None
     if main_process:
-        print((out / "results.md").read_text() if (out / "results.md").exists() else "no results", flush=True)
-        print(f"Wrote {out}/: results.csv, results.md, curves.png, one run folder per setting", flush=True)
+        print(
+            (out / "results.md").read_text() if (out / "results.md").exists() else "no results",
+            flush=True,
+        )
+        print(
+            f"Wrote {out}/: results.csv, results.md, curves.png, one run folder per setting",
+            flush=True,
+        )
     failed = ablation.failed(results)
     if failed:
         if main_process:
-            print(f"error: {len(failed)} setting(s) failed: {', '.join(failed)} (see their error.json); run the same "
-                  "command again to retry them", file=sys.stderr, flush=True)
+            print(
+                f"error: {len(failed)} setting(s) failed: {', '.join(failed)} (see their error.json); run the same "
+                "command again to retry them",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(runs.EXIT_FAILED)
     return results
 

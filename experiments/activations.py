@@ -40,28 +40,71 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints, RUN/best, RUN/latest or "
-                        "RUN/checkpoints/<epoch> (default: the shipped experiment-2 model)")
-    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number (default: best)")
-    parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
-    parser.add_argument("--image", help="an image file (default: the first validation cat, or MNIST's first test image)")
-    parser.add_argument("--data-dir", help="data folder for the default image (default: CNNJAX_DATA_DIR)")
-    parser.add_argument("--layers", type=int, default=8, help="how many conv/pool layers to draw, from the first (default: 8)")
-    parser.add_argument("--channel", type=int, default=2, help="channel of the first conv layer drawn on its own (default: 2)")
+    parser.add_argument(
+        "--checkpoint",
+        default=str(SHIPPED),
+        help="a run folder, RUN/checkpoints, RUN/best, RUN/latest or "
+        "RUN/checkpoints/<epoch> (default: the shipped experiment-2 model)",
+    )
+    parser.add_argument(
+        "--which",
+        default="best",
+        help="with a run folder: best, latest or an epoch number (default: best)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="which seed of a run that trained several (default: its first)",
+    )
+    parser.add_argument(
+        "--image",
+        help="an image file (default: the first validation cat, or MNIST's first test image)",
+    )
+    parser.add_argument(
+        "--data-dir", help="data folder for the default image (default: CNNJAX_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=8,
+        help="how many conv/pool layers to draw, from the first (default: 8)",
+    )
+    parser.add_argument(
+        "--channel",
+        type=int,
+        default=2,
+        help="channel of the first conv layer drawn on its own (default: 2)",
+    )
     parser.add_argument("--out", help="output folder (default: RUN/inspect)")
-    parser.add_argument("--filters", action="store_true", help="draw filter patterns (gradient ascent)")
+    parser.add_argument(
+        "--filters", action="store_true", help="draw filter patterns (gradient ascent)"
+    )
     parser.add_argument("--filter-layer", help="layer for --filters (default: the last conv layer)")
-    parser.add_argument("--num-filters", type=int, default=16, help="the first N filters of --filter-layer (default: 16)")
-    parser.add_argument("--steps", type=int, default=40, help="gradient ascent steps for --filters (default: 40)")
+    parser.add_argument(
+        "--num-filters",
+        type=int,
+        default=16,
+        help="the first N filters of --filter-layer (default: 16)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=40, help="gradient ascent steps for --filters (default: 40)"
+    )
     parser.add_argument("--heatmap", action="store_true", help="draw the Grad-CAM heatmap")
-    parser.add_argument("--class-index", type=int, help="class Grad-CAM explains (default: the predicted one)")
+    parser.add_argument(
+        "--class-index", type=int, help="class Grad-CAM explains (default: the predicted one)"
+    )
     return parser.parse_args(argv)
 
 
 def default_image_path(data_dir: str | os.PathLike | None) -> Path:
     """The first cat of the validation split, by sorted file name (cat.1000.jpg in cats_and_dogs_small)."""
     cats = find_cats_dogs_root(data_dir) / "validation" / "cats"
-    files = sorted(p for p in cats.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in cats.glob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
     if not files:
         raise data.DataError(f"no images in {cats}")
     return files[0]
@@ -74,12 +117,18 @@ def load_input(model, args: argparse.Namespace, interpolation: str) -> np.ndarra
         return look.load_image(args.image, (height, width), channels, interpolation)
     if isinstance(model, models.MnistConvNet):
         return data.load_mnist(args.data_dir)["test_images"][0].astype(np.float32) / 255.0
-    return look.load_image(default_image_path(args.data_dir), (height, width), channels, interpolation)
+    return look.load_image(
+        default_image_path(args.data_dir), (height, width), channels, interpolation
+    )
 
 
 def run_folder_of(checkpoint_dir: Path) -> Path:
     """RUN for RUN/checkpoints/<epoch>; the checkpoint folder itself otherwise."""
-    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir
+    return (
+        checkpoint_dir.parent.parent
+        if checkpoint_dir.parent.name == "checkpoints"
+        else checkpoint_dir
+    )
 
 
 def save_png(pixels: np.ndarray, path: Path) -> Path:
@@ -99,8 +148,14 @@ def check_args(model, args: argparse.Namespace, first_layer_channels: int) -> No
         look.resolve_layers(model, [args.filter_layer or look.last_conv_layer(model)])
         if args.num_filters < 1 or args.steps < 0:
             raise ValueError("--num-filters must be at least 1 and --steps at least 0")
-    if args.heatmap and args.class_index is not None and not 0 <= args.class_index < model.head.num_classes:
-        raise ValueError(f"--class-index must be in 0..{model.head.num_classes - 1}, got {args.class_index}")
+    if (
+        args.heatmap
+        and args.class_index is not None
+        and not 0 <= args.class_index < model.head.num_classes
+    ):
+        raise ValueError(
+            f"--class-index must be in 0..{model.head.num_classes - 1}, got {args.class_index}"
+        )
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -123,11 +178,15 @@ def draw(args: argparse.Namespace) -> list[Path]:
     if args.filters:
         filter_layer = args.filter_layer or look.last_conv_layer(model)
         ascent = look.filter_ascent(model, params, filter_layer, args.num_filters, steps=args.steps)
-        print(f"{filter_layer}: mean activation {ascent.before.mean():.3g} -> {ascent.after.mean():.3g} after {args.steps} steps")
+        print(
+            f"{filter_layer}: mean activation {ascent.before.mean():.3g} -> {ascent.after.mean():.3g} after {args.steps} steps"
+        )
     if args.heatmap:
         cam = look.grad_cam(model, params, image, args.class_index)
         label = class_names[cam.class_index]
-        print(f"Grad-CAM for class {label} (p = {cam.probability:.3f}); the model predicts {class_names[cam.predicted]}")
+        print(
+            f"Grad-CAM for class {label} (p = {cam.probability:.3f}); the model predicts {class_names[cam.predicted]}"
+        )
 
     out = Path(args.out) if args.out else run_folder_of(Path(description["path"])) / "inspect"
     out.mkdir(parents=True, exist_ok=True)
@@ -135,16 +194,32 @@ def draw(args: argparse.Namespace) -> list[Path]:
     # One channel of the first layer, then every channel of each layer, 16 per row.
     first_name, first = activations[0]
     channel_path = out / f"channel_{first_name}_{args.channel}.png"
-    written.append(plots.plot_channel(first, args.channel, channel_path, f"{first_name}, channel {args.channel}"))
+    written.append(
+        plots.plot_channel(
+            first, args.channel, channel_path, f"{first_name}, channel {args.channel}"
+        )
+    )
     for i, (name, activation) in enumerate(activations, start=1):
-        written.append(plots.plot_activation_grid(name, look.activation_grid(activation), out / f"activations_{i}_{name}.png"))
+        written.append(
+            plots.plot_activation_grid(
+                name, look.activation_grid(activation), out / f"activations_{i}_{name}.png"
+            )
+        )
     if args.filters:
         title = f"{filter_layer}: the inputs filters respond to most ({args.steps} ascent steps)"
         labels = [f"filter {f}" for f in ascent.filters]
-        written.append(plots.plot_filter_patterns(ascent.patterns, out / f"filters_{filter_layer}.png", title, labels))
+        written.append(
+            plots.plot_filter_patterns(
+                ascent.patterns, out / f"filters_{filter_layer}.png", title, labels
+            )
+        )
     if args.heatmap:
         title = f"Grad-CAM at {look.last_conv_layer(model)}: {label} (p = {cam.probability:.2f})"
-        written.append(plots.plot_heatmap(look.overlay_heatmap(image, cam.heatmap), cam.heatmap, out / "heatmap.png", title))
+        written.append(
+            plots.plot_heatmap(
+                look.overlay_heatmap(image, cam.heatmap), cam.heatmap, out / "heatmap.png", title
+            )
+        )
 
     print(f"Wrote {out}/:")
     for path in written:

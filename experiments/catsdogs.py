@@ -33,25 +33,51 @@ from cnnjax import config, runs, train
 def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object]:
     """Experiment 1, or 2 with --dropout; then --augment's preset; then every field flag given. Checked."""
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dropout", nargs="?", const=0.5, type=float, metavar="RATE",
-                        help="experiment 2: the lecture's augmentation, 100 epochs and Dropout(RATE) after Flatten (RATE: 0.5)")
-    parser.add_argument("--augment", choices=tuple(config.AUGMENT_PRESETS), metavar="PRESET",
-                        help="augmentation preset, none | lecture | preview (default: none; lecture with --dropout)")
-    config.add_flags(parser, config.catsdogs(1), fixed=("data.dataset", "model.name"), other_defaults={"experiment 2": config.catsdogs(2)})
+    parser.add_argument(
+        "--dropout",
+        nargs="?",
+        const=0.5,
+        type=float,
+        metavar="RATE",
+        help="experiment 2: the lecture's augmentation, 100 epochs and Dropout(RATE) after Flatten (RATE: 0.5)",
+    )
+    parser.add_argument(
+        "--augment",
+        choices=tuple(config.AUGMENT_PRESETS),
+        metavar="PRESET",
+        help="augmentation preset, none | lecture | preview (default: none; lecture with --dropout)",
+    )
+    config.add_flags(
+        parser,
+        config.catsdogs(1),
+        fixed=("data.dataset", "model.name"),
+        other_defaults={"experiment 2": config.catsdogs(2)},
+    )
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     with runs.exits():
-        runs.start(args)  # before the config is checked: jax.distributed must join before anything starts jax's backend
+        runs.start(
+            args
+        )  # before the config is checked: jax.distributed must join before anything starts jax's backend
         fields = config.overrides_from_args(args)
         overrides = {}  # the preset first: a field given by its own flag wins
         if args.augment is not None:
             preset = config.AUGMENT_PRESETS[args.augment]
-            overrides.update({f"augment.{f.name}": getattr(preset, f.name) for f in dataclasses.fields(preset)})
+            overrides.update(
+                {f"augment.{f.name}": getattr(preset, f.name) for f in dataclasses.fields(preset)}
+            )
         if args.dropout is not None:
-            if "model.dropout" in fields and config.override(config.catsdogs(2), fields).model.dropout != args.dropout:
-                raise config.ConfigError(f"--dropout {args.dropout} and --model.dropout {fields['model.dropout']} disagree")
+            if (
+                "model.dropout" in fields
+                and config.override(config.catsdogs(2), fields).model.dropout != args.dropout
+            ):
+                raise config.ConfigError(
+                    f"--dropout {args.dropout} and --model.dropout {fields['model.dropout']} disagree"
+                )
             overrides["model.dropout"] = args.dropout
-        cfg = runs.resolve(config.catsdogs(2 if args.dropout is not None else 1), {**overrides, **fields})
+        cfg = runs.resolve(
+            config.catsdogs(2 if args.dropout is not None else 1), {**overrides, **fields}
+        )
     return cfg, args
 
 

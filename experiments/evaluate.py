@@ -26,34 +26,73 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints, RUN/best, RUN/latest, or "
-                        "RUN/checkpoints/<epoch> (default: the shipped experiment-2 model)")
-    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number (default: best)")
-    parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
-    parser.add_argument("--data-dir", default=None, help="the data folder (default: CNNJAX_DATA_DIR, else the user cache or a download)")
+    parser.add_argument(
+        "--checkpoint",
+        default=str(SHIPPED),
+        help="a run folder, RUN/checkpoints, RUN/best, RUN/latest, or "
+        "RUN/checkpoints/<epoch> (default: the shipped experiment-2 model)",
+    )
+    parser.add_argument(
+        "--which",
+        default="best",
+        help="with a run folder: best, latest or an epoch number (default: best)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="which seed of a run that trained several (default: its first)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="the data folder (default: CNNJAX_DATA_DIR, else the user cache or a download)",
+    )
     parser.add_argument("--split", default="test", help="the split to evaluate on (default: test)")
-    parser.add_argument("--interpolation", default=None, choices=config.INTERPOLATIONS,
-                        help="resize filter (default: the one the run trained with)")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per evaluation step (default: 100)")
+    parser.add_argument(
+        "--interpolation",
+        default=None,
+        choices=config.INTERPOLATIONS,
+        help="resize filter (default: the one the run trained with)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=100, help="images per evaluation step (default: 100)"
+    )
     args = parser.parse_args(argv)
     runs.setup_logging()
     with runs.exits():
         if args.batch_size < 1:
             raise config.ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
         model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed)
-        trained = config.from_dict(description["config"]).data if "config" in description else config.DataConfig(
-            dataset="mnist" if model.input_shape[-1] == 1 else "cats_dogs", image_size=model.input_shape[0])
-        spec = dataclasses.replace(trained, data_dir=args.data_dir, interpolation=args.interpolation or trained.interpolation,
-                                   input="memory")
+        trained = (
+            config.from_dict(description["config"]).data
+            if "config" in description
+            else config.DataConfig(
+                dataset="mnist" if model.input_shape[-1] == 1 else "cats_dogs",
+                image_size=model.input_shape[0],
+            )
+        )
+        spec = dataclasses.replace(
+            trained,
+            data_dir=args.data_dir,
+            interpolation=args.interpolation or trained.interpolation,
+            input="memory",
+        )
         dataset = data.load(spec, (args.split,))[args.split]
         classes = description.get("class_names")
         if classes and list(dataset.class_names) != list(classes):
-            raise data.DataError(f"the {args.split} folder's classes are {', '.join(dataset.class_names)} but the model was "
-                                 f"trained on {', '.join(classes)}; labels would not mean the same")
-        data.check_classes({args.split: dataset}, model.head.num_classes, f"the {args.split} folder")
+            raise data.DataError(
+                f"the {args.split} folder's classes are {', '.join(dataset.class_names)} but the model was "
+                f"trained on {', '.join(classes)}; labels would not mean the same"
+            )
+        data.check_classes(
+            {args.split: dataset}, model.head.num_classes, f"the {args.split} folder"
+        )
         metrics = train.evaluate(model, params, dataset, args.batch_size)
-    print(f"{description['path']} (epoch {description.get('epoch', '?')}) on {args.split} ({len(dataset)} images): "
-          f"loss {metrics['loss']:.4f} - accuracy {metrics['accuracy']:.4f}")
+    print(
+        f"{description['path']} (epoch {description.get('epoch', '?')}) on {args.split} ({len(dataset)} images): "
+        f"loss {metrics['loss']:.4f} - accuracy {metrics['accuracy']:.4f}"
+    )
     return metrics
 
 

@@ -28,9 +28,21 @@ def main(argv: list[str] | None = None) -> Path:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a run folder, RUN/checkpoints or RUN/checkpoints/<epoch>")
     parser.add_argument("out", help="the folder to create")
-    parser.add_argument("--which", default="best", help="best (by validation loss), latest or an epoch number")
-    parser.add_argument("--seed", type=int, default=None, help="which seed of a run that trained several (default: its first)")
-    parser.add_argument("--dtype", default="float16", choices=DTYPES, help="the precision the parameters are stored in")
+    parser.add_argument(
+        "--which", default="best", help="best (by validation loss), latest or an epoch number"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="which seed of a run that trained several (default: its first)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        choices=DTYPES,
+        help="the precision the parameters are stored in",
+    )
     args = parser.parse_args(argv)
     runs.setup_logging()
     with runs.exits():
@@ -40,14 +52,33 @@ def main(argv: list[str] | None = None) -> Path:
         model, params, description = checkpoint.load_model(args.run, args.which, args.seed)
         k = checkpoint.seed_index(description, args.seed, args.run)
         stored = jax.tree.map(lambda leaf: jnp.asarray(leaf, args.dtype), params)
-        keep = {key: [description[key][k]] for key in ("histories", "best", "diverged") if key in description}
-        if "config" in description:  # without this machine's folders: a reader gives its own --data-dir
+        keep = {
+            key: [description[key][k]]
+            for key in ("histories", "best", "diverged")
+            if key in description
+        }
+        if (
+            "config" in description
+        ):  # without this machine's folders: a reader gives its own --data-dir
             saved = description["config"]
-            keep["config"] = {**saved, "data": {**saved["data"], "data_dir": None}, "run": {**saved["run"], "out": None}}
+            keep["config"] = {
+                **saved,
+                "data": {**saved["data"], "data_dir": None},
+                "run": {**saved["run"], "out": None},
+            }
         run = Path(description["path"]).parent.parent
-        source = {"run": run.name, "seed": description.get("seeds", [0])[k]}  # a name, not this machine's path
-        path = checkpoint.save_model(out, model, stored, description.get("class_names"), description["epoch"],
-                                     extra={**keep, "dtype": args.dtype, "exported_from": source})
+        source = {
+            "run": run.name,
+            "seed": description.get("seeds", [0])[k],
+        }  # a name, not this machine's path
+        path = checkpoint.save_model(
+            out,
+            model,
+            stored,
+            description.get("class_names"),
+            description["epoch"],
+            extra={**keep, "dtype": args.dtype, "exported_from": source},
+        )
         for name in ("history.json", "history.csv", "history.png"):
             if (run / name).is_file():
                 shutil.copy2(run / name, out / name)

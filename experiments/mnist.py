@@ -23,12 +23,18 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     """The recipe with the flags given applied, checked; and the parsed flags."""
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
     # MNIST's images are 28x28 grayscale and its convnet has no dropout: only what can change is a flag.
-    config.add_flags(parser, config.mnist(), sections=("data", "optim", "train", "run"),
-                     fixed=("data.dataset", "data.image_size", "data.interpolation"))
+    config.add_flags(
+        parser,
+        config.mnist(),
+        sections=("data", "optim", "train", "run"),
+        fixed=("data.dataset", "data.image_size", "data.interpolation"),
+    )
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     with runs.exits():
-        runs.start(args)  # before the config is checked: jax.distributed must join before anything starts jax's backend
+        runs.start(
+            args
+        )  # before the config is checked: jax.distributed must join before anything starts jax's backend
         cfg = runs.resolve(config.mnist(), config.overrides_from_args(args))
     return cfg, args
 

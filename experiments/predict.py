@@ -30,30 +30,55 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--checkpoint", default=str(SHIPPED), help="a run folder, RUN/checkpoints or RUN/checkpoints/<epoch> "
-                                                                   "(default: the shipped experiment-2 model)")
-    parser.add_argument("--which", default="best", help="with a run folder: best, latest or an epoch number (default: best)")
+    parser.add_argument(
+        "--checkpoint",
+        default=str(SHIPPED),
+        help="a run folder, RUN/checkpoints or RUN/checkpoints/<epoch> "
+        "(default: the shipped experiment-2 model)",
+    )
+    parser.add_argument(
+        "--which",
+        default="best",
+        help="with a run folder: best, latest or an epoch number (default: best)",
+    )
     args = parser.parse_args(argv)
     runs.setup_logging()
     with runs.exits():
         model, params, description = checkpoint.load_model(args.checkpoint, args.which)
         classes = checkpoint.class_names(model, description)
-        interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
+        interpolation = (
+            description.get("config", {}).get("data", {}).get("interpolation", "nearest")
+        )
         predicted, failed = [], 0
         for path in args.images:
             if not Path(path).is_file():
-                print(f"error: {path}: {'a folder, not an image' if Path(path).is_dir() else 'no such file'}; skipped", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"error: {path}: {'a folder, not an image' if Path(path).is_dir() else 'no such file'}; skipped",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 failed += 1
                 continue
             try:
-                image = look.load_image(path, model.input_shape[:2], model.input_shape[-1], interpolation)
+                image = look.load_image(
+                    path, model.input_shape[:2], model.input_shape[-1], interpolation
+                )
             except OSError as e:  # PIL's UnidentifiedImageError is one: not an image, or unreadable
-                why = type(e).__name__ if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
-                print(f"error: {path}: not an image that can be read ({why}); skipped", file=sys.stderr, flush=True)
+                why = (
+                    type(e).__name__
+                    if isinstance(e, UnidentifiedImageError)
+                    else f"{type(e).__name__}: {e}"
+                )
+                print(
+                    f"error: {path}: not an image that can be read ({why}); skipped",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 failed += 1
                 continue
-            probabilities = np.asarray(jax.device_get(models.predict(model, params, image[None])))[0]
+            probabilities = np.asarray(jax.device_get(models.predict(model, params, image[None])))[
+                0
+            ]
             best = int(np.argmax(probabilities))
             predicted.append((path, classes[best], float(probabilities[best])))
             print(f"{path}: {classes[best]} ({probabilities[best]:.3f})", flush=True)

@@ -26,19 +26,33 @@ from cnnjax.data import kaggle
 
 def main(argv: list[str] | None = None) -> kaggle.SmallSplit:
     parser = config.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kaggle-dir", required=True, help="Kaggle's Dogs vs. Cats train folder (cat.0.jpg, ..., dog.0.jpg, ...)")
-    parser.add_argument("--out", required=True, help="the folder to make: OUT/{train,validation,test}/{cats,dogs}/")
+    parser.add_argument(
+        "--kaggle-dir",
+        required=True,
+        help="Kaggle's Dogs vs. Cats train folder (cat.0.jpg, ..., dog.0.jpg, ...)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="the folder to make: OUT/{train,validation,test}/{cats,dogs}/"
+    )
     default_sizes = [n for _, n in kaggle.BOOK_SPLIT_SIZES]
-    parser.add_argument("--sizes", type=int, nargs=3, default=default_sizes, metavar=("TRAIN", "VALIDATION", "TEST"),
-                        help=f"images per class in each split (default: the book's {' '.join(map(str, default_sizes))})")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs=3,
+        default=default_sizes,
+        metavar=("TRAIN", "VALIDATION", "TEST"),
+        help=f"images per class in each split (default: the book's {' '.join(map(str, default_sizes))})",
+    )
     args = parser.parse_args(argv)
     runs.setup_logging()  # the library's progress lines
     sizes = list(zip((split for split, _ in kaggle.BOOK_SPLIT_SIZES), args.sizes))
     with runs.exits():
         result = kaggle.prepare_small_split(args.kaggle_dir, args.out, sizes)
     total = sum(result.counts.values())
-    print(f"{result.out}: {', '.join(f'{split} {n}' for split, n in result.counts.items())} images (cats and dogs, {total} in all); "
-          f"copied {result.copied}, already there {result.present}")
+    print(
+        f"{result.out}: {', '.join(f'{split} {n}' for split, n in result.counts.items())} images (cats and dogs, {total} in all); "
+        f"copied {result.copied}, already there {result.present}"
+    )
     return result
 
 

@@ -19,7 +19,17 @@ import signal
 import sys
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-EVENTS = ("open", "os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "os.unlink", "shutil.rmtree", "os.truncate")
+EVENTS = (
+    "open",
+    "os.rename",
+    "os.replace",
+    "os.mkdir",
+    "os.remove",
+    "os.rmdir",
+    "os.unlink",
+    "shutil.rmtree",
+    "os.truncate",
+)
 
 
 def watch_writes(folder: str, report: str) -> None:
@@ -30,10 +40,14 @@ def watch_writes(folder: str, report: str) -> None:
             return
         if event == "open":
             mode, flags = args[1], args[2]
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(flags & WRITE_FLAGS)
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(
+                flags & WRITE_FLAGS
+            )
             if not writing:
                 return
-        targets = args[:2] if event in ("os.rename", "os.replace") else args[:1]  # a rename names its source and target
+        targets = (
+            args[:2] if event in ("os.rename", "os.replace") else args[:1]
+        )  # a rename names its source and target
         for target in targets:
             try:
                 path = os.path.abspath(os.fsdecode(target))

@@ -107,7 +107,9 @@ def write_photo_like_folder(root: Path, per_class: int = 3) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             for i in reversed(range(start, start + per_class)):
                 pixels = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
-                pixels[40:160, 60:140] = (220, 180, 120) if cls == "cats" else (90, 60, 40)  # an object on noise
+                pixels[40:160, 60:140] = (
+                    (220, 180, 120) if cls == "cats" else (90, 60, 40)
+                )  # an object on noise
                 Image.fromarray(pixels).save(folder / f"{prefix}.{i}.jpg", quality=90)
             write_solid_image(folder / f".{prefix}.0999.jpg", (1, 2, 3))  # hidden: never an image
             (folder / "notes.txt").write_text("not an image")
@@ -187,7 +189,9 @@ def tiny_mnist(n: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def tiny_cats_dogs(n: int = 24, seed: int = 0, size: int = CATS_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def tiny_cats_dogs(
+    n: int = 24, seed: int = 0, size: int = CATS_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """Dark noise images; class 1 ("dogs") has a bright square in the middle."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 80, (n, size, size, 3)).astype(np.uint8)
@@ -196,8 +200,13 @@ def tiny_cats_dogs(n: int = 24, seed: int = 0, size: int = CATS_SIZE) -> tuple[n
     return images, labels
 
 
-def write_cats_dogs_folder(root: Path, sizes: dict[str, int] | None = None, size: int = CATS_SIZE,
-                           classes: tuple[str, ...] = ("cats", "dogs"), seed: int = 0) -> Path:
+def write_cats_dogs_folder(
+    root: Path,
+    sizes: dict[str, int] | None = None,
+    size: int = CATS_SIZE,
+    classes: tuple[str, ...] = ("cats", "dogs"),
+    seed: int = 0,
+) -> Path:
     """root/{train,validation,test}/<class>/<i>.png from tiny_cats_dogs (Keras's layout); returns root.
 
     Split k of `sizes` (in order) draws its images with seed + k. Image i goes to classes[i % len(classes)]:
@@ -264,7 +273,9 @@ def write_mnist_files(folder: Path, arrays: Mapping[str, np.ndarray], gz: bool =
     return folder
 
 
-def random_mnist(n_train: int = 12, n_test: int = 5, test_images: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def random_mnist(
+    n_train: int = 12, n_test: int = 5, test_images: int | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random MNIST-shaped arrays; test_images != n_test gives files that do not belong together."""
     rng = np.random.default_rng(seed)
     return {
@@ -278,14 +289,26 @@ def random_mnist(n_train: int = 12, n_test: int = 5, test_images: int | None = N
 def write_mnist_folder(folder: Path, n_train: int = 192, n_test: int = 64) -> Path:
     """The four gzipped IDX files of a tiny learnable MNIST (tiny_mnist) in folder; returns folder."""
     (train_x, train_y), (test_x, test_y) = tiny_mnist(n_train, 0), tiny_mnist(n_test, 1)
-    return write_mnist_files(folder, {"train_images": train_x, "train_labels": train_y, "test_images": test_x, "test_labels": test_y})
+    return write_mnist_files(
+        folder,
+        {
+            "train_images": train_x,
+            "train_labels": train_y,
+            "test_images": test_x,
+            "test_labels": test_y,
+        },
+    )
 
 
-def quadrant_square_images(rng: np.random.Generator, n: int, quadrants=None) -> tuple[np.ndarray, np.ndarray]:
+def quadrant_square_images(
+    rng: np.random.Generator, n: int, quadrants=None
+) -> tuple[np.ndarray, np.ndarray]:
     """20x20 grayscale noise; class 1 adds a bright 5x5 square inside one quadrant (random, or the given
     (row, col) ones), class 0 not. The square decides the class wherever it is."""
     images = rng.integers(0, 60, (n, 20, 20, 1)).astype(np.uint8)
-    labels = np.ones(n, np.int32) if quadrants is not None else rng.integers(0, 2, n).astype(np.int32)
+    labels = (
+        np.ones(n, np.int32) if quadrants is not None else rng.integers(0, 2, n).astype(np.int32)
+    )
     quadrants = rng.integers(0, 2, (n, 2)) if quadrants is None else np.asarray(quadrants)
     for image, label, (qy, qx) in zip(images, labels, quadrants, strict=True):
         if label == 1:
@@ -309,7 +332,9 @@ def poison(monkeypatch, seed_index: int, after_step: int) -> None:
         def run(carry, sums, batch, on_device):
             carry, sums = fn(carry, sums, batch, on_device)
             if int(carry.step[seed_index]) > after_step:
-                carry = carry.replace(params=jax.tree.map(lambda p: p.at[seed_index].multiply(jnp.nan), carry.params))
+                carry = carry.replace(
+                    params=jax.tree.map(lambda p: p.at[seed_index].multiply(jnp.nan), carry.params)
+                )
             return carry, sums
 
         return run
@@ -321,8 +346,14 @@ def dead_pid() -> int:
     """The pid of a process that has just exited (for locks and temporaries left by a killed run)."""
     from cnnjax import files
 
-    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                             check=True).stdout)
+    pid = int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert not files.pid_alive(pid) and pid != os.getpid()
     return pid
 

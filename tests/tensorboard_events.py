@@ -21,11 +21,19 @@ def read_events(logdir: str | os.PathLike) -> dict[str, Any]:
     logdir = Path(logdir)
     if not any(logdir.glob("*tfevents*")):
         raise FileNotFoundError(f"no event files in {logdir}")
-    accumulator = event_accumulator.EventAccumulator(str(logdir), size_guidance=dict.fromkeys(event_accumulator.DEFAULT_SIZE_GUIDANCE, 0))
+    accumulator = event_accumulator.EventAccumulator(
+        str(logdir), size_guidance=dict.fromkeys(event_accumulator.DEFAULT_SIZE_GUIDANCE, 0)
+    )
     accumulator.Reload()
     tags = accumulator.Tags()
-    scalars = {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in tags["scalars"]}
-    images = {tag: [(event.step, event.encoded_image_string) for event in accumulator.Images(tag)] for tag in tags["images"]}
+    scalars = {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in tags["scalars"]
+    }
+    images = {
+        tag: [(event.step, event.encoded_image_string) for event in accumulator.Images(tag)]
+        for tag in tags["images"]
+    }
     try:
         hparams_content = accumulator.PluginTagToContent("hparams")
     except KeyError:
@@ -35,7 +43,10 @@ def read_events(logdir: str | os.PathLike) -> dict[str, Any]:
     for content in hparams_content.values():
         plugin_data = plugin_data_pb2.HParamsPluginData.FromString(content)
         if plugin_data.HasField("session_start_info"):
-            hparams = {name: json_format.MessageToDict(value) for name, value in plugin_data.session_start_info.hparams.items()}
+            hparams = {
+                name: json_format.MessageToDict(value)
+                for name, value in plugin_data.session_start_info.hparams.items()
+            }
         if plugin_data.HasField("session_end_info"):
             finished = plugin_data.session_end_info.status == api_pb2.STATUS_SUCCESS
     return {"scalars": scalars, "images": images, "hparams": hparams, "finished": finished}

@@ -26,7 +26,9 @@ from cnnjax import augment
 from cnnjax.augment import AugmentConfig
 
 # Keras's legacy module calls scipy through a deprecated namespace; that is not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:Please import `affine_transform`:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Please import `affine_transform`:DeprecationWarning"
+)
 
 MODES = ("nearest", "constant", "reflect", "wrap")
 KEYS = ("theta", "tx", "ty", "shear", "zx", "zy")
@@ -46,8 +48,14 @@ def reference_matrix(theta, tx, ty, shear, zx, zy, h, w):
     zoom = np.array([[zx, 0, 0], [0, zy, 0], [0, 0, 1]])
     m = rot @ shift @ shr @ zoom  # in (x = col, y = row)
     cx, cy = (w - 1) / 2, (h - 1) / 2
-    m = np.array([[1, 0, cx], [0, 1, cy], [0, 0, 1]]) @ m @ np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]])
-    perm = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]])  # to (row, col), as Keras swaps for channels-last
+    m = (
+        np.array([[1, 0, cx], [0, 1, cy], [0, 0, 1]])
+        @ m
+        @ np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]])
+    )
+    perm = np.array(
+        [[0, 1, 0], [1, 0, 0], [0, 0, 1]]
+    )  # to (row, col), as Keras swaps for channels-last
     m = perm @ m @ perm
     return m[:2, :2], m[:2, 2]
 
@@ -61,7 +69,9 @@ def scipy_reference(x, params, mode, cval, order):
     for i in range(n):
         mat, off = reference_matrix(*(float(params[k][i]) for k in KEYS), h, w)
         for ch in range(c):
-            out[i, ..., ch] = scipy.ndimage.affine_transform(x[i, ..., ch].astype(np.float64), mat, off, order=order, mode=mode, cval=cval)
+            out[i, ..., ch] = scipy.ndimage.affine_transform(
+                x[i, ..., ch].astype(np.float64), mat, off, order=order, mode=mode, cval=cval
+            )
         if order == 0 or mode in ("constant", "wrap"):
             src = np.einsum("ij,jhw->ihw", mat, np.stack([rows, cols])) + off[:, None, None]
             near_jump = np.abs(src * 2 - np.round(src * 2)) < 1e-3
@@ -89,9 +99,13 @@ def run_ours(x, params, mode, cval, order):
 
 
 def assert_agrees(ours, ref, exempt, tol=1e-4):
-    assert exempt.mean() < 0.01, f"too many exempt pixels ({exempt.mean():.2%}): the test would be weak"
+    assert exempt.mean() < 0.01, (
+        f"too many exempt pixels ({exempt.mean():.2%}): the test would be weak"
+    )
     bad = (np.abs(ours - ref) > tol).any(axis=-1) & ~exempt
-    assert not bad.any(), f"{bad.sum()} pixels differ by > {tol}; worst {np.abs(ours - ref)[bad].max():.3g}"
+    assert not bad.any(), (
+        f"{bad.sum()} pixels differ by > {tol}; worst {np.abs(ours - ref)[bad].max():.3g}"
+    )
 
 
 # --- The core against scipy.ndimage -----------------------------------------------------
@@ -133,7 +147,9 @@ def test_identity_params_give_the_input_back(mode, order):
 def test_rotation_by_180_about_the_true_centre_of_a_non_square_image():
     x = np.random.default_rng(2).uniform(0, 1, (2, 7, 12, 3)).astype(np.float32)
     # (nearest fill: float32 sin(pi) is not 0, so border pixels sample a hair outside the image.)
-    out = affine(jnp.asarray(x), 180.0, 0.0, 0.0, 0.0, 1.0, 1.0, fill_mode="nearest", cval=0.0, order=1)
+    out = affine(
+        jnp.asarray(x), 180.0, 0.0, 0.0, 0.0, 1.0, 1.0, fill_mode="nearest", cval=0.0, order=1
+    )
     np.testing.assert_allclose(np.asarray(out), x[:, ::-1, ::-1], atol=1e-4)
 
 
@@ -150,7 +166,9 @@ def test_known_directions():
     assert moved(tx=1.0) == [(1, 1)]  # tx samples one column to the right: content moves left
     assert moved(ty=-1.0) == [(2, 2)]  # ty samples one row up: content moves down
     assert moved(theta=90.0) == [(2, 1)]  # above the centre -> left of it: counter-clockwise
-    assert moved(zy=0.5) == [(0, 2)]  # zy < 1 samples nearer the centre: content moves away (zoom in)
+    assert moved(zy=0.5) == [
+        (0, 2)
+    ]  # zy < 1 samples nearer the centre: content moves away (zoom in)
 
 
 # --- Against Keras's own implementation ---------------------------------------------------
@@ -196,7 +214,9 @@ def test_affine_matches_keras_on_square_images(keras_image, mode, order):
 def test_keras_misplaces_the_centre_of_non_square_images(keras_image):
     # The documented difference: Keras's 180 degree turn of a 7 x 12 image is not a flip.
     x = np.random.default_rng(3).uniform(0, 1, (7, 12, 1))
-    k = keras_image.apply_affine_transform(x, theta=180, row_axis=0, col_axis=1, channel_axis=2, fill_mode="constant")
+    k = keras_image.apply_affine_transform(
+        x, theta=180, row_axis=0, col_axis=1, channel_axis=2, fill_mode="constant"
+    )
     assert np.abs(k - x[::-1, ::-1]).max() > 0.5
 
 
@@ -230,7 +250,9 @@ def test_sample_params_laws():
 
     def uniform(v, lo, hi):
         assert lo <= v.min() and v.max() <= hi
-        assert v.min() < lo + 0.01 * (hi - lo) and v.max() > hi - 0.01 * (hi - lo)  # fills the range
+        assert v.min() < lo + 0.01 * (hi - lo) and v.max() > hi - 0.01 * (
+            hi - lo
+        )  # fills the range
         mean, var = (lo + hi) / 2, (hi - lo) ** 2 / 12
         assert abs(v.mean() - mean) < 4 * np.sqrt(var / n)
         assert abs(v.var() / var - 1) < 0.04
@@ -276,11 +298,15 @@ def test_width_shift_moves_images_horizontally():
 
 def test_flips_happen_after_the_transform_about_half_the_time():
     x = jnp.asarray(np.random.default_rng(4).uniform(0, 255, (64, 6, 9, 3)).astype(np.float32))
-    out = np.asarray(augment.random_augment(jax.random.PRNGKey(5), x, AugmentConfig(horizontal_flip=True)))
+    out = np.asarray(
+        augment.random_augment(jax.random.PRNGKey(5), x, AugmentConfig(horizontal_flip=True))
+    )
     same = np.all(out == np.asarray(x), axis=(1, 2, 3))
     flipped = np.all(out == np.asarray(x)[:, :, ::-1], axis=(1, 2, 3))
     assert np.all(same ^ flipped) and 16 < flipped.sum() < 48
-    out = np.asarray(augment.random_augment(jax.random.PRNGKey(5), x, AugmentConfig(vertical_flip=True)))
+    out = np.asarray(
+        augment.random_augment(jax.random.PRNGKey(5), x, AugmentConfig(vertical_flip=True))
+    )
     same = np.all(out == np.asarray(x), axis=(1, 2, 3))
     flipped = np.all(out == np.asarray(x)[:, ::-1], axis=(1, 2, 3))
     assert np.all(same ^ flipped) and 16 < flipped.sum() < 48
@@ -312,7 +338,9 @@ def test_jit_vmap_and_determinism():
         np.testing.assert_allclose(batched[i], augment.random_augment(keys[i], x, cfg), atol=1e-3)
 
     theta = jnp.asarray([[10.0, -20.0, 30.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
-    f = functools.partial(augment.affine_transform, tx=1.5, ty=-2.0, shear=3.0, zx=1.1, zy=0.9, fill_mode="wrap")
+    f = functools.partial(
+        augment.affine_transform, tx=1.5, ty=-2.0, shear=3.0, zx=1.1, zy=0.9, fill_mode="wrap"
+    )
     stacked = jax.jit(jax.vmap(lambda t: f(x, t)))(theta)
     for i in range(2):
         np.testing.assert_allclose(stacked[i], f(x, theta[i]), atol=1e-3)
@@ -325,27 +353,57 @@ def test_preprocess_augments_on_the_0_255_scale_then_rescales():
     rng = jax.random.PRNGKey(0)
     out = jax.jit(step.preprocess, static_argnums=2)(images, rng, AugmentConfig.LECTURE)
     assert out.shape == images.shape and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, augment.random_augment(rng, images.astype(jnp.float32), AugmentConfig.LECTURE) / 255.0, atol=1e-6)
-    np.testing.assert_array_equal(step.preprocess(images, rng, AugmentConfig()), images / 255.0)  # identity: nothing drawn
+    np.testing.assert_allclose(
+        out,
+        augment.random_augment(rng, images.astype(jnp.float32), AugmentConfig.LECTURE) / 255.0,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(
+        step.preprocess(images, rng, AugmentConfig()), images / 255.0
+    )  # identity: nothing drawn
     np.testing.assert_array_equal(step.preprocess(images), images / 255.0)
 
 
 def test_lecture_configs():
     lec, pre = AugmentConfig.LECTURE, AugmentConfig.LECTURE_PREVIEW
     assert (lec.rotation_range, lec.width_shift_range, lec.height_shift_range) == (40, 0.1, 0.1)
-    assert (lec.shear_range, lec.zoom_bounds, lec.horizontal_flip, lec.fill_mode) == (0.4, (0.5, 1.5), True, "nearest")
-    assert (pre.rotation_range, pre.shear_range, pre.zoom_range, pre.horizontal_flip) == (30, 0.2, 0.5, True)
-    assert not lec.is_identity and AugmentConfig().is_identity and AugmentConfig(zoom_range=(1, 1)).is_identity
+    assert (lec.shear_range, lec.zoom_bounds, lec.horizontal_flip, lec.fill_mode) == (
+        0.4,
+        (0.5, 1.5),
+        True,
+        "nearest",
+    )
+    assert (pre.rotation_range, pre.shear_range, pre.zoom_range, pre.horizontal_flip) == (
+        30,
+        0.2,
+        0.5,
+        True,
+    )
+    assert (
+        not lec.is_identity
+        and AugmentConfig().is_identity
+        and AugmentConfig(zoom_range=(1, 1)).is_identity
+    )
     assert hash(AugmentConfig(zoom_range=[0.9, 1.1])) == hash(AugmentConfig(zoom_range=(0.9, 1.1)))
 
 
 def test_identity_is_every_drawn_field_at_its_default_a_new_field_included():
     """How to sample (fill_mode, cval, interpolation) draws nothing; every other field does, one added to
     AugmentConfig too (the README's "where to change what": it must not be skipped as the identity)."""
-    sampling_only = AugmentConfig(fill_mode="constant", cval=7.0, interpolation="nearest", zoom_range=(1.0, 1.0))
+    sampling_only = AugmentConfig(
+        fill_mode="constant", cval=7.0, interpolation="nearest", zoom_range=(1.0, 1.0)
+    )
     assert sampling_only.is_identity
-    for name, value in [("rotation_range", 1), ("width_shift_range", 0.1), ("height_shift_range", 2), ("shear_range", 1),
-                        ("zoom_range", 0.1), ("zoom_range", (1.0, 1.2)), ("horizontal_flip", True), ("vertical_flip", True)]:
+    for name, value in [
+        ("rotation_range", 1),
+        ("width_shift_range", 0.1),
+        ("height_shift_range", 2),
+        ("shear_range", 1),
+        ("zoom_range", 0.1),
+        ("zoom_range", (1.0, 1.2)),
+        ("horizontal_flip", True),
+        ("vertical_flip", True),
+    ]:
         assert not AugmentConfig(**{name: value}).is_identity, name
 
     @dataclasses.dataclass(frozen=True)

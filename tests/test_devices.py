@@ -30,10 +30,22 @@ METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()}
-    done = subprocess.run([sys.executable, "-m", "tests._devices_worker", str(tmp_path_factory.mktemp("devices"))], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+        ).strip(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tests._devices_worker", str(tmp_path_factory.mktemp("devices"))],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4
@@ -45,7 +57,9 @@ def assert_close(a: list[dict], b: list[dict]) -> None:
     for key in METRICS:
         assert abs(a[0][key] - b[0][key]) <= TOLERANCE, (key, a[0][key], b[0][key])
     for x, y in zip(a[1:], b[1:]):
-        assert abs(x["loss"] - y["loss"]) <= DRIFT * abs(y["loss"]) and abs(x["val_loss"] - y["val_loss"]) <= DRIFT * abs(y["val_loss"])
+        assert abs(x["loss"] - y["loss"]) <= DRIFT * abs(y["loss"]) and abs(
+            x["val_loss"] - y["val_loss"]
+        ) <= DRIFT * abs(y["val_loss"])
 
 
 @pytest.mark.parametrize("recipe", ["mnist", "cats"])
@@ -67,20 +81,35 @@ def test_two_seeds_on_two_devices_spread_over_the_seed_axis_and_equal_each_seed_
     assert seeds["params_diff"] <= DRIFT
 
 
-@pytest.mark.parametrize("case,what", [("mnist", "train.batch_size 30"), ("mnist_eval", "train.eval_batch_size 30"),
-                                       ("catsdogs", "train.batch_size 10")])
+@pytest.mark.parametrize(
+    "case,what",
+    [
+        ("mnist", "train.batch_size 30"),
+        ("mnist_eval", "train.eval_batch_size 30"),
+        ("catsdogs", "train.batch_size 10"),
+    ],
+)
 def test_a_batch_the_data_axis_cannot_split_is_one_line_through_the_scripts(results, case, what):
     run = results["script_errors"][case]
     assert run["code"] == 2
     err = run["stderr"].strip()
-    assert err == f"error: {what} cannot be split over the 4 devices of the data axis; use a multiple of 4"
+    assert (
+        err
+        == f"error: {what} cannot be split over the 4 devices of the data axis; use a multiple of 4"
+    )
     assert results["refused_folders"] == []  # refused before the run folder was made
 
 
 def test_a_four_device_run_says_where_it_ran(results):
     run = results["script_devices"]
     assert run["code"] == 0
-    assert "devices: 4 x cpu (cpu), 1 process(es), mesh seed=1 x data=4" in run["stdout"].splitlines()
+    assert (
+        "devices: 4 x cpu (cpu), 1 process(es), mesh seed=1 x data=4" in run["stdout"].splitlines()
+    )
     devices = run["devices"]
     assert {k: devices[k] for k in ("platform", "count", "processes", "mesh")} == {
-        "platform": "cpu", "count": 4, "processes": 1, "mesh": {"seed": 1, "data": 4}}
+        "platform": "cpu",
+        "count": 4,
+        "processes": 1,
+        "mesh": {"seed": 1, "data": 4},
+    }

@@ -26,12 +26,25 @@ from cnnjax import checkpoint, data, runs, train
 from experiments import catsdogs, evaluate
 from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
 
-ARGS = ["--dropout", "--epochs", "3", "--batch-size", "8", "--train.eval_batch_size", "8", "--image-size", str(CATS_SIZE),
-        "--run.keep", "3"]
+ARGS = [
+    "--dropout",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "8",
+    "--train.eval_batch_size",
+    "8",
+    "--image-size",
+    str(CATS_SIZE),
+    "--run.keep",
+    "3",
+]
 
 
 def without_seconds(path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in json.loads(path.read_text())]
+    return [
+        {k: v for k, v in row.items() if k != "seconds"} for row in json.loads(path.read_text())
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +73,16 @@ def one_error_line(capsys) -> str:
 
 
 def params_file(step_dir) -> str:
-    return max((p for p in (step_dir / "params").rglob("*") if p.is_file() and "/d/" in p.as_posix()), key=lambda p: p.stat().st_size)
+    return max(
+        (p for p in (step_dir / "params").rglob("*") if p.is_file() and "/d/" in p.as_posix()),
+        key=lambda p: p.stat().st_size,
+    )
 
 
 @pytest.mark.parametrize("damage", ["bytes", "deleted"])
-def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_exact(damage, folder, reference, tmp_path, capsys):
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_exact(
+    damage, folder, reference, tmp_path, capsys
+):
     """4 bytes changed inside its parameter data, or its progress/ part deleted: one warning naming it, the
     intact epoch before it used, and the run ends exactly as the uninterrupted one."""
     out = copy_run(reference, tmp_path)
@@ -72,13 +90,19 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_exact(damage, 
     if damage == "bytes":
         target = params_file(newest)
         raw = bytearray(target.read_bytes())
-        raw[len(raw) // 2 : len(raw) // 2 + 4] = bytes(255 - b for b in raw[len(raw) // 2 : len(raw) // 2 + 4])
+        raw[len(raw) // 2 : len(raw) // 2 + 4] = bytes(
+            255 - b for b in raw[len(raw) // 2 : len(raw) // 2 + 4]
+        )
         target.write_bytes(bytes(raw))
     else:
         shutil.rmtree(newest / "progress")
     catsdogs.main([*ARGS, "--data-dir", str(folder), "--out", str(out), "--resume"])
     printed = capsys.readouterr().out
-    assert printed.count("is damaged") == 1 and f"{newest} is damaged" in printed and "after epoch 2" in printed
+    assert (
+        printed.count("is damaged") == 1
+        and f"{newest} is damaged" in printed
+        and "after epoch 2" in printed
+    )
     assert "Epoch 3/3" in printed and "Epoch 2/3" not in printed
     assert without_seconds(out / "history.json") == without_seconds(reference / "history.json")
     resumed, uninterrupted = (checkpoint.load_model(run, "latest")[1] for run in (out, reference))
@@ -87,13 +111,29 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_exact(damage, 
     assert checkpoint.damage(newest) is None  # saved again, whole
 
 
-def test_evaluate_and_load_model_refuse_a_damaged_checkpoint_naming_it(folder, reference, tmp_path, capsys):
+def test_evaluate_and_load_model_refuse_a_damaged_checkpoint_naming_it(
+    folder, reference, tmp_path, capsys
+):
     out = copy_run(reference, tmp_path)
     (out / "checkpoints" / "2" / "description" / "metadata").unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="checkpoints/2 is damaged .*description/metadata is missing"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match="checkpoints/2 is damaged .*description/metadata is missing",
+    ):
         checkpoint.load_model(out, 2)
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--checkpoint", str(out), "--which", "2", "--data-dir", str(folder), "--split", "validation"])
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(out),
+                "--which",
+                "2",
+                "--data-dir",
+                str(folder),
+                "--split",
+                "validation",
+            ]
+        )
     assert exit_info.value.code == runs.EXIT_BAD_INPUT
     err = one_error_line(capsys)
     assert "checkpoints/2 is damaged" in err and "weights are not used" in err
@@ -109,8 +149,14 @@ def test_a_checkpoint_without_its_seal_is_incomplete(reference, tmp_path):
         assert ckpts.latest_intact() == 2
 
 
-@pytest.mark.parametrize("seal,why", [("{}", "is not a seal of its files"), ("[1, 2]", "is not a seal of its files"),
-                                      (None, "extra.bin is not in the seal")])
+@pytest.mark.parametrize(
+    "seal,why",
+    [
+        ("{}", "is not a seal of its files"),
+        ("[1, 2]", "is not a seal of its files"),
+        (None, "extra.bin is not in the seal"),
+    ],
+)
 def test_an_emptied_or_foreign_seal_or_an_unsealed_file_is_damage(seal, why, reference, tmp_path):
     """A seal that lists nothing would check nothing: with it, changed weights loaded without a word."""
     out = copy_run(reference, tmp_path)
@@ -125,11 +171,16 @@ def test_an_emptied_or_foreign_seal_or_an_unsealed_file_is_damage(seal, why, ref
     assert why in checkpoint.damage(step_dir)
     with pytest.raises(checkpoint.CheckpointError, match="is damaged"):
         checkpoint.load_model(out, 3)
-    with pytest.raises(checkpoint.CheckpointError, match=f"{step_dir} is damaged .*: choose another epoch of its run$"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=f"{step_dir} is damaged .*: choose another epoch of its run$",
+    ):
         checkpoint.find(step_dir)  # the epoch's own folder: no --which to point at
 
 
-def test_a_read_of_a_run_being_written_finds_the_checkpoint_again_when_it_is_pruned(reference, tmp_path, monkeypatch):
+def test_a_read_of_a_run_being_written_finds_the_checkpoint_again_when_it_is_pruned(
+    reference, tmp_path, monkeypatch
+):
     """The best epoch is found, then pruned by the writing run before it is read (a new best replaced it):
     load_model finds the new one instead of failing with "not a cnnjax checkpoint"."""
     out = copy_run(reference, tmp_path)
@@ -142,12 +193,16 @@ def test_a_read_of_a_run_being_written_finds_the_checkpoint_again_when_it_is_pru
         return real_read(step_dir, seed)
 
     monkeypatch.setattr(checkpoint, "_read_model", pruned_first)
-    monkeypatch.setattr(checkpoint, "find", lambda path, which, seed: out / "checkpoints" / (calls and "3" or "1"))
+    monkeypatch.setattr(
+        checkpoint, "find", lambda path, which, seed: out / "checkpoints" / (calls and "3" or "1")
+    )
     _, params, description = checkpoint.load_model(out, "best")
     assert calls == ["1", "3"] and description["epoch"] == 3
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_the_resume_is_exact(folder, reference, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_during_a_save_is_one_line_and_the_resume_is_exact(
+    folder, reference, tmp_path, monkeypatch, capsys
+):
     """What orbax raises when the disk fills (measured on a 6 MB tmpfs): exit EXIT_NO_SPACE, one line, the lock
     let go, the earlier checkpoints intact; after space is freed, --resume ends as the uninterrupted run."""
     out = tmp_path / "run"
@@ -155,8 +210,10 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_resume_is_exact(folder, r
 
     def full_at_3(self, step, *args, **kwargs):
         if step == 3:
-            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{self.directory}/3.orbax-checkpoint-tmp/params": '
-                             "Failed to write 3045 bytes to file 16: No space left on device [os_error_code='28']")
+            raise ValueError(
+                f'RESOURCE_EXHAUSTED: Error writing local file "{self.directory}/3.orbax-checkpoint-tmp/params": '
+                "Failed to write 3045 bytes to file 16: No space left on device [os_error_code='28']"
+            )
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint.Checkpoints, "save", full_at_3)
@@ -165,18 +222,24 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_resume_is_exact(folder, r
     assert exit_info.value.code == runs.EXIT_NO_SPACE == 6
     err = one_error_line(capsys)
     assert "the disk is full" in err and str(out) in err and "--resume" in err
-    assert not (out / ".lock").exists() and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
+    assert not (out / ".lock").exists() and sorted(
+        p.name for p in (out / "checkpoints").iterdir()
+    ) == ["1", "2"]
     monkeypatch.setattr(checkpoint.Checkpoints, "save", real_save)
     catsdogs.main([*ARGS, "--data-dir", str(folder), "--out", str(out), "--resume"])
     assert without_seconds(out / "history.json") == without_seconds(reference / "history.json")
 
 
 @pytest.mark.parametrize("where", ["loading the data", "training"])
-def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(where, folder, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(
+    where, folder, tmp_path, monkeypatch, capsys
+):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "load", interrupt) if where == "loading the data" else monkeypatch.setattr(train, "_train_fn", interrupt)
+    monkeypatch.setattr(
+        data, "load", interrupt
+    ) if where == "loading the data" else monkeypatch.setattr(train, "_train_fn", interrupt)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         catsdogs.main([*ARGS, "--data-dir", str(folder), "--out", str(out)])
@@ -190,8 +253,18 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(where, folder, tmp_path, 
 def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_resume_is_exact(folder, reference, tmp_path):
     """`kill` and schedulers stop with SIGTERM: one line, exit 130, the lock let go, every finished epoch kept."""
     out = tmp_path / "run"
-    command = [sys.executable, str(REPO / "experiments" / "catsdogs.py"), *ARGS, "--data-dir", str(folder), "--out", str(out)]
-    with subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+    command = [
+        sys.executable,
+        str(REPO / "experiments" / "catsdogs.py"),
+        *ARGS,
+        "--data-dir",
+        str(folder),
+        "--out",
+        str(out),
+    ]
+    with subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
         for line in process.stdout:
             if line.startswith("Epoch 1/"):
                 process.send_signal(signal.SIGTERM)
@@ -200,14 +273,24 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_resume_is_exact(folder, refer
     assert process.returncode == runs.EXIT_INTERRUPTED, err[-2000:]
     assert err.strip().startswith("interrupted") and "\n" not in err.strip() and "--resume" in err
     assert not (out / ".lock").exists()
-    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr[-2000:]
     assert without_seconds(out / "history.json") == without_seconds(reference / "history.json")
 
 
-@pytest.mark.parametrize("text,message", [('{"config": {"name": "catsdogs', "is not valid JSON"),  # cut off
-                                          ("[]", "holds no run config"), ('{"config": {"train": [1]}}', "holds no run config")])
-def test_a_damaged_config_json_is_named_and_the_lock_let_go(text, message, folder, reference, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"config": {"name": "catsdogs', "is not valid JSON"),  # cut off
+        ("[]", "holds no run config"),
+        ('{"config": {"train": [1]}}', "holds no run config"),
+    ],
+)
+def test_a_damaged_config_json_is_named_and_the_lock_let_go(
+    text, message, folder, reference, tmp_path, capsys
+):
     out = copy_run(reference, tmp_path)
     (out / "config.json").write_text(text)
     with pytest.raises(SystemExit) as exit_info:
@@ -222,7 +305,11 @@ def test_a_lock_nobody_holds_is_taken_over(left, folder, reference, tmp_path, ca
     from tests.conftest import dead_pid
 
     out = copy_run(reference, tmp_path)
-    text = {"empty": "", "garbage": "\x00\x01{", "dead process": json.dumps({"pid": dead_pid(), "host": os.uname().nodename})}[left]
+    text = {
+        "empty": "",
+        "garbage": "\x00\x01{",
+        "dead process": json.dumps({"pid": dead_pid(), "host": os.uname().nodename}),
+    }[left]
     (out / ".lock").write_text(text)
     catsdogs.main([*ARGS, "--data-dir", str(folder), "--out", str(out), "--resume"])
     printed = capsys.readouterr().out
@@ -230,12 +317,24 @@ def test_a_lock_nobody_holds_is_taken_over(left, folder, reference, tmp_path, ca
     assert not (out / ".lock").exists()
 
 
-def test_a_lock_a_live_process_holds_refuses_the_folder_naming_it(folder, reference, tmp_path, capsys):
+def test_a_lock_a_live_process_holds_refuses_the_folder_naming_it(
+    folder, reference, tmp_path, capsys
+):
     out = copy_run(reference, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, json, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
-        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'here', 'started': 'now'}).encode()); print('held', flush=True); "
-        "time.sleep(60)"), str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, json, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+                "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'here', 'started': 'now'}).encode()); print('held', flush=True); "
+                "time.sleep(60)"
+            ),
+            str(out / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".lock"}
@@ -248,31 +347,54 @@ def test_a_lock_a_live_process_holds_refuses_the_folder_naming_it(folder, refere
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    catsdogs.main([*ARGS, "--data-dir", str(folder), "--out", str(out), "--resume"])  # the holder is gone: taken over
+    catsdogs.main(
+        [*ARGS, "--data-dir", str(folder), "--out", str(out), "--resume"]
+    )  # the holder is gone: taken over
 
 
 def test_the_stream_skips_what_memory_skips(tmp_path):
     """A broken file: memory and stream both leave it out before the epoch is ordered: the same count,
     the same labels, the same loss."""
-    pytest.importorskip("tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)")
+    pytest.importorskip(
+        "tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)"
+    )
     from cnnjax import config
 
     root = write_cats_dogs_folder(tmp_path / "data", {"train": 12, "validation": 6})
     (root / "train" / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    cfg = config.override(config.catsdogs(1), {"data.image_size": CATS_SIZE, "data.data_dir": str(root), "train.epochs": 1,
-                                               "train.batch_size": 4, "train.eval_batch_size": 6, "run.tensorboard": False})
+    cfg = config.override(
+        config.catsdogs(1),
+        {
+            "data.image_size": CATS_SIZE,
+            "data.data_dir": str(root),
+            "train.epochs": 1,
+            "train.batch_size": 4,
+            "train.eval_batch_size": 6,
+            "run.tensorboard": False,
+        },
+    )
     losses = {}
     for how in ("memory", "stream"):
         spec = config.override(cfg, {"data.input": how}).data
         with pytest.warns(data.SkippedImageWarning, match="broken.png"):
             datasets = data.load(spec, ("train", "validation"))
-        assert len(datasets["train"]) == 12 and datasets["train"].labels.tolist() == [0] * 6 + [1] * 6
-        losses[how] = train.train_and_evaluate(cfg, tmp_path / how, datasets, verbose=False).histories[0][0]["loss"]
+        assert (
+            len(datasets["train"]) == 12 and datasets["train"].labels.tolist() == [0] * 6 + [1] * 6
+        )
+        losses[how] = train.train_and_evaluate(
+            cfg, tmp_path / how, datasets, verbose=False
+        ).histories[0][0]["loss"]
     assert losses["memory"] == pytest.approx(losses["stream"], rel=1e-6)
 
 
 def test_a_first_epoch_that_diverges_keeps_no_checkpoint_and_says_so(tmp_path):
-    result = train.Result([0], [[{"epoch": 1, "loss": float("nan"), "val_loss": float("nan"), "diverged": True}]], [1], [None], None)
+    result = train.Result(
+        [0],
+        [[{"epoch": 1, "loss": float("nan"), "val_loss": float("nan"), "diverged": True}]],
+        [1],
+        [None],
+        None,
+    )
     (line,) = runs.closing_lines(result, tmp_path)
     assert line.endswith("keeps no checkpoint. Try a lower learning rate (--learning-rate).")
 
@@ -284,7 +406,9 @@ def test_a_second_close_waits_until_the_lock_file_is_gone(tmp_path, monkeypatch)
     folder = runs.RunFolder(tmp_path, resume=False, writer=True)
     folder._lock()
     real_unlink = pathlib.Path.unlink
-    monkeypatch.setattr(pathlib.Path, "unlink", lambda self, **kw: (time.sleep(0.5), real_unlink(self, **kw))[1])
+    monkeypatch.setattr(
+        pathlib.Path, "unlink", lambda self, **kw: (time.sleep(0.5), real_unlink(self, **kw))[1]
+    )
     first = threading.Thread(target=folder.close)
     first.start()
     time.sleep(0.1)  # the first close is letting go

@@ -33,7 +33,11 @@ def cache_dir(tmp_path_factory, monkeypatch) -> Path:
 
 
 def cache_files(cache_dir: Path) -> list[str]:
-    return sorted(p.name for p in (cache_dir / "folders").iterdir()) if (cache_dir / "folders").is_dir() else []
+    return (
+        sorted(p.name for p in (cache_dir / "folders").iterdir())
+        if (cache_dir / "folders").is_dir()
+        else []
+    )
 
 
 def forbid_decoding(monkeypatch) -> None:
@@ -52,17 +56,30 @@ def test_classes_sorted_and_files_in_keras_order(tmp_path):
     write_solid_image(tmp_path / "dogs" / "b.PNG", (0, 0, 2))
     write_solid_image(tmp_path / "cats" / "y.Jpg", (200, 200, 200))
     write_solid_image(tmp_path / "cats" / "x.bmp", (0, 0, 1))
-    write_solid_image(tmp_path / "cats" / "sub" / "w.gif", 0, mode="L")  # sub-folders of a class count, after its files
+    write_solid_image(
+        tmp_path / "cats" / "sub" / "w.gif", 0, mode="L"
+    )  # sub-folders of a class count, after its files
     write_solid_image(tmp_path / "birds" / "m.webp", (9, 9, 9))
     (tmp_path / "cats" / "notes.txt").write_text("not an image")
     write_solid_image(tmp_path / "cats" / ".hidden.png", (1, 1, 1))
-    write_solid_image(tmp_path / ".ipynb_checkpoints" / "q.png", (1, 1, 1))  # hidden folder: not a class
-    write_solid_image(tmp_path / "loose.png", (1, 1, 1))  # outside any class folder: ignored, as in Keras
+    write_solid_image(
+        tmp_path / ".ipynb_checkpoints" / "q.png", (1, 1, 1)
+    )  # hidden folder: not a class
+    write_solid_image(
+        tmp_path / "loose.png", (1, 1, 1)
+    )  # outside any class folder: ignored, as in Keras
 
     data = load_image_folder(tmp_path, image_size=(4, 6))
     assert isinstance(data, Images)
     assert data.class_names == ["birds", "cats", "dogs"]
-    assert data.files == ["birds/m.webp", "cats/x.bmp", "cats/y.Jpg", "cats/sub/w.gif", "dogs/b.PNG", "dogs/z.png"]
+    assert data.files == [
+        "birds/m.webp",
+        "cats/x.bmp",
+        "cats/y.Jpg",
+        "cats/sub/w.gif",
+        "dogs/b.PNG",
+        "dogs/z.png",
+    ]
     assert data.labels.dtype == np.int32 and data.labels.tolist() == [0, 1, 1, 1, 2, 2]
     assert data.images.dtype == np.uint8 and data.images.shape == (6, 4, 6, 3)
     assert data.images[1, 0, 0].tolist() == [0, 0, 1]  # lossless formats keep exact values
@@ -76,22 +93,40 @@ def test_modes_converted_to_rgb(tmp_path):
     palette = Image.new("P", (6, 4), 1)
     palette.putpalette([0, 0, 0, 12, 34, 56] + [0] * 762)
     palette.save(tmp_path / "c" / "2_palette.png")
-    write_solid_image(tmp_path / "c" / "3_rgba.png", (50, 60, 70, 0), mode="RGBA")  # alpha dropped, not composited (Keras does the same)
+    write_solid_image(
+        tmp_path / "c" / "3_rgba.png", (50, 60, 70, 0), mode="RGBA"
+    )  # alpha dropped, not composited (Keras does the same)
     write_solid_image(tmp_path / "c" / "4_cmyk.tif", (255, 0, 0, 0), mode="CMYK")
     write_solid_image(tmp_path / "c" / "5_cmyk_black.tif", (0, 0, 0, 255), mode="CMYK")
-    write_solid_image(tmp_path / "c" / "6_gray16.png", 1000, mode="I;16")  # scaled: round(1000 * 255 / 65535) = 4, not clipped to 255
+    write_solid_image(
+        tmp_path / "c" / "6_gray16.png", 1000, mode="I;16"
+    )  # scaled: round(1000 * 255 / 65535) = 4, not clipped to 255
     data = load_image_folder(tmp_path, image_size=(4, 6))
     assert data.images.shape == (6, 4, 6, 3)
     first_pixels = data.images[:, 0, 0].tolist()
-    assert first_pixels == [[100] * 3, [12, 34, 56], [50, 60, 70], [0, 255, 255], [0, 0, 0], [4] * 3]
-    for path, image in zip(data.files[:5], data.images, strict=False):  # the 8-bit ones equal PIL's own conversion
+    assert first_pixels == [
+        [100] * 3,
+        [12, 34, 56],
+        [50, 60, 70],
+        [0, 255, 255],
+        [0, 0, 0],
+        [4] * 3,
+    ]
+    for path, image in zip(
+        data.files[:5], data.images, strict=False
+    ):  # the 8-bit ones equal PIL's own conversion
         assert np.array_equal(image, np.asarray(Image.open(tmp_path / path).convert("RGB")))
 
 
 def gradient16(height=48, width=64) -> np.ndarray:
     """Every 16-bit level from 0 to 65535 in steps of about 21, with values either side of a rounding edge."""
     values = np.linspace(0, 65535, height * width).round().astype(np.uint16)
-    values[:4] = [128, 129, 385, 386]  # 128/257 = 0.498 -> 0, 129/257 = 0.502 -> 1, 385 -> 1, 386 -> 2
+    values[:4] = [
+        128,
+        129,
+        385,
+        386,
+    ]  # 128/257 = 0.498 -> 0, 129/257 = 0.502 -> 1, 385 -> 1, 386 -> 2
     return values.reshape(height, width)
 
 
@@ -99,9 +134,13 @@ def test_16bit_gradient_scaled_to_8bit(tmp_path):
     values = gradient16()
     (tmp_path / "c").mkdir()
     Image.fromarray(values).save(tmp_path / "c" / "a_gray16.png")
-    Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes()).save(tmp_path / "c" / "b_gray16_big_endian.tif")
+    Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes()).save(
+        tmp_path / "c" / "b_gray16_big_endian.tif"
+    )
     pgm = b"P5\n%d %d\n65535\n" % values.shape[::-1] + values.astype(">u2").tobytes()
-    (tmp_path / "c" / "c_gray16.ppm").write_bytes(pgm)  # a 16-bit PGM (.ppm is the extension Keras lists): PIL's mode "I"
+    (tmp_path / "c" / "c_gray16.ppm").write_bytes(
+        pgm
+    )  # a 16-bit PGM (.ppm is the extension Keras lists): PIL's mode "I"
     names = ["a_gray16.png", "b_gray16_big_endian.tif", "c_gray16.ppm"]
     assert [Image.open(tmp_path / "c" / n).mode for n in names] == ["I;16", "I;16B", "I"]
     data = load_image_folder(tmp_path, image_size=values.shape)
@@ -136,7 +175,9 @@ def test_float_images_rounded_and_clipped(tmp_path):
 
 def test_nearest_resize_equals_pil_nearest(tmp_path):
     path = write_noise_image(tmp_path / "c" / "n.png", size=(37, 23))
-    data = load_image_folder(tmp_path, image_size=(10, 15))  # (height, width), not square: catches a swap
+    data = load_image_folder(
+        tmp_path, image_size=(10, 15)
+    )  # (height, width), not square: catches a swap
     expected = np.asarray(Image.open(path).convert("RGB").resize((15, 10), Image.NEAREST))
     assert data.images.shape == (1, 10, 15, 3)
     assert np.array_equal(data.images[0], expected)
@@ -154,15 +195,20 @@ def test_bilinear_on_request(tmp_path):
 
 def test_equals_keras_load_img(tmp_path):
     import keras  # a dev dependency: missing, it fails; it never skips
+
     write_noise_image(tmp_path / "c" / "n.png", size=(37, 23))
     big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (97, 131, 3), dtype=np.uint8))
     big.save(tmp_path / "c" / "photo.jpg", quality=85)
     big.convert("CMYK").save(tmp_path / "c" / "print.jpg")
-    write_solid_image(tmp_path / "c" / "same_size.png", (1, 2, 3), size=(15, 10))  # no resize at the target size
+    write_solid_image(
+        tmp_path / "c" / "same_size.png", (1, 2, 3), size=(15, 10)
+    )  # no resize at the target size
     for interpolation in ("nearest", "bilinear"):
         data = load_image_folder(tmp_path, image_size=(10, 15), interpolation=interpolation)
         for rel, image in zip(data.files, data.images, strict=True):
-            pil = keras.utils.load_img(str(tmp_path / rel), target_size=(10, 15), interpolation=interpolation)
+            pil = keras.utils.load_img(
+                str(tmp_path / rel), target_size=(10, 15), interpolation=interpolation
+            )
             expected = keras.utils.img_to_array(pil)
             assert np.array_equal(image.astype(np.float32), expected), (rel, interpolation)
 
@@ -185,7 +231,11 @@ def test_corrupt_file_skipped_with_warning(tmp_path):
     # The cached result remembers the skipped files and warns again.
     with pytest.warns(SkippedImageWarning) as record:
         again = load_image_folder(tmp_path, image_size=(4, 6))
-    assert len(record) == 2 and "broken.jpg" in str(record[0].message) and "cut.png" in str(record[1].message)
+    assert (
+        len(record) == 2
+        and "broken.jpg" in str(record[0].message)
+        and "cut.png" in str(record[1].message)
+    )
     assert again.files == data.files and again.skipped == data.skipped
 
 
@@ -193,7 +243,10 @@ def test_an_image_past_pils_pixel_limit_is_an_unreadable_file(tmp_path, monkeypa
     """PIL refuses decompression bombs with an error of its own, no OSError: one is skipped or refused like a broken file."""
     Image.new("RGB", (40, 40)).save(tmp_path / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 40 is past twice the limit
-    with pytest.raises(OSError, match=r"huge.png has more pixels than PIL decodes safely \(Image size \(1600 pixels\)"):
+    with pytest.raises(
+        OSError,
+        match=r"huge.png has more pixels than PIL decodes safely \(Image size \(1600 pixels\)",
+    ):
         decode.decode_file(tmp_path / "huge.png", (4, 4))
 
 
@@ -209,13 +262,18 @@ def test_broken_symlink_skipped_with_warning(tmp_path, kind):
     with pytest.warns(SkippedImageWarning) as record:
         data = load_image_folder(tmp_path, image_size=(4, 6))
     messages = [str(w.message) for w in record]
-    assert any(str(link) in m and ("dangling symlink" if kind == "dangling" else "symlink loop") in m for m in messages), messages
+    assert any(
+        str(link) in m and ("dangling symlink" if kind == "dangling" else "symlink loop") in m
+        for m in messages
+    ), messages
     assert data.files == ["cats/a.png", "cats/b.png", "dogs/a.png"] and "cats/c.png" in data.skipped
     with pytest.warns(SkippedImageWarning) as record:  # the cached result repeats the warnings
         assert load_image_folder(tmp_path, image_size=(4, 6)).files == data.files
     assert any(str(link) in str(w.message) for w in record)
     link.unlink()
-    write_solid_image(link, (30, 0, 0))  # mended (and d.png, a link to it, with it): not served the old result from the cache
+    write_solid_image(
+        link, (30, 0, 0)
+    )  # mended (and d.png, a link to it, with it): not served the old result from the cache
     with warnings.catch_warnings():
         warnings.simplefilter("error", SkippedImageWarning)
         mended = load_image_folder(tmp_path, image_size=(4, 6))
@@ -226,7 +284,10 @@ def test_class_with_only_undecodable_files_is_an_error(tmp_path):
     write_solid_image(tmp_path / "cats" / "a.png", (1, 2, 3))
     (tmp_path / "dogs").mkdir()
     (tmp_path / "dogs" / "bad.png").write_bytes(b"junk")
-    with pytest.warns(SkippedImageWarning), pytest.raises(DataError, match="none of the images of class dogs"):
+    with (
+        pytest.warns(SkippedImageWarning),
+        pytest.raises(DataError, match="none of the images of class dogs"),
+    ):
         load_image_folder(tmp_path)
 
 
@@ -237,7 +298,9 @@ def test_missing_folder(tmp_path):
 
 def test_no_class_subfolders(tmp_path):
     write_solid_image(tmp_path / "a.png", (1, 2, 3))
-    expected = r"has only 1 loose image file\(s\), no class sub-folders; expected folder/<class>/<image>"
+    expected = (
+        r"has only 1 loose image file\(s\), no class sub-folders; expected folder/<class>/<image>"
+    )
     with pytest.raises(DataError, match=expected):
         load_image_folder(tmp_path)
     (tmp_path / "a.png").unlink()
@@ -252,7 +315,11 @@ def test_empty_class_folder(tmp_path):
     with pytest.raises(DataError) as info:
         load_image_folder(tmp_path)
     message = str(info.value)
-    assert str(tmp_path / "dogs") in message and "holds no images" in message and "folder/<class>/<image>" in message
+    assert (
+        str(tmp_path / "dogs") in message
+        and "holds no images" in message
+        and "folder/<class>/<image>" in message
+    )
     assert "\n" not in message
 
 
@@ -283,7 +350,9 @@ def test_mismatched_classes_fail_before_decoding(tmp_path, monkeypatch):
     write_solid_image(tmp_path / "validation" / "cat" / "a.png", (1, 2, 3))
     write_solid_image(tmp_path / "validation" / "dogs" / "a.png", (1, 2, 3))
     forbid_decoding(monkeypatch)
-    expected = r"different classes: .*train has \['cats', 'dogs'\] but .*validation has \['cat', 'dogs'\]"
+    expected = (
+        r"different classes: .*train has \['cats', 'dogs'\] but .*validation has \['cat', 'dogs'\]"
+    )
     with pytest.raises(DataError, match=expected):
         load_splits(tmp_path)
 
@@ -308,7 +377,9 @@ def test_find_cats_dogs_root(tmp_path, monkeypatch):
     assert find_cats_dogs_root(tmp_path) == data  # a parent of cats_and_dogs_small/
     monkeypatch.setenv("CNNJAX_DATA_DIR", str(tmp_path))
     assert find_cats_dogs_root() == data
-    with pytest.raises(DataError, match=r"tried .*elsewhere and .*elsewhere/cats_and_dogs_small \(from data_dir\)"):
+    with pytest.raises(
+        DataError, match=r"tried .*elsewhere and .*elsewhere/cats_and_dogs_small \(from data_dir\)"
+    ):
         find_cats_dogs_root(tmp_path / "elsewhere")
 
 
@@ -325,9 +396,19 @@ def test_find_cats_dogs_root_takes_the_splits_needed(tmp_path, monkeypatch):
         find_cats_dogs_root(tmp_path, ("validation", "test"))
     with pytest.raises(ValueError, match="splits"):
         find_cats_dogs_root(tmp_path, "test")  # a string, not a sequence of names
-    spec = SimpleNamespace(dataset="cats_dogs", data_dir=str(tmp_path), image_size=4, interpolation="nearest", input="memory")
+    spec = SimpleNamespace(
+        dataset="cats_dogs",
+        data_dir=str(tmp_path),
+        image_size=4,
+        interpolation="nearest",
+        input="memory",
+    )
     loaded = load(spec, ("test",))
-    assert list(loaded) == ["test"] and loaded["test"].files == ["cats/a.png", "cats/b.png", "dogs/a.png"]
+    assert list(loaded) == ["test"] and loaded["test"].files == [
+        "cats/a.png",
+        "cats/b.png",
+        "dogs/a.png",
+    ]
 
 
 # --- the cache ------------------------------------------------------------------------------------
@@ -341,9 +422,17 @@ def test_second_load_comes_from_the_cache(tmp_path, cache_dir, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no skipped files, no damaged-cache warning
         second = load_image_folder(tmp_path, image_size=(4, 6))
-    assert np.array_equal(second.images, first.images) and np.array_equal(second.labels, first.labels)
-    assert second.labels.dtype == np.int32 and second.class_names == first.class_names and second.files == first.files
-    with pytest.warns(SkippedImageWarning):  # another size is another key: decoded (and here refused)
+    assert np.array_equal(second.images, first.images) and np.array_equal(
+        second.labels, first.labels
+    )
+    assert (
+        second.labels.dtype == np.int32
+        and second.class_names == first.class_names
+        and second.files == first.files
+    )
+    with pytest.warns(
+        SkippedImageWarning
+    ):  # another size is another key: decoded (and here refused)
         with pytest.raises(DataError):
             load_image_folder(tmp_path, image_size=(5, 5))
 
@@ -353,12 +442,18 @@ def test_changed_added_removed_files_invalidate_the_cache(tmp_path, cache_dir):
     assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
     path = write_solid_image(tmp_path / "cats" / "a.png", (99, 0, 0))
     stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # coarse file-system clocks
+    os.utime(
+        path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000)
+    )  # coarse file-system clocks
     assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
     write_solid_image(tmp_path / "dogs" / "c.png", (0, 77, 0))
     assert load_image_folder(tmp_path, image_size=(4, 6)).files[-1] == "dogs/c.png"
     (tmp_path / "cats" / "b.png").unlink()
-    assert load_image_folder(tmp_path, image_size=(4, 6)).files == ["cats/a.png", "dogs/a.png", "dogs/c.png"]
+    assert load_image_folder(tmp_path, image_size=(4, 6)).files == [
+        "cats/a.png",
+        "dogs/a.png",
+        "dogs/c.png",
+    ]
     assert len(cache_files(cache_dir)) == 4
 
 
@@ -372,12 +467,17 @@ def test_file_edited_with_same_size_and_mtime_is_not_served_stale(tmp_path, cach
     write_solid_image(path, (99, 0, 0))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = path.stat()
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)  # only the bytes differ
+    assert (after.st_size, after.st_mtime_ns) == (
+        before.st_size,
+        before.st_mtime_ns,
+    )  # only the bytes differ
     assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
     assert len(cache_files(cache_dir)) == 2
 
 
-def test_file_edited_while_the_folder_decodes_is_not_cached_under_its_old_content(tmp_path, cache_dir, monkeypatch):
+def test_file_edited_while_the_folder_decodes_is_not_cached_under_its_old_content(
+    tmp_path, cache_dir, monkeypatch
+):
     """The key is hashed before the decode reads the files again; an edit in between must not cache
     the new pixels under the old bytes' key (the next load, with the file back, would get them)."""
     write_two_classes(tmp_path)
@@ -404,7 +504,9 @@ def test_content_hashes_threads_and_serial_agree(tmp_path):
     (tmp_path / "c" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     listing = folders.list_folder(tmp_path)
     serial = decode.content_hashes(listing.paths, listing.broken, 1)
-    assert serial[:7] == [hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() for rel in listing.files[:7]]
+    assert serial[:7] == [
+        hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() for rel in listing.files[:7]
+    ]
     assert serial[7].startswith("broken: dangling symlink")
     for workers in (2, 3, 16):
         assert decode.content_hashes(listing.paths, listing.broken, workers) == serial
@@ -416,7 +518,9 @@ def test_orphaned_cache_temporaries_removed_on_next_load(tmp_path, cache_dir):
     (cached,) = (cache_dir / "folders").iterdir()
     mine = files.temporary_name(cached).name
     orphan = cache_dir / "folders" / mine.replace(f".tmp-{os.getpid()}-", f".tmp-{dead_pid()}-")
-    living = cache_dir / "folders" / mine.replace(f".tmp-{os.getpid()}-", f".tmp-{os.getppid()}-")  # a writer still at work
+    living = (
+        cache_dir / "folders" / mine.replace(f".tmp-{os.getpid()}-", f".tmp-{os.getppid()}-")
+    )  # a writer still at work
     orphan.write_bytes(b"PK\x03\x04 half a zip")
     living.write_bytes(b"PK\x03\x04 half a zip")
     assert orphan.name != living.name and files.pid_alive(os.getppid())
@@ -431,19 +535,26 @@ def test_decoding_and_cache_hits_are_logged(tmp_path, cache_dir, caplog):
     (cached,) = (cache_dir / "folders").iterdir()
     (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
     assert record.levelno == logging.INFO
-    assert re.fullmatch(rf"decoded 3 images from {re.escape(str(tmp_path))} in \d+\.\d s; cached at {re.escape(str(cached))}",
-                        record.getMessage()), record.getMessage()
+    assert re.fullmatch(
+        rf"decoded 3 images from {re.escape(str(tmp_path))} in \d+\.\d s; cached at {re.escape(str(cached))}",
+        record.getMessage(),
+    ), record.getMessage()
     caplog.clear()
     load_image_folder(tmp_path, image_size=(4, 6))
     (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
-    assert re.match(rf"loaded 3 images of {re.escape(str(tmp_path))} from the cache {re.escape(str(cached))} in \d+\.\d\d s",
-                    record.getMessage()), record.getMessage()
+    assert re.match(
+        rf"loaded 3 images of {re.escape(str(tmp_path))} from the cache {re.escape(str(cached))} in \d+\.\d\d s",
+        record.getMessage(),
+    ), record.getMessage()
     caplog.clear()
     (tmp_path / "dogs" / "bad.png").write_bytes(b"junk")
     with pytest.warns(SkippedImageWarning):
         load_image_folder(tmp_path, image_size=(4, 6), cache=False)
     (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
-    assert record.getMessage().startswith(f"decoded 3 images (1 skipped) from {tmp_path} in ") and "not cached" in record.getMessage()
+    assert (
+        record.getMessage().startswith(f"decoded 3 images (1 skipped) from {tmp_path} in ")
+        and "not cached" in record.getMessage()
+    )
 
 
 def test_damaged_cache_is_rebuilt(tmp_path, cache_dir):
@@ -494,7 +605,9 @@ def test_cache_false_reads_and_writes_nothing(tmp_path, cache_dir):
 
 def test_threads_and_serial_agree(tmp_path):
     for i in range(12):
-        write_noise_image(tmp_path / ("cats" if i % 2 else "dogs") / f"{i:02d}.png", size=(20 + i, 30 - i), seed=i)
+        write_noise_image(
+            tmp_path / ("cats" if i % 2 else "dogs") / f"{i:02d}.png", size=(20 + i, 30 - i), seed=i
+        )
     serial = load_image_folder(tmp_path, image_size=(8, 9), cache=False, workers=1)
     threaded = load_image_folder(tmp_path, image_size=(8, 9), cache=False, workers=4)
     assert np.array_equal(serial.images, threaded.images) and serial.files == threaded.files
@@ -505,7 +618,9 @@ def test_threads_and_serial_agree(tmp_path):
 
 def test_tfds_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises ImportError
-    with pytest.raises(DataError, match="needs tensorflow-datasets, which is not installed.*train,validation,test"):
+    with pytest.raises(
+        DataError, match="needs tensorflow-datasets, which is not installed.*train,validation,test"
+    ):
         load_tfds_cats_vs_dogs()
 
 

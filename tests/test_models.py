@@ -8,7 +8,13 @@ import pytest
 from cnnjax import models
 from tests.conftest import CATS_DOGS_LAYERS, MNIST_LAYERS
 
-KERAS_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D", "flatten": "Flatten", "dropout": "Dropout", "dense": "Dense"}
+KERAS_TYPES = {
+    "conv2d": "Conv2D",
+    "max_pooling2d": "MaxPooling2D",
+    "flatten": "Flatten",
+    "dropout": "Dropout",
+    "dense": "Dense",
+}
 
 
 def _param_count(tree) -> int:
@@ -17,7 +23,10 @@ def _param_count(tree) -> int:
 
 @pytest.mark.parametrize(
     "model,layers,total",
-    [(models.MnistConvNet(), MNIST_LAYERS, 93_322), (models.CatsDogsConvNet(), CATS_DOGS_LAYERS, 3_453_121)],
+    [
+        (models.MnistConvNet(), MNIST_LAYERS, 93_322),
+        (models.CatsDogsConvNet(), CATS_DOGS_LAYERS, 3_453_121),
+    ],
 )
 def test_layer_shapes_and_parameter_counts(model, layers, total):
     params = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
@@ -32,9 +41,20 @@ def test_layer_shapes_and_parameter_counts(model, layers, total):
     assert f"Total params: {total:,}" in table and f"Trainable params: {total:,}" in table
     assert "Non-trainable params: 0" in table
     # Every layer's row, read back: name (type), output shape, parameter count, in the model's order.
-    rows = [line.split() for line in table.splitlines() if line.split() and line.split()[0] in models.layer_names(model)]
-    expected = [(name, f"({KERAS_TYPES[name.rstrip('_0123456789')]})", f"(None, {', '.join(map(str, shape))})", count)
-                for name, shape, count in layers]
+    rows = [
+        line.split()
+        for line in table.splitlines()
+        if line.split() and line.split()[0] in models.layer_names(model)
+    ]
+    expected = [
+        (
+            name,
+            f"({KERAS_TYPES[name.rstrip('_0123456789')]})",
+            f"(None, {', '.join(map(str, shape))})",
+            count,
+        )
+        for name, shape, count in layers
+    ]
     assert [(row[0], row[1], " ".join(row[2:-1]), int(row[-1])) for row in rows] == expected
 
 
@@ -61,9 +81,14 @@ def test_a_layer_of_another_kind_gets_its_row_in_the_summary():
             return models.Dense(2, name="dense")(models.Flatten(name="flatten")(x))
 
     table = models.summary(Normed())
-    assert "layer_normalization (LayerNormalization) (None, 6, 6, 4) 8".split() in [line.split() for line in table.splitlines()]
+    assert "layer_normalization (LayerNormalization) (None, 6, 6, 4) 8".split() in [
+        line.split() for line in table.splitlines()
+    ]
     assert "Total params: 338" in table  # 40 + 8 + 290
-    assert models.layer_type("max_pooling2d_3") == "MaxPooling2D" and models.layer_type("dense_1") == "Dense"
+    assert (
+        models.layer_type("max_pooling2d_3") == "MaxPooling2D"
+        and models.layer_type("dense_1") == "Dense"
+    )
 
 
 def test_dropout_is_active_in_training_and_off_in_evaluation():
@@ -72,12 +97,20 @@ def test_dropout_is_active_in_training_and_off_in_evaluation():
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 64, 64, 3))
     evals = [model.apply({"params": params}, x, train=False) for _ in range(2)]
     np.testing.assert_array_equal(evals[0], evals[1])
-    inner = models.layer_outputs(model, params, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    inner = models.layer_outputs(
+        model, params, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)}
+    )
     dropped = np.asarray(inner["dropout"])
     kept = dropped != 0
-    assert 0.35 < kept[np.asarray(inner["flatten"]) != 0].mean() < 0.65  # about half the features survive
-    np.testing.assert_allclose(dropped[kept], 2 * np.asarray(inner["flatten"])[kept], rtol=1e-6)  # inverted dropout scales by 2
-    train_out = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert (
+        0.35 < kept[np.asarray(inner["flatten"]) != 0].mean() < 0.65
+    )  # about half the features survive
+    np.testing.assert_allclose(
+        dropped[kept], 2 * np.asarray(inner["flatten"])[kept], rtol=1e-6
+    )  # inverted dropout scales by 2
+    train_out = model.apply(
+        {"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)}
+    )
     assert not np.allclose(train_out, evals[0])
 
 
@@ -106,7 +139,9 @@ def test_predict_gives_probabilities():
     x = jnp.ones((2, 48, 48, 3)) * 0.5
     cats_params = models.init_params(cats, jax.random.PRNGKey(0))
     probs = models.predict(cats, cats_params, x)
-    np.testing.assert_allclose(probs[:, 1], jax.nn.sigmoid(cats.apply({"params": cats_params}, x)), rtol=1e-6)  # Keras's sigmoid output
+    np.testing.assert_allclose(
+        probs[:, 1], jax.nn.sigmoid(cats.apply({"params": cats_params}, x)), rtol=1e-6
+    )  # Keras's sigmoid output
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
 
 
@@ -115,7 +150,9 @@ def test_captured_dense_output_is_after_its_relu():
     params = models.init_params(model, jax.random.PRNGKey(0))
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
     outputs = models.layer_outputs(model, params, x)
-    assert float(outputs["dense"].min()) >= 0  # ReLU applied, as Keras's Dense(64, activation="relu") outputs
+    assert (
+        float(outputs["dense"].min()) >= 0
+    )  # ReLU applied, as Keras's Dense(64, activation="relu") outputs
     expected = jax.nn.relu(outputs["flatten"] @ params["dense"]["kernel"] + params["dense"]["bias"])
     np.testing.assert_allclose(outputs["dense"], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(outputs["output"], model.apply({"params": params}, x), rtol=1e-6)

@@ -47,18 +47,50 @@ def env() -> dict[str, str]:
 class Launch:
     """N processes of one run of experiments/mnist.py, each with its own logs and write report."""
 
-    def __init__(self, tmp: Path, name: str, argv: list[str], out: Path, num_processes: int = 2, die: dict[int, int] | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        argv: list[str],
+        out: Path,
+        num_processes: int = 2,
+        die: dict[int, int] | None = None,
+    ):
         self.dir = tmp / name
         self.dir.mkdir()
         address = f"127.0.0.1:{free_port()}"
         self.procs = []
         for i in range(num_processes):
-            flags = ["--coordinator-address", address, "--num-processes", str(num_processes), "--process-id", str(i)]
+            flags = [
+                "--coordinator-address",
+                address,
+                "--num-processes",
+                str(num_processes),
+                "--process-id",
+                str(i),
+            ]
             kill = ["--die-in-epoch", str(die[i])] if die and i in die else []
-            cmd = [sys.executable, "-m", "tests._mp_worker", "--watch", str(out), "--report", str(self.dir / f"writes{i}"), *kill,
-                   "--", "experiments/mnist.py", *argv, *flags]
-            with open(self.dir / f"out{i}", "w") as stdout, open(self.dir / f"err{i}", "w") as stderr:
-                self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=stdout, stderr=stderr))
+            cmd = [
+                sys.executable,
+                "-m",
+                "tests._mp_worker",
+                "--watch",
+                str(out),
+                "--report",
+                str(self.dir / f"writes{i}"),
+                *kill,
+                "--",
+                "experiments/mnist.py",
+                *argv,
+                *flags,
+            ]
+            with (
+                open(self.dir / f"out{i}", "w") as stdout,
+                open(self.dir / f"err{i}", "w") as stderr,
+            ):
+                self.procs.append(
+                    subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=stdout, stderr=stderr)
+                )
 
     def wait(self, timeout: float = 240) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -103,8 +135,22 @@ def mnist_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_process(mnist_data, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("single") / "run"
-    done = subprocess.run([sys.executable, "experiments/mnist.py", *ARGS, "--data-dir", str(mnist_data), "--out", str(out)],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "experiments/mnist.py",
+            *ARGS,
+            "--data-dir",
+            str(mnist_data),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return history(out)
 
@@ -123,12 +169,16 @@ def wait_for_survivor(launch: Launch, victim: int) -> tuple[int, list[str]]:
 def assert_only_process_0_writes(launch: Launch) -> None:
     """Process 1 writes nothing in the run folder through Python but its own orbax metadata."""
     assert any("/history.json" in line for line in launch.writes(0))  # the hook does see writes
-    others = [line for line in launch.writes(1) if "/checkpoints/" not in line or "process_1" not in line]
+    others = [
+        line for line in launch.writes(1) if "/checkpoints/" not in line or "process_1" not in line
+    ]
     assert others == [], others[:5]
 
 
 @pytest.mark.slow  # three launches of two processes each
-def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(mnist_data, single_process, tmp_path):
+def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(
+    mnist_data, single_process, tmp_path
+):
     """Epoch 2 starts and process 1 is SIGKILLed: process 0 exits with one line (EXIT_LOST). Both
     resume; epoch 3 starts and process 0, the coordinator, is SIGKILLed: process 1 stops too. Both
     resume again and finish with the single-process history. Process 0 alone writes the run
@@ -139,7 +189,11 @@ def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(m
     first = Launch(tmp_path, "first", argv, out, die={1: 2})
     code, lines = wait_for_survivor(first, victim=1)
     assert code == mesh.EXIT_LOST, first.err(0)[-3000:]
-    assert len(lines) == 1 and "lost contact with the other processes" in lines[0] and "--resume" in lines[0], lines
+    assert (
+        len(lines) == 1
+        and "lost contact with the other processes" in lines[0]
+        and "--resume" in lines[0]
+    ), lines
     assert "Traceback" not in first.err(0)
     assert not (out / ".lock").exists()  # the survivor let go of the folder
     assert [row["epoch"] for row in history(out)] == [1]
@@ -147,46 +201,95 @@ def test_two_processes_survive_each_other_and_resume_to_the_single_process_run(m
     second = Launch(tmp_path, "second", [*argv, "--resume"], out, die={0: 3})
     code, lines = wait_for_survivor(second, victim=0)  # the coordinator is gone
     assert code == mesh.EXIT_LOST, second.err(1)[-3000:]
-    assert len(lines) == 1 and "lost contact with the other processes" in lines[0] and "--resume" in lines[0], lines
+    assert (
+        len(lines) == 1
+        and "lost contact with the other processes" in lines[0]
+        and "--resume" in lines[0]
+    ), lines
     assert "Traceback" not in second.err(1)
     assert "Resuming" in second.out(0) and "after epoch 1" in second.out(0)
     assert [row["epoch"] for row in history(out)] == [1, 2]
 
     third = Launch(tmp_path, "third", [*argv, "--resume"], out)
     assert third.wait() == [0, 0], third.err(0)[-3000:] + third.err(1)[-3000:]
-    assert "taking it over" in third.out(0) and "after epoch 2" in third.out(0)  # the killed process 0's lock
+    assert "taking it over" in third.out(0) and "after epoch 2" in third.out(
+        0
+    )  # the killed process 0's lock
     assert "devices: 2 x cpu (cpu), 2 process(es), mesh seed=1 x data=2" in third.out(0)
     assert "Epoch 3/3" in third.out(0) and "Epoch" not in third.out(1)
     assert_same_history(history(out), single_process)
     devices = json.loads((out / "config.json").read_text())["devices"]
-    assert devices["count"] == 2 and devices["processes"] == 2 and devices["mesh"] == {"seed": 1, "data": 2}
+    assert (
+        devices["count"] == 2
+        and devices["processes"] == 2
+        and devices["mesh"] == {"seed": 1, "data": 2}
+    )
     for launch in (first, second, third):
         assert_only_process_0_writes(launch)
 
     refused = Launch(tmp_path, "refused", argv, out)
     assert refused.wait() == [2, 2]
     first_words, second_words = error_lines(refused.err(0)), error_lines(refused.err(1))
-    assert first_words == second_words and len(first_words) == 1 and "add --resume" in first_words[0]
+    assert (
+        first_words == second_words and len(first_words) == 1 and "add --resume" in first_words[0]
+    )
 
 
 @pytest.mark.slow  # starts a process that waits for a peer that never comes
 @pytest.mark.parametrize("present", [0, 1])
-def test_a_peer_that_never_starts_is_one_line_within_the_join_timeout(present, mnist_data, tmp_path):
+def test_a_peer_that_never_starts_is_one_line_within_the_join_timeout(
+    present, mnist_data, tmp_path
+):
     address = f"127.0.0.1:{free_port()}"
-    flags = ["--coordinator-address", address, "--num-processes", "2", "--process-id", str(present), "--join-timeout", "5"]
+    flags = [
+        "--coordinator-address",
+        address,
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(present),
+        "--join-timeout",
+        "5",
+    ]
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "experiments/mnist.py", *ARGS, "--data-dir", str(mnist_data), "--out", str(tmp_path / "run"),
-                           *flags], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "experiments/mnist.py",
+            *ARGS,
+            "--data-dir",
+            str(mnist_data),
+            "--out",
+            str(tmp_path / "run"),
+            *flags,
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == mesh.EXIT_LOST and time.monotonic() - start < 60, done.stderr[-2000:]
     lines = error_lines(done.stderr)
-    assert len(lines) == 1 and "Traceback" not in done.stderr and "within 5 s (--join-timeout)" in lines[0], done.stderr[-2000:]
-    assert ("process(es) 1 did not join" if present == 0 else "process 0 did not gather") in lines[0]
+    assert (
+        len(lines) == 1
+        and "Traceback" not in done.stderr
+        and "within 5 s (--join-timeout)" in lines[0]
+    ), done.stderr[-2000:]
+    assert ("process(es) 1 did not join" if present == 0 else "process 0 did not gather") in lines[
+        0
+    ]
     assert not (tmp_path / "run").exists()
 
 
 def test_a_single_cluster_task_is_not_joined_and_several_are(monkeypatch):
     """`srun --ntasks=1 python ...` stays one process with every local device (joining would give it one GPU)."""
-    for name, value in {"SLURM_JOB_ID": "12", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}.items():
+    for name, value in {
+        "SLURM_JOB_ID": "12",
+        "SLURM_STEP_NODELIST": "node[01-02]",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert mesh.cluster_detected() is None
@@ -197,11 +300,20 @@ def test_a_single_cluster_task_is_not_joined_and_several_are(monkeypatch):
     assert mesh.cluster_detected() == "Open MPI"
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--num-processes", "2"], "go together: give all three or none"),
-    (["--coordinator-address", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "must be HOST:PORT"),
-    (["--coordinator-address", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id must be in 0..1"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--num-processes", "2"], "go together: give all three or none"),
+        (
+            ["--coordinator-address", "127.0.0.1", "--num-processes", "2", "--process-id", "0"],
+            "must be HOST:PORT",
+        ),
+        (
+            ["--coordinator-address", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+            "--process-id must be in 0..1",
+        ),
+    ],
+)
 def test_bad_process_flags_are_one_line_exit_2(flags, message, tmp_path, capsys):
     from experiments import mnist as experiment
 

@@ -13,7 +13,8 @@ import pytest
 from cnnjax import ops
 
 IMAGE = np.array(
-    [[1, 0, 0, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 3, 1], [2, 1, 0, 1, 1]], np.float32
+    [[1, 0, 0, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 3, 1], [2, 1, 0, 1, 1]],
+    np.float32,
 )
 FILTER = np.array([[0, 1, 0], [0, 1, 0], [1, 1, 0]], np.float32)
 FEATURE_MAP = np.array([[3, 2, 2], [4, 2, 4], [5, 1, 4]], np.float32)
@@ -93,7 +94,11 @@ CONV_LAYERS = {
     "mnist_conv2d": ((28, 28, 1, 32), "direct", "direct"),
     "mnist_conv2d_1": ((13, 13, 32, 64), "padded", "padded"),
     "mnist_conv2d_2": ((5, 5, 64, 64), "unpadded", "unpadded"),
-    "cats_conv2d": ((150, 150, 3, 32), "direct", "direct"),  # 3*3*3 = 27 taps: the direct bound itself
+    "cats_conv2d": (
+        (150, 150, 3, 32),
+        "direct",
+        "direct",
+    ),  # 3*3*3 = 27 taps: the direct bound itself
     "cats_conv2d_1": ((74, 74, 32, 64), "padded", "padded"),
     "cats_conv2d_2": ((36, 36, 64, 128), "padded", "padded"),
     "cats_conv2d_3": ((17, 17, 128, 128), "padded", "padded"),
@@ -120,11 +125,17 @@ def _float32_exact():
     """On the CPU float32 convolutions are float32: the programs stay the ones the models run.
     Elsewhere (a GPU computes float32 convolutions in TF32 by default) ask for full float32,
     so that CONV_RTOL means the same there."""
-    return contextlib.nullcontext() if jax.default_backend() == "cpu" else jax.default_matmul_precision("highest")
+    return (
+        contextlib.nullcontext()
+        if jax.default_backend() == "cpu"
+        else jax.default_matmul_precision("highest")
+    )
 
 
 def _lax_valid_conv(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def _lax_float64(x, kernel, ct):
@@ -170,7 +181,9 @@ def _predicted_routes(h, w, c_in):
     oh, ow = h - KH + 1, w - KW + 1
     direct = KH * KW * c_in <= ops._DIRECT_MAX_TAPS
     forward = "direct" if direct else "padded" if KW / ow <= ops._EIGEN_MAX_WASTE else "unpadded"
-    kernel_grad = "direct" if direct else "padded" if KH / oh <= ops._EIGEN_MAX_WASTE else "unpadded"
+    kernel_grad = (
+        "direct" if direct else "padded" if KH / oh <= ops._EIGEN_MAX_WASTE else "unpadded"
+    )
     return {"forward": forward, "kernel_grad": kernel_grad, "input_grad": "full"}
 
 
@@ -188,17 +201,27 @@ def _traced_routes(h, w, c_in, c_out):
     pass, (dy, kernel) the input gradient, (x, dy) the kernel gradient. Its route follows
     from the convolutions inside (none, or which zero padding) and a scan.
     """
-    x, kernel, ct = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _conv_arrays((h, w, c_in, c_out), 2, 0))
+    x, kernel, ct = (
+        jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _conv_arrays((h, w, c_in, c_out), 2, 0)
+    )
     # The routed function itself: what conv2d_nhwc calls on the CPU (elsewhere it is plain lax).
     jaxpr = jax.make_jaxpr(_value_and_vjp(ops._conv_valid_fast_kernel_grad))(x, kernel, ct).jaxpr
-    passes = {(x.shape, kernel.shape): "forward", (ct.shape, kernel.shape): "input_grad", (x.shape, ct.shape): "kernel_grad"}
+    passes = {
+        (x.shape, kernel.shape): "forward",
+        (ct.shape, kernel.shape): "input_grad",
+        (x.shape, ct.shape): "kernel_grad",
+    }
     routes = {}
     for eqn in jaxpr.eqns:
         name = passes.get(tuple(v.aval.shape for v in eqn.invars))
         if name is None:
             continue
         inner = list(_all_eqns(eqn))
-        pads = [tuple(map(tuple, e.params["padding"])) for e in inner if e.primitive.name == "conv_general_dilated"]
+        pads = [
+            tuple(map(tuple, e.params["padding"]))
+            for e in inner
+            if e.primitive.name == "conv_general_dilated"
+        ]
         scans = [e for e in inner if e.primitive.name == "scan"]
         known = {
             ("forward", ()): "direct",
@@ -222,7 +245,11 @@ def test_conv_layer_shape_selects_the_route_claimed(layer):
 
 
 def test_conv_layers_cover_every_route():
-    covered = {(p, r) for _, f, k in CONV_LAYERS.values() for p, r in (("forward", f), ("kernel_grad", k), ("input_grad", "full"))}
+    covered = {
+        (p, r)
+        for _, f, k in CONV_LAYERS.values()
+        for p, r in (("forward", f), ("kernel_grad", k), ("input_grad", "full"))
+    }
     assert covered == EVERY_ROUTE
 
 
@@ -252,12 +279,16 @@ VMAP_AXES = {
 
 
 @pytest.mark.parametrize("axes", VMAP_AXES)
-@pytest.mark.parametrize("layer", ["mnist_conv2d", "mnist_conv2d_1", "mnist_conv2d_2"])  # direct, padded, unpadded
+@pytest.mark.parametrize(
+    "layer", ["mnist_conv2d", "mnist_conv2d_1", "mnist_conv2d_2"]
+)  # direct, padded, unpadded
 def test_conv_under_vmap_equals_lax_one_index_at_a_time(layer, axes):
     """jax.vmap of value and vjp over 3 lanes, each lane against lax (float64) on that lane alone."""
     in_axes = VMAP_AXES[axes]
     lanes = 3
-    batched = _conv_arrays(CONV_LAYERS[layer][0], 2, seed=zlib.crc32((layer + axes).encode()), lead=(lanes,))
+    batched = _conv_arrays(
+        CONV_LAYERS[layer][0], 2, seed=zlib.crc32((layer + axes).encode()), lead=(lanes,)
+    )
     args = [a if ax == 0 else a[0] for a, ax in zip(batched, in_axes)]
     with _float32_exact():
         vmapped = jax.jit(jax.vmap(_value_and_vjp(ops.conv2d_nhwc), in_axes=in_axes))
@@ -271,13 +302,19 @@ def test_conv_under_vmap_equals_lax_one_index_at_a_time(layer, axes):
         # The custom vmap rule ran, not jax's: a batched kernel would become a grouped convolution.
         eqns = [e for top in vmapped.trace(*args).jaxpr.eqns for e in _all_eqns(top)]
         convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
-        assert {(e.params["feature_group_count"], e.params["batch_group_count"]) for e in convs} <= {(1, 1)}
+        assert {
+            (e.params["feature_group_count"], e.params["batch_group_count"]) for e in convs
+        } <= {(1, 1)}
         # And the forward pass took the path claimed: lanes folded into N (one output of
         # lanes * 2 images) or one call per lane (lax.map: a scan, no folded output).
         h, w, _, c_out = CONV_LAYERS[layer][0]
-        folded = (lanes * 2, h - KH + 1, w - KW + 1, c_out) in {tuple(v.aval.shape) for e in eqns for v in e.outvars}
+        folded = (lanes * 2, h - KH + 1, w - KW + 1, c_out) in {
+            tuple(v.aval.shape) for e in eqns for v in e.outvars
+        }
         assert folded == axes.startswith("fold")
-        assert any(e.primitive.name == "scan" for e in eqns)  # kernel gradient: one call per lane, always
+        assert any(
+            e.primitive.name == "scan" for e in eqns
+        )  # kernel gradient: one call per lane, always
 
 
 # --- Max pooling: the CPU's custom gradient against autodiff of reshape-and-max ------------
@@ -287,7 +324,9 @@ def _reshape_max_pool(x, window):
     """The plain pooling whose autodiff gradient `ops._max_pool` writes out by hand."""
     n, h, w, c = x.shape
     oh, ow = h // window, w // window
-    return x[:, : oh * window, : ow * window, :].reshape(n, oh, window, ow, window, c).max(axis=(2, 4))
+    return (
+        x[:, : oh * window, : ow * window, :].reshape(n, oh, window, ow, window, c).max(axis=(2, 4))
+    )
 
 
 def _pool_input(kind, size, seed):
@@ -302,7 +341,9 @@ def _pool_input(kind, size, seed):
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "equal"])
 @pytest.mark.parametrize("window", [2, 3])
-@pytest.mark.parametrize("size", [(5, 7), (13, 13), (26, 26), (75, 75)], ids="{0[0]}x{0[1]}".format)  # odd: a border dropped
+@pytest.mark.parametrize(
+    "size", [(5, 7), (13, 13), (26, 26), (75, 75)], ids="{0[0]}x{0[1]}".format
+)  # odd: a border dropped
 def test_max_pool_value_and_gradient_bitwise_equal_autodiff_of_reshape_and_max(size, window, kind):
     """The docstring's claim: bitwise the same value and gradient as autodiff of
     reshape-and-max, ties included (they share the gradient equally), the dropped border 0."""
@@ -310,16 +351,25 @@ def test_max_pool_value_and_gradient_bitwise_equal_autodiff_of_reshape_and_max(s
     oh, ow = size[0] // window, size[1] // window
     ct = jnp.asarray(np.random.default_rng(7).normal(size=(2, oh, ow, 3)), jnp.float32)
     if jax.default_backend() == "cpu":  # the hand-written gradient is what runs there
-        assert jax.make_jaxpr(lambda x: ops.max_pool_nhwc(x, window))(x).eqns[0].primitive.name == "custom_vjp_call"
+        assert (
+            jax.make_jaxpr(lambda x: ops.max_pool_nhwc(x, window))(x).eqns[0].primitive.name
+            == "custom_vjp_call"
+        )
     y, dx = jax.jit(_value_and_vjp(lambda x, _: ops.max_pool_nhwc(x, window)))(x, None, ct)[:2]
-    y_ref, dx_ref = jax.jit(_value_and_vjp(lambda x, _: _reshape_max_pool(x, window)))(x, None, ct)[:2]
+    y_ref, dx_ref = jax.jit(_value_and_vjp(lambda x, _: _reshape_max_pool(x, window)))(x, None, ct)[
+        :2
+    ]
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(dx, dx_ref)
     dx = np.asarray(dx)
-    assert not dx[:, oh * window :].any() and not dx[:, :, ow * window :].any()  # the border is dropped
-    maxima_per_window = (x[:, : oh * window, : ow * window] == np.repeat(np.repeat(y, window, 1), window, 2)).reshape(
-        2, oh, window, ow, window, 3
-    ).sum(axis=(2, 4))
+    assert (
+        not dx[:, oh * window :].any() and not dx[:, :, ow * window :].any()
+    )  # the border is dropped
+    maxima_per_window = (
+        (x[:, : oh * window, : ow * window] == np.repeat(np.repeat(y, window, 1), window, 2))
+        .reshape(2, oh, window, ow, window, 3)
+        .sum(axis=(2, 4))
+    )
     if kind == "ties":
         assert (maxima_per_window > 1).mean() > 0.2  # the data really has ties to share
     if kind == "equal":  # every position of a window gets ct / window**2

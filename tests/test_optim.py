@@ -28,7 +28,9 @@ STEPS = 5
 # Ours compute Keras's operations in Keras's order: equal (RTOL 0). A wrong beta, rho,
 # learning rate, epsilon or bias correction moves the parameters by 1e-3 relative or more.
 RTOL = 0.0
-LATE_STEP = 100_000  # 0.9**t and 0.999**t are below float32's half ulp of 1: both corrections are 1.0
+LATE_STEP = (
+    100_000  # 0.9**t and 0.999**t are below float32's half ulp of 1: both corrections are 1.0
+)
 
 
 def _gradients(low: float, high: float, seed: int) -> np.ndarray:
@@ -51,7 +53,9 @@ def _keras_steps(optimizer, grads: np.ndarray, start_step: int = 0) -> np.ndarra
     return np.stack(out)
 
 
-def _optax_steps(tx: optax.GradientTransformation, grads: np.ndarray, start_step: int = 0) -> np.ndarray:
+def _optax_steps(
+    tx: optax.GradientTransformation, grads: np.ndarray, start_step: int = 0
+) -> np.ndarray:
     """The parameters after each of our steps, from zeros (the step counter set to start_step)."""
     params = np.zeros(SHAPE, np.float32)
     state = tx.init(params)
@@ -90,7 +94,10 @@ def test_adam_keras_epsilon_equals_keras_at_late_steps(hyper):
     epsilon of 1e-8 changes the steps by up to 10x."""
     grads = _gradients(1e-8, 1e-5, seed=1)
     ours = _optax_steps(optim.adam_keras(**LEARNING_RATES[hyper]), grads, start_step=LATE_STEP)
-    _assert_same_steps(ours, _keras_steps(keras.optimizers.Adam(**LEARNING_RATES[hyper]), grads, start_step=LATE_STEP))
+    _assert_same_steps(
+        ours,
+        _keras_steps(keras.optimizers.Adam(**LEARNING_RATES[hyper]), grads, start_step=LATE_STEP),
+    )
 
 
 @pytest.mark.parametrize("hyper", LEARNING_RATES)
@@ -103,12 +110,16 @@ def test_rmsprop_keras_equals_keras_rmsprop(hyper):
 
 def test_adam_keras_equals_keras_adam_with_small_gradients_from_step_1():
     grads = _gradients(1e-7, 1e-5, seed=3)
-    _assert_same_steps(_optax_steps(optim.adam_keras(), grads), _keras_steps(keras.optimizers.Adam(), grads))
+    _assert_same_steps(
+        _optax_steps(optim.adam_keras(), grads), _keras_steps(keras.optimizers.Adam(), grads)
+    )
 
 
 def test_rmsprop_keras_equals_keras_rmsprop_with_small_gradients():
     grads = _gradients(1e-5, 1e-3, seed=4)
-    _assert_same_steps(_optax_steps(optim.rmsprop_keras(), grads), _keras_steps(keras.optimizers.RMSprop(), grads))
+    _assert_same_steps(
+        _optax_steps(optim.rmsprop_keras(), grads), _keras_steps(keras.optimizers.RMSprop(), grads)
+    )
 
 
 def test_optax_rmsprop_is_keras_to_rounding_but_not_to_the_bit():
@@ -125,5 +136,10 @@ def test_the_recipes_train_with_these_optimizers():
     from cnnjax import config
 
     grads = _gradients(1.0, 2.0, seed=6)
-    for cfg, ours in ((config.mnist(), optim.rmsprop_keras()), (config.catsdogs(1), optim.adam_keras())):
-        np.testing.assert_array_equal(_optax_steps(optim.make_optimizer(cfg.optim), grads), _optax_steps(ours, grads))
+    for cfg, ours in (
+        (config.mnist(), optim.rmsprop_keras()),
+        (config.catsdogs(1), optim.adam_keras()),
+    ):
+        np.testing.assert_array_equal(
+            _optax_steps(optim.make_optimizer(cfg.optim), grads), _optax_steps(ours, grads)
+        )

@@ -15,7 +15,14 @@ from tests.conftest import png_pixels
 
 def history(n: int) -> list[dict]:
     return [
-        {"epoch": e, "loss": 1.0 / e, "accuracy": 1 - 0.5 / e, "val_loss": 1.2 / e, "val_accuracy": 0.9 - 0.3 / e} for e in range(1, n + 1)
+        {
+            "epoch": e,
+            "loss": 1.0 / e,
+            "accuracy": 1 - 0.5 / e,
+            "val_loss": 1.2 / e,
+            "val_accuracy": 0.9 - 0.3 / e,
+        }
+        for e in range(1, n + 1)
     ]
 
 
@@ -55,7 +62,9 @@ def check_panels(fig, rows: list[dict]) -> None:
         expected = [math.nan if row.get(metric) is None else row[metric] for row in rows]
         np.testing.assert_array_equal(train.get_xdata(), epochs)
         np.testing.assert_array_equal(train.get_ydata(), expected)
-        expected = [math.nan if row.get(f"val_{metric}") is None else row[f"val_{metric}"] for row in rows]
+        expected = [
+            math.nan if row.get(f"val_{metric}") is None else row[f"val_{metric}"] for row in rows
+        ]
         np.testing.assert_array_equal(val.get_xdata(), epochs)
         np.testing.assert_array_equal(val.get_ydata(), expected)
         # training: dots, no line; validation: a line whose points also show
@@ -110,7 +119,9 @@ def test_none_and_nan_are_gaps(tmp_path):
     path = plots.save_figure(fig, tmp_path / "history.png")
     assert_png_shows(path, rows)
     # The gaps are in the picture too: the figure of the rows without the bad values draws the same pixels.
-    assert_png_shows(path, [{k: v for k, v in row.items() if v is not None and np.isfinite(v)} for row in rows])
+    assert_png_shows(
+        path, [{k: v for k, v in row.items() if v is not None and np.isfinite(v)} for row in rows]
+    )
 
 
 def test_all_none_draws_empty_panels(tmp_path):
@@ -121,7 +132,9 @@ def test_all_none_draws_empty_panels(tmp_path):
 
 
 def test_training_only_history_has_no_validation_line():
-    fig = plots.history_figure([{"epoch": 1, "loss": 0.5, "accuracy": 0.8}, {"epoch": 2, "loss": 0.4, "accuracy": 0.9}])
+    fig = plots.history_figure(
+        [{"epoch": 1, "loss": 0.5, "accuracy": 0.8}, {"epoch": 2, "loss": 0.4, "accuracy": 0.9}]
+    )
     assert [set(lines(ax)) for ax in fig.axes] == [{"Training Accuracy"}, {"Training Loss"}]
 
 
@@ -138,7 +151,9 @@ def test_plot_history_writes_a_png_of_the_figure_size_through_atomic_path(tmp_pa
     assert path == tmp_path / "run" / "history.png"
     assert used == [path]
     assert_png_shows(path, history(3))  # figsize (10, 5) at dpi 100
-    assert sorted(p.name for p in path.parent.iterdir()) == ["history.png"], "no temporary left behind"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["history.png"], (
+        "no temporary left behind"
+    )
 
 
 def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -163,8 +178,13 @@ def test_filter_pattern_labels_never_run_into_an_image_or_the_title(tmp_path, mo
     saved = []
     monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=100: saved.append(fig) or path)
     images = np.random.default_rng(0).random((n, 150, 150, 3))
-    plots.plot_filter_patterns(images, tmp_path / "f.png", "conv2d_3: the inputs filters respond to most (40 ascent steps)",
-                               [f"filter {i}" for i in range(n)], cols=cols)
+    plots.plot_filter_patterns(
+        images,
+        tmp_path / "f.png",
+        "conv2d_3: the inputs filters respond to most (40 ascent steps)",
+        [f"filter {i}" for i in range(n)],
+        cols=cols,
+    )
     fig = saved[0]
     rendered(fig)
     renderer = fig.canvas.get_renderer()
@@ -174,4 +194,7 @@ def test_filter_pattern_labels_never_run_into_an_image_or_the_title(tmp_path, mo
         label = ax.title.get_window_extent(renderer)
         assert ax.title.get_text() and not label.overlaps(fig._suptitle.get_window_extent(renderer))
         for other in shown:
-            assert not label.overlaps(other.get_window_extent(renderer)), (ax.title.get_text(), other.title.get_text())
+            assert not label.overlaps(other.get_window_extent(renderer)), (
+                ax.title.get_text(),
+                other.title.get_text(),
+            )

@@ -21,7 +21,11 @@ from tests.conftest import CATS_SIZE, tiny_cats_dogs, tiny_mnist
 
 def batch_of(images: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> dict:
     weights = np.ones(len(labels), np.float32) if weights is None else weights
-    return {"image": jnp.asarray(images), "label": jnp.asarray(labels), "weight": jnp.asarray(weights)}
+    return {
+        "image": jnp.asarray(images),
+        "label": jnp.asarray(labels),
+        "weight": jnp.asarray(weights),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +87,9 @@ def test_the_softmax_head():
     logits = jnp.array([[1.0, 3.0, 0.0], [0.0, 0.0, 5.0]])
     np.testing.assert_array_equal(head.predict(logits), [1, 2])
     np.testing.assert_allclose(head.probabilities(logits).sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(head.loss(logits, jnp.array([1, 0])), -jax.nn.log_softmax(logits)[[0, 1], [1, 0]], rtol=1e-6)
+    np.testing.assert_allclose(
+        head.loss(logits, jnp.array([1, 0])), -jax.nn.log_softmax(logits)[[0, 1], [1, 0]], rtol=1e-6
+    )
     np.testing.assert_array_equal(head.score(logits, jnp.array(2)), [0.0, 5.0])
 
 
@@ -96,8 +102,14 @@ def test_padding_changes_neither_loss_nor_gradient():
     pad = np.zeros((6, 28, 28, 1), np.uint8)
     train_step = jax.jit(functools.partial(step.train_step, model=model, tx=tx, augment=None))
     a, ta = train_step(state, batch_of(images, labels))
-    b, tb = train_step(state, batch_of(np.concatenate([images, pad]), np.concatenate([labels, np.full(6, 3, np.int32)]),
-                                       np.array([1.0] * 10 + [0.0] * 6, np.float32)))
+    b, tb = train_step(
+        state,
+        batch_of(
+            np.concatenate([images, pad]),
+            np.concatenate([labels, np.full(6, 3, np.int32)]),
+            np.array([1.0] * 10 + [0.0] * 6, np.float32),
+        ),
+    )
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert float(ta["count"]) == float(tb["count"]) == 10
@@ -110,9 +122,16 @@ def test_the_train_step_augments_with_its_own_key():
     tx = optax.sgd(0.1)
     state = step.init_state(model, tx, jax.random.PRNGKey(0))
     batch = batch_of(*tiny_cats_dogs(4))
-    train_step = jax.jit(functools.partial(step.train_step, model=model, tx=tx, augment=AugmentConfig.LECTURE))
-    plain = jax.jit(functools.partial(step.train_step, model=model, tx=tx, augment=None))(state, batch)[0]
-    a, b = train_step(state, batch)[0], train_step(state.replace(rng=jax.random.PRNGKey(3)), batch)[0]
+    train_step = jax.jit(
+        functools.partial(step.train_step, model=model, tx=tx, augment=AugmentConfig.LECTURE)
+    )
+    plain = jax.jit(functools.partial(step.train_step, model=model, tx=tx, augment=None))(
+        state, batch
+    )[0]
+    a, b = (
+        train_step(state, batch)[0],
+        train_step(state.replace(rng=jax.random.PRNGKey(3)), batch)[0],
+    )
     assert not np.allclose(a.params["dense_1"]["kernel"], b.params["dense_1"]["kernel"])
     assert not np.allclose(a.params["dense_1"]["kernel"], plain.params["dense_1"]["kernel"])
 

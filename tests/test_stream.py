@@ -23,7 +23,9 @@ from cnnjax.data import DataError, SkippedImageWarning, Stream, choose_input, fo
 from cnnjax.data import tfds as tfds_data
 from tests.conftest import REPO, write_cats_dogs_folder
 
-pytest.importorskip("tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)")
+pytest.importorskip(
+    "tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)"
+)
 
 SIZE = 24
 
@@ -33,7 +35,9 @@ def numbered_folder(root: Path, n: int, size: int = SIZE) -> Path:
     for i in range(n):
         folder = root / ("cats", "dogs")[i % 2]
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((size + 8, size + 4, 3), 10 + i, np.uint8)).save(folder / f"{i:02d}.png")
+        Image.fromarray(np.full((size + 8, size + 4, 3), 10 + i, np.uint8)).save(
+            folder / f"{i:02d}.png"
+        )
     return root
 
 
@@ -56,19 +60,32 @@ def test_stream_batches_are_the_memory_arrays_gathered(tmp_path):
     memory = folders.load_image_folder(root / "train", (SIZE, SIZE))
     streamed = folder_stream(root / "train")
     np.testing.assert_array_equal(streamed.labels, memory.labels)
-    assert streamed.labels.dtype == np.int32 and streamed.class_names == memory.class_names == ["cats", "dogs"]
+    assert streamed.labels.dtype == np.int32 and streamed.class_names == memory.class_names == [
+        "cats",
+        "dogs",
+    ]
     for epoch in (0, 1):
         indices, weights = steps.epoch_order(np.array([[0, 1], [0, 2]], np.uint32), 16, 6, epoch)
         batches = list(streamed.batches(indices, weights))
-        assert len(batches) == indices.shape[1] == 3 and weights[:, -1].min() == 0  # 16 = 6 + 6 + 4: padded
+        assert (
+            len(batches) == indices.shape[1] == 3 and weights[:, -1].min() == 0
+        )  # 16 = 6 + 6 + 4: padded
         for step, batch in enumerate(batches):
             real = weights[:, step] > 0
             expected = np.where(real[..., None, None, None], memory.images[indices[:, step]], 0)
-            assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32 and batch["weight"].dtype == np.float32
+            assert (
+                batch["image"].dtype == np.uint8
+                and batch["label"].dtype == np.int32
+                and batch["weight"].dtype == np.float32
+            )
             np.testing.assert_array_equal(batch["image"], expected)
-            np.testing.assert_array_equal(batch["label"], np.where(real, memory.labels[indices[:, step]], 0))
+            np.testing.assert_array_equal(
+                batch["label"], np.where(real, memory.labels[indices[:, step]], 0)
+            )
             np.testing.assert_array_equal(batch["weight"], weights[:, step])
-        assert not np.array_equal(indices[0], indices[1])  # the seeds differ, so the test can tell them apart
+        assert not np.array_equal(
+            indices[0], indices[1]
+        )  # the seeds differ, so the test can tell them apart
 
 
 # --- Every example once per seed and epoch -------------------------------------------------------
@@ -78,7 +95,9 @@ def test_stream_batches_are_the_memory_arrays_gathered(tmp_path):
 def test_every_example_once_per_seed_and_epoch(tmp_path, processes):
     n, batch, seeds = 11, 4, 2
     data = folder_stream(numbered_folder(tmp_path / "numbered", n))
-    index_of = {int(Path(f).stem): i for i, f in enumerate(data.source.listing.files)}  # the listing has cats first, then dogs
+    index_of = {
+        int(Path(f).stem): i for i, f in enumerate(data.source.listing.files)
+    }  # the listing has cats first, then dogs
     for epoch in (0, 1):
         indices, weights = steps.epoch_order(np.array([[0, 7], [0, 8]], np.uint32), n, batch, epoch)
         seen = [[] for _ in range(seeds)]
@@ -88,7 +107,10 @@ def test_every_example_once_per_seed_and_epoch(tmp_path, processes):
             part = []
             for b in data.batches(indices[:, :, rows], weights[:, :, rows]):
                 images, labels, w = b["image"], b["label"], b["weight"]
-                assert images.shape == (seeds, batch // processes, SIZE, SIZE, 3) and images.dtype == np.uint8
+                assert (
+                    images.shape == (seeds, batch // processes, SIZE, SIZE, 3)
+                    and images.dtype == np.uint8
+                )
                 for k in range(seeds):
                     ids = np.array([index_of[i] for i in file_ids(images[k][w[k] > 0])], int)
                     np.testing.assert_array_equal(labels[k][w[k] > 0], data.labels[ids])
@@ -132,9 +154,13 @@ def test_broken_file_mid_stream_is_skipped_with_a_warning(tmp_path):
         total = sum(float(b["weight"].sum()) for b in batches)
         seen = sorted(i for b in batches for i in file_ids(b["image"][0][b["weight"][0] > 0]))
         assert total == 11 and seen == [i for i in range(12) if i != 6]
-        (step, row), = np.argwhere(indices[0] == broken)
+        ((step, row),) = np.argwhere(indices[0] == broken)
         bad = batches[step]
-        assert bad["weight"][0, row] == 0 and bad["label"][0, row] == 0 and not bad["image"][0, row].any()  # counts as padding
+        assert (
+            bad["weight"][0, row] == 0
+            and bad["label"][0, row] == 0
+            and not bad["image"][0, row].any()
+        )  # counts as padding
 
 
 # --- Host memory stays bounded ----------------------------------------------------------------------
@@ -207,14 +233,29 @@ STREAM_GROWTH_BOUND = 32 * 2**20
 @pytest.mark.slow  # writes and streams a 110 MiB folder in a subprocess
 def test_host_memory_stays_bounded_while_streaming(tmp_path):
     n, size, budget = 1500, 160, 20 * 2**20
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "big"), str(n), str(size), str(budget)],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEMORY_SCRIPT,
+            str(tmp_path / "big"),
+            str(n),
+            str(size),
+            str(budget),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["nbytes"] == n * size * size * 3 >= 5 * budget  # several times the budget
     assert result["choice"] == "stream" and result["seen"] == n
     assert result["stream_growth"] < STREAM_GROWTH_BOUND, result
-    assert result["memory_growth"] >= 0.8 * result["nbytes"], result  # the same measurement sees a whole-set load
+    assert result["memory_growth"] >= 0.8 * result["nbytes"], (
+        result
+    )  # the same measurement sees a whole-set load
 
 
 # --- TFDS by name and split -----------------------------------------------------------------------
@@ -225,16 +266,26 @@ def test_tfds_source_by_name_and_split_with_mock_data():
     with tfds.testing.mock_data(num_examples=9):
         source = tfds_data.TfdsSource("mnist", "train")
         decoded_by_tfds = tfds.data_source("mnist", split="train")
-        assert len(source) == 9 and source.image_shape == (28, 28, 1) and source.class_names[:2] == ["0", "1"]
+        assert (
+            len(source) == 9
+            and source.image_shape == (28, 28, 1)
+            and source.class_names[:2] == ["0", "1"]
+        )
         data = Stream(source)
         indices, weights = steps.epoch_order(np.zeros((1, 2), np.uint32), 9, 4, 0)
         batches = [(b["image"], b["label"], b["weight"]) for b in data.batches(indices, weights)]
-        assert [b[0].shape for b in batches] == [(1, 4, 28, 28, 1)] * 3 and data.image_shape == (28, 28, 1)
+        assert [b[0].shape for b in batches] == [(1, 4, 28, 28, 1)] * 3 and data.image_shape == (
+            28,
+            28,
+            1,
+        )
         flat = indices[0].reshape(-1)
         for step, (images, labels, w) in enumerate(batches):
             for j in np.flatnonzero(w[0] > 0):
                 record = decoded_by_tfds[int(flat[step * 4 + j])]
-                np.testing.assert_array_equal(images[0, j], record["image"])  # PIL's pixels are TFDS's
+                np.testing.assert_array_equal(
+                    images[0, j], record["image"]
+                )  # PIL's pixels are TFDS's
                 assert labels[0, j] == record["label"]
         cats = tfds_data.TfdsSource("cats_vs_dogs", "train", image_size=(SIZE, SIZE))
         image, label = cats.read(3)
@@ -250,7 +301,7 @@ def lecture_subset(labels: list[int], sizes: dict[str, int]) -> dict[str, list[i
         indices = [i for i, lab in enumerate(labels) if lab == label]
         start = 0
         for split, n in sizes.items():
-            out[split] += indices[start:start + n]
+            out[split] += indices[start : start + n]
             start += n
     return out
 
@@ -266,14 +317,30 @@ def test_tfds_cats_vs_dogs_subset_in_memory_and_streamed_follow_the_lecture_spli
     monkeypatch.setattr(tfds_data, "TFDS_SPLIT_SIZES", tuple(sizes.items()))
 
     def pil(data: bytes) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
+        return np.asarray(
+            Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
+        )
 
     skip = {"image": tfds.decode.SkipDecoding()}
     with tfds.testing.mock_data(num_examples=40):
-        memory = tfds_data.load_tfds_cats_vs_dogs((SIZE, SIZE), "bilinear", cache=False, allow_download=False)
-        records = list(tfds.as_numpy(tfds.load("cats_vs_dogs", split="train", as_supervised=True, shuffle_files=False,
-                                               download=False, decoders=skip)))
-        streamed = tfds_data.tfds_cats_vs_dogs_subsets(tuple(sizes), (SIZE, SIZE), "bilinear", download=False)
+        memory = tfds_data.load_tfds_cats_vs_dogs(
+            (SIZE, SIZE), "bilinear", cache=False, allow_download=False
+        )
+        records = list(
+            tfds.as_numpy(
+                tfds.load(
+                    "cats_vs_dogs",
+                    split="train",
+                    as_supervised=True,
+                    shuffle_files=False,
+                    download=False,
+                    decoders=skip,
+                )
+            )
+        )
+        streamed = tfds_data.tfds_cats_vs_dogs_subsets(
+            tuple(sizes), (SIZE, SIZE), "bilinear", download=False
+        )
         source = tfds.data_source("cats_vs_dogs", split="train", download=False, decoders=skip)
         by_index = [source[i] for i in range(len(source))]
     memory_rule = lecture_subset([int(label) for _, label in records], sizes)
@@ -285,7 +352,9 @@ def test_tfds_cats_vs_dogs_subset_in_memory_and_streamed_follow_the_lecture_spli
         for image, index in zip(held.images, memory_rule[split]):
             np.testing.assert_array_equal(image, pil(bytes(records[index][0])))
         part = streamed[split]
-        assert [part.describe(i) for i in range(len(part))] == [f"tfds:cats_vs_dogs/train[{i}]" for i in stream_rule[split]]
+        assert [part.describe(i) for i in range(len(part))] == [
+            f"tfds:cats_vs_dogs/train[{i}]" for i in stream_rule[split]
+        ]
         for i, index in enumerate(stream_rule[split]):
             image, label = part.read(i)
             np.testing.assert_array_equal(image, pil(bytes(by_index[index]["image"])))
@@ -296,7 +365,9 @@ def test_tfds_not_prepared_and_offline_fails_fast(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(tfds_data, "tfds_reachable", lambda *a, **k: False)
     start = time.perf_counter()
-    with pytest.raises(DataError, match="TFDS 'mnist' is not prepared and its download server cannot be reached"):
+    with pytest.raises(
+        DataError, match="TFDS 'mnist' is not prepared and its download server cannot be reached"
+    ):
         tfds_data.TfdsSource("mnist", "train", data_dir=tmp_path)
     with pytest.raises(DataError, match="TFDS 'mnist' is not prepared and downloading is off"):
         tfds_data.TfdsSource("mnist", "train", data_dir=tmp_path, download=False)
@@ -322,13 +393,23 @@ def test_auto_keeps_memory_under_the_budget_and_streams_over_it():
 
 def test_without_tensorflow_stream_is_one_clear_error_and_auto_is_memory(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # importing it now raises ImportError
-    with pytest.raises(DataError, match=r"TensorFlow is not installed: pip install 'cnnjax\[tfds\]'"):
+    with pytest.raises(
+        DataError, match=r"TensorFlow is not installed: pip install 'cnnjax\[tfds\]'"
+    ):
         choose_input("stream", 1)
     choice, why = choose_input("auto", 10 * 2**30, (2**20, "test"))
     assert choice == "memory" and "streaming needs TensorFlow (pip install 'cnnjax[tfds]')" in why
     root = write_cats_dogs_folder(tmp_path / "data", {"train": 4, "validation": 2})
-    spec = SimpleNamespace(dataset="cats_dogs", data_dir=str(root), image_size=SIZE, interpolation="nearest", input="stream")
-    with pytest.raises(DataError, match=r"TensorFlow is not installed: pip install 'cnnjax\[tfds\]'") as e:
+    spec = SimpleNamespace(
+        dataset="cats_dogs",
+        data_dir=str(root),
+        image_size=SIZE,
+        interpolation="nearest",
+        input="stream",
+    )
+    with pytest.raises(
+        DataError, match=r"TensorFlow is not installed: pip install 'cnnjax\[tfds\]'"
+    ) as e:
         load(spec, ("train", "validation"))
     assert "\n" not in str(e.value)
     monkeypatch.setattr(inputs, "memory_budget", lambda: (1, "test"))
@@ -348,6 +429,12 @@ def test_the_core_never_imports_tensorflow(tmp_path):
         assert len(load(spec, ("train", "validation"))["train"]) == 4
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")))
     """)
-    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(root)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"

@@ -25,11 +25,24 @@ def images(arrays: tuple[np.ndarray, np.ndarray], classes: list[str]) -> data.Im
 def tiny_exp2(epochs: int = 2, seeds: int = 1, **train_fields) -> tuple[config.Config, dict]:
     """Experiment 2 (augmentation, Dropout(0.5), Adam) at 48 px on 40 training images, batch 4
     (10 steps an epoch, 2 per call), at a learning rate that is not Keras's default."""
-    cfg = config.override(config.catsdogs(2), {"data.image_size": CATS_SIZE, "train.epochs": epochs, "train.batch_size": 4,
-                                               "train.eval_batch_size": 4, "train.seeds": seeds, "optim.learning_rate": 3e-3,
-                                               "run.tensorboard": False, **train_fields})
+    cfg = config.override(
+        config.catsdogs(2),
+        {
+            "data.image_size": CATS_SIZE,
+            "train.epochs": epochs,
+            "train.batch_size": 4,
+            "train.eval_batch_size": 4,
+            "train.seeds": seeds,
+            "optim.learning_rate": 3e-3,
+            "run.tensorboard": False,
+            **train_fields,
+        },
+    )
     classes = ["cats", "dogs"]
-    return cfg, {"train": images(tiny_cats_dogs(40, 0), classes), "validation": images(tiny_cats_dogs(8, 1), classes)}
+    return cfg, {
+        "train": images(tiny_cats_dogs(40, 0), classes),
+        "validation": images(tiny_cats_dogs(8, 1), classes),
+    }
 
 
 def by_hand(cfg: config.Config, datasets: dict, seed: int) -> step.TrainState:
@@ -38,10 +51,14 @@ def by_hand(cfg: config.Config, datasets: dict, seed: int) -> step.TrainState:
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
     tx = optim.adam_keras(3e-3)  # the recipe's optimizer at tiny_exp2's rate, written out
     state = step.init_state(model, tx, jax.random.PRNGKey(seed))
-    train_step = jax.jit(functools.partial(step.train_step, model=model, tx=tx, augment=cfg.augment))
+    train_step = jax.jit(
+        functools.partial(step.train_step, model=model, tx=tx, augment=cfg.augment)
+    )
     pixels, labels = datasets["train"].images, datasets["train"].labels
     for epoch in range(cfg.train.epochs):
-        indices, weights = step.epoch_order(np.asarray(state.rng)[None], len(labels), cfg.train.batch_size, epoch)
+        indices, weights = step.epoch_order(
+            np.asarray(state.rng)[None], len(labels), cfg.train.batch_size, epoch
+        )
         for idx, w in zip(indices[0], weights[0]):
             state, _ = train_step(state, {"image": pixels[idx], "label": labels[idx], "weight": w})
     return state
@@ -66,8 +83,13 @@ def test_the_loop_is_the_pure_steps_composed(tmp_path):
     assert int(result.state.step[0]) == int(expected.step) == 20
     assert_trees_close(seed_of(result.state.params, 0), expected.params)
     assert_trees_close(seed_of(result.state.opt_state, 0), expected.opt_state)
-    other = dataclasses.replace(cfg, augment=config.AugmentConfig())  # the loop must not match a run without augmentation
-    assert not np.allclose(seed_of(result.state.params, 0)["dense_1"]["kernel"], by_hand(other, datasets, 0).params["dense_1"]["kernel"])
+    other = dataclasses.replace(
+        cfg, augment=config.AugmentConfig()
+    )  # the loop must not match a run without augmentation
+    assert not np.allclose(
+        seed_of(result.state.params, 0)["dense_1"]["kernel"],
+        by_hand(other, datasets, 0).params["dense_1"]["kernel"],
+    )
 
 
 def test_the_history_is_the_epochs_metrics_and_the_validation_of_the_final_parameters(tmp_path):
@@ -77,8 +99,13 @@ def test_the_history_is_the_epochs_metrics_and_the_validation_of_the_final_param
     assert [row["epoch"] for row in history] == [1, 2]
     assert set(history[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
     model = models.from_config("cats_dogs", CATS_SIZE, 0.5)
-    final = train.evaluate(model, seed_of(result.state.params, 0), datasets["validation"], batch_size=4)
-    assert final["loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5) and final["accuracy"] == history[-1]["val_accuracy"]
+    final = train.evaluate(
+        model, seed_of(result.state.params, 0), datasets["validation"], batch_size=4
+    )
+    assert (
+        final["loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5)
+        and final["accuracy"] == history[-1]["val_accuracy"]
+    )
     written = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [{k: v for k, v in row.items() if k != "seed"} for row in written] == history
     assert result.best[0]["epoch"] in (1, 2)
@@ -89,10 +116,16 @@ def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(tmp_path):
     and the key of an uninterrupted two-epoch run, bit for bit, and its history. Breaks caught: the
     optimizer state re-initialised on resume, the key drawn again, the step count (which the
     step folds into the key for augmentation and dropout) reset."""
-    cfg, datasets = tiny_exp2(**{"train.seed": 3})  # not seed 0: a key drawn again from 0, 1, ... would show
+    cfg, datasets = tiny_exp2(
+        **{"train.seed": 3}
+    )  # not seed 0: a key drawn again from 0, 1, ... would show
     whole = train.train_and_evaluate(cfg, tmp_path / "whole", datasets, verbose=False)
-    train.train_and_evaluate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "split",
-                             datasets, verbose=False)
+    train.train_and_evaluate(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)),
+        tmp_path / "split",
+        datasets,
+        verbose=False,
+    )
     resumed = train.train_and_evaluate(cfg, tmp_path / "split", datasets, verbose=False)
     for a, b in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(whole.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -101,13 +134,29 @@ def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(tmp_path):
 
 
 def test_same_seed_same_history_other_seed_other_history(tmp_path):
-    cfg = config.override(config.mnist(), {"train.epochs": 2, "train.batch_size": 32, "train.eval_batch_size": 40,
-                                           "run.tensorboard": False})
+    cfg = config.override(
+        config.mnist(),
+        {
+            "train.epochs": 2,
+            "train.batch_size": 32,
+            "train.eval_batch_size": 40,
+            "run.tensorboard": False,
+        },
+    )
     classes = [str(d) for d in range(10)]
-    datasets = {"train": images(tiny_mnist(150), classes), "test": images(tiny_mnist(40, 1), classes)}
-    runs = [train.train_and_evaluate(config.override(cfg, {"train.seed": seed}), tmp_path / str(i), datasets, verbose=False)
-            for i, seed in enumerate((0, 0, 1))]
-    h1, h2, h3 = ([{k: v for k, v in row.items() if k != "seconds"} for row in r.histories[0]] for r in runs)
+    datasets = {
+        "train": images(tiny_mnist(150), classes),
+        "test": images(tiny_mnist(40, 1), classes),
+    }
+    runs = [
+        train.train_and_evaluate(
+            config.override(cfg, {"train.seed": seed}), tmp_path / str(i), datasets, verbose=False
+        )
+        for i, seed in enumerate((0, 0, 1))
+    ]
+    h1, h2, h3 = (
+        [{k: v for k, v in row.items() if k != "seconds"} for row in r.histories[0]] for r in runs
+    )
     assert h1 == h2 and h1 != h3
 
 
@@ -116,7 +165,9 @@ def test_a_diverged_run_stops_with_its_last_finite_state(tmp_path, monkeypatch):
     poison(monkeypatch, 0, after_step=12)  # in epoch 2
     result = train.train_and_evaluate(cfg, tmp_path / "run", datasets, verbose=False)
     assert result.diverged == [2] and [row["epoch"] for row in result.histories[0]] == [1, 2]
-    assert result.histories[0][1]["diverged"] and not math.isfinite(result.histories[0][1]["val_loss"])
+    assert result.histories[0][1]["diverged"] and not math.isfinite(
+        result.histories[0][1]["val_loss"]
+    )
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
     _, saved, _ = checkpoint.load_model(tmp_path / "run", "latest")
     assert_trees_close(seed_of(result.state.params, 0), saved, rtol=0, atol=0)
@@ -128,19 +179,27 @@ def test_a_diverged_seed_goes_back_and_waits_while_the_other_trains_on(tmp_path,
     poison(monkeypatch, 1, after_step=12)
     result = train.train_and_evaluate(cfg, tmp_path / "run", datasets, verbose=False)
     assert result.diverged == [None, 2]
-    assert [row["epoch"] for row in result.histories[0]] == [1, 2, 3] and [row["epoch"] for row in result.histories[1]] == [1, 2]
-    assert int(result.state.step[0]) == 30 and int(result.state.step[1]) == 10  # seed 1 stays after epoch 1
+    assert [row["epoch"] for row in result.histories[0]] == [1, 2, 3] and [
+        row["epoch"] for row in result.histories[1]
+    ] == [1, 2]
+    assert (
+        int(result.state.step[0]) == 30 and int(result.state.step[1]) == 10
+    )  # seed 1 stays after epoch 1
     first = checkpoint.find(tmp_path / "run", 1)
     _, params_after_epoch_1, _ = checkpoint.load_model(first, seed=1)
     assert_trees_close(seed_of(result.state.params, 1), params_after_epoch_1, rtol=0, atol=0)
     latest = checkpoint.read_description(checkpoint.find(tmp_path / "run", "latest"))
-    assert latest["epoch"] == 3 and latest["diverged"] == [None, 2] and latest["best"][1]["epoch"] == 1
+    assert (
+        latest["epoch"] == 3 and latest["diverged"] == [None, 2] and latest["best"][1]["epoch"] == 1
+    )
 
 
 def test_a_stream_trains_as_the_same_images_in_memory(tmp_path):
     """The loop fed batch by batch by the host (a tf.data Stream of a folder) against the same images in
     memory: the same order, augmentation and dropout, so the same history and parameters."""
-    pytest.importorskip("tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)")
+    pytest.importorskip(
+        "tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)"
+    )
     from tests.conftest import write_cats_dogs_folder
 
     folder = write_cats_dogs_folder(tmp_path / "data", {"train": 20, "validation": 8}, size=60)

@@ -35,7 +35,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 from benchmarks.common import backend_line, real_data, recipe, subset, timed_fit, write_json  # noqa: E402
 
-GOALS = {"mnist_wall_s": 2.0, "mnist_accuracy": 0.990, "catsdogs_100_epochs_s": 60.0, "seeds_k_over_one": 2.0}
+GOALS = {
+    "mnist_wall_s": 2.0,
+    "mnist_accuracy": 0.990,
+    "catsdogs_100_epochs_s": 60.0,
+    "seeds_k_over_one": 2.0,
+}
 
 
 def splits(cfg, data_dir: str, n_train: int | None, n_val: int | None):
@@ -47,12 +52,22 @@ def splits(cfg, data_dir: str, n_train: int | None, n_val: int | None):
 def mnist(data: str, smoke: bool) -> dict[str, Any]:
     epochs = 1 if smoke else 5
     cfg = recipe("mnist", {"train.epochs": epochs})
-    train_set, validation = splits(cfg, str(Path(data) / "mnist"), *((1024, 500) if smoke else (None, None)))
+    train_set, validation = splits(
+        cfg, str(Path(data) / "mnist"), *((1024, 500) if smoke else (None, None))
+    )
     timing = timed_fit(cfg, train_set, validation, epochs)
     last = timing["histories"][0][-1]
-    return {"epochs": epochs, "train_examples": len(train_set), "wall_s": timing["wall_s"], "epoch_s": timing["epoch_s"],
-            "compile_s_estimate": timing["compile_s_estimate"], "warmup_epoch_s": timing["warmup_epoch_s"],
-            "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"], "mesh": timing["mesh"]}
+    return {
+        "epochs": epochs,
+        "train_examples": len(train_set),
+        "wall_s": timing["wall_s"],
+        "epoch_s": timing["epoch_s"],
+        "compile_s_estimate": timing["compile_s_estimate"],
+        "warmup_epoch_s": timing["warmup_epoch_s"],
+        "val_accuracy": last["val_accuracy"],
+        "val_loss": last["val_loss"],
+        "mesh": timing["mesh"],
+    }
 
 
 def catsdogs(data: str, smoke: bool) -> dict[str, Any]:
@@ -60,10 +75,17 @@ def catsdogs(data: str, smoke: bool) -> dict[str, Any]:
     cfg = recipe("catsdogs2", {"data.image_size": 48 if smoke else 150, "train.epochs": epochs})
     train_set, validation = splits(cfg, data, *((60, 40) if smoke else (None, None)))
     timing = timed_fit(cfg, train_set, validation, epochs)
-    return {"image_size": cfg.data.image_size, "epochs_timed": epochs, "train_examples": len(train_set),
-            "epoch_s": timing["epoch_s"], "median_epoch_s": timing["median_epoch_s"],
-            "projected_100_epochs_s": 100 * timing["median_epoch_s"], "compile_s_estimate": timing["compile_s_estimate"],
-            "val_accuracy_last": timing["histories"][0][-1]["val_accuracy"], "mesh": timing["mesh"]}
+    return {
+        "image_size": cfg.data.image_size,
+        "epochs_timed": epochs,
+        "train_examples": len(train_set),
+        "epoch_s": timing["epoch_s"],
+        "median_epoch_s": timing["median_epoch_s"],
+        "projected_100_epochs_s": 100 * timing["median_epoch_s"],
+        "compile_s_estimate": timing["compile_s_estimate"],
+        "val_accuracy_last": timing["histories"][0][-1]["val_accuracy"],
+        "mesh": timing["mesh"],
+    }
 
 
 def seeds(data: str, smoke: bool) -> dict[str, Any]:
@@ -83,7 +105,9 @@ def merge(parts: Path) -> dict[str, Any]:
         missing = {"missing": "no result (timed out or failed: see log.txt)"}
         record["parts"][name] = json.loads(path.read_text()) if path.is_file() else missing
     p = record["parts"]
-    record["smoke"] = any(part.get("smoke") for part in p.values())  # tiny CPU settings: the figures mean nothing
+    record["smoke"] = any(
+        part.get("smoke") for part in p.values()
+    )  # tiny CPU settings: the figures mean nothing
 
     def check(part: str, key: str, goal: float, at_most: bool = True) -> dict[str, Any]:
         value = p[part].get(key)
@@ -94,7 +118,9 @@ def merge(parts: Path) -> dict[str, Any]:
     record["verdict"] = {
         "mnist_wall_s": check("mnist", "wall_s", GOALS["mnist_wall_s"]),
         "mnist_accuracy": check("mnist", "val_accuracy", GOALS["mnist_accuracy"], at_most=False),
-        "catsdogs_100_epochs_s": check("catsdogs", "projected_100_epochs_s", GOALS["catsdogs_100_epochs_s"]),
+        "catsdogs_100_epochs_s": check(
+            "catsdogs", "projected_100_epochs_s", GOALS["catsdogs_100_epochs_s"]
+        ),
         "seeds_k_over_one": check("seeds", "k_over_one", GOALS["seeds_k_over_one"]),
     }
     return record
@@ -103,10 +129,14 @@ def merge(parts: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("mnist", "catsdogs", "seeds", "merge"))
-    parser.add_argument("--data", default=".devdata", help="holds mnist/ and cats_and_dogs_small/ (prepare_data.py)")
+    parser.add_argument(
+        "--data", default=".devdata", help="holds mnist/ and cats_and_dogs_small/ (prepare_data.py)"
+    )
     parser.add_argument("--parts", default=None, help="merge: the folder of the parts")
     parser.add_argument("--json", required=True)
-    parser.add_argument("--smoke", action="store_true", help="tiny settings, to check the chain on a CPU")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny settings, to check the chain on a CPU"
+    )
     args = parser.parse_args()
     if args.part == "merge":
         record = merge(Path(args.parts))
@@ -114,8 +144,15 @@ def main() -> None:
         print(json.dumps(record["verdict"], indent=1))
         return
     start = time.perf_counter()
-    result = {"mnist": mnist, "catsdogs": catsdogs, "seeds": seeds}[args.part](args.data, args.smoke)
-    record = {"backend": backend_line(), "smoke": args.smoke, "seconds_in_all": time.perf_counter() - start, **result}
+    result = {"mnist": mnist, "catsdogs": catsdogs, "seeds": seeds}[args.part](
+        args.data, args.smoke
+    )
+    record = {
+        "backend": backend_line(),
+        "smoke": args.smoke,
+        "seconds_in_all": time.perf_counter() - start,
+        **result,
+    }
     write_json(args.json, record)
     print(json.dumps(record), flush=True)
 

@@ -47,14 +47,18 @@ def copy_mnist(source: Path, out: Path) -> int:
     return sum(p.stat().st_size for p in target.iterdir())
 
 
-def copy_cats_dogs(data_dir: str | None, out: Path, splits: list[str], quality: int) -> tuple[int, str]:
+def copy_cats_dogs(
+    data_dir: str | None, out: Path, splits: list[str], quality: int
+) -> tuple[int, str]:
     folders = data.load_splits(data.find_cats_dogs_root(data_dir, splits), splits, SIZE)
     root = out / "cats_and_dogs_small"
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     errors = []
     for split, folder in folders.items():
-        for image, name in zip(folder.images, folder.files):  # same names, so the same order when loaded
+        for image, name in zip(
+            folder.images, folder.files
+        ):  # same names, so the same order when loaded
             path = (tmp / split / name).with_suffix(".jpg")
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(path, quality=quality)
@@ -63,12 +67,18 @@ def copy_cats_dogs(data_dir: str | None, out: Path, splits: list[str], quality: 
     shutil.rmtree(root, ignore_errors=True)
     tmp.replace(root)
     counts = ", ".join(f"{s} {len(f.labels)}" for s, f in folders.items())
-    return sum(p.stat().st_size for p in root.rglob("*.jpg")), f"{counts} images, JPEG round trip mean |error| {np.mean(errors):.2f}/255"
+    return sum(
+        p.stat().st_size for p in root.rglob("*.jpg")
+    ), f"{counts} images, JPEG round trip mean |error| {np.mean(errors):.2f}/255"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=None, help="holds mnist/ and cats_and_dogs_small/ (e.g. ../shared/data)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="holds mnist/ and cats_and_dogs_small/ (e.g. ../shared/data)",
+    )
     parser.add_argument("--mnist-dir", default=None, help="MNIST's folder, if not DATA_DIR/mnist")
     parser.add_argument("--out", default=".devdata")
     parser.add_argument("--splits", nargs="+", default=["train", "validation"])
@@ -82,11 +92,15 @@ def main() -> None:
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
     total = (mnist_bytes + cats_bytes) / 2**20
-    print(f"wrote {out}/mnist ({mnist_bytes / 2**20:.1f} MiB) and {out}/cats_and_dogs_small ({cats_bytes / 2**20:.1f} MiB: "
-          f"{cats_note}); {total:.1f} MiB in all")
+    print(
+        f"wrote {out}/mnist ({mnist_bytes / 2**20:.1f} MiB) and {out}/cats_and_dogs_small ({cats_bytes / 2**20:.1f} MiB: "
+        f"{cats_note}); {total:.1f} MiB in all"
+    )
     if total > CARRY_LIMIT_MIB:
-        sys.exit(f"error: {total:.1f} MiB is more than the {CARRY_LIMIT_MIB} MiB the device tool carries; drop a split or "
-                 "lower --quality")
+        sys.exit(
+            f"error: {total:.1f} MiB is more than the {CARRY_LIMIT_MIB} MiB the device tool carries; drop a split or "
+            "lower --quality"
+        )
 
 
 if __name__ == "__main__":

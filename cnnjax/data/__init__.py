@@ -12,7 +12,24 @@ from cnnjax.data.kaggle import prepare_small_split
 from cnnjax.data.mnist import load_mnist, parse_idx
 
 __all__ = [
-    "INPUTS", "INTERPOLATIONS", "DataError", "Dataset", "Images", "SkippedImageWarning", "Stream", "cache_root",
-    "check_classes", "check_size", "choose_input", "decode_bytes", "decode_file", "find_cats_dogs_root", "load",
-    "load_image_folder", "load_mnist", "load_splits", "parse_idx", "prepare_small_split",
+    "INPUTS",
+    "INTERPOLATIONS",
+    "DataError",
+    "Dataset",
+    "Images",
+    "SkippedImageWarning",
+    "Stream",
+    "cache_root",
+    "check_classes",
+    "check_size",
+    "choose_input",
+    "decode_bytes",
+    "decode_file",
+    "find_cats_dogs_root",
+    "load",
+    "load_image_folder",
+    "load_mnist",
+    "load_splits",
+    "parse_idx",
+    "prepare_small_split",
 ]

@@ -35,7 +35,9 @@ class Images:
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int32 (N,), indices into class_names
     class_names: list[str]
-    files: list[str] = field(default_factory=list)  # where each image came from; empty for MNIST's arrays
+    files: list[str] = field(
+        default_factory=list
+    )  # where each image came from; empty for MNIST's arrays
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded, left out
 
     def __len__(self) -> int:
@@ -54,6 +56,7 @@ class Source(Protocol):
 
     class_names: list[str]
     image_shape: tuple[int, int, int]
+
     @property
     def labels(self) -> np.ndarray: ...
     def __len__(self) -> int: ...
@@ -97,11 +100,15 @@ class Stream:
         indices, weights = np.asarray(indices, np.int64), np.asarray(weights, np.float32)
         seeds, steps, rows = indices.shape
         per_step = seeds * rows
-        flat_indices = indices.transpose(1, 0, 2).reshape(-1)  # step-major: one step's K x B rows together
+        flat_indices = indices.transpose(1, 0, 2).reshape(
+            -1
+        )  # step-major: one step's K x B rows together
         flat_weights = weights.transpose(1, 0, 2).reshape(-1)
         shape = self.image_shape
         blank = np.zeros(shape, np.uint8)
-        why: dict[int, str] = {}  # written by tf.data's threads, read here once the batch holding it arrives
+        why: dict[
+            int, str
+        ] = {}  # written by tf.data's threads, read here once the batch holding it arrives
 
         def read(index: np.int64, weight: np.float32) -> tuple[np.ndarray, np.int32, np.bool_]:
             if weight <= 0:
@@ -117,19 +124,35 @@ class Stream:
             return image, np.int32(label), np.bool_(True)
 
         def decode(index: Any, weight: Any) -> tuple[Any, Any, Any]:
-            image, label, ok = tf.numpy_function(read, [index, weight], (tf.uint8, tf.int32, tf.bool))
-            return tf.ensure_shape(image, shape), tf.ensure_shape(label, ()), tf.ensure_shape(ok, ())
+            image, label, ok = tf.numpy_function(
+                read, [index, weight], (tf.uint8, tf.int32, tf.bool)
+            )
+            return (
+                tf.ensure_shape(image, shape),
+                tf.ensure_shape(label, ()),
+                tf.ensure_shape(ok, ()),
+            )
 
         ds = tf.data.Dataset.from_tensor_slices((flat_indices, flat_weights))
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(per_step).prefetch(2)
+        ds = (
+            ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(per_step)
+            .prefetch(2)
+        )
         for step, (images, labels, ok) in enumerate(ds.as_numpy_iterator()):
             part = slice(step * per_step, (step + 1) * per_step)
             step_weights = flat_weights[part] * ok
             for index in flat_indices[part][(flat_weights[part] > 0) & ~ok]:
-                warnings.warn(f"skipped {self.source.describe(int(index))}: {why.get(int(index), 'unreadable')}",
-                              SkippedImageWarning, stacklevel=2)
-            yield {"image": images.reshape(seeds, rows, *shape), "label": labels.reshape(seeds, rows),
-                   "weight": step_weights.reshape(seeds, rows).astype(np.float32)}
+                warnings.warn(
+                    f"skipped {self.source.describe(int(index))}: {why.get(int(index), 'unreadable')}",
+                    SkippedImageWarning,
+                    stacklevel=2,
+                )
+            yield {
+                "image": images.reshape(seeds, rows, *shape),
+                "label": labels.reshape(seeds, rows),
+                "weight": step_weights.reshape(seeds, rows).astype(np.float32),
+            }
 
 
 # Both offer labels, class_names, image_shape, len and image(i): only how a training loop gets at the pixels differs.
@@ -167,11 +190,15 @@ def first_line(error: BaseException) -> str:
 def default_workers() -> int:
     """Threads for decoding, hashing and copying files: twice the cores, as file reads and the Python between PIL
     calls leave cores idle at one per core."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # the former on Linux
+    cpus = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )  # the former on Linux
     return min(16, 2 * cpus)
 
 
-def thread_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None, name: str = "cnnjax") -> list[R]:
+def thread_map(
+    fn: Callable[[T], R], items: Sequence[T], workers: int | None = None, name: str = "cnnjax"
+) -> list[R]:
     """[fn(item) for item in items] on threads (workers None: default_workers(); 0 or 1: in this thread). Threads,
     not processes: PIL and hashlib release the GIL while they work, and a process pool pays for starting workers
     and pickling every result back (and forking after JAX has started threads is unsafe). On an error or Ctrl-C
@@ -197,7 +224,11 @@ def import_tensorflow() -> Any:
     try:
         import tensorflow as tf
     except ImportError:
-        raise DataError(f"--input stream reads through tf.data, and TensorFlow is not installed: {TFDS_EXTRA}") from None
-    with contextlib.suppress(RuntimeError, ValueError):  # devices already initialised by an earlier user: leave them
+        raise DataError(
+            f"--input stream reads through tf.data, and TensorFlow is not installed: {TFDS_EXTRA}"
+        ) from None
+    with contextlib.suppress(
+        RuntimeError, ValueError
+    ):  # devices already initialised by an earlier user: leave them
         tf.config.set_visible_devices([], "GPU")
     return tf

@@ -32,7 +32,10 @@ from cnnjax.files import atomic_write, clean_orphans, sha256
 log = logging.getLogger(__name__)
 
 # The names keras.utils.load_img accepts.
-INTERPOLATIONS = {name: Image.Resampling[name.upper()] for name in ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")}
+INTERPOLATIONS = {
+    name: Image.Resampling[name.upper()]
+    for name in ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")
+}
 CACHE_VERSION = 2  # bump when the decoding or the cache layout changes
 
 
@@ -40,30 +43,51 @@ def check_size(image_size: Sequence[int], interpolation: str = "nearest") -> tup
     """image_size as (height, width); ValueError unless it is two positive sizes and interpolation a load_img name."""
     size = tuple(int(s) for s in image_size)
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be (height, width) with positive sizes, got {image_size!r}")
+        raise ValueError(
+            f"image_size must be (height, width) with positive sizes, got {image_size!r}"
+        )
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+        raise ValueError(
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}"
+        )
     return size[0], size[1]
 
 
-def decode_file(path: str | os.PathLike, size_hw: Sequence[int], interpolation: str = "nearest", mode: str = "RGB") -> np.ndarray:
+def decode_file(
+    path: str | os.PathLike,
+    size_hw: Sequence[int],
+    interpolation: str = "nearest",
+    mode: str = "RGB",
+) -> np.ndarray:
     """One image file as uint8 (H, W, 3) for mode "RGB", (H, W, 1) for "L"; raises what open() or PIL raises."""
     size_hw = check_size(size_hw, interpolation)
     with open(path, "rb") as f:
         try:
             image = Image.open(f)
-        except Image.DecompressionBombError as e:  # as unreadable as a broken file: skipped or refused like one
-            raise OSError(f"{path} has more pixels than PIL decodes safely ({first_line(e).rstrip('.')})") from None
+        except (
+            Image.DecompressionBombError
+        ) as e:  # as unreadable as a broken file: skipped or refused like one
+            raise OSError(
+                f"{path} has more pixels than PIL decodes safely ({first_line(e).rstrip('.')})"
+            ) from None
         return _pixels(image, size_hw, interpolation, mode)
 
 
-def decode_bytes(data: bytes, size_hw: Sequence[int], interpolation: str = "nearest", mode: str = "RGB") -> np.ndarray:
+def decode_bytes(
+    data: bytes, size_hw: Sequence[int], interpolation: str = "nearest", mode: str = "RGB"
+) -> np.ndarray:
     """decode_file for an encoded image held in memory (a TFDS record's JPEG)."""
-    return _pixels(Image.open(io.BytesIO(data)), check_size(size_hw, interpolation), interpolation, mode)
+    return _pixels(
+        Image.open(io.BytesIO(data)), check_size(size_hw, interpolation), interpolation, mode
+    )
 
 
-def _pixels(img: Image.Image, size_hw: tuple[int, int], interpolation: str, mode: str = "RGB") -> np.ndarray:
-    img = _to_8bit(img)  # then the steps, in order, of load_img(color_mode="rgb" or "grayscale", target_size=...)
+def _pixels(
+    img: Image.Image, size_hw: tuple[int, int], interpolation: str, mode: str = "RGB"
+) -> np.ndarray:
+    img = _to_8bit(
+        img
+    )  # then the steps, in order, of load_img(color_mode="rgb" or "grayscale", target_size=...)
     if img.mode != mode:
         img = img.convert(mode)
     size_wh = (size_hw[1], size_hw[0])
@@ -99,11 +123,15 @@ def cache_file(key: str) -> Path:
 
 
 def cache_key(parts: Mapping[str, object]) -> str:
-    described = json.dumps({"version": CACHE_VERSION, "pillow": PIL.__version__, **parts}, sort_keys=True)
+    described = json.dumps(
+        {"version": CACHE_VERSION, "pillow": PIL.__version__, **parts}, sort_keys=True
+    )
     return hashlib.sha256(described.encode()).hexdigest()[:32]
 
 
-def content_hashes(paths: Sequence[str], broken: Mapping[int, str], workers: int | None = None) -> list[str]:
+def content_hashes(
+    paths: Sequence[str], broken: Mapping[int, str], workers: int | None = None
+) -> list[str]:
     """sha256 of every file's bytes, or why it cannot be read (broken[i], known already, or an OSError). Each thread
     hashes one contiguous slice of the files: handing them out one by one measured slower (thread switches cost
     more than hashing a 20 kB JPEG)."""
@@ -116,16 +144,24 @@ def content_hashes(paths: Sequence[str], broken: Mapping[int, str], workers: int
         except OSError as e:  # decoding will fail on it too and skip it with a warning
             return f"unreadable: {type(e).__name__}"
 
-    step = max(1, math.ceil(len(paths) / max(1, default_workers() if workers is None else workers)))  # files per thread
+    step = max(
+        1, math.ceil(len(paths) / max(1, default_workers() if workers is None else workers))
+    )  # files per thread
     slices = [range(len(paths))[start : start + step] for start in range(0, len(paths), step)]
-    parts = thread_map(lambda indices: [one(i) for i in indices], slices, len(slices), "cnnjax-hash")
+    parts = thread_map(
+        lambda indices: [one(i) for i in indices], slices, len(slices), "cnnjax-hash"
+    )
     return [digest for part in parts for digest in part]
 
 
 def clean_cache() -> None:
     """Remove the temporaries that writers killed mid-write left behind (their process is gone)."""
     if removed := clean_orphans(cache_folder()):
-        log.info("removed %d unfinished cache file(s) of dead processes from %s", len(removed), cache_folder())
+        log.info(
+            "removed %d unfinished cache file(s) of dead processes from %s",
+            len(removed),
+            cache_folder(),
+        )
 
 
 def read_cached(key: str, size_hw: tuple[int, int]) -> Images | None:
@@ -137,14 +173,26 @@ def read_cached(key: str, size_hw: tuple[int, int]) -> Images | None:
         with np.load(file, allow_pickle=False) as z:
             stored_key = str(z["key"])
             images, labels = z["images"], z["labels"]
-            class_names, files, skipped = (z[k].tolist() for k in ("class_names", "files", "skipped"))
+            class_names, files, skipped = (
+                z[k].tolist() for k in ("class_names", "files", "skipped")
+            )
         n = len(labels)
-        if stored_key != key or images.dtype != np.uint8 or images.shape != (n, *size_hw, 3) or len(files) != n:
+        if (
+            stored_key != key
+            or images.dtype != np.uint8
+            or images.shape != (n, *size_hw, 3)
+            or len(files) != n
+        ):
             raise ValueError("contents do not match what was asked for")
-        if labels.dtype != np.int32 or (n and not 0 <= labels.min() <= labels.max() < len(class_names)):
+        if labels.dtype != np.int32 or (
+            n and not 0 <= labels.min() <= labels.max() < len(class_names)
+        ):
             raise ValueError("bad labels")
     except Exception as e:  # noqa: BLE001 - a cut-off zip raises BadZipFile, EOFError, OSError, KeyError, ...
-        warnings.warn(f"ignoring damaged cache file {file} ({type(e).__name__}: {e}); decoding again", stacklevel=3)
+        warnings.warn(
+            f"ignoring damaged cache file {file} ({type(e).__name__}: {e}); decoding again",
+            stacklevel=3,
+        )
         return None
     return Images(images, labels, class_names, files, skipped)
 
@@ -155,10 +203,18 @@ def write_cached(key: str, result: Images) -> bool:
     file = cache_file(key)
     try:
         with atomic_write(file, "wb") as f:
-            np.savez(f, key=np.array(key), images=result.images, labels=result.labels,
-                     class_names=np.array(result.class_names, dtype=str), files=np.array(result.files, dtype=str),
-                     skipped=np.array(result.skipped, dtype=str))
+            np.savez(
+                f,
+                key=np.array(key),
+                images=result.images,
+                labels=result.labels,
+                class_names=np.array(result.class_names, dtype=str),
+                files=np.array(result.files, dtype=str),
+                skipped=np.array(result.skipped, dtype=str),
+            )
     except OSError as e:
-        warnings.warn(f"cannot write the image cache {file} ({e}); decoding again next time", stacklevel=3)
+        warnings.warn(
+            f"cannot write the image cache {file} ({e}); decoding again next time", stacklevel=3
+        )
         return False
     return True

@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cnnjax.data import folders, tfds
-from cnnjax.data.common import TFDS_EXTRA, DataError, Dataset, Images, Stream, data_dir_from_env, import_tensorflow, tensorflow_available
+from cnnjax.data.common import (
+    TFDS_EXTRA,
+    DataError,
+    Dataset,
+    Images,
+    Stream,
+    data_dir_from_env,
+    import_tensorflow,
+    tensorflow_available,
+)
 from cnnjax.data.decode import check_size
 from cnnjax.data.mnist import load_mnist
 
@@ -40,12 +49,17 @@ def memory_budget(devices: Sequence[Any] | None = None) -> tuple[int, str]:
     if devices and devices[0].platform != "cpu":
         limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
         if all(limits):
-            return min(limits) // 4, f"a quarter of the smallest {devices[0].platform} device's {min(limits) / GIB:.1f} GiB"
+            return (
+                min(limits) // 4,
+                f"a quarter of the smallest {devices[0].platform} device's {min(limits) / GIB:.1f} GiB",
+            )
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         ram = 4 * CPU_BUDGET_CAP
-    return min(ram // 4, CPU_BUDGET_CAP), f"a quarter of the host's {ram / GIB:.0f} GiB of RAM, at most 2 GiB"
+    return min(
+        ram // 4, CPU_BUDGET_CAP
+    ), f"a quarter of the host's {ram / GIB:.0f} GiB of RAM, at most 2 GiB"
 
 
 def _mib(n: int) -> str:
@@ -59,7 +73,9 @@ def choose_input(mode: str, nbytes: int, budget: tuple[int, str] | None = None) 
         raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {mode!r}")
     size = f"{_mib(nbytes)} of uint8 images"
     if mode == "stream" and not tensorflow_available():
-        raise DataError(f"--input stream reads through tf.data, and TensorFlow is not installed: {TFDS_EXTRA}")
+        raise DataError(
+            f"--input stream reads through tf.data, and TensorFlow is not installed: {TFDS_EXTRA}"
+        )
     if mode != "auto":
         return mode, f"--input {mode}; {size}"
     limit, rule = budget or memory_budget()
@@ -78,9 +94,15 @@ def load(spec: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
     split the data set lacks, or a folder whose splits have different classes."""
     if isinstance(splits, str) or not splits:
         raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
-    splits = tuple(dict.fromkeys(splits))  # ("train", "train") when validating on the training split
+    splits = tuple(
+        dict.fromkeys(splits)
+    )  # ("train", "train") when validating on the training split
     if spec.data_dir is not None and not Path(spec.data_dir).expanduser().is_dir():
-        what = "is a file, not a folder" if Path(spec.data_dir).expanduser().exists() else "does not exist"
+        what = (
+            "is a file, not a folder"
+            if Path(spec.data_dir).expanduser().exists()
+            else "does not exist"
+        )
         raise DataError(f"--data-dir {spec.data_dir} {what}; pass the folder that holds the data")
     if spec.dataset == "mnist":
         return _mnist(spec, splits)
@@ -91,13 +113,25 @@ def load(spec: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
 
 def _mnist(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
     if spec.input == "stream":
-        raise DataError("--input stream is for image folders and TFDS image sets (cats_dogs); MNIST (55 MB as uint8) "
-                        "always fits in memory: use --input memory or auto")
-    if wrong := [s for s in splits if s not in ("train", "test")]:  # before a load that may download
+        raise DataError(
+            "--input stream is for image folders and TFDS image sets (cats_dogs); MNIST (55 MB as uint8) "
+            "always fits in memory: use --input memory or auto"
+        )
+    if wrong := [
+        s for s in splits if s not in ("train", "test")
+    ]:  # before a load that may download
         raise DataError(f"MNIST has the splits train and test, not {wrong[0]!r}")
-    log.info("input: memory (%s)", "--input memory" if spec.input == "memory" else "auto: MNIST's 55 MB of uint8 images always fit")
+    log.info(
+        "input: memory (%s)",
+        "--input memory"
+        if spec.input == "memory"
+        else "auto: MNIST's 55 MB of uint8 images always fit",
+    )
     arrays = load_mnist(spec.data_dir)
-    return {s: Images(arrays[f"{s}_images"], arrays[f"{s}_labels"], [str(d) for d in range(10)]) for s in splits}
+    return {
+        s: Images(arrays[f"{s}_images"], arrays[f"{s}_labels"], [str(d) for d in range(10)])
+        for s in splits
+    }
 
 
 def _cats_dogs(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
@@ -109,23 +143,43 @@ def _cats_dogs(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
         listings = None
         sizes = dict(tfds.TFDS_SPLIT_SIZES)
         if wrong := [s for s in splits if s not in sizes]:
-            raise DataError(f"TFDS cats_vs_dogs has the splits {', '.join(sizes)}, not {wrong[0]!r}")
+            raise DataError(
+                f"TFDS cats_vs_dogs has the splits {', '.join(sizes)}, not {wrong[0]!r}"
+            )
         count = sum(2 * sizes[s] for s in splits)
     choice, why = choose_input(spec.input, count * size[0] * size[1] * 3)
     log.info("input: %s (%s)", choice, why)
     if choice == "stream":
         import_tensorflow()  # fails here, before anything is read, when TensorFlow is missing
         if listings is None:
-            return {s: Stream(source) for s, source in tfds.tfds_cats_vs_dogs_subsets(splits, size, spec.interpolation).items()}
-        return {s: Stream(folders.FolderSource(folders.stream_listing(listing, size, spec.interpolation), size, spec.interpolation))
-                for s, listing in listings.items()}
+            return {
+                s: Stream(source)
+                for s, source in tfds.tfds_cats_vs_dogs_subsets(
+                    splits, size, spec.interpolation
+                ).items()
+            }
+        return {
+            s: Stream(
+                folders.FolderSource(
+                    folders.stream_listing(listing, size, spec.interpolation),
+                    size,
+                    spec.interpolation,
+                )
+            )
+            for s, listing in listings.items()
+        }
     if listings is not None:
-        return {s: folders.load_listing(listing, size, spec.interpolation) for s, listing in listings.items()}
+        return {
+            s: folders.load_listing(listing, size, spec.interpolation)
+            for s, listing in listings.items()
+        }
     try:
         held = tfds.load_tfds_cats_vs_dogs(size, spec.interpolation)
     except DataError as e:
-        raise DataError(f"cats vs dogs: no --data-dir or CNNJAX_DATA_DIR, and TFDS failed ({e}). "
-                        f"Expected {folders.CATS_DOGS_LAYOUT}") from None
+        raise DataError(
+            f"cats vs dogs: no --data-dir or CNNJAX_DATA_DIR, and TFDS failed ({e}). "
+            f"Expected {folders.CATS_DOGS_LAYOUT}"
+        ) from None
     return {s: held[s] for s in splits}
 
 
@@ -134,8 +188,12 @@ def check_classes(datasets: Mapping[str, Dataset], num_classes: int, where: str)
     for dataset in datasets.values():
         names = dataset.class_names
         if len(names) != num_classes:
-            raise DataError(f"{where} has {len(names)} classes ({', '.join(names)}) but the model needs exactly {num_classes}; "
-                            f"give a folder with {num_classes} class sub-folders")
+            raise DataError(
+                f"{where} has {len(names)} classes ({', '.join(names)}) but the model needs exactly {num_classes}; "
+                f"give a folder with {num_classes} class sub-folders"
+            )
         labels = dataset.labels
         if len(labels) and (int(np.min(labels)) < 0 or int(np.max(labels)) >= num_classes):
-            raise DataError(f"{where}: labels run from {int(np.min(labels))} to {int(np.max(labels))}, outside 0..{num_classes - 1}")
+            raise DataError(
+                f"{where}: labels run from {int(np.min(labels))} to {int(np.max(labels))}, outside 0..{num_classes - 1}"
+            )

@@ -20,8 +20,24 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cnnjax.data.common import TFDS_EXTRA, DataError, Images, first_line, import_tensorflow, tfds_reachable, thread_map
-from cnnjax.data.decode import cache_folder, cache_key, check_size, clean_cache, decode_bytes, read_cached, write_cached
+from cnnjax.data.common import (
+    TFDS_EXTRA,
+    DataError,
+    Images,
+    first_line,
+    import_tensorflow,
+    tfds_reachable,
+    thread_map,
+)
+from cnnjax.data.decode import (
+    cache_folder,
+    cache_key,
+    check_size,
+    clean_cache,
+    decode_bytes,
+    read_cached,
+    write_cached,
+)
 from cnnjax.data.folders import CATS_DOGS_LAYOUT
 from cnnjax.data.kaggle import BOOK_SPLIT_SIZES
 
@@ -41,88 +57,152 @@ def tfds_subset(labelled: Iterable[tuple[int, T]]) -> dict[str, tuple[list[T], l
     for label, item in labelled:
         if label not in (0, 1) or counts[label] >= per_class:
             continue
-        taken[TFDS_SPLIT_SIZES[int(np.searchsorted(bounds, counts[label], side="right"))][0]][label].append(item)
+        taken[TFDS_SPLIT_SIZES[int(np.searchsorted(bounds, counts[label], side="right"))][0]][
+            label
+        ].append(item)
         counts[label] += 1
         if min(counts) >= per_class:
             return taken
-    raise DataError(f"TFDS 'cats_vs_dogs' has only {counts[0]} cats and {counts[1]} dogs; {per_class} of each are needed")
+    raise DataError(
+        f"TFDS 'cats_vs_dogs' has only {counts[0]} cats and {counts[1]} dogs; {per_class} of each are needed"
+    )
 
 
-def load_tfds_cats_vs_dogs(image_size: Sequence[int] = (150, 150), interpolation: str = "nearest", cache: bool = True,
-                           allow_download: bool = True) -> dict[str, Images]:
+def load_tfds_cats_vs_dogs(
+    image_size: Sequence[int] = (150, 150),
+    interpolation: str = "nearest",
+    cache: bool = True,
+    allow_download: bool = True,
+) -> dict[str, Images]:
     """The TFDS subset (train, validation, test) decoded into memory, each split cached (without TFDS's version)."""
     size_hw = check_size(image_size, interpolation)
-    keys = {split: cache_key({"source": "tfds:cats_vs_dogs/train", "subset": TFDS_SPLIT_SIZES, "split": split,
-                              "image_size": list(size_hw), "interpolation": interpolation}) for split, _ in TFDS_SPLIT_SIZES}
+    keys = {
+        split: cache_key(
+            {
+                "source": "tfds:cats_vs_dogs/train",
+                "subset": TFDS_SPLIT_SIZES,
+                "split": split,
+                "image_size": list(size_hw),
+                "interpolation": interpolation,
+            }
+        )
+        for split, _ in TFDS_SPLIT_SIZES
+    }
     start = time.perf_counter()
     if cache:
         clean_cache()
         cached = {split: read_cached(key, size_hw) for split, key in keys.items()}
         if all(r is not None for r in cached.values()):
-            log.info("loaded TFDS cats_vs_dogs (%s) from the cache %s in %.2f s",
-                     ", ".join(f"{s} {len(r)}" for s, r in cached.items()), cache_folder(), time.perf_counter() - start)
+            log.info(
+                "loaded TFDS cats_vs_dogs (%s) from the cache %s in %.2f s",
+                ", ".join(f"{s} {len(r)}" for s, r in cached.items()),
+                cache_folder(),
+                time.perf_counter() - start,
+            )
             return cached  # type: ignore[return-value]
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise DataError("cats vs dogs: the TFDS fallback needs tensorflow-datasets, which is not installed "
-                        f"({TFDS_EXTRA}); or put the images in folders: {CATS_DOGS_LAYOUT}, and pass --data-dir") from e
-    kwargs = {"split": "train", "as_supervised": True, "shuffle_files": False, "decoders": {"image": tfds.decode.SkipDecoding()}}
+        raise DataError(
+            "cats vs dogs: the TFDS fallback needs tensorflow-datasets, which is not installed "
+            f"({TFDS_EXTRA}); or put the images in folders: {CATS_DOGS_LAYOUT}, and pass --data-dir"
+        ) from e
+    kwargs = {
+        "split": "train",
+        "as_supervised": True,
+        "shuffle_files": False,
+        "decoders": {"image": tfds.decode.SkipDecoding()},
+    }
     try:  # prepared data first: never touches the network
         ds = tfds.load("cats_vs_dogs", download=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - TFDS raises assorted errors for "not prepared"
         if not allow_download:
-            raise DataError(f"TFDS 'cats_vs_dogs' is not prepared and downloading is off ({first_line(e)})") from e
+            raise DataError(
+                f"TFDS 'cats_vs_dogs' is not prepared and downloading is off ({first_line(e)})"
+            ) from e
         if not tfds_reachable():
-            raise DataError("TFDS 'cats_vs_dogs' is not prepared and its download server cannot be reached") from e
-        log.info("downloading TFDS cats_vs_dogs (Microsoft's Kaggle cats and dogs zip, several hundred MB) from TFDS's "
-                 "download server into TFDS's data folder ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
+            raise DataError(
+                "TFDS 'cats_vs_dogs' is not prepared and its download server cannot be reached"
+            ) from e
+        log.info(
+            "downloading TFDS cats_vs_dogs (Microsoft's Kaggle cats and dogs zip, several hundred MB) from TFDS's "
+            "download server into TFDS's data folder ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+        )
         try:
             ds = tfds.load("cats_vs_dogs", download=True, **kwargs)
         except Exception as e2:  # noqa: BLE001
             raise DataError(f"TFDS 'cats_vs_dogs' download failed: {first_line(e2)}") from e2
 
-    taken = tfds_subset((int(label), (index, data)) for index, (data, label) in enumerate(tfds.as_numpy(ds)))
+    taken = tfds_subset(
+        (int(label), (index, data)) for index, (data, label) in enumerate(tfds.as_numpy(ds))
+    )
     results: dict[str, Images] = {}
     for split, (cats, dogs) in taken.items():
         # TFDS already dropped the dataset's undecodable files, so a failure here is a real error.
-        images = np.stack(thread_map(lambda item: decode_bytes(bytes(item[1]), size_hw, interpolation), cats + dogs))
-        results[split] = Images(images, np.array([0] * len(cats) + [1] * len(dogs), np.int32), ["cats", "dogs"],
-                                [f"tfds:cats_vs_dogs/train[{index}]" for index, _ in cats + dogs])
+        images = np.stack(
+            thread_map(
+                lambda item: decode_bytes(bytes(item[1]), size_hw, interpolation), cats + dogs
+            )
+        )
+        results[split] = Images(
+            images,
+            np.array([0] * len(cats) + [1] * len(dogs), np.int32),
+            ["cats", "dogs"],
+            [f"tfds:cats_vs_dogs/train[{index}]" for index, _ in cats + dogs],
+        )
         if cache:
             write_cached(keys[split], results[split])
-    log.info("decoded TFDS cats_vs_dogs (%s) in %.1f s%s", ", ".join(f"{s} {len(r)}" for s, r in results.items()),
-             time.perf_counter() - start, f"; cached in {cache_folder()}" if cache else "")
+    log.info(
+        "decoded TFDS cats_vs_dogs (%s) in %.1f s%s",
+        ", ".join(f"{s} {len(r)}" for s, r in results.items()),
+        time.perf_counter() - start,
+        f"; cached in {cache_folder()}" if cache else "",
+    )
     return results
 
 
-def open_tfds(name: str, split: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> tuple[Any, Any, Any]:
+def open_tfds(
+    name: str, split: str, data_dir: str | os.PathLike | None = None, download: bool = True
+) -> tuple[Any, Any, Any]:
     """(random-access source, DatasetInfo, tfds) of a TFDS split with images left encoded.
     Reading by index needs the array_record format, which TFDS prepares for data sources."""
     import_tensorflow()
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataError(f"TFDS {name!r}: tensorflow-datasets is not installed ({TFDS_EXTRA})") from None
+        raise DataError(
+            f"TFDS {name!r}: tensorflow-datasets is not installed ({TFDS_EXTRA})"
+        ) from None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and config errors alike
         raise DataError(f"TFDS has no dataset {name!r} ({first_line(e)})") from None
     image_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
-    kwargs = {"split": split, "data_dir": data_dir, "decoders": {k: tfds.decode.SkipDecoding() for k in image_keys}}
+    kwargs = {
+        "split": split,
+        "data_dir": data_dir,
+        "decoders": {k: tfds.decode.SkipDecoding() for k in image_keys},
+    }
     try:
         return tfds.data_source(name, download=False, **kwargs), builder.info, tfds
     except Exception as e:  # noqa: BLE001 - TFDS raises assorted errors for "not prepared"
         if builder.is_prepared():
-            raise DataError(f"TFDS {name!r} is prepared at {builder.data_dir} in a format that cannot be read by index "
-                            f"({builder.info.file_format}); streaming needs array_record: prepare it again with "
-                            f"`tfds build {name} --file_format=array_record`, or use --input memory") from None
+            raise DataError(
+                f"TFDS {name!r} is prepared at {builder.data_dir} in a format that cannot be read by index "
+                f"({builder.info.file_format}); streaming needs array_record: prepare it again with "
+                f"`tfds build {name} --file_format=array_record`, or use --input memory"
+            ) from None
         if not download:
-            raise DataError(f"TFDS {name!r} is not prepared and downloading is off ({first_line(e)})") from None
+            raise DataError(
+                f"TFDS {name!r} is not prepared and downloading is off ({first_line(e)})"
+            ) from None
     if not tfds_reachable():
         raise DataError(f"TFDS {name!r} is not prepared and its download server cannot be reached")
-    log.info("downloading TFDS %s from TFDS's download server into TFDS's data folder (%s), prepared as array_record",
-             name, data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+    log.info(
+        "downloading TFDS %s from TFDS's download server into TFDS's data folder (%s), prepared as array_record",
+        name,
+        data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets",
+    )
     try:
         return tfds.data_source(name, download=True, **kwargs), builder.info, tfds
     except Exception as e:  # noqa: BLE001
@@ -133,14 +213,27 @@ class TfdsSource:
     """A TFDS image-classification split (e.g. "mnist", "test" or "cats_vs_dogs", "train[:80%]") read record by
     record, for a Stream. image_size resizes the images (None: the dataset's fixed size)."""
 
-    def __init__(self, name: str, split: str, image_size: Sequence[int] | None = None, interpolation: str = "nearest",
-                 data_dir: str | os.PathLike | None = None, download: bool = True):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        image_size: Sequence[int] | None = None,
+        interpolation: str = "nearest",
+        data_dir: str | os.PathLike | None = None,
+        download: bool = True,
+    ):
         self.name, self.split, self.interpolation = name, split, interpolation
         self.data, info, tfds = open_tfds(name, split, data_dir, download)
         image_key, label_key = info.supervised_keys or ("image", "label")
         features = info.features
-        if image_key not in features or label_key not in features or not isinstance(features[label_key], tfds.features.ClassLabel):
-            raise DataError(f"TFDS {name!r} is not an image-classification dataset (no image feature with a class label)")
+        if (
+            image_key not in features
+            or label_key not in features
+            or not isinstance(features[label_key], tfds.features.ClassLabel)
+        ):
+            raise DataError(
+                f"TFDS {name!r} is not an image-classification dataset (no image feature with a class label)"
+            )
         self.image_key, self.label_key = image_key, label_key
         shape = features[image_key].shape
         if image_size is None:
@@ -166,7 +259,12 @@ class TfdsSource:
         record = self.data[int(self.indices[index])]
         image = record[self.image_key]
         if isinstance(image, bytes | np.bytes_):
-            image = decode_bytes(bytes(image), self.image_shape[:2], self.interpolation, "RGB" if self.image_shape[-1] == 3 else "L")
+            image = decode_bytes(
+                bytes(image),
+                self.image_shape[:2],
+                self.interpolation,
+                "RGB" if self.image_shape[-1] == 3 else "L",
+            )
         elif image.shape != self.image_shape:
             raise ValueError(f"image of shape {image.shape}, expected {self.image_shape}")
         return np.asarray(image, np.uint8), int(record[self.label_key])
@@ -175,8 +273,9 @@ class TfdsSource:
         return f"tfds:{self.name}/{self.split}[{int(self.indices[index])}]"
 
 
-def tfds_cats_vs_dogs_subsets(splits: Sequence[str], image_size: Sequence[int], interpolation: str,
-                              download: bool = True) -> dict[str, TfdsSource]:
+def tfds_cats_vs_dogs_subsets(
+    splits: Sequence[str], image_size: Sequence[int], interpolation: str, download: bool = True
+) -> dict[str, TfdsSource]:
     """The subset load_tfds_cats_vs_dogs holds, as record-by-record sources; finding it reads every label once."""
     full = TfdsSource("cats_vs_dogs", "train", image_size, interpolation, download=download)
     full.class_names = ["cats", "dogs"]  # the image folders' names (TFDS's are "cat" and "dog")
@@ -185,6 +284,9 @@ def tfds_cats_vs_dogs_subsets(splits: Sequence[str], image_size: Sequence[int], 
     for split in splits:
         cats, dogs = taken[split]
         part = copy.copy(full)  # the same split, restricted to these records
-        part.indices, part.labels = full.indices[cats + dogs], np.array([0] * len(cats) + [1] * len(dogs), np.int32)
+        part.indices, part.labels = (
+            full.indices[cats + dogs],
+            np.array([0] * len(cats) + [1] * len(dogs), np.int32),
+        )
         out[split] = part
     return out
