@@ -1,4 +1,5 @@
-"""What the data sources share: errors, the two kinds of dataset, where data and caches live, threads, TensorFlow."""
+"""What the data sources share: errors, the two kinds of dataset, where data and caches live,
+threads, TensorFlow."""
 
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ class SkippedImageWarning(UserWarning):
 
 @dataclass
 class Images:
-    """A dataset held in memory, in the source's order (for a folder, Keras's: class by class, file names sorted)."""
+    """A dataset held in memory, in the source's order (for a folder, Keras's: class by class,
+    file names sorted)."""
 
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int32 (N,), indices into class_names
     class_names: list[str]
-    files: list[str] = field(
-        default_factory=list
-    )  # where each image came from; empty for MNIST's arrays
+    # where each image came from; empty for MNIST's arrays
+    files: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded, left out
 
     def __len__(self) -> int:
@@ -52,7 +53,8 @@ class Images:
 
 
 class Source(Protocol):
-    """A dataset read one example at a time: read(i) -> (uint8 image (H, W, C), label); describe(i) names it."""
+    """A dataset read one example at a time: read(i) -> (uint8 image (H, W, C), label);
+    describe(i) names it."""
 
     class_names: list[str]
     image_shape: tuple[int, int, int]
@@ -65,15 +67,16 @@ class Source(Protocol):
 
 
 class Stream:
-    """A dataset the host delivers batch by batch through tf.data, for sets that do not fit in memory.
+    """A dataset the host delivers batch by batch through tf.data, for sets too large for memory.
 
-    `batches` reads the examples that index matrices name, in their order; the training loop passes the order it
-    uses for in-memory data, so an epoch through the stream is the in-memory epoch, pixel for pixel. K seeds: one
-    pipeline yields (K, B, ...) batches, each seed its own rows (an image drawn by several seeds in a step is
-    decoded once per seed). Several processes: each passes the rows and seeds its devices hold, so every example
-    is read once per seed and epoch across processes. A file that cannot be read or decoded is no crash mid-epoch:
-    its row gets weight 0 (as padding) and a SkippedImageWarning names it. (The in-memory path drops such files
-    before it orders the epoch, so on a folder with broken files the two orders differ.)
+    `batches` reads the examples that index matrices name, in their order; the training loop passes
+    the order it uses for in-memory data, so an epoch through the stream is the in-memory epoch,
+    pixel for pixel. K seeds: one pipeline yields (K, B, ...) batches, each seed its own rows (an
+    image drawn by several seeds in a step is decoded once per seed). Several processes: each passes
+    the rows and seeds its devices hold, so every example is read once per seed and epoch across
+    processes. A file that cannot be read or decoded is no crash mid-epoch: its row gets weight 0
+    (as padding) and a SkippedImageWarning names it. (The in-memory path drops such files before it
+    orders the epoch, so on a folder with broken files the two orders differ.)
     """
 
     def __init__(self, source: Source):
@@ -94,28 +97,27 @@ class Stream:
         return self.source.read(index)[0]  # a preview
 
     def batches(self, indices: np.ndarray, weights: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
-        """Per step of index and weight matrices (K, steps, B), the examples they name: {"image": (K, B, H, W, C)
-        uint8, "label": (K, B) int32, "weight": (K, B) float32}. Weight-0 rows (padding) are not read: zeros."""
+        """Per step of index and weight matrices (K, steps, B), the examples they name: {"image":
+        (K, B, H, W, C) uint8, "label": (K, B) int32, "weight": (K, B) float32}. Weight-0 rows
+        (padding) are not read: zeros."""
         tf = import_tensorflow()
         indices, weights = np.asarray(indices, np.int64), np.asarray(weights, np.float32)
         seeds, steps, rows = indices.shape
         per_step = seeds * rows
-        flat_indices = indices.transpose(1, 0, 2).reshape(
-            -1
-        )  # step-major: one step's K x B rows together
+        # step-major: one step's K x B rows together
+        flat_indices = indices.transpose(1, 0, 2).reshape(-1)
         flat_weights = weights.transpose(1, 0, 2).reshape(-1)
         shape = self.image_shape
         blank = np.zeros(shape, np.uint8)
-        why: dict[
-            int, str
-        ] = {}  # written by tf.data's threads, read here once the batch holding it arrives
+        # written by tf.data's threads, read here once the batch holding it arrives
+        why: dict[int, str] = {}
 
         def read(index: np.int64, weight: np.float32) -> tuple[np.ndarray, np.int32, np.bool_]:
             if weight <= 0:
                 return blank, np.int32(0), np.bool_(True)
             try:
                 image, label = self.source.read(int(index))
-            except Exception as e:  # noqa: BLE001 - one bad file is skipped, never the end of the epoch
+            except Exception as e:  # noqa: BLE001 - a bad file is skipped; the epoch goes on
                 why[int(index)] = f"cannot be decoded ({type(e).__name__}: {first_line(e)})"
                 return blank, np.int32(0), np.bool_(False)
             if image.shape != shape:
@@ -143,11 +145,9 @@ class Stream:
             part = slice(step * per_step, (step + 1) * per_step)
             step_weights = flat_weights[part] * ok
             for index in flat_indices[part][(flat_weights[part] > 0) & ~ok]:
-                warnings.warn(
-                    f"skipped {self.source.describe(int(index))}: {why.get(int(index), 'unreadable')}",
-                    SkippedImageWarning,
-                    stacklevel=2,
-                )
+                what = self.source.describe(int(index))
+                reason = why.get(int(index), "unreadable")
+                warnings.warn(f"skipped {what}: {reason}", SkippedImageWarning, stacklevel=2)
             yield {
                 "image": images.reshape(seeds, rows, *shape),
                 "label": labels.reshape(seeds, rows),
@@ -155,7 +155,8 @@ class Stream:
             }
 
 
-# Both offer labels, class_names, image_shape, len and image(i): only how a training loop gets at the pixels differs.
+# Both offer labels, class_names, image_shape, len and image(i): only how a training loop gets at
+# the pixels differs.
 Dataset = Images | Stream
 
 
@@ -172,8 +173,8 @@ def cache_root() -> Path:
 
 
 def tfds_reachable() -> bool:
-    """Whether TFDS's download server answers at all: checked before a download, so an offline machine fails in
-    seconds instead of hanging in retries."""
+    """Whether TFDS's download server answers at all: checked before a download, so an offline
+    machine fails in seconds instead of hanging in retries."""
     try:
         with socket.create_connection(("storage.googleapis.com", 443), timeout=5.0):
             return True
@@ -182,27 +183,28 @@ def tfds_reachable() -> bool:
 
 
 def first_line(error: BaseException) -> str:
-    """An error's first non-empty line (its type name when it has no message), at most 300 characters."""
+    """An error's first non-empty line (its type name when it has no message), at
+    most 300 characters."""
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]
 
 
 def default_workers() -> int:
-    """Threads for decoding, hashing and copying files: twice the cores, as file reads and the Python between PIL
-    calls leave cores idle at one per core."""
-    cpus = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )  # the former on Linux
+    """Threads for decoding, hashing and copying files: twice the cores, as file reads and the
+    Python between PIL calls leave cores idle at one per core."""
+    # os.sched_getaffinity exists on Linux only
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(16, 2 * cpus)
 
 
 def thread_map(
     fn: Callable[[T], R], items: Sequence[T], workers: int | None = None, name: str = "cnnjax"
 ) -> list[R]:
-    """[fn(item) for item in items] on threads (workers None: default_workers(); 0 or 1: in this thread). Threads,
-    not processes: PIL and hashlib release the GIL while they work, and a process pool pays for starting workers
-    and pickling every result back (and forking after JAX has started threads is unsafe). On an error or Ctrl-C
-    the calls not yet started are dropped, not waited for."""
+    """[fn(item) for item in items] on threads (workers None: default_workers(); 0 or 1: in
+    this thread). Threads, not processes: PIL and hashlib release the GIL while they work, and
+    a process pool pays for starting workers and pickling every result back (and forking after
+    JAX has started threads is unsafe). On an error or Ctrl-C the calls not yet started are
+    dropped, not waited for."""
     workers = default_workers() if workers is None else workers
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
@@ -227,8 +229,7 @@ def import_tensorflow() -> Any:
         raise DataError(
             f"--input stream reads through tf.data, and TensorFlow is not installed: {TFDS_EXTRA}"
         ) from None
-    with contextlib.suppress(
-        RuntimeError, ValueError
-    ):  # devices already initialised by an earlier user: leave them
+    # RuntimeError, ValueError: devices already initialised by an earlier user; leave them
+    with contextlib.suppress(RuntimeError, ValueError):
         tf.config.set_visible_devices([], "GPU")
     return tf

@@ -1,13 +1,16 @@
-"""Pixels: one image decoded as `keras.utils.load_img(path, target_size=(h, w))` does, and decoded sets cached.
+"""Pixels: one image decoded as `keras.utils.load_img(path, target_size=(h, w))` does, and
+decoded sets cached.
 
-As load_img: `convert("RGB")` (or "L") whatever the mode (alpha dropped, not composited), then a NEAREST resize
-(other filters on request) unless the size is right already; the one deliberate difference is `_to_8bit`. No JPEG
-`draft()`: it decodes at a reduced DCT scale, and on cats_and_dogs_small only ~30 % of the images then matched
-load_img. Every path to pixels goes through here, so a model sees at inference the pixels it trained on.
+As load_img: `convert("RGB")` (or "L") whatever the mode (alpha dropped, not composited), then a
+NEAREST resize (other filters on request) unless the size is right already; the one deliberate
+difference is `_to_8bit`. No JPEG `draft()`: it decodes at a reduced DCT scale, and on
+cats_and_dogs_small only ~30 % of the images then matched load_img. Every path to pixels goes
+through here, so a model sees at inference the pixels it trained on.
 
-A cache key hashes what the caller says decides the pixels, plus the cache's and Pillow's versions (another libjpeg
-can decode other pixels); a folder's key holds every file's sha256, so an edited file invalidates it even with the
-same size and mtime. A damaged cache file is reported and ignored: the caller decodes again.
+A cache key hashes what the caller says decides the pixels, plus the cache's and Pillow's versions
+(another libjpeg can decode other pixels); a folder's key holds every file's sha256, so an edited
+file invalidates it even with the same size and mtime. A damaged cache file is reported and ignored:
+the caller decodes again.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ CACHE_VERSION = 2  # bump when the decoding or the cache layout changes
 
 
 def check_size(image_size: Sequence[int], interpolation: str = "nearest") -> tuple[int, int]:
-    """image_size as (height, width); ValueError unless it is two positive sizes and interpolation a load_img name."""
+    """image_size as (height, width); ValueError unless it is two positive sizes and
+    interpolation a load_img name."""
     size = tuple(int(s) for s in image_size)
     if len(size) != 2 or min(size) < 1:
         raise ValueError(
@@ -59,14 +63,14 @@ def decode_file(
     interpolation: str = "nearest",
     mode: str = "RGB",
 ) -> np.ndarray:
-    """One image file as uint8 (H, W, 3) for mode "RGB", (H, W, 1) for "L"; raises what open() or PIL raises."""
+    """One image file as uint8 (H, W, 3) for mode "RGB", (H, W, 1) for "L"; raises what
+    open() or PIL raises."""
     size_hw = check_size(size_hw, interpolation)
     with open(path, "rb") as f:
         try:
             image = Image.open(f)
-        except (
-            Image.DecompressionBombError
-        ) as e:  # as unreadable as a broken file: skipped or refused like one
+        except Image.DecompressionBombError as e:
+            # as unreadable as a broken file: skipped or refused like one
             raise OSError(
                 f"{path} has more pixels than PIL decodes safely ({first_line(e).rstrip('.')})"
             ) from None
@@ -85,9 +89,8 @@ def decode_bytes(
 def _pixels(
     img: Image.Image, size_hw: tuple[int, int], interpolation: str, mode: str = "RGB"
 ) -> np.ndarray:
-    img = _to_8bit(
-        img
-    )  # then the steps, in order, of load_img(color_mode="rgb" or "grayscale", target_size=...)
+    img = _to_8bit(img)
+    # then the steps, in order, of load_img(color_mode="rgb" or "grayscale", target_size=...)
     if img.mode != mode:
         img = img.convert(mode)
     size_wh = (size_hw[1], size_hw[0])
@@ -100,10 +103,11 @@ def _pixels(
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit and float grayscale as 8-bit "L"; every other mode unchanged.
 
-    PIL's convert("RGB") clips these to 0-255 instead of scaling, so a 16-bit image comes out all white. 16-bit
-    values v become round(v * 255 / 65535) = (v + 128) // 257 (no ties are possible): modes "I;16*", and "I" from
-    a PNG or PPM/PGM file, where PIL keeps 16-bit samples. A 32-bit "I" from another format (TIFF) keeps PIL's
-    clipping: nothing says which range its values use. "F" is taken as 0-255 like PIL does, but rounded, NaN as 0.
+    PIL's convert("RGB") clips these to 0-255 instead of scaling, so a 16-bit image comes out all
+    white. 16-bit values v become round(v * 255 / 65535) = (v + 128) // 257 (no ties are possible):
+    modes "I;16*", and "I" from a PNG or PPM/PGM file, where PIL keeps 16-bit samples. A 32-bit "I"
+    from another format (TIFF) keeps PIL's clipping: nothing says which range its values use. "F" is
+    taken as 0-255 like PIL does, but rounded, NaN as 0.
     """
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PNG", "PPM")):
         values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
@@ -132,9 +136,9 @@ def cache_key(parts: Mapping[str, object]) -> str:
 def content_hashes(
     paths: Sequence[str], broken: Mapping[int, str], workers: int | None = None
 ) -> list[str]:
-    """sha256 of every file's bytes, or why it cannot be read (broken[i], known already, or an OSError). Each thread
-    hashes one contiguous slice of the files: handing them out one by one measured slower (thread switches cost
-    more than hashing a 20 kB JPEG)."""
+    """sha256 of every file's bytes, or why it cannot be read (broken[i], known already, or an
+    OSError). Each thread hashes one contiguous slice of the files: handing them out one by one
+    measured slower (thread switches cost more than hashing a 20 kB JPEG)."""
 
     def one(i: int) -> str:
         if i in broken:
@@ -144,9 +148,8 @@ def content_hashes(
         except OSError as e:  # decoding will fail on it too and skip it with a warning
             return f"unreadable: {type(e).__name__}"
 
-    step = max(
-        1, math.ceil(len(paths) / max(1, default_workers() if workers is None else workers))
-    )  # files per thread
+    threads = max(1, default_workers() if workers is None else workers)
+    step = max(1, math.ceil(len(paths) / threads))  # files per thread
     slices = [range(len(paths))[start : start + step] for start in range(0, len(paths), step)]
     parts = thread_map(
         lambda indices: [one(i) for i in indices], slices, len(slices), "cnnjax-hash"
@@ -198,8 +201,9 @@ def read_cached(key: str, size_hw: tuple[int, int]) -> Images | None:
 
 
 def write_cached(key: str, result: Images) -> bool:
-    """Store result under key, atomically; False (with a warning) when it cannot be written. Uncompressed: 2000 images
-    at 150x150 (135 MB) load in a fraction of a second; zlib takes seconds each way for little gain on photos."""
+    """Store result under key, atomically; False (with a warning) when it cannot be written.
+    Uncompressed: 2000 images at 150x150 (135 MB) load in a fraction of a second; zlib takes seconds
+    each way for little gain on photos."""
     file = cache_file(key)
     try:
         with atomic_write(file, "wb") as f:

@@ -1,13 +1,15 @@
-"""Image folders in the layout of Keras's `flow_from_directory`: decoded once (in threads) and cached, or streamed.
+"""Image folders in the layout of Keras's `flow_from_directory`: decoded once (in threads) and
+cached, or streamed.
 
     folder/<class>/<image>          e.g. cats_and_dogs_small/train/cats/cat.0.jpg
     root/{train,validation,test}/<class>/<image>
 
-Classes are the sorted sub-folder names; images the files with an image extension (any case), in Keras's order.
-Hidden files and folders (".DS_Store", "._x.jpg", ".ipynb_checkpoints") are ignored, unlike Keras: they are never
-images and would break the class list. A file that cannot be read or decoded is skipped with a SkippedImageWarning,
-repeated when the result comes from the cache, whose key holds every file's sha256 (every load hashes every file,
-a small fraction of decoding): a skipped file is retried only when a file changes.
+Classes are the sorted sub-folder names; images the files with an image extension (any case), in
+Keras's order. Hidden files and folders (".DS_Store", "._x.jpg", ".ipynb_checkpoints") are ignored,
+unlike Keras: they are never images and would break the class list. A file that cannot be read or
+decoded is skipped with a SkippedImageWarning, repeated when the result comes from the cache, whose
+key holds every file's sha256 (every load hashes every file, a small fraction of decoding): a
+skipped file is retried only when a file changes.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ log = logging.getLogger(__name__)
 
 # Keras's flow_from_directory list (png jpg jpeg bmp ppm tif tiff) plus gif and webp.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
-FOLDER_LAYOUT = "folder/<class>/<image>, one sub-folder per class, e.g. train/cats/cat.0.jpg and train/dogs/dog.0.jpg"
+FOLDER_LAYOUT = (
+    "folder/<class>/<image>, one sub-folder per class, "
+    "e.g. train/cats/cat.0.jpg and train/dogs/dog.0.jpg"
+)
 SPLITS_LAYOUT = "root/{train,validation,test}/<class>/<image>, e.g. root/train/cats/cat.0.jpg"
 CATS_DOGS_LAYOUT = (
     "<dir>/{train,validation,test}/{cats,dogs}/*.jpg (as in the lecture's cats_and_dogs_small), "
@@ -57,9 +62,8 @@ class Listing:
     class_names: list[str]
     files: list[str]  # relative, "/"-separated
     labels: list[int]
-    broken: dict[int, str] = field(
-        default_factory=dict
-    )  # index -> why it cannot be read (dangling symlink, loop)
+    # index -> why it cannot be read (dangling symlink, loop)
+    broken: dict[int, str] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:
@@ -124,9 +128,8 @@ def list_folder(folder: str | os.PathLike) -> Listing:
         for path in paths:
             try:
                 os.stat(path)
-            except (
-                OSError
-            ) as e:  # a dangling symlink or a symlink loop: skipped like an undecodable file
+            except OSError as e:
+                # a dangling symlink or a symlink loop: skipped like an undecodable file
                 listing.broken[len(listing.files)] = _unreadable(path, e)
             listing.files.append(Path(os.path.relpath(path, folder)).as_posix())
             listing.labels.append(label)
@@ -134,8 +137,8 @@ def list_folder(folder: str | os.PathLike) -> Listing:
 
 
 def list_splits(root: str | os.PathLike, splits: Sequence[str]) -> dict[str, Listing]:
-    """list_folder(root/split) for each split, after checking that every split exists and has the same class
-    sub-folders (so label i means the same class everywhere)."""
+    """list_folder(root/split) for each split, after checking that every split exists and has the
+    same class sub-folders (so label i means the same class everywhere)."""
     if not splits:
         raise ValueError("splits must name at least one split")
     root = Path(root).expanduser()
@@ -145,22 +148,23 @@ def list_splits(root: str | os.PathLike, splits: Sequence[str]) -> dict[str, Lis
         present = sorted(
             e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
         )
+        has = ", ".join(present) or "no sub-folders"
         raise DataError(
-            f"{root} has no {', '.join(missing)} folder (it has: {', '.join(present) or 'no sub-folders'}); "
-            f"expected {SPLITS_LAYOUT}"
+            f"{root} has no {', '.join(missing)} folder (it has: {has}); expected {SPLITS_LAYOUT}"
         )
     classes = {s: _class_names(root / s) for s in splits}
     for s in splits[1:]:
         if classes[s] != classes[splits[0]]:
             raise DataError(
-                f"splits have different classes: {root / splits[0]} has {classes[splits[0]]} but {root / s} has "
-                f"{classes[s]}; every split needs the same class sub-folders"
+                f"splits have different classes: {root / splits[0]} has {classes[splits[0]]} "
+                f"but {root / s} has {classes[s]}; every split needs the same class sub-folders"
             )
     return {s: list_folder(root / s) for s in splits}
 
 
 class FolderSource:
-    """A listing's images, for a Stream: read one by one, decoded as load_image_folder decodes them."""
+    """A listing's images, for a Stream: read one by one, decoded as
+    load_image_folder decodes them."""
 
     def __init__(
         self,
@@ -179,9 +183,8 @@ class FolderSource:
     def read(self, index: int) -> tuple[np.ndarray, int]:
         if index in self.listing.broken:  # a dangling symlink or a loop, found while listing
             raise OSError(self.listing.broken[index])
-        return decode_file(self.describe(index), self.image_shape[:2], self.interpolation), int(
-            self.labels[index]
-        )
+        image = decode_file(self.describe(index), self.image_shape[:2], self.interpolation)
+        return image, int(self.labels[index])
 
     def describe(self, index: int) -> str:
         return str(self.listing.folder / self.listing.files[index])
@@ -194,8 +197,8 @@ def _decode_each(
     workers: int | None,
     into: np.ndarray | None = None,
 ) -> dict[str, str]:
-    """Decode every listed file (into `into`, or only to see that it decodes), in threads; warn about and
-    return the ones that failed, {relative path: why}."""
+    """Decode every listed file (into `into`, or only to see that it decodes), in threads; warn
+    about and return the ones that failed, {relative path: why}."""
 
     def one(i: int) -> str | None:  # None, or why file i failed
         if i in listing.broken:
@@ -218,14 +221,15 @@ def _decode_each(
 
 
 def _without(listing: Listing, failed: Sequence[str]) -> Listing:
-    """The listing less the files that failed; DataError when a whole class is gone (training on the other
-    classes alone would silently learn nothing useful)."""
+    """The listing less the files that failed; DataError when a whole class is gone (training on the
+    other classes alone would silently learn nothing useful)."""
     failed = set(failed)
     keep = [i for i, rel in enumerate(listing.files) if rel not in failed]
     labels = [listing.labels[i] for i in keep]
     if empty := [name for c, name in enumerate(listing.class_names) if c not in labels]:
         raise DataError(
-            f"{listing.folder}: none of the images of class {', '.join(empty)} could be decoded (see warnings)"
+            f"{listing.folder}: none of the images of class {', '.join(empty)} could be decoded "
+            "(see warnings)"
         )
     return Listing(listing.folder, listing.class_names, [listing.files[i] for i in keep], labels)
 
@@ -254,9 +258,10 @@ def stream_listing(
     interpolation: str = "nearest",
     workers: int | None = None,
 ) -> Listing:
-    """The listing a Stream reads: without the files that cannot be decoded, found as load_listing finds
-    them, so a stream holds the same examples as memory (the same count, order and loss). Finding them
-    decodes every file once; the result is remembered under the folder's content-hash key."""
+    """The listing a Stream reads: without the files that cannot be decoded, found as
+    load_listing finds them, so a stream holds the same examples as memory (the same count, order
+    and loss). Finding them decodes every file once; the result is remembered under the folder's
+    content-hash key."""
     size_hw = check_size(image_size, interpolation)
     clean_cache()
     key = _cache_key(listing, size_hw, interpolation, workers)
@@ -265,7 +270,8 @@ def stream_listing(
         failed = json.loads(remembered.read_text())
         for rel in failed:
             warnings.warn(
-                f"skipped {listing.folder / rel}: cannot be read or decoded (cached result; fix or remove the file)",
+                f"skipped {listing.folder / rel}: cannot be read or decoded "
+                "(cached result; fix or remove the file)",
                 SkippedImageWarning,
                 stacklevel=2,
             )
@@ -275,7 +281,8 @@ def stream_listing(
             write_json(remembered, failed)
         except OSError as e:
             warnings.warn(
-                f"cannot remember the folder's unreadable files in {remembered} ({e}); checking again next time",
+                f"cannot remember the folder's unreadable files in {remembered} ({e}); "
+                "checking again next time",
                 stacklevel=2,
             )
     return _without(listing, failed)
@@ -329,7 +336,8 @@ def load_listing(
             )
             for rel in cached.skipped:
                 warnings.warn(
-                    f"skipped {listing.folder / rel}: cannot be read or decoded (cached result; fix or remove the file)",
+                    f"skipped {listing.folder / rel}: cannot be read or decoded "
+                    "(cached result; fix or remove the file)",
                     SkippedImageWarning,
                     stacklevel=2,
                 )
@@ -364,9 +372,9 @@ def load_image_folder(
     cache: bool = True,
     workers: int | None = None,
 ) -> Images:
-    """All images under folder/<class>/ as uint8 (N, height, width, 3) with int32 labels. image_size is
-    (height, width), as Keras's target_size; interpolation a load_img name. cache=False neither reads nor writes
-    the cache. workers: decoding threads (None: twice the cores; 0 or 1: none)."""
+    """All images under folder/<class>/ as uint8 (N, height, width, 3) with int32 labels. image_size
+    is (height, width), as Keras's target_size; interpolation a load_img name. cache=False neither
+    reads nor writes the cache. workers: decoding threads (None: twice the cores; 0 or 1: none)."""
     check_size(image_size, interpolation)  # bad arguments fail before the folder is listed
     return load_listing(list_folder(folder), image_size, interpolation, cache, workers)
 
@@ -379,7 +387,8 @@ def load_splits(
     cache: bool = True,
     workers: int | None = None,
 ) -> dict[str, Images]:
-    """load_image_folder(root/split) for each split; all splits are listed and checked before any is decoded."""
+    """load_image_folder(root/split) for each split; all splits are listed and checked
+    before any is decoded."""
     check_size(image_size, interpolation)
     return {
         s: load_listing(listing, image_size, interpolation, cache, workers)
@@ -390,8 +399,9 @@ def load_splits(
 def find_cats_dogs_root(
     data_dir: str | os.PathLike | None = None, splits: Sequence[str] = ("train", "validation")
 ) -> Path:
-    """The folder holding the cats-vs-dogs splits needed: data_dir, else $CNNJAX_DATA_DIR, or its
-    cats_and_dogs_small/. Pass the splits actually used: evaluating on ("test",) needs only test/."""
+    """The folder holding the cats-vs-dogs splits needed: data_dir, else $CNNJAX_DATA_DIR,
+    or its cats_and_dogs_small/. Pass the splits actually used: evaluating on ("test",)
+    needs only test/."""
     if isinstance(splits, str) or not splits:
         raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
     base, source = (
@@ -399,14 +409,16 @@ def find_cats_dogs_root(
     )
     if base is None:
         raise DataError(
-            f"cats vs dogs: no data folder given; pass data_dir (--data-dir) or set CNNJAX_DATA_DIR to {CATS_DOGS_LAYOUT}"
+            "cats vs dogs: no data folder given; pass data_dir (--data-dir) or set CNNJAX_DATA_DIR "
+            f"to {CATS_DOGS_LAYOUT}"
         )
     candidates = (Path(base).expanduser(), Path(base).expanduser() / "cats_and_dogs_small")
     for candidate in candidates:
         if all((candidate / split).is_dir() for split in splits):
             return candidate
+    tried = " and ".join(map(str, candidates))
     needed = " and ".join(f"{split}/" for split in splits)
     raise DataError(
-        f"cats vs dogs not found: tried {' and '.join(map(str, candidates))} (from {source}); neither holds {needed}. "
+        f"cats vs dogs not found: tried {tried} (from {source}); neither holds {needed}. "
         f"Expected {CATS_DOGS_LAYOUT}"
     )

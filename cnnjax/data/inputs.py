@@ -1,8 +1,10 @@
-"""The one way in: `load(cfg.data, ("train", "validation"))` gives {split: Images | Stream}, then `check_classes`.
+"""The one way in: `load(cfg.data, ("train", "validation"))` gives {split: Images | Stream},
+then `check_classes`.
 
-MNIST always fits in memory. cats vs dogs comes from the folders of data_dir or CNNJAX_DATA_DIR, else from TFDS;
-`input` says how: "memory" decodes every image once, "stream" reads them batch by batch, "auto" keeps them in
-memory when they fit a budget (`choose_input`). The choice is logged in one line, "input: ...".
+MNIST always fits in memory. cats vs dogs comes from the folders of data_dir or CNNJAX_DATA_DIR,
+else from TFDS; `input` says how: "memory" decodes every image once, "stream" reads them batch by
+batch, "auto" keeps them in memory when they fit a budget (`choose_input`). The choice is logged in
+one line, "input: ...".
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,9 +31,6 @@ from cnnjax.data.common import (
 from cnnjax.data.decode import check_size
 from cnnjax.data.mnist import load_mnist
 
-if TYPE_CHECKING:
-    from cnnjax.config import DataConfig
-
 log = logging.getLogger(__name__)
 
 INPUTS = ("auto", "memory", "stream")
@@ -39,27 +38,37 @@ GIB = 1 << 30
 CPU_BUDGET_CAP = 2 * GIB
 
 
+class DataSpec(Protocol):
+    """What `load` reads: cnnjax.config.DataConfig has these fields. The data layer names only
+    this, so that the imports run one way, config -> data."""
+
+    dataset: str
+    data_dir: str | None
+    image_size: int
+    interpolation: str
+    input: str
+
+
 def memory_budget(devices: Sequence[Any] | None = None) -> tuple[int, str]:
-    """(bytes, why) the in-memory path may take. On accelerators a quarter of the smallest device's memory (the set
-    is replicated on every device, beside the model and its activations); on the CPU a quarter of the RAM, at most
-    2 GiB (the set is held as decoded arrays and on the device, and the decode cache writes it again)."""
+    """(bytes, why) the in-memory path may take. On accelerators a quarter of the smallest device's
+    memory (the set is replicated on every device, beside the model and its activations); on the CPU
+    a quarter of the RAM, at most 2 GiB (the set is held as decoded arrays and on the device, and
+    the decode cache writes it again)."""
     import jax
 
     devices = list(jax.devices() if devices is None else devices)
     if devices and devices[0].platform != "cpu":
         limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
         if all(limits):
-            return (
-                min(limits) // 4,
-                f"a quarter of the smallest {devices[0].platform} device's {min(limits) / GIB:.1f} GiB",
-            )
+            smallest, platform = min(limits), devices[0].platform
+            why = f"a quarter of the smallest {platform} device's {smallest / GIB:.1f} GiB"
+            return smallest // 4, why
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         ram = 4 * CPU_BUDGET_CAP
-    return min(
-        ram // 4, CPU_BUDGET_CAP
-    ), f"a quarter of the host's {ram / GIB:.0f} GiB of RAM, at most 2 GiB"
+    why = f"a quarter of the host's {ram / GIB:.0f} GiB of RAM, at most 2 GiB"
+    return min(ram // 4, CPU_BUDGET_CAP), why
 
 
 def _mib(n: int) -> str:
@@ -67,8 +76,8 @@ def _mib(n: int) -> str:
 
 
 def choose_input(mode: str, nbytes: int, budget: tuple[int, str] | None = None) -> tuple[str, str]:
-    """("memory" or "stream", the reason in words) for --input `mode` and a uint8 set of `nbytes`. Without
-    TensorFlow, "stream" is a DataError naming the extra to install and "auto" is memory."""
+    """("memory" or "stream", the reason in words) for --input `mode` and a uint8 set of `nbytes`.
+    Without TensorFlow, "stream" is a DataError naming the extra to install and "auto" is memory."""
     if mode not in INPUTS:
         raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {mode!r}")
     size = f"{_mib(nbytes)} of uint8 images"
@@ -88,15 +97,15 @@ def choose_input(mode: str, nbytes: int, budget: tuple[int, str] | None = None) 
     return "stream", f"auto: {verdict}"
 
 
-def load(spec: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
-    """{split: Images or Stream} for the splits asked for, e.g. ("train", "validation") or ("test",), all with the
-    same class names. DataError, before anything is decoded or downloaded, for a data_dir that does not exist, a
-    split the data set lacks, or a folder whose splits have different classes."""
+def load(spec: DataSpec, splits: Sequence[str]) -> dict[str, Dataset]:
+    """{split: Images or Stream} for the splits asked for, e.g. ("train", "validation") or
+    ("test",), all with the same class names. DataError, before anything is decoded or downloaded,
+    for a data_dir that does not exist, a split the data set lacks, or a folder whose splits have
+    different classes."""
     if isinstance(splits, str) or not splits:
         raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
-    splits = tuple(
-        dict.fromkeys(splits)
-    )  # ("train", "train") when validating on the training split
+    # ("train", "train") when validating on the training split
+    splits = tuple(dict.fromkeys(splits))
     if spec.data_dir is not None and not Path(spec.data_dir).expanduser().is_dir():
         what = (
             "is a file, not a folder"
@@ -111,15 +120,14 @@ def load(spec: DataConfig, splits: Sequence[str]) -> dict[str, Dataset]:
     raise ValueError(f"dataset must be mnist or cats_dogs, got {spec.dataset!r}")
 
 
-def _mnist(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
+def _mnist(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
     if spec.input == "stream":
         raise DataError(
-            "--input stream is for image folders and TFDS image sets (cats_dogs); MNIST (55 MB as uint8) "
-            "always fits in memory: use --input memory or auto"
+            "--input stream is for image folders and TFDS image sets (cats_dogs); "
+            "MNIST (55 MB as uint8) always fits in memory: use --input memory or auto"
         )
-    if wrong := [
-        s for s in splits if s not in ("train", "test")
-    ]:  # before a load that may download
+    # before a load that may download
+    if wrong := [s for s in splits if s not in ("train", "test")]:
         raise DataError(f"MNIST has the splits train and test, not {wrong[0]!r}")
     log.info(
         "input: memory (%s)",
@@ -134,7 +142,7 @@ def _mnist(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
     }
 
 
-def _cats_dogs(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
+def _cats_dogs(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
     size = check_size((spec.image_size, spec.image_size), spec.interpolation)
     if spec.data_dir is not None or data_dir_from_env() is not None:
         listings = folders.list_splits(folders.find_cats_dogs_root(spec.data_dir, splits), splits)
@@ -152,12 +160,8 @@ def _cats_dogs(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
     if choice == "stream":
         import_tensorflow()  # fails here, before anything is read, when TensorFlow is missing
         if listings is None:
-            return {
-                s: Stream(source)
-                for s, source in tfds.tfds_cats_vs_dogs_subsets(
-                    splits, size, spec.interpolation
-                ).items()
-            }
+            sources = tfds.tfds_cats_vs_dogs_subsets(splits, size, spec.interpolation)
+            return {s: Stream(source) for s, source in sources.items()}
         return {
             s: Stream(
                 folders.FolderSource(
@@ -184,16 +188,18 @@ def _cats_dogs(spec: DataConfig, splits: tuple[str, ...]) -> dict[str, Dataset]:
 
 
 def check_classes(datasets: Mapping[str, Dataset], num_classes: int, where: str) -> None:
-    """Every dataset must have exactly num_classes classes (2 for a sigmoid head) and its labels in 0..num_classes-1."""
+    """Every dataset must have exactly num_classes classes (2 for a sigmoid head) and its labels in
+    0..num_classes-1."""
     for dataset in datasets.values():
         names = dataset.class_names
         if len(names) != num_classes:
             raise DataError(
-                f"{where} has {len(names)} classes ({', '.join(names)}) but the model needs exactly {num_classes}; "
-                f"give a folder with {num_classes} class sub-folders"
+                f"{where} has {len(names)} classes ({', '.join(names)}) but the model needs "
+                f"exactly {num_classes}; give a folder with {num_classes} class sub-folders"
             )
         labels = dataset.labels
         if len(labels) and (int(np.min(labels)) < 0 or int(np.max(labels)) >= num_classes):
+            low, high = int(np.min(labels)), int(np.max(labels))
             raise DataError(
-                f"{where}: labels run from {int(np.min(labels))} to {int(np.max(labels))}, outside 0..{num_classes - 1}"
+                f"{where}: labels run from {low} to {high}, outside 0..{num_classes - 1}"
             )

@@ -1,7 +1,8 @@
-"""The lecture's cats_and_dogs_small, copied out of Kaggle's "Dogs vs. Cats" train folder (experiments/prepare_catsdogs.py).
+"""The lecture's cats_and_dogs_small, copied out of Kaggle's "Dogs vs. Cats" train folder
+(experiments/prepare_catsdogs.py).
 
-Kaggle names its files cat.0.jpg ... cat.12499.jpg and dog.0.jpg ...; the book takes, per class, images 0-999 for
-train, 1000-1499 for validation and 1500-1999 for test, under the same file names.
+Kaggle names its files cat.0.jpg ... cat.12499.jpg and dog.0.jpg ...; the book takes, per class,
+images 0-999 for train, 1000-1499 for validation and 1500-1999 for test, under the same file names.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ KAGGLE_CLASSES = (("cat", "cats"), ("dog", "dogs"))  # file name prefix, class f
 
 @dataclass
 class SmallSplit:
-    """What prepare_small_split did: images per split (both classes), files copied, files already there."""
+    """What prepare_small_split did: images per split (both classes), files copied,
+    files already there."""
 
     out: Path
     counts: dict[str, int]
@@ -55,8 +57,9 @@ def small_split_plan(
     out: str | os.PathLike,
     sizes: Sequence[tuple[str, int]] = BOOK_SPLIT_SIZES,
 ) -> list[tuple[Path, Path]]:
-    """(source, destination) for every file: per class the first sizes[0] images (by number) to out/<first
-    split>/{cats,dogs}/, under the same name, the next sizes[1] to the second split, ..."""
+    """(source, destination) for every file: per class the first sizes[0] images (by
+    number) to out/<first split>/{cats,dogs}/, under the same name, the next sizes[1] to
+    the second split, ..."""
     kaggle, out, sizes = Path(kaggle_dir).expanduser(), Path(out).expanduser(), _check_sizes(sizes)
     plan = []
     for prefix, class_folder in KAGGLE_CLASSES:
@@ -73,7 +76,8 @@ def _more(items: list) -> str:
 
 
 def _checked_source(path: Path) -> str | BaseException:
-    """sha256 of a source file's bytes after PIL decoded those very bytes, or why the file cannot be used."""
+    """sha256 of a source file's bytes after PIL decoded those very bytes, or why the
+    file cannot be used."""
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as img:
@@ -89,14 +93,17 @@ def prepare_small_split(
     sizes: Sequence[tuple[str, int]] = BOOK_SPLIT_SIZES,
     workers: int | None = None,
 ) -> SmallSplit:
-    """Copy the book's cats_and_dogs_small out of Kaggle's Dogs vs. Cats train folder (kaggle_dir or its train/).
+    """Copy the book's cats_and_dogs_small out of Kaggle's Dogs vs. Cats train folder
+    (kaggle_dir or its train/).
 
-    Every source must exist and decode, and no destination hold a different file, before anything is written; then
-    each missing file is copied atomically and compared with its source: a rerun leaves identical files alone."""
+    Every source must exist and decode, and no destination hold a different file, before anything is
+    written; then each missing file is copied atomically and compared with its source: a rerun
+    leaves identical files alone."""
     kaggle = Path(kaggle_dir).expanduser()
     if not kaggle.is_dir():
         raise DataError(
-            f"Kaggle folder {kaggle} does not exist; pass the train/ folder of Kaggle's Dogs vs. Cats (cat.0.jpg, ...)"
+            f"Kaggle folder {kaggle} does not exist; pass the train/ folder of Kaggle's "
+            "Dogs vs. Cats (cat.0.jpg, ...)"
         )
     if not (kaggle / "cat.0.jpg").exists() and (kaggle / "train" / "cat.0.jpg").exists():
         kaggle = kaggle / "train"
@@ -111,18 +118,19 @@ def prepare_small_split(
             p.name for p in present if p not in planned and not p.name.startswith(".")
         ):
             raise DataError(
-                f"{folder} holds {extra[0]}{_more(extra)}, which this split puts elsewhere or nowhere (an earlier run with "
-                "other --sizes?): splits sharing images would mislead every validation; choose another --out"
+                f"{folder} holds {extra[0]}{_more(extra)}, which this split puts elsewhere or "
+                "nowhere (an earlier run with other --sizes?): splits sharing images would mislead "
+                "every validation; choose another --out"
             )
     start = time.perf_counter()
 
     if missing := [src for src, _ in plan if not src.is_file()]:
         per_class = sum(n for _, n in sizes)
+        last = per_class - 1
+        ranges = [f"{prefix}.0.jpg ... {prefix}.{last}.jpg" for prefix, _ in KAGGLE_CLASSES]
         raise DataError(
-            f"{missing[0]} is missing{_more(missing)}: --kaggle-dir must be Kaggle's Dogs vs. Cats train folder, holding "
-            + " and ".join(
-                f"{prefix}.0.jpg ... {prefix}.{per_class - 1}.jpg" for prefix, _ in KAGGLE_CLASSES
-            )
+            f"{missing[0]} is missing{_more(missing)}: --kaggle-dir must be Kaggle's Dogs vs. Cats "
+            f"train folder, holding {' and '.join(ranges)}"
         )
     digests = thread_map(_checked_source, [src for src, _ in plan], workers, "cnnjax-check")
     if bad := [
@@ -146,7 +154,8 @@ def prepare_small_split(
             to_copy.append((src, dest, digest))
         elif dest.is_symlink() or not dest.is_file() or sha256(dest) != digest:
             raise DataError(
-                f"refusing to overwrite {dest}: it differs from {src}; move it away or choose another --out"
+                f"refusing to overwrite {dest}: it differs from {src}; "
+                "move it away or choose another --out"
             )
 
     start = time.perf_counter()
@@ -157,11 +166,11 @@ def prepare_small_split(
         src, dest, digest = item
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
-            if (
-                sha256(tmp) != digest
-            ):  # raising here removes the temporary: dest is never a bad copy
+            # raising here removes the temporary: dest is never a bad copy
+            if sha256(tmp) != digest:
                 raise DataError(
-                    f"copying {src} to {dest} gave different bytes (did the source change?); run again"
+                    f"copying {src} to {dest} gave different bytes (did the source change?); "
+                    "run again"
                 )
 
     thread_map(copy, to_copy, workers, "cnnjax-copy")

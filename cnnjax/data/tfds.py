@@ -1,11 +1,12 @@
-"""TFDS image sets: cats_vs_dogs in the lecture's split sizes, and any image-classification split read record by record.
+"""TFDS image sets: cats_vs_dogs in the lecture's split sizes, and any image-classification split
+read record by record.
 
 TFDS's cats_vs_dogs has a single 'train' split (23,262 images). `tfds_subset` takes, in TFDS order
-(shuffle_files=False, deterministic for a dataset version), per class the first 1000 for "train", the next 500 for
-"validation" and 500 for "test": the sizes of the lecture's cats_and_dogs_small, not its pictures; each split holds
-its cats, then its dogs. Images are decoded with PIL (cnnjax.data.decode), as image folders are, not by TFDS.
-Prepared data is used first; a download only when allowed and TFDS's server answers. TensorFlow and TFDS are
-imported on first use only.
+(shuffle_files=False, deterministic for a dataset version), per class the first 1000 for "train",
+the next 500 for "validation" and 500 for "test": the sizes of the lecture's cats_and_dogs_small,
+not its pictures; each split holds its cats, then its dogs. Images are decoded with PIL
+(cnnjax.data.decode), as image folders are, not by TFDS. Prepared data is used first; a download
+only when allowed and TFDS's server answers. TensorFlow and TFDS are imported on first use only.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ TFDS_SPLIT_SIZES = BOOK_SPLIT_SIZES  # images per class and split, taken in this
 
 
 def tfds_subset(labelled: Iterable[tuple[int, T]]) -> dict[str, tuple[list[T], list[T]]]:
-    """Per split, (cats, dogs): the items of `labelled`, (label, item) pairs in TFDS order, that go there (see the
-    module docstring); reading stops once every split is full."""
+    """Per split, (cats, dogs): the items of `labelled`, (label, item) pairs in TFDS order, that go
+    there (see the module docstring); reading stops once every split is full."""
     per_class = sum(n for _, n in TFDS_SPLIT_SIZES)
     bounds = np.cumsum([n for _, n in TFDS_SPLIT_SIZES])
     taken: dict[str, tuple[list[T], list[T]]] = {split: ([], []) for split, _ in TFDS_SPLIT_SIZES}
@@ -57,14 +58,14 @@ def tfds_subset(labelled: Iterable[tuple[int, T]]) -> dict[str, tuple[list[T], l
     for label, item in labelled:
         if label not in (0, 1) or counts[label] >= per_class:
             continue
-        taken[TFDS_SPLIT_SIZES[int(np.searchsorted(bounds, counts[label], side="right"))][0]][
-            label
-        ].append(item)
+        split = TFDS_SPLIT_SIZES[int(np.searchsorted(bounds, counts[label], side="right"))][0]
+        taken[split][label].append(item)
         counts[label] += 1
         if min(counts) >= per_class:
             return taken
     raise DataError(
-        f"TFDS 'cats_vs_dogs' has only {counts[0]} cats and {counts[1]} dogs; {per_class} of each are needed"
+        f"TFDS 'cats_vs_dogs' has only {counts[0]} cats and {counts[1]} dogs; "
+        f"{per_class} of each are needed"
     )
 
 
@@ -74,7 +75,8 @@ def load_tfds_cats_vs_dogs(
     cache: bool = True,
     allow_download: bool = True,
 ) -> dict[str, Images]:
-    """The TFDS subset (train, validation, test) decoded into memory, each split cached (without TFDS's version)."""
+    """The TFDS subset (train, validation, test) decoded into memory, each split cached
+    (without TFDS's version)."""
     size_hw = check_size(image_size, interpolation)
     keys = {
         split: cache_key(
@@ -125,8 +127,9 @@ def load_tfds_cats_vs_dogs(
                 "TFDS 'cats_vs_dogs' is not prepared and its download server cannot be reached"
             ) from e
         log.info(
-            "downloading TFDS cats_vs_dogs (Microsoft's Kaggle cats and dogs zip, several hundred MB) from TFDS's "
-            "download server into TFDS's data folder ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+            "downloading TFDS cats_vs_dogs (Microsoft's Kaggle cats and dogs zip, "
+            "several hundred MB) from TFDS's download server into TFDS's data folder "
+            "($TFDS_DATA_DIR or ~/tensorflow_datasets)"
         )
         try:
             ds = tfds.load("cats_vs_dogs", download=True, **kwargs)
@@ -188,9 +191,10 @@ def open_tfds(
     except Exception as e:  # noqa: BLE001 - TFDS raises assorted errors for "not prepared"
         if builder.is_prepared():
             raise DataError(
-                f"TFDS {name!r} is prepared at {builder.data_dir} in a format that cannot be read by index "
-                f"({builder.info.file_format}); streaming needs array_record: prepare it again with "
-                f"`tfds build {name} --file_format=array_record`, or use --input memory"
+                f"TFDS {name!r} is prepared at {builder.data_dir} in a format that cannot be read "
+                f"by index ({builder.info.file_format}); streaming needs array_record: "
+                f"prepare it again with `tfds build {name} --file_format=array_record`, "
+                "or use --input memory"
             ) from None
         if not download:
             raise DataError(
@@ -199,7 +203,8 @@ def open_tfds(
     if not tfds_reachable():
         raise DataError(f"TFDS {name!r} is not prepared and its download server cannot be reached")
     log.info(
-        "downloading TFDS %s from TFDS's download server into TFDS's data folder (%s), prepared as array_record",
+        "downloading TFDS %s from TFDS's download server into TFDS's data folder (%s), "
+        "prepared as array_record",
         name,
         data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets",
     )
@@ -210,8 +215,9 @@ def open_tfds(
 
 
 class TfdsSource:
-    """A TFDS image-classification split (e.g. "mnist", "test" or "cats_vs_dogs", "train[:80%]") read record by
-    record, for a Stream. image_size resizes the images (None: the dataset's fixed size)."""
+    """A TFDS image-classification split (e.g. "mnist", "test" or "cats_vs_dogs",
+    "train[:80%]") read record by record, for a Stream. image_size resizes the images (None:
+    the dataset's fixed size)."""
 
     def __init__(
         self,
@@ -232,7 +238,8 @@ class TfdsSource:
             or not isinstance(features[label_key], tfds.features.ClassLabel)
         ):
             raise DataError(
-                f"TFDS {name!r} is not an image-classification dataset (no image feature with a class label)"
+                f"TFDS {name!r} is not an image-classification dataset "
+                "(no image feature with a class label)"
             )
         self.image_key, self.label_key = image_key, label_key
         shape = features[image_key].shape
@@ -276,7 +283,8 @@ class TfdsSource:
 def tfds_cats_vs_dogs_subsets(
     splits: Sequence[str], image_size: Sequence[int], interpolation: str, download: bool = True
 ) -> dict[str, TfdsSource]:
-    """The subset load_tfds_cats_vs_dogs holds, as record-by-record sources; finding it reads every label once."""
+    """The subset load_tfds_cats_vs_dogs holds, as record-by-record sources; finding it reads
+    every label once."""
     full = TfdsSource("cats_vs_dogs", "train", image_size, interpolation, download=download)
     full.class_names = ["cats", "dogs"]  # the image folders' names (TFDS's are "cat" and "dog")
     taken = tfds_subset((full.label(i), i) for i in range(len(full)))
