@@ -1,8 +1,10 @@
 """K seeds trained together (one compiled program, the seeds spread over the mesh's seed axis)
 against one seed, same recipe, same process. The ablation's "vmap" seed mode relies on the first.
 
-    python benchmarks/ablation_vmap.py --data-dir ../shared/data [--seeds 8] [--image-size 64] [--steps 20] [--json FILE]
-    python benchmarks/ablation_vmap.py --random [--seeds 8] ...        # random images: no data needed
+    python benchmarks/ablation_vmap.py --data-dir ../shared/data [--seeds 8] [--image-size 64]
+        [--steps 20] [--json FILE]
+    # random images: no data needed
+    python benchmarks/ablation_vmap.py --random [--seeds 8] ...
 
 The recipe is cats-vs-dogs experiment 2 (cnnjax.config.catsdogs(2): lecture augmentation,
 Dropout(0.5), Adam, batch 20) at --image-size. One epoch of --steps steps (the first
@@ -91,7 +93,8 @@ def main() -> None:
         f"({'one call per step' if args.loop else 'scanned calls'})"
     )
     print(
-        f"1 seed: {result['one_seed_ms_per_step']:.1f} ms/step (mesh {result['mesh_one']}); {args.seeds} seeds together: "
+        f"1 seed: {result['one_seed_ms_per_step']:.1f} ms/step (mesh {result['mesh_one']}); "
+        f"{args.seeds} seeds together: "
         f"{result['k_seeds_ms_per_step']:.1f} ms/step (mesh {result['mesh_k']})"
     )
     print(

@@ -1,4 +1,5 @@
-"""Images per second of cnnjax's augmentation vs Keras's ImageDataGenerator, same settings, same run.
+"""Images per second of cnnjax's augmentation vs Keras's ImageDataGenerator, same settings, same
+run.
 
 Both augment random uint8 150x150x3 images with the lecture's experiment-2 settings
 (rotation 40, shifts 0.1, shear 0.4, zoom 0.5, horizontal flip, nearest fill, bilinear):
@@ -128,7 +129,8 @@ def main() -> None:
     elif not args.no_keras:
         backend = os.environ.get("KERAS_BACKEND", "Keras's default")
         print(
-            f"Keras is not importable with backend {backend} (pip install 'cnnjax[keras]'): showing cnnjax's figure only."
+            f"Keras is not importable with backend {backend} (pip install 'cnnjax[keras]'): "
+            "showing cnnjax's figure only."
         )
     for bs in args.batch_sizes:
         ours = cnnjax_images_per_second(bs, args.seconds)

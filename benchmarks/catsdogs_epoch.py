@@ -1,6 +1,6 @@
 """One epoch of cats-vs-dogs experiment 2 (cnnjax.config.catsdogs(2): augmentation + Dropout(0.5),
-Adam, batch 20: 2,000 training and 1,000 validation images): cnnjax against the lecture's Keras script
-(TensorFlow backend, ImageDataGenerator) on the same data and machine.
+Adam, batch 20: 2,000 training and 1,000 validation images): cnnjax against the lecture's Keras
+script (TensorFlow backend, ImageDataGenerator) on the same data and machine.
 
     python benchmarks/catsdogs_epoch.py --data-dir ../shared/data [--epochs 2] [--skip-keras]
 

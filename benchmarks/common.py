@@ -1,8 +1,8 @@
 """What the benchmarks share: a recipe of cnnjax.config, its data (real or random), its training
 epochs run as cnnjax.train runs them (an epoch timed twice, compile kept apart), and timed fits.
 
-Training alone is timed through cnnjax.train's internals (`_feed`, `_train_fn`, `_run_pass`,
-`_local_order`, `_evaluator`): the same compiled steps, order and feeding as
+Training alone is timed through cnnjax.feed (`feed`, `train_fn`, `run_pass`, `local_order`,
+`evaluator`): the same compiled steps, order and feeding as
 `train_and_evaluate`, without its checkpoints, history files and figures. `run_recipe` runs
 the loop itself (`train_and_evaluate`), files and all, in a folder thrown away afterwards.
 
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from cnnjax import config, data, files, mesh, models, optim, step, train
+from cnnjax import config, data, feed, files, mesh, models, optim, step, train
 from cnnjax.step import TrainState
 
 
@@ -97,13 +97,15 @@ def one_step_per_call() -> Iterator[None]:
 @dataclasses.dataclass
 class Training:
     """A recipe's compiled training steps on a mesh, fed one dataset, run epoch by epoch exactly as
-    train_and_evaluate runs them (cnnjax.train's internals; no evaluation, checkpoints or files)."""
+    train_and_evaluate runs them (cnnjax.feed; no evaluation, checkpoints or files)."""
 
     cfg: config.Config
     mesh: Mesh
     model: nn.Module
     dataset: Any
-    start: TrainState  # the seeds' initial states on the host: each call donates its state, so timed runs restart from here
+    # the seeds' initial states on the host: each call donates its state, so timed runs restart
+    # from here
+    start: TrainState
     fn: Callable
     on_device: dict | None
     batches: Callable
@@ -115,12 +117,13 @@ class Training:
         )
 
     def epoch(self, state: TrainState, epoch: int = 0) -> tuple[TrainState, list[dict[str, float]]]:
-        """One epoch from a placed state (donated): the new state and per seed {"loss", "accuracy"}."""
+        """One epoch from a placed state (donated): the new state and per seed {"loss",
+        "accuracy"}."""
         order = step.epoch_order(
             mesh.to_host(state.rng), len(self.dataset), self.cfg.train.batch_size, epoch
         )
-        batches = self.batches(*train._local_order(*order, self.mesh, per_seed=True))
-        state, sums = train._run_pass(
+        batches = self.batches(*feed.local_order(*order, self.mesh, per_seed=True))
+        state, sums = feed.run_pass(
             self.fn, state, batches, self.on_device, self.mesh, per_seed=True
         )
         return state, step.totals_to_metrics(mesh.to_host(sums))
@@ -135,8 +138,9 @@ class Training:
         return time.perf_counter() - begin, metrics
 
     def evaluator(self, dataset: Any) -> Callable[[Any], list[dict[str, float]]]:
-        """params (stacked over seeds) -> per seed {"loss", "accuracy"} on `dataset`, as the loop validates."""
-        return train._evaluator(self.model, dataset, self.mesh, self.cfg.train.eval_batch_size)
+        """params (stacked over seeds) -> per seed {"loss", "accuracy"} on `dataset`, as the loop
+        validates."""
+        return feed.evaluator(self.model, dataset, self.mesh, self.cfg.train.eval_batch_size)
 
 
 def training(
@@ -145,7 +149,8 @@ def training(
     num_seeds: int = 1,
     devices: Sequence[jax.Device] | None = None,
 ) -> Training:
-    """cfg's training of `num_seeds` seeds (cfg.train.seed, +1, ...) on a mesh over `devices` (default: all)."""
+    """cfg's training of `num_seeds` seeds (cfg.train.seed, +1, ...) on a mesh over `devices`
+    (default: all)."""
     m = mesh.make_mesh(num_seeds, devices)
     mesh.check_batch(m, cfg.train.batch_size)
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
@@ -153,8 +158,8 @@ def training(
     steps_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
     tx = optim.make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
     start = mesh.to_host(step.init_states(model, tx, seeds, m))
-    on_device, batches = train._feed(dataset, m)
-    fn = train._train_fn(
+    on_device, batches = feed.feed(dataset, m)
+    fn = feed.train_fn(
         model, cfg.optim, cfg.augment, m, on_device is not None, steps_per_epoch, cfg.train.epochs
     )
     return Training(cfg, m, model, dataset, start, fn, on_device, batches)
@@ -226,13 +231,15 @@ def run_recipe(cfg: config.Config, datasets: dict[str, Any] | None = None) -> tr
 
 def backend_line() -> str:
     devices = jax.devices()
+    kind = getattr(devices[0], "device_kind", devices[0].platform)
     return (
         f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} x "
-        f"{getattr(devices[0], 'device_kind', devices[0].platform)}, {jax.process_count()} process(es)"
+        f"{kind}, {jax.process_count()} process(es)"
     )
 
 
 def write_json(path: str | None, record: dict[str, Any]) -> None:
-    """The record as JSON at `path` (nothing without one); printed figures stay the readable copy."""
+    """The record as JSON at `path` (nothing without one); printed figures stay the readable
+    copy."""
     if path:
         files.write_json(path, record)

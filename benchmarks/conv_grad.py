@@ -35,7 +35,8 @@ from cnnjax import models, ops  # noqa: E402
 
 def layer_shapes(name: str) -> tuple[list[tuple], list[tuple]]:
     """The conv layers (name, batch, height, width, C_in, C_out) and the max-pool inputs (name,
-    batch, height, width, C) of the recipe's model at its batch size, read from the model's layers."""
+    batch, height, width, C) of the recipe's model at its batch size, read from the model's
+    layers."""
     cfg = recipe(RECIPES[name])
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
     previous = (cfg.train.batch_size, *model.input_shape)
@@ -112,13 +113,15 @@ def main() -> None:
     if args.tune_malloc:
         tune_malloc()
     print(
-        f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; ms per call, best of {args.reps}: wall (CPU)"
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
+        f"ms per call, best of {args.reps}: wall (CPU)"
     )
     rng = np.random.default_rng(0)
     for model in args.models.split(","):
         conv_layers, pool_layers = layer_shapes(model)
         print(
-            f"\n{model}: convolutions{'':30s}lax                    ours           lax/ours   max rel diff"
+            f"\n{model}: convolutions{'':30s}lax                    ours           "
+            "lax/ours   max rel diff"
         )
         for i, (name, n, h, w, c_in, c_out) in enumerate(conv_layers):
             x = jnp.asarray(rng.standard_normal((n, h, w, c_in)), jnp.float32)
@@ -126,9 +129,8 @@ def main() -> None:
                 rng.standard_normal((3, 3, c_in, c_out)) * np.sqrt(2 / (9 * c_in)), jnp.float32
             )
             dy = jnp.asarray(rng.standard_normal((n, h - 2, w - 2, c_out)), jnp.float32)
-            calls = max(
-                2, int(1e9 // (n * h * w * c_in * c_out * 18))
-            )  # about 1 GFLOP per round, 2 calls at least
+            # about 1 GFLOP per round, 2 calls at least
+            calls = max(2, int(1e9 // (n * h * w * c_in * c_out * 18)))
             (lax_fwd, lax_grad), (our_fwd, our_grad) = (
                 layer_fns(lax_conv, i == 0),
                 layer_fns(ops.conv2d_nhwc, i == 0),
@@ -137,15 +139,17 @@ def main() -> None:
             grad = best_times({"lax": lax_grad, "ours": our_grad}, (x, k, dy), args.reps, calls)
             diff = rel_diff(our_grad(x, k, dy), lax_grad(x, k, dy))
             label = f"{name} {h}x{w}x{c_in}->{c_out}"
+            fwd_ratio = fwd["lax"][0] / fwd["ours"][0]
+            grad_ratio = grad["lax"][0] / grad["ours"][0]
+            print(f"  {label:30s} fwd  {fmt(fwd['lax'])} {fmt(fwd['ours'])}   {fwd_ratio:5.2f}x")
             print(
-                f"  {label:30s} fwd  {fmt(fwd['lax'])} {fmt(fwd['ours'])}   {fwd['lax'][0] / fwd['ours'][0]:5.2f}x"
-            )
-            print(
-                f"  {'':30s} grad {fmt(grad['lax'])} {fmt(grad['ours'])}   {grad['lax'][0] / grad['ours'][0]:5.2f}x   {diff:.1e}",
+                f"  {'':30s} grad {fmt(grad['lax'])} {fmt(grad['ours'])}   {grad_ratio:5.2f}x   "
+                f"{diff:.1e}",
                 flush=True,
             )
         print(
-            f"{model}: ReLU + 2x2 max pool, forward + gradient   reshape-and-max        ours           ratio"
+            f"{model}: ReLU + 2x2 max pool, forward + gradient   reshape-and-max        "
+            "ours           ratio"
         )
         for name, n, h, w, c in pool_layers:
             pre = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
@@ -158,9 +162,11 @@ def main() -> None:
             }
             same = bool(jnp.all(fns["reshape"](pre, g) == fns["ours"](pre, g)))
             t = best_times(fns, (pre, g), args.reps, max(1, int(3e6 // pre.size)))
+            ratio = t["reshape"][0] / t["ours"][0]
+            equal = "bitwise equal" if same else "DIFFERENT"
             print(
                 f"  {name + f' {h}x{w}x{c}':30s}      {fmt(t['reshape'])} {fmt(t['ours'])}   "
-                f"{t['reshape'][0] / t['ours'][0]:5.2f}x   {'bitwise equal' if same else 'DIFFERENT'}",
+                f"{ratio:5.2f}x   {equal}",
                 flush=True,
             )
 

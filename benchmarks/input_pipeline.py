@@ -57,8 +57,8 @@ def main() -> None:
     batch, eval_batch = cfg.train.batch_size, cfg.train.eval_batch_size
     load_before = os.getloadavg()
     print(
-        f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} (1 min) {load_before[1]:.1f} (5 min); jax {jax.__version__}, "
-        f"{jax.devices()[0].platform}"
+        f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} (1 min) {load_before[1]:.1f} "
+        f"(5 min); jax {jax.__version__}, {jax.devices()[0].platform}"
     )
 
     splits = ("train", "validation")
@@ -78,11 +78,12 @@ def main() -> None:
     rate, cpu_ms = pipeline_alone(streams["train"], batch, 1)
     val_rate, val_cpu_ms = pipeline_alone(streams["validation"], eval_batch, 0)
     print(
-        f"pipeline alone: train {rate:.0f} images/s ({cpu_ms:.2f} CPU ms/image), validation {val_rate:.0f} images/s "
-        f"({val_cpu_ms:.2f} CPU ms/image)"
+        f"pipeline alone: train {rate:.0f} images/s ({cpu_ms:.2f} CPU ms/image), "
+        f"validation {val_rate:.0f} images/s ({val_cpu_ms:.2f} CPU ms/image)"
     )
 
-    # The loop's own epochs (cnnjax.train's internals: order, feeding, compiled steps, validation), from one initial state.
+    # The loop's own epochs (cnnjax.train's internals: order, feeding, compiled steps, validation),
+    # from one initial state.
     runs = {name: training(cfg, datasets["train"]) for name, datasets in inputs.items()}
     validate = {name: runs[name].evaluator(inputs[name]["validation"]) for name in inputs}
     states = {name: run.place() for name, run in runs.items()}
@@ -90,9 +91,9 @@ def main() -> None:
     step_seconds: dict[str, list[float]] = {name: [] for name in inputs}
     losses: dict[str, list[float]] = {name: [] for name in inputs}
     for epoch in range(args.epochs):
-        for name in (
-            ("memory", "stream") if epoch % 2 == 0 else ("stream", "memory")
-        ):  # interleaved: load drifts evenly
+        # interleaved: load drifts evenly
+        order = ("memory", "stream") if epoch % 2 == 0 else ("stream", "memory")
+        for name in order:
             start = time.perf_counter()
             states[name], metrics = runs[name].epoch(states[name], epoch)
             trained = time.perf_counter()
@@ -101,7 +102,8 @@ def main() -> None:
             step_seconds[name].append(trained - start)
             losses[name].append(metrics[0]["loss"])
             print(
-                f"epoch {epoch + 1} {name:6s}: {seconds[name][-1]:6.1f} s (training {trained - start:5.1f} s) "
+                f"epoch {epoch + 1} {name:6s}: {seconds[name][-1]:6.1f} s "
+                f"(training {trained - start:5.1f} s) "
                 f"loss {metrics[0]['loss']:.6f} val_loss {val[0]['loss']:.6f}",
                 flush=True,
             )
@@ -113,16 +115,15 @@ def main() -> None:
     step_rate = n / best(step_seconds["memory"])
     load_after = os.getloadavg()
     print(
-        f"\nepoch (validation included), fastest after the first: memory {mem:.1f} s, stream {st:.1f} s, "
-        f"ratio stream / memory {st / mem:.3f} (goal <= 1.15)"
+        f"\nepoch (validation included), fastest after the first: memory {mem:.1f} s, "
+        f"stream {st:.1f} s, ratio stream / memory {st / mem:.3f} (goal <= 1.15)"
     )
     print(
-        f"images/s: pipeline alone {rate:.0f}, training step alone {step_rate:.1f} (memory epoch's training part): "
-        f"pipeline / step {rate / step_rate:.1f}x (goal > 1)"
+        f"images/s: pipeline alone {rate:.0f}, training step alone {step_rate:.1f} "
+        f"(memory epoch's training part): pipeline / step {rate / step_rate:.1f}x (goal > 1)"
     )
-    print(
-        f"largest |loss difference| stream vs memory: {max(abs(a - b) for a, b in zip(losses['memory'], losses['stream'])):.2e}"
-    )
+    largest = max(abs(a - b) for a, b in zip(losses["memory"], losses["stream"]))
+    print(f"largest |loss difference| stream vs memory: {largest:.2e}")
     print(f"load average after: {load_after[0]:.1f} (1 min) {load_after[1]:.1f} (5 min)")
 
 

@@ -70,7 +70,8 @@ def mnist(args: argparse.Namespace) -> None:
 
 
 def catsdogs(args: argparse.Namespace) -> None:
-    """Lecture code, second experiment: ImageDataGenerator augmentation + Dropout(0.5), Adam 1e-3."""
+    """Lecture code, second experiment: ImageDataGenerator augmentation + Dropout(0.5), Adam
+    1e-3."""
     from keras import layers, models, optimizers
 
     try:

@@ -1,5 +1,6 @@
 """One MNIST training epoch (cnnjax.config.mnist(): batch 64, RMSprop, validation on the 10,000
-test images): cnnjax against the lecture's Keras script (TensorFlow backend) on the same data and machine.
+test images): cnnjax against the lecture's Keras script (TensorFlow backend) on the same data and
+machine.
 
     python benchmarks/mnist_epoch.py --data-dir ../shared/data [--epochs 2] [--skip-keras]
 
@@ -36,9 +37,9 @@ def best_epoch(seconds: list[float]) -> float:
 
 
 def recipe_epochs(name: str, data_dir: str | None, epochs: int) -> list[dict]:
-    """`epochs` epochs of a recipe of cnnjax.config as a run trains them (train_and_evaluate, seed 0,
-    validation and the epoch's checkpoint included, compilation in the first epoch): one history
-    row per epoch."""
+    """`epochs` epochs of a recipe of cnnjax.config as a run trains them (train_and_evaluate, seed
+    0, validation and the epoch's checkpoint included, compilation in the first epoch): one
+    history row per epoch."""
     cfg = recipe(name, {"train.epochs": epochs})
     return run_recipe(cfg, real_data(cfg, data_dir)).histories[0]
 
@@ -56,9 +57,9 @@ def keras_epochs(data_dir: str | None, epochs: int, experiment: str = "mnist") -
         cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)}
     )
     if result.returncode != 0:
-        print(
-            f"Keras run failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
-        )
+        stderr = result.stderr.strip()
+        why = stderr.splitlines()[-1] if stderr else result.returncode
+        print(f"Keras run failed: {why}")
         return None
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
@@ -66,7 +67,8 @@ def keras_epochs(data_dir: str | None, epochs: int, experiment: str = "mnist") -
 def compare_with_keras(
     name: str, run_cnnjax, experiment: str, argv: list[str] | None = None
 ) -> None:
-    """Shared main of the epoch benchmarks: time cnnjax, then the lecture's Keras script, print the ratio."""
+    """Shared main of the epoch benchmarks: time cnnjax, then the lecture's Keras script, print the
+    ratio."""
     parser = argparse.ArgumentParser(description=name)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=int, default=2)
@@ -76,8 +78,9 @@ def compare_with_keras(
     start = time.perf_counter()
     ours = run_cnnjax(args.data_dir, args.epochs)
     ours_s = best_epoch([r["seconds"] for r in ours])
+    our_epochs = [round(r["seconds"], 1) for r in ours]
     print(
-        f"cnnjax: epochs {[round(r['seconds'], 1) for r in ours]} s, val_accuracy {ours[-1]['val_accuracy']:.4f}; "
+        f"cnnjax: epochs {our_epochs} s, val_accuracy {ours[-1]['val_accuracy']:.4f}; "
         f"wall {time.perf_counter() - start:.0f} s"
     )
     if args.skip_keras:
@@ -87,11 +90,12 @@ def compare_with_keras(
         return
     theirs_s = best_epoch([r["seconds"] for r in theirs])
     val_key = "val_accuracy" if "val_accuracy" in theirs[-1] else "val_acc"
+    their_epochs = [round(r["seconds"], 1) for r in theirs]
+    their_accuracy = theirs[-1].get(val_key, float("nan"))
+    print(f"keras : epochs {their_epochs} s, val_accuracy {their_accuracy:.4f}")
     print(
-        f"keras : epochs {[round(r['seconds'], 1) for r in theirs]} s, val_accuracy {theirs[-1].get(val_key, float('nan')):.4f}"
-    )
-    print(
-        f"epoch seconds: cnnjax {ours_s:.1f}, keras {theirs_s:.1f}; ratio cnnjax/keras = {ours_s / theirs_s:.2f}"
+        f"epoch seconds: cnnjax {ours_s:.1f}, keras {theirs_s:.1f}; "
+        f"ratio cnnjax/keras = {ours_s / theirs_s:.2f}"
     )
 
 

@@ -155,20 +155,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.tune_malloc:
         tune_malloc()
-    print(
-        f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs{', malloc tuned' if args.tune_malloc else ''}"
-    )
+    tuned = ", malloc tuned" if args.tune_malloc else ""
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs{tuned}")
     for model_name in args.models.split(","):
         batch = recipe(RECIPES[model_name]).train.batch_size
         calls, reps = (5, args.reps) if model_name == "mnist" else (1, max(2, args.reps // 3))
         best = time_model(model_name, reps, batch, calls)
         base = best["lax"]
         print(
-            f"{model_name} (batch {batch}), ms per step, best of {reps}:   wall     CPU    lax/this (wall, CPU)"
+            f"{model_name} (batch {batch}), ms per step, best of {reps}:   "
+            "wall     CPU    lax/this (wall, CPU)"
         )
         for name, (wall, cpu) in best.items():
+            wall_ratio, cpu_ratio = base[0] / wall, base[1] / cpu
             print(
-                f"  {name:10s}                                 {wall:8.1f} {cpu:8.1f}   {base[0] / wall:5.2f}x {base[1] / cpu:5.2f}x",
+                f"  {name:10s}                                 {wall:8.1f} {cpu:8.1f}   "
+                f"{wall_ratio:5.2f}x {cpu_ratio:5.2f}x",
                 flush=True,
             )
 

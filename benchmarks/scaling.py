@@ -1,6 +1,7 @@
 """Training steps per second against the device count, one recipe, the same global batch.
 
-    python benchmarks/scaling.py [--devices 1,2,4] [--recipe mnist|catsdogs1|catsdogs2] [--image-size N] [--steps 40] [--json FILE]
+    python benchmarks/scaling.py [--devices 1,2,4] [--recipe mnist|catsdogs1|catsdogs2]
+        [--image-size N] [--steps 40] [--json FILE]
 
 The device count is fixed when jax starts, so each count runs in its own process: with
 XLA_FLAGS=--xla_force_host_platform_device_count=N on a CPU-only machine (N CPU "devices"),
@@ -68,7 +69,8 @@ def worker(count: int, name: str, image_size: int | None, steps: int) -> dict:
 def run_counts(
     counts: list[int], name: str, image_size: int | None, steps: int, timeout: float = 900
 ) -> list[dict]:
-    """worker() for each count in a fresh process; a failed or timed-out count is reported, not fatal."""
+    """worker() for each count in a fresh process; a failed or timed-out count is reported, not
+    fatal."""
     rows = []
     for count in counts:
         flags = os.environ.get("XLA_FLAGS", "")
@@ -130,8 +132,8 @@ def main() -> None:
     if done:
         first = done[0]
         print(
-            f"jax {first['jax']}, {first['platform']} ({first['kind']}); {args.recipe}, global batch {first['batch_size']}, "
-            f"{args.steps} steps"
+            f"jax {first['jax']}, {first['platform']} ({first['kind']}); {args.recipe}, "
+            f"global batch {first['batch_size']}, {args.steps} steps"
         )
     print(f"{'devices':>7}  {'mesh':>18}  {'steps/s':>8}  {'time / 1 device':>15}  {'loss':>10}")
     for row in rows:
@@ -141,11 +143,13 @@ def main() -> None:
         mesh = f"seed={row['mesh']['seed']} x data={row['mesh']['data']}"
         ratio = f"{row['time_vs_1_device']:.2f}x" if "time_vs_1_device" in row else "n/a"
         print(
-            f"{row['devices']:>7}  {mesh:>18}  {row['steps_per_s']:8.2f}  {ratio:>15}  {row['loss']:10.6f}"
+            f"{row['devices']:>7}  {mesh:>18}  {row['steps_per_s']:8.2f}  "
+            f"{ratio:>15}  {row['loss']:10.6f}"
         )
     if done and done[0]["platform"] == "cpu":
         print(
-            "CPU: forced devices share the same cores, so these ratios are the cost of splitting the batch, not a speedup."
+            "CPU: forced devices share the same cores, so these ratios are the cost of splitting "
+            "the batch, not a speedup."
         )
     write_json(args.json, {"recipe": args.recipe, "steps": args.steps, "rows": rows})
 

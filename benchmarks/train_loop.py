@@ -1,8 +1,8 @@
 """How the training loop drives an epoch: one jitted step per Python call (the loop) against
 ~10 calls of a lax.scan over consecutive steps (what cnnjax.train runs), same process, same data.
 
-    python benchmarks/train_loop.py [--models mnist,cats] [--rounds 3] [--examples-mnist 12800] [--examples-cats 2000]
-        [--image-size N]
+    python benchmarks/train_loop.py [--models mnist,cats] [--rounds 3] [--examples-mnist 12800]
+        [--examples-cats 2000] [--image-size N]
 
 Each round trains one epoch from the same initial state with both drivers, interleaved:
 the MNIST recipe (cnnjax.config.mnist(): batch 64, RMSprop) and cats-vs-dogs experiment 2
@@ -37,7 +37,8 @@ RECIPES = {"mnist": "mnist", "cats": "catsdogs2"}
 
 
 def time_epoch(run: Training, loop: bool) -> tuple[float, float, float]:
-    """(wall s, CPU s, training loss) of one epoch from the initial state; `loop`: one step per call."""
+    """(wall s, CPU s, training loss) of one epoch from the initial state; `loop`: one step per
+    call."""
     state = run.place()
     jax.block_until_ready(state)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -58,7 +59,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(
-        f"jax {jax.__version__}, backend {jax.default_backend()}; ms per step, best round after the first: wall (CPU)"
+        f"jax {jax.__version__}, backend {jax.default_backend()}; "
+        "ms per step, best round after the first: wall (CPU)"
     )
     for name in args.models.split(","):
         cfg = recipe(
@@ -66,9 +68,8 @@ def main() -> None:
             {"data.image_size": args.image_size} if args.image_size and name == "cats" else {},
         )
         batch = cfg.train.batch_size
-        run = training(
-            cfg, random_data(cfg, getattr(args, f"examples_{name}"))
-        )  # both drivers: the same compiled steps and data
+        # both drivers: the same compiled steps and data
+        run = training(cfg, random_data(cfg, getattr(args, f"examples_{name}")))
         steps = math.ceil(len(run.dataset) / batch)
         runs: dict[str, list[tuple[float, float, float]]] = {"loop": [], "scan": []}
         for _ in range(args.rounds):
@@ -76,13 +77,14 @@ def main() -> None:
                 runs[kind].append(time_epoch(run, loop=kind == "loop"))
         best = {k: min(r[1:] or r) for k, r in runs.items()}
         losses = {k: r[0][2] for k, r in runs.items()}
-        print(
-            f"{name}: {steps} steps of batch {batch}, scan in calls of {step.steps_per_call(steps)} steps"
-        )
+        per_call = step.steps_per_call(steps)
+        print(f"{name}: {steps} steps of batch {batch}, scan in calls of {per_call} steps")
         for kind, (wall, cpu, _) in best.items():
             print(f"  {kind:5s} {wall / steps * 1e3:8.1f} ({cpu / steps * 1e3:8.1f})")
+        wall_ratio = best["scan"][0] / best["loop"][0]
+        cpu_ratio = best["scan"][1] / best["loop"][1]
         print(
-            f"  scan / loop = {best['scan'][0] / best['loop'][0]:.2f} wall, {best['scan'][1] / best['loop'][1]:.2f} CPU; "
+            f"  scan / loop = {wall_ratio:.2f} wall, {cpu_ratio:.2f} CPU; "
             f"epoch loss loop {losses['loop']:.6f}, scan {losses['scan']:.6f}"
         )
 

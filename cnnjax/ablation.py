@@ -10,9 +10,10 @@ setting is a run of `cnnjax.runs` (its own folder, checkpoints, resume, history)
     OUT/<setting>/error.json     instead, when the setting failed (retried on the next run)
     OUT/results.csv, results.md, curves.png
 
-"auto" takes vmap, the seeds in one compiled program spread over the mesh's seed axis: on a 2-core CPU, 3 seeds
-in one program measured faster than running them in turn (benchmarks/ablation_vmap.py prints the ratio; the
-README has the figures), and on accelerators one program per step is what keeps the device busy.
+"auto" takes vmap, the seeds in one compiled program spread over the mesh's seed axis: on a 2-core
+CPU, 3 seeds in one program measured faster than running them in turn (benchmarks/ablation_vmap.py
+prints the ratio; the README has the figures), and on accelerators one program per step is what
+keeps the device busy.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import numpy as np
 
 from cnnjax import checkpoint, files, mesh, models, plots, runs, train
 from cnnjax import config as configlib
+from cnnjax import history as historylib
 from cnnjax.augment import AugmentConfig
 from cnnjax.config import Config, ConfigError
+from cnnjax.history import History
 
 LECTURE = AugmentConfig.LECTURE
 SEED_MODES = ("auto", "vmap", "sequential")
@@ -51,7 +54,8 @@ class Setting:
 
 
 def default_settings() -> list[Setting]:
-    """No augmentation; each transform alone at the lecture's range; the full set; with dropout; dropout alone."""
+    """No augmentation; each transform alone at the lecture's range; the full set; with dropout;
+    dropout alone."""
     lecture = {
         f"augment.{f.name}": getattr(LECTURE, f.name) for f in dataclasses.fields(AugmentConfig)
     }
@@ -75,8 +79,9 @@ def default_settings() -> list[Setting]:
 
 
 def parse_setting(spec: str, base: Config | None = None) -> Setting:
-    """A default setting by name ("zoom"), or your own: "NAME:field=value,..." with each field named as
-    config.override takes it: a path (augment.rotation_range) or a name only one section has (dropout)."""
+    """A default setting by name ("zoom"), or your own: "NAME:field=value,..." with each field named
+    as config.override takes it: a path (augment.rotation_range) or a name only one section has
+    (dropout)."""
     defaults = {s.name: s for s in default_settings()}
     if ":" not in spec:
         if spec not in defaults:
@@ -107,7 +112,8 @@ def setting_config(base: Config, setting: Setting) -> Config:
 
 
 def resolve_mode(mode: str) -> str:
-    """auto: the seeds of a setting in one vmapped program, on every backend (measured faster; see the module docstring)."""
+    """auto: the seeds of a setting in one vmapped program, on every backend (measured faster; see
+    the module docstring)."""
     if mode not in SEED_MODES:
         raise ConfigError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {mode!r}")
     return "vmap" if mode == "auto" else mode
@@ -151,7 +157,7 @@ def run_setting(
     mode = resolve_mode(mode)
     cfg = setting_config(base, setting)
     model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
-    histories: list[train.History] = []
+    histories: list[History] = []
     tests: list[float] = []
     wall = 0.0  # training time: the seeds of one run share each epoch's seconds
     for run_cfg in _run_configs(cfg, folder, mode):
@@ -166,7 +172,8 @@ def run_setting(
             )
             result = train.train_and_evaluate(run_cfg, run_folder.path, datasets, verbose=verbose)
         histories += result.histories
-        # A diverged seed's history stops while the others train on: the longest one is the run's time.
+        # A diverged seed's history stops while the others train on: the longest one is the run's
+        # time.
         wall += max(sum(row["seconds"] for row in history) for history in result.histories)
         for seed, best in zip(
             result.seeds, result.best
@@ -193,11 +200,12 @@ def run_setting(
 
 
 def summarize(
-    setting: Setting, histories: Sequence[train.History], tests: Sequence[float], wall: float
+    setting: Setting, histories: Sequence[History], tests: Sequence[float], wall: float
 ) -> dict[str, Any]:
-    """Per seed: best and final validation accuracy, final and best validation loss, best epoch, test accuracy."""
+    """Per seed: best and final validation accuracy, final and best validation loss, best epoch,
+    test accuracy."""
     seeds = []
-    for history, test, best in zip(histories, tests, train.best_epochs(histories)):
+    for history, test, best in zip(histories, tests, historylib.best_epochs(histories)):
         finite = [row for row in history if not row.get("diverged")]
         last = finite[-1] if finite else None
         seeds.append(
@@ -223,19 +231,21 @@ def summarize(
 
 
 def check_out(out: Path, base: Config, settings: Sequence[Setting]) -> None:
-    """Refuse, before anything is written, an --out that is a file, holds something other than an ablation, or
-    holds one of another base recipe or other settings of the same names (its finished settings would be
-    taken for this one's)."""
+    """Refuse, before anything is written, an --out that is a file, holds something other than an
+    ablation, or holds one of another base recipe or other settings of the same names (its finished
+    settings would be taken for this one's)."""
     if out.exists() and not out.is_dir():
         raise runs.RunError(f"--out {out} is a file, not a folder")
     if not (out / "ablation.json").is_file():
         if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
             raise runs.RunError(
-                f"--out {out} holds something other than an ablation (no ablation.json); choose another --out"
+                f"--out {out} holds something other than an ablation (no ablation.json); "
+                "choose another --out"
             )
         return
     saved = files.read_json(out / "ablation.json")
-    # No extending here: a finished setting is skipped, so more epochs would leave it at its old count.
+    # No extending here: a finished setting is skipped, so more epochs would leave it at its old
+    # count.
     differ = configlib.recipe_diff(configlib.from_dict(saved["config"]), base, extend=False)
     kept = {s["name"]: s["overrides"] for s in saved.get("settings", [])}
     differ += [
@@ -245,8 +255,8 @@ def check_out(out: Path, base: Config, settings: Sequence[Setting]) -> None:
     ]
     if differ:
         raise runs.RunError(
-            f"--out {out} holds an ablation of another recipe ({'; '.join(differ)}); rerun it with its own flags "
-            "to finish it, or choose another --out"
+            f"--out {out} holds an ablation of another recipe ({'; '.join(differ)}); "
+            "rerun it with its own flags to finish it, or choose another --out"
         )
 
 
@@ -259,8 +269,9 @@ def run_ablation(
     mode: str = "auto",
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every setting in turn (finished ones skipped, unfinished ones resumed, failed ones retried), then
-    the table and the plot. Returns every setting's record, failed ones with status "failed: ..."."""
+    """Every setting in turn (finished ones skipped, unfinished ones resumed, failed ones retried),
+    then the table and the plot. Returns every setting's record, failed ones with status
+    "failed: ..."."""
     mode = resolve_mode(mode)
     main = mesh.is_main_process()  # in a run of several processes, process 0 writes and prints
     verbose = verbose and main
@@ -278,7 +289,8 @@ def run_ablation(
     if verbose:
         how = "together in one program (vmap)" if mode == "vmap" else "one after another"
         print(
-            f"{len(settings)} settings x {base.train.seeds} seeds; the seeds of a setting train {how} "
+            f"{len(settings)} settings x {base.train.seeds} seeds; "
+            f"the seeds of a setting train {how} "
             f"({jax.default_backend()}, {jax.device_count()} device(s))",
             flush=True,
         )
@@ -292,7 +304,8 @@ def run_ablation(
             print(f"[{setting.name}] {dict(setting.overrides) or 'the base recipe'}", flush=True)
         try:
             run_setting(setting, base, datasets, test, folder, mode, verbose)
-        except Exception as e:  # noqa: BLE001 - one broken setting must not end the whole ablation (Ctrl-C is no Exception)
+        # one broken setting must not end the whole ablation (Ctrl-C is no Exception)
+        except Exception as e:  # noqa: BLE001
             if main:
                 files.write_json(
                     folder / "error.json",
@@ -329,7 +342,8 @@ def rebuild_report(out: Path, names: Sequence[str] | None = None) -> list[dict[s
 
 
 def collect_results(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
-    """Each named setting's result.json, or its error.json as a failed record; unstarted ones left out."""
+    """Each named setting's result.json, or its error.json as a failed record; unstarted ones left
+    out."""
     results = []
     for name in names:
         folder = out / _folder_name(name)

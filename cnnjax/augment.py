@@ -276,8 +276,9 @@ class AugmentConfig:
 
     @property
     def is_identity(self) -> bool:
-        """True when every draw is the identity (nothing to do): every field at its default but those that only say how
-        to sample (fill_mode, cval, interpolation), a zoom of (1, 1) included. So a field added here is drawn when set."""
+        """True when every draw is the identity (nothing to do): every field at its default but
+        those that only say how to sample (fill_mode, cval, interpolation), a zoom of (1, 1)
+        included. So a field added here is drawn when set."""
         defaults = type(self)()
         how = {
             name: getattr(defaults, name)

@@ -2,15 +2,16 @@
 
     RUN/checkpoints/<epoch>/
         <tree>/          one orbax item per pytree the caller names (params, opt_state, ...)
-        description/     JSON: whatever the caller says it is (epoch, config, model, class names, history, best-so-far)
+        description/     JSON: whatever the caller says it is (epoch, config, model, class names,
+                         history, best-so-far)
         checksums.json   the seal: the sha256 of every file orbax wrote
 
-Every save is atomic (orbax renames a finished temporary folder; those a killed process left are removed
-when the folder is reopened). The latest `keep_latest` saves are kept, and for each named metric the one
-where it was lowest, so a run's best epoch (per seed) is never deleted. Nothing is read from a checkpoint
-before its files are checked against its seal (`damage`): a changed byte, a missing or cut-off file, or a
-save killed before its seal makes it damaged. A run resumes from the newest intact one; loading a damaged
-model is an error naming it.
+Every save is atomic (orbax renames a finished temporary folder; those a killed process left are
+removed when the folder is reopened). The latest `keep_latest` saves are kept, and for each named
+metric the one where it was lowest, so a run's best epoch (per seed) is never deleted. Nothing is
+read from a checkpoint before its files are checked against its seal (`damage`): a changed byte, a
+missing or cut-off file, or a save killed before its seal makes it damaged. A run resumes from the
+newest intact one; loading a damaged model is an error naming it.
 """
 
 from __future__ import annotations
@@ -71,15 +72,17 @@ class Checkpoints:
             )
             for name in best_metrics
         ]
-        # best_fn only makes orbax write each save's metrics to disk (the preservation policy decides what is kept):
-        # without them a reopened folder would not know its old checkpoints' metrics, and would keep stale ones forever.
+        # best_fn only makes orbax write each save's metrics to disk (the preservation policy
+        # decides what is kept): without them a reopened folder would not know its old checkpoints'
+        # metrics, and would keep stale ones forever.
         first = best_metrics[0] if best_metrics else None
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=(lambda metrics: _finite_or_inf(metrics.get(first))) if first else None,
             best_mode="min",
             cleanup_tmp_directories=True,
-            enable_async_checkpointing=False,  # a save is complete when save() returns: the epoch is safe
+            # a save is complete when save() returns: the epoch is safe
+            enable_async_checkpointing=False,
             create=True,
         )
         handlers = {name: ocp.StandardCheckpointHandler() for name in self.tree_names}
@@ -97,7 +100,8 @@ class Checkpoints:
         return sorted(self._manager.all_steps())
 
     def latest_intact(self) -> int | None:
-        """The newest step whose files are all as saved (a warning names each newer damaged one), or None."""
+        """The newest step whose files are all as saved (a warning names each newer damaged one), or
+        None."""
         for step in reversed(self.steps()):
             why = damage(self.path(step))
             if why is None:
@@ -112,7 +116,8 @@ class Checkpoints:
         description: Mapping[str, Any],
         metrics: Mapping[str, float] = (),
     ) -> Path:
-        """Save the trees and the description as step `step` (replacing an existing one of that number)."""
+        """Save the trees and the description as step `step` (replacing an existing one of that
+        number)."""
         if set(trees) != set(self.tree_names):
             raise ValueError(f"save needs the trees {self.tree_names}, got {tuple(trees)}")
         if (
@@ -169,7 +174,8 @@ def seal(path: str | os.PathLike) -> None:
 
 
 def damage(path: str | os.PathLike) -> str | None:
-    """Why a checkpoint folder is not as it was saved (a file changed, missing or cut off, or no seal), or None."""
+    """Why a checkpoint folder is not as it was saved (a file changed, missing or cut off, or no
+    seal), or None."""
     path = Path(path)
     try:
         expected = json.loads((path / CHECKSUMS).read_text())
@@ -206,8 +212,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def _require(path: Path) -> None:
     if not is_checkpoint(path):
         raise CheckpointError(
-            f"{path} is not a cnnjax checkpoint (no {DESCRIPTION}/ inside); pass a run folder or one of its "
-            "checkpoints/<epoch> folders"
+            f"{path} is not a cnnjax checkpoint (no {DESCRIPTION}/ inside); "
+            "pass a run folder or one of its checkpoints/<epoch> folders"
         )
 
 
@@ -225,7 +231,8 @@ def read_description(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[str, Any]:
-    """The trees named in `abstract` (only those are read), shaped and sharded like its leaves (arrays or ShapeDtypeStructs)."""
+    """The trees named in `abstract` (only those are read), shaped and sharded like its leaves
+    (arrays or ShapeDtypeStructs)."""
     path = Path(path).absolute()
     _require(path)
     missing = [name for name in abstract if not (path / name).is_dir()]
@@ -251,8 +258,8 @@ def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[
 
 def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = None) -> Path:
     """The checkpoint folder `path` means: a checkpoint folder itself, or a run folder (its best
-    epoch for `seed`, default the run's first seed; its latest; or epoch N), or RUN/best, RUN/latest.
-    The folder is checked (`damage`): a damaged one is an error naming it."""
+    epoch for `seed`, default the run's first seed; its latest; or epoch N), or RUN/best,
+    RUN/latest. The folder is checked (`damage`): a damaged one is an error naming it."""
     if isinstance(which, str) and which.isdigit():
         which = int(which)
     if which not in ("best", "latest") and not (isinstance(which, int) and which >= 0):
@@ -274,7 +281,8 @@ def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = 
         chosen = path
     elif not steps:
         raise CheckpointError(
-            f"{path} holds no checkpoint (neither a run folder with checkpoints/<epoch>/ nor a checkpoint folder)"
+            f"{path} holds no checkpoint "
+            "(neither a run folder with checkpoints/<epoch>/ nor a checkpoint folder)"
         )
     elif which == "latest":
         chosen = folder / str(steps[-1])
@@ -285,25 +293,29 @@ def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = 
         )
         if intact is None:
             raise CheckpointError(
-                f"every checkpoint in {folder} is damaged (the newest: {damage(folder / str(steps[-1]))}); none is used"
+                f"every checkpoint in {folder} is damaged "
+                f"(the newest: {damage(folder / str(steps[-1]))}); none is used"
             )
         description = read_description(intact)
         k = seed_index(description, seed, path)
         if description["best"][k] is None:
             raise CheckpointError(
-                f"{path}: seed {description['seeds'][k]} has no finite validation loss, so no best epoch"
+                f"{path}: seed {description['seeds'][k]} has no finite validation loss, "
+                "so no best epoch"
             )
         chosen = folder / str(description["best"][k]["epoch"])
     elif which in steps:
         chosen = folder / str(which)
     else:
         raise CheckpointError(
-            f"{path} has no checkpoint of epoch {which}; it keeps epochs {', '.join(map(str, steps))}"
+            f"{path} has no checkpoint of epoch {which}; "
+            f"it keeps epochs {', '.join(map(str, steps))}"
         )
     why = damage(chosen)
     if why is not None and chosen == path:
         raise CheckpointError(
-            f"{chosen} is damaged ({why}); its weights are not used: choose another epoch of its run"
+            f"{chosen} is damaged ({why}); its weights are not used: "
+            "choose another epoch of its run"
         )
     if why is not None:
         raise CheckpointError(
@@ -328,8 +340,8 @@ def seed_index(description: Mapping[str, Any], seed: int | None, where: Any) -> 
 def load_model(
     path: str | os.PathLike, which: str | int = "best", seed: int | None = None
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, params, description) of one seed (default: the run's first) from a checkpoint, rebuilt
-    from the folder alone; the description gains "path", the checkpoint folder read.
+    """(model, params, description) of one seed (default: the run's first) from a checkpoint,
+    rebuilt from the folder alone; the description gains "path", the checkpoint folder read.
 
     On a run being written, the epoch found may be pruned while it is read (a new best replaced
     it): it is then found again, so what comes back is always one whole, checked checkpoint."""

@@ -4,17 +4,14 @@ The lecture's recipes are `mnist` and `catsdogs` at the bottom; everything else 
 path, `override(catsdogs(2), {"augment.rotation_range": 20})`. Sections are separate frozen
 dataclasses so two can share a field name (`data.interpolation` resizes on load,
 `augment.interpolation` samples the augmentation) without one being read for the other.
-On the command line every field is a flag, `--augment.rotation_range 20`, plus the short aliases
-of `ALIASES`; `check` validates a resolved config once, before anything is written.
+On the command line every field is a flag, `--augment.rotation_range 20` (cnnjax.flags); `check`
+validates a resolved config once, before anything is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import math
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +34,8 @@ class ConfigError(ValueError):
 def _field(
     default: Any, help: str, recipe: bool = True, choices: Sequence[str] | None = None
 ) -> Any:
-    """A dataclass field with its --help text. recipe=False: where or how a run happens, not what it computes."""
+    """A dataclass field with its --help text. recipe=False: where or how a run happens, not what
+    it computes."""
     return dataclasses.field(
         default=default, metadata={"help": help, "recipe": recipe, "choices": choices}
     )
@@ -114,9 +112,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    out: str | None = _field(
-        None, "run folder (default: checkpoints/NAME-seedN-TIME)", recipe=False
-    )
+    out: str | None = _field(None, "run folder (default: runs/NAME-seedN-TIME)", recipe=False)
     resume: bool = _field(
         False,
         "continue the run in --out from its latest checkpoint, with its config.json",
@@ -161,14 +157,15 @@ def paths() -> list[str]:
     return [f"{section}.{name}" for section in SECTIONS for name in _section_fields(section)]
 
 
-def _hint(path: str) -> Any:
+def field_type(path: str) -> Any:
     section, name = path.split(".")
     return typing.get_type_hints(SECTION_CLASSES[section])[name]
 
 
-def _meta(path: str) -> Mapping[str, Any]:
-    """The field's help, choices and recipe (whether it changes what a run computes: data_dir, input and run.* do not).
-    A field without them (one added to AugmentConfig, say) is still a flag: no help, any value, part of the recipe."""
+def field_meta(path: str) -> Mapping[str, Any]:
+    """The field's help, choices and recipe (whether it changes what a run computes: data_dir,
+    input and run.* do not). A field without them (one added to AugmentConfig, say) is still a
+    flag: no help, any value, part of the recipe."""
     section, name = path.split(".")
     return {"help": "", "recipe": True, "choices": None, **_section_fields(section)[name].metadata}
 
@@ -223,12 +220,13 @@ def resolve_path(key: str) -> str:
 
 def override(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     """cfg with each field set to its value (strings are parsed as the field's type). A field is
-    named by its path ("augment.rotation_range") or by a name only one section has ("rotation_range")."""
+    named by its path ("augment.rotation_range") or by a name only one section has
+    ("rotation_range")."""
     by_section: dict[str, dict[str, Any]] = {}
     for key, raw in overrides.items():
         path = resolve_path(key)
         section, name = path.split(".")
-        by_section.setdefault(section, {})[name] = _parse_value(path, raw, _hint(path))
+        by_section.setdefault(section, {})[name] = _parse_value(path, raw, field_type(path))
     changes = {}
     for section, fields in by_section.items():
         try:
@@ -268,26 +266,27 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 
 def recipe_diff(saved: Config, asked: Config, extend: bool = True) -> list[str]:
-    """The recipe fields whose values differ, as "path: saved -> asked" (where and how a run happens is
-    ignored, and with `extend` more epochs than saved extend a run)."""
+    """The recipe fields whose values differ, as "path: saved -> asked" (where and how a run
+    happens is ignored, and with `extend` more epochs than saved extend a run)."""
     fa, fb = flatten(saved), flatten(asked)
     return [
         f"{p}: {fa[p]!r} -> {fb[p]!r}"
         for p in paths()
-        if _meta(p)["recipe"]
+        if field_meta(p)["recipe"]
         and fa[p] != fb[p]
         and not (extend and p == "train.epochs" and fb[p] > fa[p])
     ]
 
 
 def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) -> Config:
-    """Raise ConfigError (one line: the field, the value, what is allowed) for a config that cannot run.
+    """Raise ConfigError (one line: the field, the value, what is allowed) for a config that
+    cannot run.
 
     min_image_size(cfg) gives the model's smallest input, so the message can name the model's limit.
     """
     flat = flatten(cfg)
     for path in paths():
-        choices, value = _meta(path)["choices"], flat[path]
+        choices, value = field_meta(path)["choices"], flat[path]
         if choices is not None and value not in choices:
             raise ConfigError(f"{path} must be one of {', '.join(choices)}, got {value!r}")
 
@@ -313,7 +312,8 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
             lambda v: isinstance(v, int) and v >= 0,
             "an integer >= 0",
         ),
-        # Counts must fit a step counter or an index (int32), seeds jax's key (uint32, seed + seeds - 1 included).
+        # Counts must fit a step counter or an index (int32), seeds jax's key (uint32, seed +
+        # seeds - 1 included).
         (
             (
                 "train.epochs",
@@ -359,147 +359,16 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
             )
     if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.optim.warmup_epochs:
         raise ConfigError(
-            f"optim.warmup_epochs {cfg.optim.warmup_epochs} leaves no epoch after the warmup of {cfg.train.epochs}"
+            f"optim.warmup_epochs {cfg.optim.warmup_epochs} leaves no epoch after the warmup of "
+            f"{cfg.train.epochs}"
         )
     if min_image_size is not None and cfg.data.image_size < (smallest := min_image_size(cfg)):
         raise ConfigError(
-            f"data.image_size {cfg.data.image_size} is too small: the {cfg.model.name} convnet needs at least "
-            f"{smallest}x{smallest} pixels (every conv and pool layer must keep an output of at least 1x1)"
+            f"data.image_size {cfg.data.image_size} is too small: the {cfg.model.name} convnet "
+            f"needs at least {smallest}x{smallest} pixels (every conv and pool layer must keep an "
+            "output of at least 1x1)"
         )
     return cfg
-
-
-# The short flags users type, each an alias of one field.
-ALIASES = {
-    "--epochs": "train.epochs",
-    "--batch-size": "train.batch_size",
-    "--learning-rate": "optim.learning_rate",
-    "--seed": "train.seed",
-    "--seeds": "train.seeds",
-    "--image-size": "data.image_size",
-    "--data-dir": "data.data_dir",
-    "--input": "data.input",
-    "--out": "run.out",
-    "--resume": "run.resume",
-    "--rotation-range": "augment.rotation_range",
-    "--width-shift-range": "augment.width_shift_range",
-    "--height-shift-range": "augment.height_shift_range",
-    "--shear-range": "augment.shear_range",
-    "--zoom-range": "augment.zoom_range",
-    "--horizontal-flip": "augment.horizontal_flip",
-    "--fill-mode": "augment.fill_mode",
-}
-
-
-def add_flags(
-    parser: argparse.ArgumentParser,
-    defaults: Config,
-    sections: Sequence[str] = SECTIONS,
-    fixed: Sequence[str] = (),
-    other_defaults: Mapping[str, Config] = (),
-) -> None:
-    """A --section.field flag (and its ALIASES) for every field of `sections` but `fixed`. `--help` shows each
-    default once, and where `other_defaults` ({"experiment 2": cfg}) differ. A boolean takes yes/no or nothing
-    (--resume, --no-resume). Absent flags stay absent: `overrides_from_args` sees only what was typed."""
-    usable = [p for p in paths() if p.split(".")[0] in sections and p not in fixed]
-    flat, others = (
-        flatten(defaults),
-        {label: flatten(cfg) for label, cfg in dict(other_defaults).items()},
-    )
-    short = {path: flag for flag, path in ALIASES.items()}
-    fields = parser.add_argument_group(
-        "config fields (--section.field VALUE; flax's --config.section.field=VALUE works too)"
-    )
-    for path in usable:
-        meta = _meta(path)
-        choices = f" {{{', '.join(map(str, meta['choices']))}}}" if meta["choices"] else ""
-        shown = f"default: {flat[path]!r}" + "".join(
-            f"; {k}: {v[path]!r}" for k, v in others.items() if v[path] != flat[path]
-        )
-        alias = f"; short: {short[path]}" if path in short else ""
-        _add(fields, f"--{path}", path, f"{meta['help']}{choices} [{shown}{alias}]")
-    for path in (p for p in usable if p in short):  # listed in their field's help
-        _add(fields, short[path], f"alias:{path}", argparse.SUPPRESS)
-
-
-def _add(group: Any, flag: str, dest: str, help: str) -> None:
-    if _hint(dest.removeprefix("alias:")) is bool:
-        group.add_argument(
-            flag,
-            dest=dest,
-            nargs="?",
-            const="true",
-            default=argparse.SUPPRESS,
-            metavar="yes|no",
-            help=help,
-        )
-        group.add_argument(
-            f"--no-{flag[2:]}",
-            dest=dest,
-            action="store_const",
-            const="false",
-            default=argparse.SUPPRESS,
-            help=argparse.SUPPRESS,
-        )
-    else:
-        group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar="VALUE", help=help)
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """{"section.field": value} for every flag given; a field given twice (short and full) is an error."""
-    overrides: dict[str, Any] = {}
-    for dest, value in vars(args).items():
-        path = dest.removeprefix("alias:")
-        if path not in _PATHS:
-            continue
-        if path in overrides and overrides[path] != value:
-            raise ConfigError(
-                f"{path} given twice ({overrides[path]!r} and {value!r}); give it once"
-            )
-        overrides[path] = value
-    return overrides
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2), a suggestion for a misspelt flag, and flax's
-    --config.PATH=VALUE spelling of --PATH VALUE."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault(
-            "allow_abbrev", False
-        )  # --augment must never be read as --augment.rotation_range
-        kwargs.setdefault("usage", "%(prog)s [flags] (--help lists every flag with its default)")
-        super().__init__(*args, **kwargs)
-
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        argv = [
-            a.replace("--config.", "--", 1) if a.startswith("--config.") else a
-            for a in (sys.argv[1:] if args is None else args)
-        ]
-        parsed, unknown = self.parse_known_args(argv, namespace)
-        if unknown:
-            flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), unknown[0])
-            options = [
-                o
-                for action in self._actions
-                for o in action.option_strings
-                if not o.startswith("--no-")
-            ]
-            by_name = [
-                o
-                for o in options
-                if o.lstrip("-").split(".")[-1].replace("-", "_")
-                == flag.lstrip("-").replace("-", "_")
-            ]
-            near = by_name or difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
-            self.error(
-                f"unknown flag {flag}" + (f"; did you mean {' or '.join(near)}?" if near else "")
-            )
-        return parsed
-
-    def error(self, message: str) -> typing.NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        raise SystemExit(2)
 
 
 def mnist() -> Config:

@@ -1,9 +1,10 @@
 """Writing files so that a reader never sees half of one, and cleaning up after dead writers.
 
 Every file cnnjax writes (JSON, CSV, PNG, the decode cache, downloads) goes through `atomic_path` or
-`atomic_write`: the bytes go to a hidden temporary file beside the target, are flushed to disk, and replace
-the target in one `os.replace`. A process killed at any moment leaves either the old file or the new one,
-plus at most a temporary named `.NAME.tmp-PID-XXXX` that `clean_orphans` removes once PID is dead.
+`atomic_write`: the bytes go to a hidden temporary file beside the target, are flushed to disk, and
+replace the target in one `os.replace`. A process killed at any moment leaves either the old file or
+the new one, plus at most a temporary named `.NAME.tmp-PID-XXXX` that `clean_orphans` removes once
+PID is dead.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def strict_json(obj: Any) -> Any:
-    """obj with every non-finite float as None and numpy scalars as Python numbers: JSON has no NaN."""
+    """obj with every non-finite float as None and numpy scalars as Python numbers: JSON has no
+    NaN."""
     if isinstance(obj, dict):
         return {str(k): strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -97,7 +99,8 @@ def strict_json(obj: Any) -> Any:
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Rows as CSV (columns in first-seen order; NaN and infinities as empty cells, as strict JSON has null), atomically."""
+    """Rows as CSV (columns in first-seen order; NaN and infinities as empty cells, as strict JSON
+    has null), atomically."""
     buffer = io.StringIO()
     writer = csv.DictWriter(
         buffer, fieldnames=list(dict.fromkeys(key for row in rows for key in row))

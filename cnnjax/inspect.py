@@ -89,7 +89,8 @@ def _activations_fn(model: nn.Module, names: tuple[str, ...]):
 def capture_activations(
     model: nn.Module, params: Any, images: jax.Array, layers: LayerSpec = None
 ) -> list[tuple[str, jax.Array]]:
-    """(layer name, output) for the chosen layers, in the order they run: the lecture's activation model.
+    """(layer name, output) for the chosen layers, in the order they run: the lecture's activation
+    model.
 
     images: (N, H, W, C) in 0..1, or one image (H, W, C), whose outputs then have no batch
     axis either. "output" names the model's own output (logits).
@@ -154,7 +155,8 @@ class FilterAscent:
 
 
 def deprocess_image(x: np.ndarray) -> np.ndarray:
-    """Each image (H, W, C), alone or in a batch, made viewable as the book does: x -= mean; x /= std + 1e-5; x *= 0.1; x += 0.5; clip."""
+    """Each image (H, W, C), alone or in a batch, made viewable as the book does:
+    x -= mean; x /= std + 1e-5; x *= 0.1; x += 0.5; clip."""
     x = np.asarray(x, np.float32)
     axes = tuple(range(x.ndim - 3, x.ndim))
     x = x - x.mean(axis=axes, keepdims=True)
@@ -219,7 +221,8 @@ def filter_ascent(
     step_size: float = 1.0,
     seed: int = 0,
 ) -> FilterAscent:
-    """Gradient ascent on the mean activation of each chosen filter of `layer` (None = all, N = the first N, or indices).
+    """Gradient ascent on the mean activation of each chosen filter of `layer` (None = all, N = the
+    first N, or indices).
 
     Each starts from grey (0.5) plus its own seeded uniform noise in +-0.05 and takes `steps`
     steps of `step_size` along the gradient of its mean before the ReLU, normalised by its
@@ -281,9 +284,8 @@ def _add_to_output(layer: str, delta: jax.Array, captured: list):
         )
         if context.method_name != "__call__" or not is_layer:
             return next_fun(*args, **kwargs)
-        depth[0] += (
-            1  # a layer that calls its base class's __call__ is intercepted twice: add once, outermost
-        )
+        # a layer that calls its base class's __call__ is intercepted twice: add once, outermost
+        depth[0] += 1
         try:
             out = next_fun(*args, **kwargs)
         finally:
@@ -348,7 +350,8 @@ def grad_cam(
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """The heatmap upsampled (bilinear) to the image (H, W, 3 or 1; 0..1) and coloured with jet: (1 - alpha) * image + alpha * colour."""
+    """The heatmap upsampled (bilinear) to the image (H, W, 3 or 1; 0..1) and coloured with jet:
+    (1 - alpha) * image + alpha * colour."""
     import matplotlib
 
     image = np.asarray(image, np.float32)

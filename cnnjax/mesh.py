@@ -1,10 +1,10 @@
 """Where a run computes: one device mesh with a `seed` axis and a `data` axis, on one or many hosts.
 
 Train states are stacked over seeds (leading axis K, K=1 for a single run) and sharded over `seed`;
-every batch is sharded over `data`; the dataset held in memory is replicated. The train step is written
-for one seed and the global batch: jit's shardings, not `if` branches, decide how it spreads (big_vision's
-way; no pmap). Many hosts join through jax.distributed (`initialize`); every process then sees the global
-device list, builds the same mesh, and places only its own part of each array.
+every batch is sharded over `data`; the dataset held in memory is replicated. The train step is
+written for one seed and the global batch: jit's shardings, not `if` branches, decide how it spreads
+(big_vision's way; no pmap). Many hosts join through jax.distributed (`initialize`); every process
+then sees the global device list, builds the same mesh, and places only its own part of each array.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 SEED, DATA = "seed", "data"
 
 
-# --- Processes --------------------------------------------------------------------------------------
+# --- Processes ------------------------------------------------------------------------------------
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -57,13 +57,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# Cluster environments that jax.distributed.initialize() reads by itself, and the variable that gives their process count.
+# Cluster environments that jax.distributed.initialize() reads by itself, and the variable that
+# gives their process count.
 CLUSTERS = {"SLURM": "SLURM_NTASKS", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
 
 
 def cluster_detected() -> str | None:
-    """The cluster environment (SLURM, Open MPI) that launched this process among several, if any. A single
-    task (srun --ntasks=1) is not joined: jax.distributed would give it one GPU of the node, not all of them."""
+    """The cluster environment (SLURM, Open MPI) that launched this process among several, if any. A
+    single task (srun --ntasks=1) is not joined: jax.distributed would give it one GPU of the node,
+    not all of them."""
     for name, variable in CLUSTERS.items():
         if int(os.environ.get(variable, "1") or "1") > 1:
             return name
@@ -71,7 +73,8 @@ def cluster_detected() -> str | None:
 
 
 class JoinError(Exception):
-    """The processes of a run could not meet (a wrong address, port or process count, or a process that never came)."""
+    """The processes of a run could not meet (a wrong address, port or process count, or a process
+    that never came)."""
 
 
 # A process of a run of several stopped because another one did (killed, crashed, lost its host):
@@ -87,22 +90,24 @@ def initialize(
 ) -> None:
     """Join the other processes of this run, or do nothing for a single process.
 
-    With the three arguments, every process first meets process 0 on PORT+1 (`_meet`), so that a process
-    that never starts is one JoinError within `join_timeout`, not a hang. With none, jax joins by itself
-    only where a cluster environment is detected. Call it before anything else touches jax (jax.distributed
-    refuses to join once a backend has started); calling it again does nothing.
+    With the three arguments, every process first meets process 0 on PORT+1 (`_meet`), so that a
+    process that never starts is one JoinError within `join_timeout`, not a hang. With none, jax
+    joins by itself only where a cluster environment is detected. Call it before anything else
+    touches jax (jax.distributed refuses to join once a backend has started); calling it again does
+    nothing.
 
     When a process dies, the others stop instead of waiting for it: `_watch` (its `_meet` connection
-    closed) or `exit_on_error` (a collective lost its peer) ends them at once with one line, EXIT_LOST.
+    closed) or `exit_on_error` (a collective lost its peer) ends them at once with one line,
+    EXIT_LOST.
     """
-    if (
-        jax.distributed.is_initialized()
-    ):  # the scripts join before checking their config, and execute() asks again
+    # the scripts join before checking their config, and execute() asks again
+    if jax.distributed.is_initialized():
         return
     given = [a is not None for a in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):
         raise ValueError(
-            "--coordinator-address, --num-processes and --process-id go together: give all three or none"
+            "--coordinator-address, --num-processes and --process-id go together: "
+            "give all three or none"
         )
     if not any(given) and cluster_detected() is None:
         return
@@ -117,11 +122,12 @@ def initialize(
                 f"--coordinator-address must be HOST:PORT, got {coordinator_address!r}"
             )
         links = _meet(coordinator_address, num_processes, process_id, join_timeout)
-    if (
-        not jax.config.jax_platforms or "cpu" in jax.config.jax_platforms
-    ):  # collectives on the CPU go through gloo
+    # collectives on the CPU go through gloo
+    if not jax.config.jax_platforms or "cpu" in jax.config.jax_platforms:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:  # shutdown_timeout_seconds: how long a process that leaves with an error of its own waits for the others
+    # shutdown_timeout_seconds: how long a process that leaves with an error of its own waits for
+    # the others
+    try:
         jax.distributed.initialize(
             coordinator_address,
             num_processes,
@@ -130,18 +136,23 @@ def initialize(
             heartbeat_timeout_seconds=30,
             shutdown_timeout_seconds=60,
         )
-    except Exception as e:  # noqa: BLE001 - jax raises bare RuntimeErrors / XLA errors: one line says what failed
+    # jax raises bare RuntimeErrors / XLA errors: one line says what failed
+    except Exception as e:  # noqa: BLE001
         where = coordinator_address or "the address the cluster environment gives"
         raise JoinError(f"could not join the other processes at {where}: {first_line(e)}") from None
     _watch(links)
 
 
 def _meet(address: str, count: int, index: int, timeout: float) -> list[socket.socket]:
-    """Every process connects to process 0 on PORT+1 and waits for its "go", sent once all have come;
-    the connections stay open for `_watch`. JoinError, naming who is missing, after `timeout` seconds."""
+    """Every process connects to process 0 on PORT+1 and waits for its "go", sent once all have
+    come; the connections stay open for `_watch`. JoinError, naming who is missing, after `timeout`
+    seconds."""
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
-    late = f"within {timeout:g} s (--join-timeout); start every process with the same --coordinator-address and --num-processes"
+    late = (
+        f"within {timeout:g} s (--join-timeout); start every process with the same "
+        "--coordinator-address and --num-processes"
+    )
     if index == 0:
         peers: dict[int, socket.socket] = {}
         with socket.create_server(("", int(port) + 1)) as server:
@@ -149,12 +160,10 @@ def _meet(address: str, count: int, index: int, timeout: float) -> list[socket.s
             while len(peers) < count - 1:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(1, count)) - set(peers))
-                    raise JoinError(
-                        f"process(es) {', '.join(map(str, missing))} did not join at {address} {late}"
-                    )
-                with contextlib.suppress(
-                    OSError, ValueError
-                ):  # no one yet, or a connection that did not say its index
+                    names = ", ".join(map(str, missing))
+                    raise JoinError(f"process(es) {names} did not join at {address} {late}")
+                # no one yet, or a connection that did not say its index
+                with contextlib.suppress(OSError, ValueError):
                     conn, _ = server.accept()
                     conn.settimeout(10)
                     peers[int(conn.recv(16).decode().strip())] = conn
@@ -175,9 +184,10 @@ def _meet(address: str, count: int, index: int, timeout: float) -> list[socket.s
 
 
 def _watch(links: list[socket.socket]) -> None:
-    """A daemon thread per connection of `_meet`: when the process at the other end is gone without saying
-    goodbye (killed, crashed, lost its host), this one ends at once (`_lost`). A process that leaves
-    normally says goodbye on its way out (atexit), so its peers do not mistake it for a loss."""
+    """A daemon thread per connection of `_meet`: when the process at the other end is gone without
+    saying goodbye (killed, crashed, lost its host), this one ends at once (`_lost`). A process that
+    leaves normally says goodbye on its way out (atexit), so its peers do not mistake it for a
+    loss."""
 
     def watch(conn: socket.socket) -> None:
         try:
@@ -185,9 +195,8 @@ def _watch(links: list[socket.socket]) -> None:
         except OSError:
             said = b""
         if not said.startswith(b"bye"):
-            _lost(
-                f"the connection to another process closed ({'no goodbye' if not said else said.decode(errors='replace')})"
-            )
+            parting = "no goodbye" if not said else said.decode(errors="replace")
+            _lost(f"the connection to another process closed ({parting})")
 
     for conn in links:
         threading.Thread(target=watch, args=(conn,), daemon=True, name="cnnjax-peer-watch").start()
@@ -206,14 +215,14 @@ before_leaving: list[Callable[[], None]] = []
 def _lost(why: str) -> None:
     where = f"process {jax.process_index()} of {jax.process_count()}"
     for cleanup in list(before_leaving):
-        with contextlib.suppress(
-            Exception
-        ):  # leaving anyway: one cleanup failing must not stop the others
+        # leaving anyway: one cleanup failing must not stop the others
+        with contextlib.suppress(Exception):
             cleanup()
     try:
         sys.stdout.flush()
         print(
-            f"error: {where} lost contact with the other processes of this run ({why}); another process stopped, see "
+            f"error: {where} lost contact with the other processes of this run ({why}); "
+            "another process stopped, see "
             "its log. Every finished epoch is kept: start all processes again with --resume",
             file=sys.stderr,
             flush=True,
@@ -241,9 +250,10 @@ def lost_contact(error: BaseException) -> bool:
 
 
 def exit_on_error(error: BaseException) -> None:
-    """End a process of a run of several at once (os._exit) on an error it cannot carry on from: the normal
-    exit would first wait at jax's shutdown barrier for processes blocked in a collective waiting for this
-    one. A lost peer is one line, EXIT_LOST; anything else keeps its traceback (exit 1). Single process: nothing."""
+    """End a process of a run of several at once (os._exit) on an error it cannot carry on from: the
+    normal exit would first wait at jax's shutdown barrier for processes blocked in a collective
+    waiting for this one. A lost peer is one line, EXIT_LOST; anything else keeps its traceback
+    (exit 1). Single process: nothing."""
     if jax.process_count() == 1:
         return
     if lost_contact(error):
@@ -252,7 +262,8 @@ def exit_on_error(error: BaseException) -> None:
     try:
         sys.stdout.flush()
         print(
-            f"error: process {jax.process_index()} of {jax.process_count()} stopped: {type(error).__name__}: {first_line(error)}",
+            f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
+            f"{type(error).__name__}: {first_line(error)}",
             file=sys.stderr,
             flush=True,
         )
@@ -281,7 +292,7 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-# --- The mesh ---------------------------------------------------------------------------------------
+# --- The mesh -------------------------------------------------------------------------------------
 
 
 def make_mesh(num_seeds: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -332,7 +343,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def local_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
     """The block of a global array of `shape` that this process's devices hold under `sharding`, one
-    slice per axis (the whole array in a single process). Raises when the block is not contiguous."""
+    slice per axis (the whole array in a single process). Raises when the block is not
+    contiguous."""
     pieces = {
         tuple(s.indices(n)[:2] for s, n in zip(index, shape))
         for index in sharding.addressable_devices_indices_map(shape).values()
@@ -344,22 +356,24 @@ def local_block(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tupl
         math.prod(hi - lo for lo, hi in p) for p in pieces
     ):
         raise ValueError(
-            f"this process's devices hold a non-contiguous part of a {shape} batch; use a mesh whose "
-            "processes each hold whole blocks"
+            f"this process's devices hold a non-contiguous part of a {shape} batch; "
+            "use a mesh whose processes each hold whole blocks"
         )
     return block
 
 
 def put_local(local: np.ndarray, target: NamedSharding) -> jax.Array:
     """This process's block of a global array (local_block) placed with `target`: the global array
-    has the block's shape scaled by how many blocks each sharded axis is cut into across processes."""
+    has the block's shape scaled by how many blocks each sharded axis is cut into across
+    processes."""
     if jax.process_count() == 1:
         return jax.device_put(local, target)
     return jax.make_array_from_process_local_data(target, local)
 
 
 def put(array: Any, target: NamedSharding) -> jax.Array:
-    """A host array (the same on every process) placed with `target`; each process fills only its devices."""
+    """A host array (the same on every process) placed with `target`; each process fills only its
+    devices."""
     array = np.asarray(array)
     if jax.process_count() == 1:
         return jax.device_put(array, target)
@@ -367,7 +381,8 @@ def put(array: Any, target: NamedSharding) -> jax.Array:
 
 
 def to_host(tree: Any) -> Any:
-    """Device arrays back as numpy, whole, on every process (a gather across processes where needed)."""
+    """Device arrays back as numpy, whole, on every process (a gather across processes where
+    needed)."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils

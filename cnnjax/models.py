@@ -1,8 +1,10 @@
-"""The lecture's two convnets as flax.linen modules, with Keras's layer names and default initialisers.
+"""The lecture's two convnets as flax.linen modules, with Keras's layer names and default
+initialisers.
 
-Both return logits and carry their head (`Softmax`, `Sigmoid`), which owns what the logits mean: the loss
-(the numerically stable way), the predicted class, the probabilities Keras's last layer would output and
-the class count, so the train step, evaluation and inspection never switch on the kind of model.
+Both return logits and carry their head (`Softmax`, `Sigmoid`), which owns what the logits mean: the
+loss (the numerically stable way), the predicted class, the probabilities Keras's last layer would
+output and the class count, so the train step, evaluation and inspection never switch on the kind of
+model.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ class Sigmoid:
         return jnp.where(label == 1, logits, -logits)
 
 
-# Keras-like layers, each a module of its own so that its output is what flax's `capture_intermediates`
-# records for it (the activation included, as in Keras) and its parameters sit under its name: params["conv2d"].
+# Keras-like layers, each a module of its own so that its output is what flax's
+# `capture_intermediates` records for it (the activation included, as in Keras) and its parameters
+# sit under its name: params["conv2d"].
 
 
 class Conv2D(nn.Module):
@@ -106,7 +109,8 @@ class Conv2D(nn.Module):
 
 
 class Dense(nn.Dense):
-    """nn.Dense with Keras's default initialisers (a glorot_uniform kernel; nn.Dense's biases are zeros already) and an activation."""
+    """nn.Dense with Keras's default initialisers (a glorot_uniform kernel; nn.Dense's biases are
+    zeros already) and an activation."""
 
     kernel_init: Callable = glorot_uniform
     activation: str | None = None
@@ -123,10 +127,12 @@ class MaxPooling2D(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Keras's Dropout: in training, zero each unit with probability `rate` and scale the rest by 1/(1-rate).
+    """Keras's Dropout: in training, zero each unit with probability `rate` and scale the rest by
+    1/(1-rate).
 
-    Each example's mask comes from the step's "dropout" key folded with the example's position in the
-    global batch, so masks do not depend on how the batch is split over devices (nn.Dropout draws one)."""
+    Each example's mask comes from the step's "dropout" key folded with the example's position in
+    the global batch, so masks do not depend on how the batch is split over devices (nn.Dropout
+    draws one)."""
 
     rate: float
 
@@ -261,14 +267,16 @@ def init_params(model: nn.Module, rng: jax.Array) -> Any:
 
 
 def predict(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
-    """Class probabilities (N, num_classes), from what Keras's softmax / sigmoid output layer gives."""
+    """Class probabilities (N, num_classes), from what Keras's softmax / sigmoid output layer
+    gives."""
     return model.head.probabilities(model.apply({"params": params}, images))
 
 
 def layer_outputs(
     model: nn.Module, params: Any, images: jax.Array, train: bool = False, rngs: Any = None
 ) -> dict[str, jax.Array]:
-    """Every layer's output by Keras name, in the order the layers run, and the model's own under "output"."""
+    """Every layer's output by Keras name, in the order the layers run, and the model's own under
+    "output"."""
     output, state = model.apply(
         {"params": params},
         images,
@@ -308,12 +316,14 @@ def layer_names(model: nn.Module) -> list[str]:
     return [name for name in layer_shapes(model) if name != "output"]
 
 
-# Keras names a layer after its class in snake case; these two classes are not the CamelCase of their names.
+# Keras names a layer after its class in snake case; these two classes are not the CamelCase of
+# their names.
 LAYER_TYPES = {"conv2d": "Conv2D", "max_pooling2d": "MaxPooling2D"}
 
 
 def layer_type(name: str) -> str:
-    """Keras's class name for a layer name ("conv2d_1" -> "Conv2D", "layer_normalization" -> "LayerNormalization")."""
+    """Keras's class name for a layer name ("conv2d_1" -> "Conv2D",
+    "layer_normalization" -> "LayerNormalization")."""
     prefix = name.rstrip("0123456789").rstrip("_")
     return LAYER_TYPES.get(prefix) or "".join(
         word[:1].upper() + word[1:] for word in prefix.split("_")
@@ -321,7 +331,8 @@ def layer_type(name: str) -> str:
 
 
 def summary(model: nn.Module, params: Any | None = None) -> str:
-    """The Keras `model.summary()` table: layer (type), output shape with None batch, params (shapes traced, nothing computed)."""
+    """The Keras `model.summary()` table: layer (type), output shape with None batch, params (shapes
+    traced, nothing computed)."""
     if params is None:
         params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
     rows = []

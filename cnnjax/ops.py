@@ -53,7 +53,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "val
         kernel = kernel[:, :, None, None]
     if x.ndim != 3 or kernel.ndim != 4:
         raise ValueError(
-            f"x must be (H, W[, C]) and kernel (kh, kw[, C_in, C_out]); got {x.shape}, {kernel.shape}"
+            f"x must be (H, W[, C]) and kernel (kh, kw[, C_in, C_out]); "
+            f"got {x.shape}, {kernel.shape}"
         )
     kh, kw, c_in, _ = kernel.shape
     if x.shape[2] != c_in:
@@ -154,7 +155,8 @@ def _lax_conv(
 
 @jax.custom_vjp
 def _conv_valid_fast_kernel_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A stride-1 'valid' convolution whose passes each take the CPU route the layer's shape picks."""
+    """A stride-1 'valid' convolution whose passes each take the CPU route the layer's shape
+    picks."""
     return _forward(x, kernel)
 
 
@@ -248,9 +250,9 @@ def _kernel_grad_impl(x: jax.Array, dy: jax.Array) -> jax.Array:
         return d_kernel.reshape(kh, kw, c_in, c_out)
     # XLA's own kernel gradient, x correlated with dy as the window (C_in plays the batch, N the
     # contracted feature), in the layout Eigen and YNNPACK want (XLA would insert the same
-    # transposes, but only outside loops: inside a lax.scan such a convolution falls back to a
-    # naive loop). Where cheap enough, kh zero rows below dy make the window taller than x:
-    # YNNPACK declines, Eigen computes it; the zero rows meet x's kh rows of padding, adding nothing.
+    # transposes, but only outside loops: inside a lax.scan such a convolution falls back to a naive
+    # loop). Where cheap enough, kh zero rows below dy make the window taller than x: YNNPACK
+    # declines, Eigen computes it; the zero rows meet x's kh rows of padding, adding nothing.
     pad = kh if kh / oh <= _EIGEN_MAX_WASTE else 0
     x_t = x.transpose(3, 1, 2, 0)  # (C_in, H, W, N)
     dy_t = jnp.pad(dy, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(

@@ -2,7 +2,8 @@
 both give Keras 3's parameters bit for bit (tests/test_optim.py). optax's own differ:
 
 Adam (cats vs dogs): Keras folds the bias corrections into the rate, so its epsilon acts as
-optax.adam's divided by sqrt(1 - beta_2**t), 31.6x at step 1: small-gradient steps differ by up to 11x.
+optax.adam's divided by sqrt(1 - beta_2**t), 31.6x at step 1: small-gradient steps differ by up to
+11x.
 RMSprop (MNIST): optax.rmsprop(..., eps_in_sqrt=True) computes g * rsqrt(v + eps) * lr, not
 lr * g / sqrt(v + eps): 1-2 float32 ulps apart per step, which training amplifies (MNIST, seed 0:
 epoch 1's loss 0.17431 against 0.17464, epoch 2's val_loss 0.0405 against 0.0423).
@@ -91,8 +92,9 @@ def adam_keras(
 
 
 def schedule(optim: Any, steps_per_epoch: int, epochs: int) -> optax.Schedule | None:
-    """The rate step by step as a fraction of optim.learning_rate, or None for a constant rate: cosine decay
-    to 0 by the last epoch, exponential decay (decay_rate per epoch), after a linear warmup from 0."""
+    """The rate step by step as a fraction of optim.learning_rate, or None for a constant rate:
+    cosine decay to 0 by the last epoch, exponential decay (decay_rate per epoch), after a linear
+    warmup from 0."""
     warmup = optim.warmup_epochs * steps_per_epoch
     if optim.schedule == "cosine":
         main = optax.cosine_decay_schedule(1.0, max(1, epochs * steps_per_epoch - warmup))
@@ -125,7 +127,8 @@ def plateau() -> optax.GradientTransformation:
 
 
 def plateau_scale(optim: Any, val_losses: list[float]) -> float:
-    """Keras's ReduceLROnPlateau on val_loss (min_delta 1e-4, no cooldown): the factor so far after these epochs."""
+    """Keras's ReduceLROnPlateau on val_loss (min_delta 1e-4, no cooldown): the factor so far after
+    these epochs."""
     scale, best, wait = 1.0, math.inf, 0
     for loss in val_losses:
         if loss < best - 1e-4:
@@ -138,8 +141,8 @@ def plateau_scale(optim: Any, val_losses: list[float]) -> float:
 def make_optimizer(
     optim: Any, steps_per_epoch: int = 1, epochs: int = 1
 ) -> optax.GradientTransformation:
-    """The optimizer a config's optim section describes (cnnjax.config.OptimConfig), over `epochs` of
-    `steps_per_epoch` steps (what a schedule needs)."""
+    """The optimizer a config's optim section describes (cnnjax.config.OptimConfig), over `epochs`
+    of `steps_per_epoch` steps (what a schedule needs)."""
     rate = schedule(optim, steps_per_epoch, epochs)
     peak = (
         optim.learning_rate if rate is None else 1.0
@@ -161,6 +164,7 @@ def make_optimizer(
 def current_rate(
     optim: Any, steps_per_epoch: int, epochs: int, step: int, scale: float = 1.0
 ) -> float:
-    """The learning rate at optimizer step `step` (what TensorBoard shows), with the plateau's scale."""
+    """The learning rate at optimizer step `step` (what TensorBoard shows), with the plateau's
+    scale."""
     rate = schedule(optim, steps_per_epoch, epochs)
     return float(optim.learning_rate * (1.0 if rate is None else rate(step)) * scale)

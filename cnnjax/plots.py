@@ -21,7 +21,8 @@ from cnnjax import files
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Save through `files.atomic_path` (a reader never sees half a PNG), as the suffix's format or PNG."""
+    """Save through `files.atomic_path` (a reader never sees half a PNG), as the suffix's format or
+    PNG."""
     path = Path(path)
     suffix = path.suffix[1:].lower()
     with files.atomic_path(path) as tmp:
@@ -32,7 +33,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
 
 
 def _metric(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
-    """One column of the history, NaN (undrawn: a gap) where a row has None, a non-finite value or no entry."""
+    """One column of the history, NaN (undrawn: a gap) where a row has None, a non-finite value or
+    no entry."""
     column = np.array(
         [math.nan if row.get(key) is None else row[key] for row in history], np.float64
     )
@@ -41,7 +43,8 @@ def _metric(history: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
 
 
 def history_figure(history: Sequence[Mapping[str, Any]]) -> Figure:
-    """The lecture's two-panel "Accuracy & Loss" figure, returned unsaved (1000x500 pixels at dpi 100).
+    """The lecture's two-panel "Accuracy & Loss" figure, returned unsaved
+    (1000x500 pixels at dpi 100).
 
     Each row is one epoch: "epoch" (1-based; the row's position when absent) and any of loss,
     accuracy, val_loss, val_accuracy. Validation is a line with markers, so that an epoch
@@ -125,7 +128,8 @@ def plot_channel(
 def plot_activation_grid(
     layer_name: str, grid: np.ndarray, path: str | os.PathLike, images_per_row: int = 16
 ) -> Path:
-    """A channel grid (`cnnjax.inspect.activation_grid`) as the lecture draws it: one inch per channel tile, viridis."""
+    """A channel grid (`cnnjax.inspect.activation_grid`) as the lecture draws it: one inch per
+    channel tile, viridis."""
     grid = np.asarray(grid)
     scale = images_per_row / grid.shape[1]  # 1 / size: the grid is images_per_row tiles wide
     fig = Figure(figsize=(scale * grid.shape[1], max(scale * grid.shape[0], 1.0) + 0.4))
@@ -149,7 +153,8 @@ def plot_filter_patterns(
     n = len(images)
     cols = min(cols, n)
     rows = -(-n // cols)
-    # constrained layout keeps room for each label above its image (tight_layout let a row's labels run into the row above)
+    # constrained layout keeps room for each label above its image (tight_layout let a row's labels
+    # run into the row above)
     fig = Figure(
         figsize=(
             1.6 * cols,
@@ -174,7 +179,8 @@ def plot_filter_patterns(
 def plot_heatmap(
     overlay: np.ndarray, heatmap: np.ndarray, path: str | os.PathLike, title: str | None = None
 ) -> Path:
-    """Grad-CAM: the raw class-activation heatmap (matshow, as the book shows it) and its overlay on the image."""
+    """Grad-CAM: the raw class-activation heatmap (matshow, as the book shows it) and its overlay on
+    the image."""
     fig = Figure(figsize=(7, 3.8))
     left, right = fig.subplots(1, 2)
     left.matshow(np.asarray(heatmap), cmap="jet", vmin=0, vmax=1)
@@ -195,7 +201,8 @@ def plot_heatmap(
 def curve_stats(
     histories: Sequence[Sequence[Mapping[str, Any]]], key: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(epochs, mean, std) of `key` over seeds, per epoch, up to the shortest history; NaN where every seed lacks it."""
+    """(epochs, mean, std) of `key` over seeds, per epoch, up to the shortest history; NaN where
+    every seed lacks it."""
     epochs = min(len(h) for h in histories)
     values = np.array(
         [[np.nan if row.get(key) is None else row[key] for row in h[:epochs]] for h in histories],
@@ -209,7 +216,8 @@ def curve_stats(
 
 
 def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Mean validation accuracy and loss per epoch of each ablation setting, with a ±1 std band over seeds."""
+    """Mean validation accuracy and loss per epoch of each ablation setting, with a ±1 std band over
+    seeds."""
     fig = Figure(figsize=(13, 5))
     axes = fig.subplots(1, 2)
     for result in results:

@@ -40,11 +40,13 @@ class TrainState:
     step: Array  # int32: optimizer steps taken
     params: Any
     opt_state: Any
-    rng: Array  # raw uint32 PRNG key; each step folds in its step number for augmentation and dropout
+    # raw uint32 PRNG key; each step folds in its step number for augmentation and dropout
+    rng: Array
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -> TrainState:
-    """One seed's initial state: parameters from one split of rng, the state's key from the other."""
+    """One seed's initial state: parameters from one split of rng, the state's key from the
+    other."""
     init_rng, state_rng = jax.random.split(rng)
     params = models.init_params(model, init_rng)
     return TrainState(
@@ -55,7 +57,8 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -
 def init_states(
     model: nn.Module, tx: optax.GradientTransformation, seeds: Sequence[int], mesh: Mesh
 ) -> TrainState:
-    """init_state(model, tx, PRNGKey(seed)) for each seed, stacked and placed over the mesh's seed axis."""
+    """init_state(model, tx, PRNGKey(seed)) for each seed, stacked and placed over the mesh's seed
+    axis."""
     seeded = meshlib.sharding(mesh, meshlib.SEED)
     params, rng = _seeded_params(model)(meshlib.put(np.asarray(seeds, np.uint32), seeded))
     state = TrainState(
@@ -95,7 +98,8 @@ def preprocess(
     images: Array, rng: Array | None = None, augment: AugmentConfig | None = None
 ) -> Array:
     """uint8 pixels -> float, augmented (when given) on the 0..255 scale, then / 255: Keras's
-    ImageDataGenerator also rescales after augmenting, so a constant fill value (cval) means the same."""
+    ImageDataGenerator also rescales after augmenting, so a constant fill value (cval) means the
+    same."""
     x = images.astype(jnp.float32)
     if augment is not None and not augment.is_identity:
         x = random_augment(rng, x, augment)
@@ -156,11 +160,12 @@ def compile_steps(
     resident: bool,
     donate: bool,
 ) -> Callable:
-    """`step(carry, batch) -> (carry, totals)` as one jitted `run(carry, totals, batches, data) -> (carry, totals)`
-    over many steps (lax.scan) and every seed (vmap). carry (a TrainState or params) and totals have a leading
-    seed axis, sharded over `seed`; batches hold the call's steps on a leading axis (after the seed axis when
-    `per_seed`: each seed its own order), sharded over `data`. With `resident`, a batch is {"index", "weight"}
-    and the step gathers its images and labels from `data` ({"image", "label"}, the whole set, replicated on
+    """`step(carry, batch) -> (carry, totals)` as one jitted
+    `run(carry, totals, batches, data) -> (carry, totals)` over many steps (lax.scan) and every seed
+    (vmap). carry (a TrainState or params) and totals have a leading seed axis, sharded over `seed`;
+    batches hold the call's steps on a leading axis (after the seed axis when `per_seed`: each seed
+    its own order), sharded over `data`. With `resident`, a batch is {"index", "weight"} and the
+    step gathers its images and labels from `data` ({"image", "label"}, the whole set, replicated on
     every device); else batches are whole and data is None."""
 
     def one_seed(
@@ -227,7 +232,8 @@ def epoch_order(
     rngs: np.ndarray, num_examples: int, batch_size: int, epoch: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per seed, the epoch's index and weight matrices (K, steps, batch) as numpy, from the seeds'
-    keys (K, 2). Computed on the host's CPU, the same bits on every process and backend (threefry)."""
+    keys (K, 2). Computed on the host's CPU, the same bits on every process and backend
+    (threefry)."""
     cpu = jax.local_devices(backend="cpu")[0]
     indices, weights = _order_fn(num_examples, batch_size)(
         jax.device_put(np.asarray(rngs), cpu), jax.device_put(np.int32(epoch), cpu)

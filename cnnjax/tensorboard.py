@@ -34,7 +34,8 @@ class Writer:
     def __init__(self, logdir: str | os.PathLike) -> None:
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        # A resumed run adds a file of its own; TensorBoard reads a run's files in name order (time first).
+        # A resumed run adds a file of its own; TensorBoard reads a run's files in name order (time
+        # first).
         self._events = EventsWriter(str(self.logdir / "events"), f".{time.time_ns()}-{os.getpid()}")
         self._session_end: Summary | None = None
 
@@ -43,16 +44,17 @@ class Writer:
         self._events.flush()
 
     def config(self, flat: Mapping[str, Any]) -> None:
-        """The run's config ({"section.field": value}) as its hparams; values other than booleans, numbers
-        and strings as their str. Only the session's start is written (its end at `close`): TensorBoard
-        reads an experiment summary from one run only, so with one per run the HParams tab would show
-        the first run's keys alone."""
+        """The run's config ({"section.field": value}) as its hparams; values other than booleans,
+        numbers and strings as their str. Only the session's start is written (its end at `close`):
+        TensorBoard reads an experiment summary from one run only, so with one per run the HParams
+        tab would show the first run's keys alone."""
         flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
         _, start, self._session_end = hparams(flat, {})
         self._write(start)
 
     def epoch(self, row: Mapping[str, Any]) -> None:
-        """One history row (plus "learning_rate") as scalars at step row["epoch"]; non-finite values are gaps."""
+        """One history row (plus "learning_rate") as scalars at step row["epoch"]; non-finite values
+        are gaps."""
         for key in METRICS:
             value = row.get(key)
             if value is not None and math.isfinite(value):

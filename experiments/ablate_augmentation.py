@@ -2,7 +2,8 @@
 
     python experiments/ablate_augmentation.py --data-dir DIR
     # a CPU-sized run (the one in README "Results"):
-    python experiments/ablate_augmentation.py --data-dir DIR --image-size 64 --epochs 20 --out checkpoints/ablation-64px
+    python experiments/ablate_augmentation.py --data-dir DIR --image-size 64 --epochs 20
+        --out runs/ablation-64px
 
 The base recipe is experiment 1 of cnnjax.config.catsdogs (Adam 1e-3, batch 20, no
 augmentation, no dropout), with any field overridden by its path (--optim.learning_rate
@@ -22,13 +23,14 @@ Exit codes: 0 done, 2 bad flags or data, 4 some setting failed (its error.json s
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from cnnjax import ablation, config, data, mesh, models, runs
+from cnnjax import ablation, config, data, flags, mesh, models, runs
 
 
 def base_recipe() -> config.Config:
@@ -62,8 +64,9 @@ def subset(images: data.Images, n: int | None, seed: int = 0) -> data.Images:
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_flags(argv: list[str] | None) -> argparse.Namespace:
+    """The ablation's own flags, then every field of the base recipe and the run flags."""
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--settings",
         nargs="+",
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--seed-mode",
         default="auto",
         choices=ablation.SEED_MODES,
-        help="a setting's seeds in one vmapped program (vmap; auto is vmap) or one run each (default: auto)",
+        help="a setting's seeds in one vmapped program (vmap; auto is vmap) or one run each "
+        "(default: auto)",
     )
     parser.add_argument(
         "--train-subset",
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument(
         "--out",
-        default="checkpoints/ablation",
+        default="runs/ablation",
         help="the ablation's folder; a rerun resumes it (default: %(default)s)",
     )
     parser.add_argument(
@@ -92,14 +96,96 @@ def main(argv: list[str] | None = None) -> list[dict]:
         action="store_true",
         help="rebuild the table and plot from what --out holds; train nothing",
     )
-    config.add_flags(
+    flags.add_flags(
         parser,
         base_recipe(),
         sections=("data", "model", "augment", "optim", "train"),
         fixed=("data.dataset", "model.name"),
     )
     runs.add_flags(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def checked_settings(args: argparse.Namespace) -> tuple[config.Config, list[ablation.Setting]]:
+    """The base recipe with the field flags given, and the settings; each checked."""
+    base = runs.check_config(config.override(base_recipe(), flags.overrides_from_args(args)))
+    settings = [ablation.parse_setting(spec, base) for spec in args.settings]
+    names = [s.name for s in settings]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise config.ConfigError(f"two settings are named {twice[0]!r}; give each its own name")
+    for setting in settings:
+        try:
+            runs.check_config(ablation.setting_config(base, setting))
+        except config.ConfigError as e:
+            raise config.ConfigError(f"setting {setting.name!r}: {e}") from None
+    if args.train_subset is not None and args.train_subset < 2:
+        raise config.ConfigError(
+            f"--train-subset must be at least 2 (one image per class), got {args.train_subset}"
+        )
+    if base.data.input == "stream":
+        raise config.ConfigError(
+            "--data.input stream: the ablation trains every setting on the same images, held "
+            "in memory; use --data.input memory or auto"
+        )
+    return base, settings
+
+
+def load_datasets(
+    base: config.Config, train_subset: int | None
+) -> tuple[dict[str, data.Images], data.Images]:
+    """The training images (a subset with --train-subset) and the validation split, in memory,
+    checked against the model's classes; and the test split."""
+    validation = base.data.validation_split
+    loaded = data.load(
+        dataclasses.replace(base.data, input="memory"),
+        tuple(dict.fromkeys(("train", validation, "test"))),
+    )
+    datasets = {"train": subset(loaded["train"], train_subset)}
+    # validating on "train": the images trained on
+    datasets.setdefault(validation, loaded[validation])
+    num_classes = models.from_config(base.model.name, base.data.image_size).head.num_classes
+    data.check_classes(datasets, num_classes, "the data folder")
+    return datasets, loaded["test"]
+
+
+def interrupted(out: Path, settings: list[ablation.Setting], main_process: bool) -> SystemExit:
+    """After Ctrl-C: the report of the finished settings rebuilt (process 0), said on stderr."""
+    names = [s.name for s in settings]
+    results = (
+        ablation.rebuild_report(out, names)
+        if main_process
+        else ablation.collect_results(out, names)
+    )
+    done = len(results) - len(ablation.failed(results))
+    if main_process:
+        print(
+            f"\ninterrupted: {done} finished setting(s) are in {out}/results.md; "
+            "the same command skips them and resumes the rest",
+            file=sys.stderr,
+            flush=True,
+        )
+    return SystemExit(runs.EXIT_INTERRUPTED)
+
+
+def print_report(out: Path, failed: list[str]) -> None:
+    """The results table, what was written, and which settings failed."""
+    results_md = out / "results.md"
+    print(results_md.read_text() if results_md.exists() else "no results", flush=True)
+    print(
+        f"Wrote {out}/: results.csv, results.md, curves.png, one run folder per setting",
+        flush=True,
+    )
+    if failed:
+        print(
+            f"error: {len(failed)} setting(s) failed: {', '.join(failed)} (see their error.json); "
+            "run the same command again to retry them",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_flags(argv)
     out = Path(args.out)
     if args.table_only:
         results = ablation.rebuild_report(out)
@@ -107,83 +193,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return results
     with runs.exits():
         runs.start(args)
-        base = runs.check_config(config.override(base_recipe(), config.overrides_from_args(args)))
-        settings = [ablation.parse_setting(spec, base) for spec in args.settings]
-        if twice := sorted(
-            {s.name for s in settings if [t.name for t in settings].count(s.name) > 1}
-        ):
-            raise config.ConfigError(f"two settings are named {twice[0]!r}; give each its own name")
-        for setting in settings:
-            try:
-                runs.check_config(ablation.setting_config(base, setting))
-            except config.ConfigError as e:
-                raise config.ConfigError(f"setting {setting.name!r}: {e}") from None
-        if args.train_subset is not None and args.train_subset < 2:
-            raise config.ConfigError(
-                f"--train-subset must be at least 2 (one image per class), got {args.train_subset}"
-            )
-        if base.data.input == "stream":
-            raise config.ConfigError(
-                "--data.input stream: the ablation trains every setting on the same images, held in "
-                "memory; use --data.input memory or auto"
-            )
+        base, settings = checked_settings(args)
         ablation.check_out(out, base, settings)
-        validation = base.data.validation_split
-        loaded = data.load(
-            dataclasses.replace(base.data, input="memory"),
-            tuple(dict.fromkeys(("train", validation, "test"))),
-        )
-        datasets = {"train": subset(loaded["train"], args.train_subset)}
-        datasets.setdefault(
-            validation, loaded[validation]
-        )  # validating on "train": the images trained on
-        num_classes = models.from_config(base.model.name, base.data.image_size).head.num_classes
-        data.check_classes(datasets, num_classes, "the data folder")
-    main_process = mesh.is_main_process()  # with several processes, process 0 prints (and writes)
+        datasets, test = load_datasets(base, args.train_subset)
+    # with several processes, process 0 prints (and writes)
+    main_process = mesh.is_main_process()
     if main_process:
         print(
-            f"{base.train.epochs} epochs, {len(datasets['train'])} training images at {base.data.image_size}px, "
-            f"validation on {validation}",
+            f"{base.train.epochs} epochs, {len(datasets['train'])} training images at "
+            f"{base.data.image_size}px, validation on {base.data.validation_split}",
             flush=True,
         )
     try:
-        results = ablation.run_ablation(
-            settings, base, datasets, loaded["test"], out, args.seed_mode
-        )
+        results = ablation.run_ablation(settings, base, datasets, test, out, args.seed_mode)
     except KeyboardInterrupt:
-        names = [s.name for s in settings]
-        results = (
-            ablation.rebuild_report(out, names)
-            if main_process
-            else ablation.collect_results(out, names)
-        )
-        done = len(results) - len(ablation.failed(results))
-        if main_process:
-            print(
-                f"\ninterrupted: {done} finished setting(s) are in {out}/results.md; the same command skips them and "
-                "resumes the rest",
-                file=sys.stderr,
-                flush=True,
-            )
-        raise SystemExit(runs.EXIT_INTERRUPTED) from None
-    if main_process:
-        print(
-            (out / "results.md").read_text() if (out / "results.md").exists() else "no results",
-            flush=True,
-        )
-        print(
-            f"Wrote {out}/: results.csv, results.md, curves.png, one run folder per setting",
-            flush=True,
-        )
+        raise interrupted(out, settings, main_process) from None
     failed = ablation.failed(results)
+    if main_process:
+        print_report(out, failed)
     if failed:
-        if main_process:
-            print(
-                f"error: {len(failed)} setting(s) failed: {', '.join(failed)} (see their error.json); run the same "
-                "command again to retry them",
-                file=sys.stderr,
-                flush=True,
-            )
         raise SystemExit(runs.EXIT_FAILED)
     return results
 

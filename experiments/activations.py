@@ -15,9 +15,12 @@ the run's resize filter, data.interpolation, / 255).
 Writes into --out (default: RUN/inspect/):
     input.png                      the image the model sees (grayscale for MNIST)
     channel_<layer>_<c>.png        channel --channel of the first conv layer (the lecture's matshow)
-    activations_<i>_<layer>.png    all channels of each of the first --layers conv/pool layers, 16 per row
-    filters_<layer>.png            with --filters: what --num-filters filters of --filter-layer respond to most
-    heatmap.png                    with --heatmap: Grad-CAM of --class-index (default: the predicted class)
+    activations_<i>_<layer>.png    all channels of each of the first --layers conv/pool layers,
+                                   16 per row
+    filters_<layer>.png            with --filters: what --num-filters filters of --filter-layer
+                                   respond to most
+    heatmap.png                    with --heatmap: Grad-CAM of --class-index (default: the
+                                   predicted class)
 Bad input (no checkpoint there, an unreadable image) prints one `error: ...` line and exits
 with code 2 before anything is written.
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnjax import checkpoint, config, data, files, models, plots, runs
+from cnnjax import checkpoint, data, files, flags, models, plots, runs
 from cnnjax import inspect as look
 from cnnjax.data.folders import IMAGE_EXTENSIONS, find_cats_dogs_root
 
@@ -39,7 +42,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint",
         default=str(SHIPPED),
@@ -98,7 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def default_image_path(data_dir: str | os.PathLike | None) -> Path:
-    """The first cat of the validation split, by sorted file name (cat.1000.jpg in cats_and_dogs_small)."""
+    """The first cat of the validation split, by sorted file name (cat.1000.jpg in
+    cats_and_dogs_small)."""
     cats = find_cats_dogs_root(data_dir) / "validation" / "cats"
     files = sorted(
         p
@@ -178,14 +182,17 @@ def draw(args: argparse.Namespace) -> list[Path]:
     if args.filters:
         filter_layer = args.filter_layer or look.last_conv_layer(model)
         ascent = look.filter_ascent(model, params, filter_layer, args.num_filters, steps=args.steps)
+        before, after = ascent.before.mean(), ascent.after.mean()
         print(
-            f"{filter_layer}: mean activation {ascent.before.mean():.3g} -> {ascent.after.mean():.3g} after {args.steps} steps"
+            f"{filter_layer}: mean activation {before:.3g} -> {after:.3g} after {args.steps} steps"
         )
     if args.heatmap:
         cam = look.grad_cam(model, params, image, args.class_index)
         label = class_names[cam.class_index]
+        predicted = class_names[cam.predicted]
         print(
-            f"Grad-CAM for class {label} (p = {cam.probability:.3f}); the model predicts {class_names[cam.predicted]}"
+            f"Grad-CAM for class {label} (p = {cam.probability:.3f}); "
+            f"the model predicts {predicted}"
         )
 
     out = Path(args.out) if args.out else run_folder_of(Path(description["path"])) / "inspect"

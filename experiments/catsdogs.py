@@ -5,7 +5,8 @@
     # experiment 2: the lecture's augmentation + Dropout(0.5) after Flatten, 100 epochs
     python experiments/catsdogs.py --data-dir DIR --dropout
     # continue a killed run where it stopped
-    python experiments/catsdogs.py --data-dir DIR --dropout --resume --out checkpoints/catsdogs-exp2-...
+    python experiments/catsdogs.py --data-dir DIR --dropout --resume
+        --out checkpoints/catsdogs-exp2-...
 
 DIR holds train/ and validation/ (and test/), each with cats/ and dogs/ (Keras's
 flow_from_directory layout; experiments/prepare_catsdogs.py builds it from Kaggle's
@@ -27,27 +28,30 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from cnnjax import config, runs, train
+from cnnjax import config, flags, runs, train
 
 
 def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object]:
-    """Experiment 1, or 2 with --dropout; then --augment's preset; then every field flag given. Checked."""
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    """Experiment 1, or 2 with --dropout; then --augment's preset; then every field flag given.
+    Checked."""
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--dropout",
         nargs="?",
         const=0.5,
         type=float,
         metavar="RATE",
-        help="experiment 2: the lecture's augmentation, 100 epochs and Dropout(RATE) after Flatten (RATE: 0.5)",
+        help="experiment 2: the lecture's augmentation, 100 epochs and Dropout(RATE) after Flatten "
+        "(RATE: 0.5)",
     )
     parser.add_argument(
         "--augment",
         choices=tuple(config.AUGMENT_PRESETS),
         metavar="PRESET",
-        help="augmentation preset, none | lecture | preview (default: none; lecture with --dropout)",
+        help="augmentation preset, none | lecture | preview "
+        "(default: none; lecture with --dropout)",
     )
-    config.add_flags(
+    flags.add_flags(
         parser,
         config.catsdogs(1),
         fixed=("data.dataset", "model.name"),
@@ -56,11 +60,12 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     with runs.exits():
-        runs.start(
-            args
-        )  # before the config is checked: jax.distributed must join before anything starts jax's backend
-        fields = config.overrides_from_args(args)
-        overrides = {}  # the preset first: a field given by its own flag wins
+        # before the config is checked: jax.distributed must join before anything starts jax's
+        # backend
+        runs.start(args)
+        fields = flags.overrides_from_args(args)
+        # the preset first: a field given by its own flag wins
+        overrides = {}
         if args.augment is not None:
             preset = config.AUGMENT_PRESETS[args.augment]
             overrides.update(
@@ -71,8 +76,9 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
                 "model.dropout" in fields
                 and config.override(config.catsdogs(2), fields).model.dropout != args.dropout
             ):
+                given = fields["model.dropout"]
                 raise config.ConfigError(
-                    f"--dropout {args.dropout} and --model.dropout {fields['model.dropout']} disagree"
+                    f"--dropout {args.dropout} and --model.dropout {given} disagree"
                 )
             overrides["model.dropout"] = args.dropout
         cfg = runs.resolve(

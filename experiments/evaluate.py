@@ -1,8 +1,11 @@
 """Evaluate a saved model on a data split: one command, no training flags.
 
-    python experiments/evaluate.py --data-dir DIR                  # the shipped experiment-2 model, test split
-    python experiments/evaluate.py --checkpoint checkpoints/mnist  # the shipped MNIST model
-    python experiments/evaluate.py --checkpoint checkpoints/catsdogs-exp2-.../checkpoints/100 --data-dir DIR
+    # the shipped experiment-2 model, test split
+    python experiments/evaluate.py --data-dir DIR
+    # the shipped MNIST model
+    python experiments/evaluate.py --checkpoint checkpoints/mnist
+    python experiments/evaluate.py --checkpoint checkpoints/catsdogs-exp2-.../checkpoints/100
+        --data-dir DIR
 
 --checkpoint is a run folder (its best epoch, by validation loss; --which latest or an
 epoch number for others), RUN/checkpoints, RUN/best or RUN/latest, or one
@@ -19,13 +22,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from cnnjax import checkpoint, config, data, runs, train
+from cnnjax import checkpoint, config, data, flags, runs, train
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint",
         default=str(SHIPPED),
@@ -82,15 +85,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         classes = description.get("class_names")
         if classes and list(dataset.class_names) != list(classes):
             raise data.DataError(
-                f"the {args.split} folder's classes are {', '.join(dataset.class_names)} but the model was "
-                f"trained on {', '.join(classes)}; labels would not mean the same"
+                f"the {args.split} folder's classes are {', '.join(dataset.class_names)} "
+                f"but the model was trained on {', '.join(classes)}; labels would not mean the same"
             )
         data.check_classes(
             {args.split: dataset}, model.head.num_classes, f"the {args.split} folder"
         )
         metrics = train.evaluate(model, params, dataset, args.batch_size)
+    epoch = description.get("epoch", "?")
     print(
-        f"{description['path']} (epoch {description.get('epoch', '?')}) on {args.split} ({len(dataset)} images): "
+        f"{description['path']} (epoch {epoch}) on {args.split} ({len(dataset)} images): "
         f"loss {metrics['loss']:.4f} - accuracy {metrics['accuracy']:.4f}"
     )
     return metrics

@@ -1,4 +1,5 @@
-"""Export one checkpoint of a run as parameters only, optionally in 16 bits: what checkpoints/ ships.
+"""Export one checkpoint of a run as parameters only, optionally in 16 bits: what checkpoints/
+ships.
 
     python experiments/export_model.py RUN checkpoints/catsdogs-exp2 --dtype float16
     python experiments/export_model.py RUN OUT --which 100 --seed 1
@@ -19,13 +20,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from cnnjax import checkpoint, config, runs
+from cnnjax import checkpoint, config, flags, runs
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = flags.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run folder, RUN/checkpoints or RUN/checkpoints/<epoch>")
     parser.add_argument("out", help="the folder to create")
     parser.add_argument(

@@ -1,8 +1,8 @@
 """The lecture's MNIST convnet, trained with its recipe (cnnjax.config.mnist).
 
     python experiments/mnist.py                          # RMSprop 1e-3, 5 epochs, batch 64
-    python experiments/mnist.py --epochs 1 --seed 1 --out checkpoints/mnist-try
-    python experiments/mnist.py --resume --out checkpoints/mnist-try   # continue a killed run
+    python experiments/mnist.py --epochs 1 --seed 1 --out runs/mnist-try
+    python experiments/mnist.py --resume --out runs/mnist-try   # continue a killed run
 
 Expected: test accuracy about 0.991 after 5 epochs (the book reports 0.991; the lecture
 about 0.98); README "Results" has the measured run. The data comes by itself: --data-dir,
@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import sys
 
-from cnnjax import config, mesh, runs, train
+from cnnjax import config, flags, mesh, runs, train
 
 
 def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object]:
     """The recipe with the flags given applied, checked; and the parsed flags."""
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
-    # MNIST's images are 28x28 grayscale and its convnet has no dropout: only what can change is a flag.
-    config.add_flags(
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
+    # MNIST's images are 28x28 grayscale and its convnet has no dropout: only what can change is a
+    # flag.
+    flags.add_flags(
         parser,
         config.mnist(),
         sections=("data", "optim", "train", "run"),
@@ -32,10 +33,10 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
     runs.add_flags(parser)
     args = parser.parse_args(argv)
     with runs.exits():
-        runs.start(
-            args
-        )  # before the config is checked: jax.distributed must join before anything starts jax's backend
-        cfg = runs.resolve(config.mnist(), config.overrides_from_args(args))
+        # before the config is checked: jax.distributed must join before anything starts jax's
+        # backend
+        runs.start(args)
+        cfg = runs.resolve(config.mnist(), flags.overrides_from_args(args))
     return cfg, args
 
 

@@ -21,14 +21,14 @@ import jax
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from cnnjax import checkpoint, config, models, runs
+from cnnjax import checkpoint, flags, models, runs
 from cnnjax import inspect as look
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parser.add_argument(
         "--checkpoint",
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
         predicted, failed = [], 0
         for path in args.images:
             if not Path(path).is_file():
+                why = "a folder, not an image" if Path(path).is_dir() else "no such file"
                 print(
-                    f"error: {path}: {'a folder, not an image' if Path(path).is_dir() else 'no such file'}; skipped",
+                    f"error: {path}: {why}; skipped",
                     file=sys.stderr,
                     flush=True,
                 )

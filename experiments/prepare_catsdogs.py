@@ -1,6 +1,7 @@
 """Make the lecture's cats_and_dogs_small from Kaggle's "Dogs vs. Cats" download.
 
-    python experiments/prepare_catsdogs.py --kaggle-dir ~/Downloads/dogs-vs-cats/train --out data/cats_and_dogs_small
+    python experiments/prepare_catsdogs.py --kaggle-dir ~/Downloads/dogs-vs-cats/train
+        --out data/cats_and_dogs_small
 
 --kaggle-dir is Kaggle's train folder (cat.0.jpg ... cat.12499.jpg, dog.0.jpg ...; the
 folder holding train/ works too). As the book does, per class images 0-999 go to train,
@@ -20,12 +21,12 @@ a run killed midway is completed (copies are atomic). Prints one summary line.
 
 from __future__ import annotations
 
-from cnnjax import config, runs
+from cnnjax import flags, runs
 from cnnjax.data import kaggle
 
 
 def main(argv: list[str] | None = None) -> kaggle.SmallSplit:
-    parser = config.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--kaggle-dir",
         required=True,
@@ -35,22 +36,25 @@ def main(argv: list[str] | None = None) -> kaggle.SmallSplit:
         "--out", required=True, help="the folder to make: OUT/{train,validation,test}/{cats,dogs}/"
     )
     default_sizes = [n for _, n in kaggle.BOOK_SPLIT_SIZES]
+    book_sizes = " ".join(map(str, default_sizes))
     parser.add_argument(
         "--sizes",
         type=int,
         nargs=3,
         default=default_sizes,
         metavar=("TRAIN", "VALIDATION", "TEST"),
-        help=f"images per class in each split (default: the book's {' '.join(map(str, default_sizes))})",
+        help=f"images per class in each split (default: the book's {book_sizes})",
     )
     args = parser.parse_args(argv)
-    runs.setup_logging()  # the library's progress lines
+    # the library's progress lines
+    runs.setup_logging()
     sizes = list(zip((split for split, _ in kaggle.BOOK_SPLIT_SIZES), args.sizes))
     with runs.exits():
         result = kaggle.prepare_small_split(args.kaggle_dir, args.out, sizes)
     total = sum(result.counts.values())
+    counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
     print(
-        f"{result.out}: {', '.join(f'{split} {n}' for split, n in result.counts.items())} images (cats and dogs, {total} in all); "
+        f"{result.out}: {counts} images (cats and dogs, {total} in all); "
         f"copied {result.copied}, already there {result.present}"
     )
     return result

@@ -1,6 +1,8 @@
-"""Run an experiment script in this process and SIGKILL it at a chosen moment (for tests/test_runs.py).
+"""Run an experiment script in this process and SIGKILL it at a chosen
+moment (for tests/test_runs.py).
 
-    python -m tests._killed_run mnist|catsdogs compile|mid-epoch|mid-save|after-save EPOCH -- ARGV...
+    python -m tests._killed_run mnist|catsdogs \
+        compile|mid-epoch|mid-save|after-save EPOCH -- ARGV...
 
 compile:    as the first training program is about to compile (before any epoch ran)
 mid-epoch:  in the middle of epoch EPOCH (1-based), after its first scanned call
@@ -28,10 +30,10 @@ def main() -> None:
     import jax
     import orbax.checkpoint as ocp
 
-    from cnnjax import checkpoint, step, train
+    from cnnjax import checkpoint, feed, step
 
     if point in ("compile", "mid-epoch"):
-        real_train_fn, real_order = train._train_fn, step.epoch_order
+        real_train_fn, real_order = feed.train_fn, step.epoch_order
         current = {"epoch": 0}
 
         def epoch_order(rngs, num_examples, batch_size, e):
@@ -52,7 +54,7 @@ def main() -> None:
 
             return run
 
-        step.epoch_order, train._train_fn = epoch_order, train_fn
+        step.epoch_order, feed.train_fn = epoch_order, train_fn
     elif point == "mid-save":
         real_json_save = ocp.JsonCheckpointHandler.async_save
 

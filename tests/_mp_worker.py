@@ -1,4 +1,5 @@
-"""Run an experiment script as one process of a multi-process run, watched (for tests/test_multiprocess.py).
+"""Run an experiment script as one process of a multi-process run, watched
+(for tests/test_multiprocess.py).
 
     python -m tests._mp_worker --watch DIR --report FILE [--die-in-epoch N] -- SCRIPT ARGV...
 

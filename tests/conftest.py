@@ -1,4 +1,5 @@
-"""Shared test setup: where real data comes from, a per-test cache folder, the model tables, synthetic data.
+"""Shared test setup: where real data comes from, a per-test cache folder,
+the model tables, synthetic data.
 
 Real data, the way a user's run finds it (the suite passes on a fresh clone with an empty HOME):
 - MNIST (`mnist_dir`, once per session): CNNJAX_DATA_DIR when it holds the four files, else
@@ -31,14 +32,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
-    """CNNJAX_DATA_DIR (set by .ci/run) or ../shared/data beside the checkout; FileNotFoundError when neither is there.
+    """CNNJAX_DATA_DIR (set by .ci/run) or ../shared/data beside the checkout;
+    FileNotFoundError when neither is there.
 
     Tests that can also run without it use the `mnist_dir` and `cats_photos` fixtures instead.
     """
     folder = Path(os.environ.get("CNNJAX_DATA_DIR") or REPO.parent / "shared" / "data")
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"real data not found at {folder}: set CNNJAX_DATA_DIR to the folder holding mnist/ and cats_and_dogs_small/"
+            f"real data not found at {folder}: "
+            "set CNNJAX_DATA_DIR to the folder holding mnist/ and cats_and_dogs_small/"
         )
     return folder
 
@@ -47,6 +50,14 @@ def shared_data_dir() -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache folder: nothing leaks into ~/.cache or between tests."""
     monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture()
+def cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """A cache folder of the test's own, for the tests that look inside it (CNNJAX_CACHE_DIR)."""
+    path = tmp_path_factory.mktemp("folders-cache")
+    monkeypatch.setenv("CNNJAX_CACHE_DIR", str(path))
+    return path
 
 
 # --- Real data, found as a user's run finds it ------------------------------------------------
@@ -80,7 +91,8 @@ def mnist_dir(tmp_path_factory) -> Path:
 
 
 def real_cats_dogs_dir() -> Path | None:
-    """cats_and_dogs_small (or a folder of that layout) under CNNJAX_DATA_DIR, when it points to one."""
+    """cats_and_dogs_small (or a folder of that layout) under
+    CNNJAX_DATA_DIR, when it points to one."""
     from cnnjax.data.common import DataError, data_dir_from_env
     from cnnjax.data.folders import find_cats_dogs_root
 
@@ -94,7 +106,8 @@ def real_cats_dogs_dir() -> Path | None:
 
 
 def write_photo_like_folder(root: Path, per_class: int = 3) -> Path:
-    """The real folder's layout and file names (validation: cat.1000.jpg ...), with made 200x200 JPEGs; returns root.
+    """The real folder's layout and file names (validation: cat.1000.jpg ...), with
+    made 200x200 JPEGs; returns root.
 
     Files are written in reverse order, beside a hidden file and a non-image, so a listing that
     does not sort or filter shows.
@@ -118,7 +131,8 @@ def write_photo_like_folder(root: Path, per_class: int = 3) -> Path:
 
 @pytest.fixture()
 def cats_photos(tmp_path) -> Path:
-    """The real cats_and_dogs_small when CNNJAX_DATA_DIR points to one; else `write_photo_like_folder`."""
+    """The real cats_and_dogs_small when CNNJAX_DATA_DIR points to one;
+    else `write_photo_like_folder`."""
     return real_cats_dogs_dir() or write_photo_like_folder(tmp_path / "cats_and_dogs_small")
 
 
@@ -148,6 +162,9 @@ CATS_DOGS_LAYERS = [
     ("dense", (512,), 3211776),
     ("dense_1", (1,), 513),
 ]
+# The same without the parameter counts: (name, output shape).
+MNIST_SHAPES = [(name, shape) for name, shape, _ in MNIST_LAYERS]
+CATS_SHAPES = [(name, shape) for name, shape, _ in CATS_DOGS_LAYERS]
 
 
 def numpy_params(model, seed: int = 0):
@@ -207,10 +224,11 @@ def write_cats_dogs_folder(
     classes: tuple[str, ...] = ("cats", "dogs"),
     seed: int = 0,
 ) -> Path:
-    """root/{train,validation,test}/<class>/<i>.png from tiny_cats_dogs (Keras's layout); returns root.
+    """root/{train,validation,test}/<class>/<i>.png from tiny_cats_dogs
+    (Keras's layout); returns root.
 
-    Split k of `sizes` (in order) draws its images with seed + k. Image i goes to classes[i % len(classes)]:
-    classes=("dogs", "cats") puts the bright squares among the cats.
+    Split k of `sizes` (in order) draws its images with seed + k. Image i goes to
+    classes[i % len(classes)]: classes=("dogs", "cats") puts the bright squares among the cats.
     """
     sizes = sizes or {"train": 16, "validation": 8, "test": 8}
     for k, (split, n) in enumerate(sizes.items()):
@@ -287,7 +305,8 @@ def random_mnist(
 
 
 def write_mnist_folder(folder: Path, n_train: int = 192, n_test: int = 64) -> Path:
-    """The four gzipped IDX files of a tiny learnable MNIST (tiny_mnist) in folder; returns folder."""
+    """The four gzipped IDX files of a tiny learnable MNIST
+    (tiny_mnist) in folder; returns folder."""
     (train_x, train_y), (test_x, test_y) = tiny_mnist(n_train, 0), tiny_mnist(n_test, 1)
     return write_mnist_files(
         folder,
@@ -303,8 +322,8 @@ def write_mnist_folder(folder: Path, n_train: int = 192, n_test: int = 64) -> Pa
 def quadrant_square_images(
     rng: np.random.Generator, n: int, quadrants=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """20x20 grayscale noise; class 1 adds a bright 5x5 square inside one quadrant (random, or the given
-    (row, col) ones), class 0 not. The square decides the class wherever it is."""
+    """20x20 grayscale noise; class 1 adds a bright 5x5 square inside one quadrant (random, or the
+    given (row, col) ones), class 0 not. The square decides the class wherever it is."""
     images = rng.integers(0, 60, (n, 20, 20, 1)).astype(np.uint8)
     labels = (
         np.ones(n, np.int32) if quadrants is not None else rng.integers(0, 2, n).astype(np.int32)
@@ -318,13 +337,14 @@ def quadrant_square_images(
 
 
 def poison(monkeypatch, seed_index: int, after_step: int) -> None:
-    """Make the parameters of one seed NaN once it has taken `after_step` steps (in the training calls)."""
+    """Make the parameters of one seed NaN once it has taken `after_step`
+    steps (in the training calls)."""
     import jax
     import jax.numpy as jnp
 
-    from cnnjax import train
+    from cnnjax import feed
 
-    real = train._train_fn
+    real = feed.train_fn
 
     def fake(*args, **kwargs):
         fn = real(*args, **kwargs)
@@ -339,11 +359,12 @@ def poison(monkeypatch, seed_index: int, after_step: int) -> None:
 
         return run
 
-    monkeypatch.setattr(train, "_train_fn", fake)
+    monkeypatch.setattr(feed, "train_fn", fake)
 
 
 def dead_pid() -> int:
-    """The pid of a process that has just exited (for locks and temporaries left by a killed run)."""
+    """The pid of a process that has just exited (for locks and
+    temporaries left by a killed run)."""
     from cnnjax import files
 
     pid = int(

@@ -1,4 +1,5 @@
-"""Reading a run's TensorBoard events back (tests only), with the `tensorboard` package's own reader."""
+"""Reading a run's TensorBoard events back (tests only), with the
+`tensorboard` package's own reader."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The ablation: settings as overrides, resume and retry, the table recomputed from the runs, best checkpoints."""
+"""The ablation: settings as overrides, resume and retry, the table recomputed from
+the runs, best checkpoints."""
 
 import csv
 import dataclasses
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnnjax import ablation, checkpoint, config, data, plots, runs, train
+from cnnjax import history as historylib
 from cnnjax.augment import AugmentConfig
 from tests.conftest import CATS_SIZE, tiny_cats_dogs, write_cats_dogs_folder
 
@@ -115,7 +117,8 @@ def test_table_is_the_runs_recomputed_and_best_checkpoints_hold_the_best_epoch(
         for k, (seed, history) in enumerate(zip(result["seeds"], result["histories"])):
             losses = [row["val_loss"] for row in history]
             assert seed["best_epoch"] == 1 + int(np.argmin(losses))
-            # The seed's best checkpoint holds exactly the best epoch's parameters: evaluating it gives that epoch's metrics.
+            # The seed's best checkpoint holds exactly the best epoch's parameters: evaluating
+            # it gives that epoch's metrics.
             run_folder = folder / "seeds" if mode == "vmap" else folder / f"seed{k}"
             model, params, description = checkpoint.load_model(run_folder, "best", seed=k)
             assert description["epoch"] == seed["best_epoch"]
@@ -157,20 +160,20 @@ def test_resume_after_an_interrupt_and_skip_finished_settings(
         ablation.Setting.of("none"),
         ablation.Setting.of("flip", {"augment.horizontal_flip": True, "model.dropout": 0.5}),
     ]
-    real_write = train._write_history
+    real_write = historylib.write
 
     def interrupted_after_first_epoch_of_flip(workdir, seeds, histories):
         real_write(workdir, seeds, histories)
         if workdir.parent.name == "flip" and histories[0]:
             raise KeyboardInterrupt  # Ctrl-C right after epoch 1 was saved
 
-    monkeypatch.setattr(train, "_write_history", interrupted_after_first_epoch_of_flip)
+    monkeypatch.setattr(historylib, "write", interrupted_after_first_epoch_of_flip)
     with pytest.raises(KeyboardInterrupt):
         ablation.run_ablation(settings, BASE, splits, test_set, tmp_path, "vmap", verbose=False)
-    monkeypatch.setattr(train, "_write_history", real_write)
+    monkeypatch.setattr(historylib, "write", real_write)
     none_result = (tmp_path / "none" / "result.json").read_text()
     assert not (tmp_path / "flip" / "result.json").exists()
-    first_epoch = train.read_history(tmp_path / "flip" / "seeds")
+    first_epoch = historylib.read(tmp_path / "flip" / "seeds")
     assert [len(h) for h in first_epoch.values()] == [1, 1]
 
     trained = []
@@ -208,7 +211,8 @@ def test_a_diverging_setting_is_reported_and_keeps_finite_checkpoints(splits, tm
     assert all(
         row["loss"] is None for row in history if row.get("diverged")
     )  # strict JSON: NaN as null
-    # Both seeds diverged in epoch 1: no finite state beyond the initial one, so nothing was saved (never a NaN checkpoint).
+    # Both seeds diverged in epoch 1: no finite state beyond the initial one, so nothing was
+    # saved (never a NaN checkpoint).
     assert list((tmp_path / "none" / "seeds" / "checkpoints").iterdir()) == []
 
 
@@ -326,7 +330,8 @@ def test_the_script_reports_an_interrupt_and_keeps_finished_settings(tmp_path, m
         and not (out / "flip" / "result.json").exists()
     )
 
-    # Its finished settings are kept for the same recipe only: anything else is refused before a thing is written.
+    # Its finished settings are kept for the same recipe only: anything else is
+    # refused before a thing is written.
     before = sorted((p.relative_to(out).as_posix(), p.stat().st_mtime_ns) for p in out.rglob("*"))
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_run").mkdir()

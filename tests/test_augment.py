@@ -1,4 +1,5 @@
-"""Augmentation: the affine core equals scipy.ndimage / Keras, and the random draws have the documented laws.
+"""Augmentation: the affine core equals scipy.ndimage / Keras, and the random
+draws have the documented laws.
 
 Tolerance rule for the comparisons with scipy and Keras: values must agree within 1e-4
 (images in [0, 1]) at every pixel, except where scipy's sampling is discontinuous and
@@ -238,7 +239,8 @@ def test_sample_params_laws():
     cfg = AugmentConfig(
         rotation_range=40,
         width_shift_range=0.1,
-        height_shift_range=0.3,  # 0.1 x 200 = 20 px across, 0.3 x 100 = 30 px down: a swapped range or size shows
+        # 0.1 x 200 = 20 px across, 0.3 x 100 = 30 px down: a swapped range or size shows
+        height_shift_range=0.3,
         shear_range=10,
         zoom_range=0.5,
         horizontal_flip=True,
@@ -289,7 +291,8 @@ def test_width_shift_moves_images_horizontally():
     x = jnp.asarray(np.stack([rows, cols] * 4))  # 8 images: even ones vary by row, odd by column
     wide = augment.random_augment(jax.random.PRNGKey(0), x, AugmentConfig(width_shift_range=0.2))
     tall = augment.random_augment(jax.random.PRNGKey(0), x, AugmentConfig(height_shift_range=0.2))
-    # A horizontal shift leaves a row-only pattern alone and moves a column-only one; and vice versa.
+    # A horizontal shift leaves a row-only pattern alone and moves a
+    # column-only one; and vice versa.
     np.testing.assert_allclose(wide[0::2], x[0::2], atol=1e-5)
     assert float(jnp.abs(wide[1::2] - x[1::2]).max()) > 1
     np.testing.assert_allclose(tall[1::2], x[1::2], atol=1e-5)
@@ -388,8 +391,9 @@ def test_lecture_configs():
 
 
 def test_identity_is_every_drawn_field_at_its_default_a_new_field_included():
-    """How to sample (fill_mode, cval, interpolation) draws nothing; every other field does, one added to
-    AugmentConfig too (the README's "where to change what": it must not be skipped as the identity)."""
+    """How to sample (fill_mode, cval, interpolation) draws nothing; every other field
+    does, one added to AugmentConfig too (the README's "where to change what": it must not
+    be skipped as the identity)."""
     sampling_only = AugmentConfig(
         fill_mode="constant", cval=7.0, interpolation="nearest", zoom_range=(1.0, 1.0)
     )

@@ -1,4 +1,5 @@
-"""Checkpoints: pytrees and a description round-trip exactly; the latest and the best per metric are kept."""
+"""Checkpoints: pytrees and a description round-trip exactly; the latest and
+the best per metric are kept."""
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +146,8 @@ def test_run_checkpoints_means_the_run_and_float16_parameters_load_as_float32(tm
 
 
 def test_a_reopened_folder_still_knows_each_checkpoints_metrics(tmp_path):
-    """A resumed run reopens its checkpoints: old saves must be judged by their own metrics, not kept forever."""
+    """A resumed run reopens its checkpoints: old saves must be judged by their
+    own metrics, not kept forever."""
     args = {"tree_names": ("params", "progress"), "keep_latest": 2, "best_metrics": ["val_loss/0"]}
     with checkpoint.Checkpoints(tmp_path, **args) as ckpts:
         for epoch, value in enumerate([0.9, 0.8, 0.85], start=1):

@@ -64,7 +64,8 @@ def assert_close(a: list[dict], b: list[dict]) -> None:
 
 @pytest.mark.parametrize("recipe", ["mnist", "cats"])
 def test_one_two_and_four_devices_give_the_same_history_and_parameters(results, recipe):
-    """MNIST (a padded last batch) and cats vs dogs experiment 2 (lecture augmentation, Dropout(0.5))."""
+    """MNIST (a padded last batch) and cats vs dogs experiment 2 (lecture
+    augmentation, Dropout(0.5))."""
     runs = results[recipe]
     for n in ("1", "2", "4"):
         assert runs[n]["mesh"] == {"seed": 1, "data": int(n)}

@@ -1,6 +1,7 @@
-"""Faults a user meets, each one line and an exit code of the README, and nothing half-written trusted:
-damaged checkpoints (skipped on resume, refused on load), a full disk, Ctrl-C, a damaged config.json,
-locks a crash left, reads of a run being written, and a stream that skips what memory skips.
+"""Faults a user meets, each one line and an exit code of the README, and nothing
+half-written trusted: damaged checkpoints (skipped on resume, refused on load), a full disk,
+Ctrl-C, a damaged config.json, locks a crash left, reads of a run being written, and a
+stream that skips what memory skips.
 
 In-process runs of experiments/catsdogs.py on a tiny folder (tests/conftest.py); the process-level
 faults (SIGKILL, two processes) are in tests/test_runs.py and tests/test_multiprocess.py.
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import checkpoint, data, runs, train
+from cnnjax import checkpoint, data, feed, runs, train
 from experiments import catsdogs, evaluate
 from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
 
@@ -83,8 +84,8 @@ def params_file(step_dir) -> str:
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_exact(
     damage, folder, reference, tmp_path, capsys
 ):
-    """4 bytes changed inside its parameter data, or its progress/ part deleted: one warning naming it, the
-    intact epoch before it used, and the run ends exactly as the uninterrupted one."""
+    """4 bytes changed inside its parameter data, or its progress/ part deleted: one warning naming
+    it, the intact epoch before it used, and the run ends exactly as the uninterrupted one."""
     out = copy_run(reference, tmp_path)
     newest = out / "checkpoints" / "3"
     if damage == "bytes":
@@ -158,7 +159,8 @@ def test_a_checkpoint_without_its_seal_is_incomplete(reference, tmp_path):
     ],
 )
 def test_an_emptied_or_foreign_seal_or_an_unsealed_file_is_damage(seal, why, reference, tmp_path):
-    """A seal that lists nothing would check nothing: with it, changed weights loaded without a word."""
+    """A seal that lists nothing would check nothing: with it, changed
+    weights loaded without a word."""
     out = copy_run(reference, tmp_path)
     step_dir = out / "checkpoints" / "3"
     if seal is None:
@@ -181,8 +183,8 @@ def test_an_emptied_or_foreign_seal_or_an_unsealed_file_is_damage(seal, why, ref
 def test_a_read_of_a_run_being_written_finds_the_checkpoint_again_when_it_is_pruned(
     reference, tmp_path, monkeypatch
 ):
-    """The best epoch is found, then pruned by the writing run before it is read (a new best replaced it):
-    load_model finds the new one instead of failing with "not a cnnjax checkpoint"."""
+    """The best epoch is found, then pruned by the writing run before it is read (a new best
+    replaced it): load_model finds the new one instead of failing with "not a cnnjax checkpoint"."""
     out = copy_run(reference, tmp_path)
     real_read, calls = checkpoint._read_model, []
 
@@ -203,16 +205,19 @@ def test_a_read_of_a_run_being_written_finds_the_checkpoint_again_when_it_is_pru
 def test_a_full_disk_during_a_save_is_one_line_and_the_resume_is_exact(
     folder, reference, tmp_path, monkeypatch, capsys
 ):
-    """What orbax raises when the disk fills (measured on a 6 MB tmpfs): exit EXIT_NO_SPACE, one line, the lock
-    let go, the earlier checkpoints intact; after space is freed, --resume ends as the uninterrupted run."""
+    """What orbax raises when the disk fills (measured on a 6 MB tmpfs): exit EXIT_NO_SPACE,
+    one line, the lock let go, the earlier checkpoints intact; after space is freed, --resume
+    ends as the uninterrupted run."""
     out = tmp_path / "run"
     real_save = checkpoint.Checkpoints.save
 
     def full_at_3(self, step, *args, **kwargs):
         if step == 3:
             raise ValueError(
-                f'RESOURCE_EXHAUSTED: Error writing local file "{self.directory}/3.orbax-checkpoint-tmp/params": '
-                "Failed to write 3045 bytes to file 16: No space left on device [os_error_code='28']"
+                "RESOURCE_EXHAUSTED: Error writing local file "
+                f'"{self.directory}/3.orbax-checkpoint-tmp/params": '
+                "Failed to write 3045 bytes to file 16: "
+                "No space left on device [os_error_code='28']"
             )
         return real_save(self, step, *args, **kwargs)
 
@@ -237,9 +242,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(
-        data, "load", interrupt
-    ) if where == "loading the data" else monkeypatch.setattr(train, "_train_fn", interrupt)
+    if where == "loading the data":
+        monkeypatch.setattr(data, "load", interrupt)
+    else:
+        monkeypatch.setattr(feed, "train_fn", interrupt)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         catsdogs.main([*ARGS, "--data-dir", str(folder), "--out", str(out)])
@@ -251,7 +257,8 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(
 
 @pytest.mark.slow  # a process stopped by SIGTERM, then its resume
 def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_resume_is_exact(folder, reference, tmp_path):
-    """`kill` and schedulers stop with SIGTERM: one line, exit 130, the lock let go, every finished epoch kept."""
+    """`kill` and schedulers stop with SIGTERM: one line, exit 130, the lock let
+    go, every finished epoch kept."""
     out = tmp_path / "run"
     command = [
         sys.executable,
@@ -285,7 +292,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_resume_is_exact(folder, refer
     [
         ('{"config": {"name": "catsdogs', "is not valid JSON"),  # cut off
         ("[]", "holds no run config"),
-        ('{"config": {"train": [1]}}', "holds no run config"),
+        ('{"config": {"train": [1]}}', "holds no 'augment' section"),
     ],
 )
 def test_a_damaged_config_json_is_named_and_the_lock_let_go(
@@ -326,8 +333,12 @@ def test_a_lock_a_live_process_holds_refuses_the_folder_naming_it(
             sys.executable,
             "-c",
             (
-                "import fcntl, json, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
-                "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'here', 'started': 'now'}).encode()); print('held', flush=True); "
+                "import fcntl, json, os, sys, time; "
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                "fcntl.flock(fd, fcntl.LOCK_EX); "
+                "owner = {'pid': os.getpid(), 'host': 'here', 'started': 'now'}; "
+                "os.write(fd, json.dumps(owner).encode()); "
+                "print('held', flush=True); "
                 "time.sleep(60)"
             ),
             str(out / ".lock"),
@@ -353,8 +364,8 @@ def test_a_lock_a_live_process_holds_refuses_the_folder_naming_it(
 
 
 def test_the_stream_skips_what_memory_skips(tmp_path):
-    """A broken file: memory and stream both leave it out before the epoch is ordered: the same count,
-    the same labels, the same loss."""
+    """A broken file: memory and stream both leave it out before the epoch is ordered: the same
+    count, the same labels, the same loss."""
     pytest.importorskip(
         "tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)"
     )
@@ -400,9 +411,9 @@ def test_a_first_epoch_that_diverges_keeps_no_checkpoint_and_says_so(tmp_path):
 
 
 def test_a_second_close_waits_until_the_lock_file_is_gone(tmp_path, monkeypatch):
-    """A lost peer makes mesh's watch thread let go of the folder while the main thread may be doing
-    the same; whichever returns first may end the process at once, so neither returns before the lock
-    file is gone."""
+    """A lost peer makes mesh's watch thread let go of the folder while the main thread may be
+    doing the same; whichever returns first may end the process at once, so neither returns
+    before the lock file is gone."""
     folder = runs.RunFolder(tmp_path, resume=False, writer=True)
     folder._lock()
     real_unlink = pathlib.Path.unlink

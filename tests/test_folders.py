@@ -1,51 +1,24 @@
-"""Image folders: layout errors, Keras-identical decoding, skipping bad files, the cache.
+"""Image folders: layout errors, Keras-identical decoding, skipping bad files, splits, TFDS.
 
 Every test builds its own tiny folders in tmp_path; the real cats_and_dogs_small is never read.
+The cache has its own module: tests/test_folders_cache.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import re
 import sys
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import files
-from cnnjax.data import DataError, Images, SkippedImageWarning, decode, folders, load
+from cnnjax.data import DataError, Images, SkippedImageWarning, decode, load
 from cnnjax.data.folders import find_cats_dogs_root, load_image_folder, load_splits
 from cnnjax.data.tfds import load_tfds_cats_vs_dogs
-from tests.conftest import dead_pid, write_noise_image, write_solid_image, write_two_classes
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path_factory, monkeypatch) -> Path:
-    path = tmp_path_factory.mktemp("folders-cache")
-    monkeypatch.setenv("CNNJAX_CACHE_DIR", str(path))
-    return path
-
-
-def cache_files(cache_dir: Path) -> list[str]:
-    return (
-        sorted(p.name for p in (cache_dir / "folders").iterdir())
-        if (cache_dir / "folders").is_dir()
-        else []
-    )
-
-
-def forbid_decoding(monkeypatch) -> None:
-    def boom(*args, **kwargs):
-        raise AssertionError("decoded although it should not have")
-
-    monkeypatch.setattr(folders, "decode_file", boom)
-
+from tests._folders_helpers import forbid_decoding
+from tests.conftest import write_noise_image, write_solid_image, write_two_classes
 
 # --- classes, order, values -----------------------------------------------------------------------
 
@@ -119,7 +92,8 @@ def test_modes_converted_to_rgb(tmp_path):
 
 
 def gradient16(height=48, width=64) -> np.ndarray:
-    """Every 16-bit level from 0 to 65535 in steps of about 21, with values either side of a rounding edge."""
+    """Every 16-bit level from 0 to 65535 in steps of about 21, with values
+    either side of a rounding edge."""
     values = np.linspace(0, 65535, height * width).round().astype(np.uint16)
     values[:4] = [
         128,
@@ -153,7 +127,8 @@ def test_16bit_gradient_scaled_to_8bit(tmp_path):
 
 
 def test_16bit_in_mode_i_from_png():
-    """Older Pillow opens 16-bit PNGs as mode "I": the same scaling applies (a 32-bit TIFF "I" keeps PIL's clipping)."""
+    """Older Pillow opens 16-bit PNGs as mode "I": the same scaling applies (a 32-bit
+    TIFF "I" keeps PIL's clipping)."""
     values = gradient16(4, 6)
     image = Image.fromarray(values.astype(np.int32), "I")
     image.format = "PNG"
@@ -240,7 +215,8 @@ def test_corrupt_file_skipped_with_warning(tmp_path):
 
 
 def test_an_image_past_pils_pixel_limit_is_an_unreadable_file(tmp_path, monkeypatch):
-    """PIL refuses decompression bombs with an error of its own, no OSError: one is skipped or refused like a broken file."""
+    """PIL refuses decompression bombs with an error of its own, no OSError: one is skipped or
+    refused like a broken file."""
     Image.new("RGB", (40, 40)).save(tmp_path / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 40 is past twice the limit
     with pytest.raises(
@@ -338,7 +314,10 @@ def test_load_splits(tmp_path):
 
 def test_missing_split(tmp_path):
     write_two_classes(tmp_path / "train")
-    expected = r"has no validation, test folder \(it has: train\); expected root/\{train,validation,test\}/<class>"
+    expected = (
+        r"has no validation, test folder \(it has: train\); "
+        r"expected root/\{train,validation,test\}/<class>"
+    )
     with pytest.raises(DataError, match=expected):
         load_splits(tmp_path, splits=("train", "validation", "test"))
     with pytest.raises(DataError, match="does not exist"):
@@ -384,7 +363,8 @@ def test_find_cats_dogs_root(tmp_path, monkeypatch):
 
 
 def test_find_cats_dogs_root_takes_the_splits_needed(tmp_path, monkeypatch):
-    """A folder with only test/ serves `evaluate.py --split test`; the default still needs train/ and validation/."""
+    """A folder with only test/ serves `evaluate.py --split test`; the default still
+    needs train/ and validation/."""
     monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
     data = tmp_path / "cats_and_dogs_small"
     write_two_classes(data / "test")
@@ -409,208 +389,6 @@ def test_find_cats_dogs_root_takes_the_splits_needed(tmp_path, monkeypatch):
         "cats/b.png",
         "dogs/a.png",
     ]
-
-
-# --- the cache ------------------------------------------------------------------------------------
-
-
-def test_second_load_comes_from_the_cache(tmp_path, cache_dir, monkeypatch):
-    write_two_classes(tmp_path)
-    first = load_image_folder(tmp_path, image_size=(4, 6))
-    assert len(cache_files(cache_dir)) == 1 and cache_files(cache_dir)[0].endswith(".npz")
-    forbid_decoding(monkeypatch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no skipped files, no damaged-cache warning
-        second = load_image_folder(tmp_path, image_size=(4, 6))
-    assert np.array_equal(second.images, first.images) and np.array_equal(
-        second.labels, first.labels
-    )
-    assert (
-        second.labels.dtype == np.int32
-        and second.class_names == first.class_names
-        and second.files == first.files
-    )
-    with pytest.warns(
-        SkippedImageWarning
-    ):  # another size is another key: decoded (and here refused)
-        with pytest.raises(DataError):
-            load_image_folder(tmp_path, image_size=(5, 5))
-
-
-def test_changed_added_removed_files_invalidate_the_cache(tmp_path, cache_dir):
-    write_two_classes(tmp_path)
-    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
-    path = write_solid_image(tmp_path / "cats" / "a.png", (99, 0, 0))
-    stat = path.stat()
-    os.utime(
-        path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000)
-    )  # coarse file-system clocks
-    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
-    write_solid_image(tmp_path / "dogs" / "c.png", (0, 77, 0))
-    assert load_image_folder(tmp_path, image_size=(4, 6)).files[-1] == "dogs/c.png"
-    (tmp_path / "cats" / "b.png").unlink()
-    assert load_image_folder(tmp_path, image_size=(4, 6)).files == [
-        "cats/a.png",
-        "dogs/a.png",
-        "dogs/c.png",
-    ]
-    assert len(cache_files(cache_dir)) == 4
-
-
-def test_file_edited_with_same_size_and_mtime_is_not_served_stale(tmp_path, cache_dir):
-    """The key holds each file's content hash, not only its size and mtime."""
-    write_two_classes(tmp_path)
-    path = tmp_path / "cats" / "a.bmp"  # BMP: the file size depends only on the image size
-    write_solid_image(path, (10, 0, 0))
-    before = path.stat()
-    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
-    write_solid_image(path, (99, 0, 0))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = path.stat()
-    assert (after.st_size, after.st_mtime_ns) == (
-        before.st_size,
-        before.st_mtime_ns,
-    )  # only the bytes differ
-    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
-    assert len(cache_files(cache_dir)) == 2
-
-
-def test_file_edited_while_the_folder_decodes_is_not_cached_under_its_old_content(
-    tmp_path, cache_dir, monkeypatch
-):
-    """The key is hashed before the decode reads the files again; an edit in between must not cache
-    the new pixels under the old bytes' key (the next load, with the file back, would get them)."""
-    write_two_classes(tmp_path)
-    path = tmp_path / "cats" / "a.png"
-    original = path.read_bytes()
-    decode = folders._decode_listing
-
-    def edit_then_decode(*args, **kwargs):
-        write_solid_image(path, (99, 0, 0))
-        return decode(*args, **kwargs)
-
-    monkeypatch.setattr(folders, "_decode_listing", edit_then_decode)
-    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [99, 0, 0]
-    assert cache_files(cache_dir) == []
-    monkeypatch.setattr(folders, "_decode_listing", decode)
-    path.write_bytes(original)
-    assert load_image_folder(tmp_path, image_size=(4, 6)).images[0, 0, 0].tolist() == [10, 0, 0]
-    assert len(cache_files(cache_dir)) == 1
-
-
-def test_content_hashes_threads_and_serial_agree(tmp_path):
-    for i in range(7):
-        write_noise_image(tmp_path / "c" / f"{i}.png", seed=i)
-    (tmp_path / "c" / "gone.png").symlink_to(tmp_path / "nowhere.png")
-    listing = folders.list_folder(tmp_path)
-    serial = decode.content_hashes(listing.paths, listing.broken, 1)
-    assert serial[:7] == [
-        hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() for rel in listing.files[:7]
-    ]
-    assert serial[7].startswith("broken: dangling symlink")
-    for workers in (2, 3, 16):
-        assert decode.content_hashes(listing.paths, listing.broken, workers) == serial
-
-
-def test_orphaned_cache_temporaries_removed_on_next_load(tmp_path, cache_dir):
-    write_two_classes(tmp_path)
-    load_image_folder(tmp_path, image_size=(4, 6))
-    (cached,) = (cache_dir / "folders").iterdir()
-    mine = files.temporary_name(cached).name
-    orphan = cache_dir / "folders" / mine.replace(f".tmp-{os.getpid()}-", f".tmp-{dead_pid()}-")
-    living = (
-        cache_dir / "folders" / mine.replace(f".tmp-{os.getpid()}-", f".tmp-{os.getppid()}-")
-    )  # a writer still at work
-    orphan.write_bytes(b"PK\x03\x04 half a zip")
-    living.write_bytes(b"PK\x03\x04 half a zip")
-    assert orphan.name != living.name and files.pid_alive(os.getppid())
-    load_image_folder(tmp_path, image_size=(4, 6))
-    assert not orphan.exists() and living.exists() and cached.exists()
-
-
-def test_decoding_and_cache_hits_are_logged(tmp_path, cache_dir, caplog):
-    write_two_classes(tmp_path)
-    caplog.set_level(logging.INFO, logger="cnnjax")
-    load_image_folder(tmp_path, image_size=(4, 6))
-    (cached,) = (cache_dir / "folders").iterdir()
-    (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
-    assert record.levelno == logging.INFO
-    assert re.fullmatch(
-        rf"decoded 3 images from {re.escape(str(tmp_path))} in \d+\.\d s; cached at {re.escape(str(cached))}",
-        record.getMessage(),
-    ), record.getMessage()
-    caplog.clear()
-    load_image_folder(tmp_path, image_size=(4, 6))
-    (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
-    assert re.match(
-        rf"loaded 3 images of {re.escape(str(tmp_path))} from the cache {re.escape(str(cached))} in \d+\.\d\d s",
-        record.getMessage(),
-    ), record.getMessage()
-    caplog.clear()
-    (tmp_path / "dogs" / "bad.png").write_bytes(b"junk")
-    with pytest.warns(SkippedImageWarning):
-        load_image_folder(tmp_path, image_size=(4, 6), cache=False)
-    (record,) = [r for r in caplog.records if r.name == "cnnjax.data.folders"]
-    assert (
-        record.getMessage().startswith(f"decoded 3 images (1 skipped) from {tmp_path} in ")
-        and "not cached" in record.getMessage()
-    )
-
-
-def test_damaged_cache_is_rebuilt(tmp_path, cache_dir):
-    write_two_classes(tmp_path)
-    first = load_image_folder(tmp_path, image_size=(4, 6))
-    (cached,) = (cache_dir / "folders").iterdir()
-    cached.write_bytes(cached.read_bytes()[:200])  # as if cut off
-    with pytest.warns(UserWarning, match="ignoring damaged cache file"):
-        second = load_image_folder(tmp_path, image_size=(4, 6))
-    assert np.array_equal(second.images, first.images)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        third = load_image_folder(tmp_path, image_size=(4, 6))  # the rebuilt file is whole again
-    assert np.array_equal(third.images, first.images)
-
-
-def test_cache_write_is_atomic(tmp_path, cache_dir, monkeypatch):
-    write_two_classes(tmp_path)
-    real_savez = np.savez
-
-    def savez_then_die(file, **arrays):
-        file.write(b"PK\x03\x04 half a zip")
-        raise KeyboardInterrupt  # killed mid-write
-
-    monkeypatch.setattr(decode.np, "savez", savez_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        load_image_folder(tmp_path, image_size=(4, 6))
-    assert cache_files(cache_dir) == []  # neither a half-written cache nor its temporary file
-
-    def savez_disk_full(file, **arrays):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(decode.np, "savez", savez_disk_full)
-    with pytest.warns(UserWarning, match="cannot write the image cache"):
-        data = load_image_folder(tmp_path, image_size=(4, 6))  # the load itself still succeeds
-    assert len(data) == 3 and cache_files(cache_dir) == []
-
-    monkeypatch.setattr(decode.np, "savez", real_savez)
-    load_image_folder(tmp_path, image_size=(4, 6))
-    assert [name.endswith(".npz") for name in cache_files(cache_dir)] == [True]
-
-
-def test_cache_false_reads_and_writes_nothing(tmp_path, cache_dir):
-    write_two_classes(tmp_path)
-    load_image_folder(tmp_path, image_size=(4, 6), cache=False)
-    assert cache_files(cache_dir) == []
-
-
-def test_threads_and_serial_agree(tmp_path):
-    for i in range(12):
-        write_noise_image(
-            tmp_path / ("cats" if i % 2 else "dogs") / f"{i:02d}.png", size=(20 + i, 30 - i), seed=i
-        )
-    serial = load_image_folder(tmp_path, image_size=(8, 9), cache=False, workers=1)
-    threaded = load_image_folder(tmp_path, image_size=(8, 9), cache=False, workers=4)
-    assert np.array_equal(serial.images, threaded.images) and serial.files == threaded.files
 
 
 # --- TFDS -----------------------------------------------------------------------------------------

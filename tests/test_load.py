@@ -1,5 +1,5 @@
-"""cnnjax.data.load, the one way in: both inputs give the same dataset, MNIST's splits and input, the
-errors a spec can cause (before anything is decoded or downloaded), and check_classes."""
+"""cnnjax.data.load, the one way in: both inputs give the same dataset, MNIST's splits and input,
+the errors a spec can cause (before anything is decoded or downloaded), and check_classes."""
 
 from __future__ import annotations
 
@@ -113,7 +113,10 @@ def test_a_data_dir_that_does_not_exist(tmp_path, monkeypatch):
     for dataset in ("mnist", "cats_dogs"):
         with pytest.raises(
             DataError,
-            match=rf"^--data-dir {tmp_path}/nowhere does not exist; pass the folder that holds the data$",
+            match=(
+                rf"^--data-dir {tmp_path}/nowhere does not exist; "
+                r"pass the folder that holds the data$"
+            ),
         ):
             load(Spec(dataset=dataset, data_dir=str(tmp_path / "nowhere")), ("train", "test"))
 
@@ -124,7 +127,10 @@ def test_splits_with_different_classes_are_refused_before_decoding(tmp_path, mon
     write_cats_dogs_folder(tmp_path / "data", {"validation": 3}, classes=("cats", "dogs", "birds"))
     forbid(monkeypatch, folders, "decode_file")
     forbid(monkeypatch, inputs, "import_tensorflow")
-    expected = r"different classes: .*train has \['cats', 'dogs'\] but .*validation has \['birds', 'cats', 'dogs'\]"
+    expected = (
+        r"different classes: .*train has \['cats', 'dogs'\] "
+        r"but .*validation has \['birds', 'cats', 'dogs'\]"
+    )
     with pytest.raises(DataError, match=expected):
         load(Spec(data_dir=str(root), input=input), ("train", "validation"))
 

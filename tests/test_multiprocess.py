@@ -1,4 +1,5 @@
-"""Two processes on this machine (127.0.0.1, CPU, gloo collectives) train like one, and survive one another.
+"""Two processes on this machine (127.0.0.1, CPU, gloo collectives) train
+like one, and survive one another.
 
 Each test starts experiments/mnist.py as two processes (tests/_mp_worker.py runs them, records
 what each writes in the run folder and can SIGKILL one as an epoch starts) and compares with
@@ -28,7 +29,8 @@ LOST_WITHIN_S = 90
 
 
 def free_port() -> int:
-    """A port free with the one after it (jax's coordinator takes PORT, cnnjax's gathering PORT+1)."""
+    """A port free with the one after it (jax's coordinator takes PORT,
+    cnnjax's gathering PORT+1)."""
     while True:
         with socket.socket() as s, socket.socket() as t:
             s.bind(("127.0.0.1", 0))
@@ -156,7 +158,8 @@ def single_process(mnist_data, tmp_path_factory) -> list[dict]:
 
 
 def wait_for_survivor(launch: Launch, victim: int) -> tuple[int, list[str]]:
-    """The victim's SIGKILL, then the other process's exit within LOST_WITHIN_S: (its code, its error lines)."""
+    """The victim's SIGKILL, then the other process's exit within LOST_WITHIN_S:
+    (its code, its error lines)."""
     survivor = 1 - victim
     assert launch.procs[victim].wait(240) == -signal.SIGKILL, launch.err(victim)[-3000:]
     try:  # a bound, not a speed: the survivor must not wait for the dead process
@@ -283,7 +286,8 @@ def test_a_peer_that_never_starts_is_one_line_within_the_join_timeout(
 
 
 def test_a_single_cluster_task_is_not_joined_and_several_are(monkeypatch):
-    """`srun --ntasks=1 python ...` stays one process with every local device (joining would give it one GPU)."""
+    """`srun --ntasks=1 python ...` stays one process with every local device
+    (joining would give it one GPU)."""
     for name, value in {
         "SLURM_JOB_ID": "12",
         "SLURM_STEP_NODELIST": "node[01-02]",

@@ -148,7 +148,8 @@ def _lax_float64(x, kernel, ct):
 
 
 def _value_and_vjp(conv):
-    """(x, kernel, cotangent) -> (conv(x, kernel), d_input, d_kernel); the tests jit it, as the models run."""
+    """(x, kernel, cotangent) -> (conv(x, kernel), d_input, d_kernel); the
+    tests jit it, as the models run."""
 
     def f(x, kernel, ct):
         y, vjp = jax.vjp(conv, x, kernel)
@@ -161,7 +162,8 @@ _LAX_VALUE_AND_VJP = jax.jit(_value_and_vjp(_lax_valid_conv))
 
 
 def _conv_arrays(shape, n, seed, lead=()):
-    """Input, kernel (Glorot-like scale) and cotangent for a layer, with extra leading axes `lead`."""
+    """Input, kernel (Glorot-like scale) and cotangent for a layer,
+    with extra leading axes `lead`."""
     h, w, c_in, c_out = shape
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(*lead, n, h, w, c_in))
@@ -283,7 +285,8 @@ VMAP_AXES = {
     "layer", ["mnist_conv2d", "mnist_conv2d_1", "mnist_conv2d_2"]
 )  # direct, padded, unpadded
 def test_conv_under_vmap_equals_lax_one_index_at_a_time(layer, axes):
-    """jax.vmap of value and vjp over 3 lanes, each lane against lax (float64) on that lane alone."""
+    """jax.vmap of value and vjp over 3 lanes, each lane against lax
+    (float64) on that lane alone."""
     in_axes = VMAP_AXES[axes]
     lanes = 3
     batched = _conv_arrays(

@@ -34,7 +34,8 @@ LATE_STEP = (
 
 
 def _gradients(low: float, high: float, seed: int) -> np.ndarray:
-    """STEPS gradients, log-uniform magnitudes in [low, high], each element of one sign throughout."""
+    """STEPS gradients, log-uniform magnitudes in [low, high], each
+    element of one sign throughout."""
     rng = np.random.default_rng(seed)
     signs = rng.choice([-1.0, 1.0], size=SHAPE)
     magnitudes = np.exp(rng.uniform(np.log(low), np.log(high), size=(STEPS, *SHAPE)))
@@ -123,8 +124,9 @@ def test_rmsprop_keras_equals_keras_rmsprop_with_small_gradients():
 
 
 def test_optax_rmsprop_is_keras_to_rounding_but_not_to_the_bit():
-    """Why optim keeps its own RMSprop: optax's computes Keras's formula in another order (g * rsqrt(v + eps)
-    * lr), a few ulps off per step, and training amplifies them (the optim module docstring has the figures)."""
+    """Why optim keeps its own RMSprop: optax's computes Keras's formula in another order
+    (g * rsqrt(v + eps) * lr), a few ulps off per step, and training amplifies them (the optim
+    module docstring has the figures)."""
     grads = _gradients(10.0, 100.0, seed=2)
     optax_params = _optax_steps(optax.rmsprop(1e-3, decay=0.9, eps=1e-7, eps_in_sqrt=True), grads)
     keras_params = _keras_steps(keras.optimizers.RMSprop(), grads)

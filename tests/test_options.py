@@ -1,7 +1,7 @@
-"""What a Keras or flax user expects of the command line and the training options: flags that forgive
-(did-you-mean, --config.path=v, yes/no for every switch), --help with only what a script can use,
-resume from the run's own config.json and extend it, one seed numbering, learning-rate schedules,
-ReduceLROnPlateau and EarlyStopping, each resumed exactly."""
+"""What a Keras or flax user expects of the command line and the training options: flags that
+forgive (did-you-mean, --config.path=v, yes/no for every switch), --help with only what a script can
+use, resume from the run's own config.json and extend it, one seed numbering, learning-rate
+schedules, ReduceLROnPlateau and EarlyStopping, each resumed exactly."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import checkpoint, config, optim
+from cnnjax import checkpoint, config, flags, optim
 from cnnjax.augment import AugmentConfig
 from experiments import catsdogs, evaluate
 from experiments import mnist as mnist_script
@@ -57,8 +57,9 @@ def test_help_lists_only_the_fields_a_script_can_use_with_their_allowed_values()
 
 
 def test_a_field_added_to_augment_config_is_a_flag_by_itself(monkeypatch):
-    """The README's "where to change what": a new AugmentConfig field needs no other edit to be a flag,
-    listed by --help, overridden, checked and saved in config.json (its help text is its metadata)."""
+    """The README's "where to change what": a new AugmentConfig field needs no other edit
+    to be a flag, listed by --help, overridden, checked and saved in config.json (its
+    help text is its metadata)."""
 
     @dataclasses.dataclass(frozen=True)
     class Extended(AugmentConfig):
@@ -70,13 +71,13 @@ def test_a_field_added_to_augment_config_is_a_flag_by_itself(monkeypatch):
     monkeypatch.setitem(config.SECTION_CLASSES, "augment", Extended)
     monkeypatch.setattr(config, "_PATHS", frozenset(config.paths()))
     recipe = dataclasses.replace(config.catsdogs(1), augment=Extended())
-    parser = config.ArgumentParser(prog="x")
-    config.add_flags(parser, recipe)
+    parser = flags.ArgumentParser(prog="x")
+    flags.add_flags(parser, recipe)
     assert "--augment.brightness_range VALUE brightness ~ U[1-b, 1+b] [default: 0.0]" in " ".join(
         parser.format_help().split()
     )
     args = parser.parse_args(["--augment.brightness_range", "0.2", "--augment.channel_shift", "3"])
-    cfg = config.check(config.override(recipe, config.overrides_from_args(args)))
+    cfg = config.check(config.override(recipe, flags.overrides_from_args(args)))
     assert (cfg.augment.brightness_range, cfg.augment.channel_shift) == (0.2, 3.0)
     assert config.from_dict(config.to_dict(cfg)).augment == cfg.augment
 
@@ -111,8 +112,9 @@ def folder(tmp_path_factory):
 def test_resume_alone_reads_the_runs_config_and_more_epochs_extend_it(
     folder, tmp_path, monkeypatch, capsys
 ):
-    """A 2-epoch run, then `--resume --out RUN --epochs 4` alone (no data folder, no recipe flags): exactly the
-    history of an uninterrupted 4-epoch run. Fewer epochs, or another recipe, are refused."""
+    """A 2-epoch run, then `--resume --out RUN --epochs 4` alone (no data folder, no
+    recipe flags): exactly the history of an uninterrupted 4-epoch run. Fewer epochs, or
+    another recipe, are refused."""
     monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
     reference, out = tmp_path / "reference", tmp_path / "run"
     catsdogs.main(
@@ -129,12 +131,12 @@ def test_resume_alone_reads_the_runs_config_and_more_epochs_extend_it(
     assert json.loads((out / "config.json").read_text())["config"]["train"]["epochs"] == 4
     catsdogs.main(["--resume", "--out", str(out)])  # finished: nothing more to do
     assert "Epoch" not in capsys.readouterr().out
-    for flags, message in (
+    for typed, message in (
         (["--epochs", "3"], "train.epochs: 4 -> 3"),
         (["--learning-rate", "0.01"], "optim.learning_rate: 0.001 -> 0.01"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            catsdogs.main(["--resume", "--out", str(out), *flags])
+            catsdogs.main(["--resume", "--out", str(out), *typed])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -221,8 +223,8 @@ def test_reduce_on_plateau_is_keras_s_rule():
 
 
 def swapped_folder(root):
-    """Training images whose bright square means dog, validation the other way round: the more the model learns,
-    the higher its validation loss (a plateau from epoch 1, an early stop)."""
+    """Training images whose bright square means dog, validation the other way round: the more the
+    model learns, the higher its validation loss (a plateau from epoch 1, an early stop)."""
     write_cats_dogs_folder(root, {"train": 16}, size=CATS_SIZE)
     write_cats_dogs_folder(
         root, {"validation": 8}, size=CATS_SIZE, classes=("dogs", "cats"), seed=1

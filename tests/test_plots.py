@@ -27,14 +27,16 @@ def history(n: int) -> list[dict]:
 
 
 def rendered(fig) -> np.ndarray:
-    """The figure's pixels as Agg draws them at its own size (dpi 100: 1000x500 for the history figure)."""
+    """The figure's pixels as Agg draws them at its own size (dpi 100:
+    1000x500 for the history figure)."""
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba()).copy()
 
 
 def assert_png_shows(path, rows: list[dict]) -> None:
-    """The PNG file is, pixel for pixel, the figure history_figure(rows) draws (whose content check_panels reads back)."""
+    """The PNG file is, pixel for pixel, the figure history_figure(rows) draws (whose
+    content check_panels reads back)."""
     pixels = png_pixels(path)
     assert pixels.shape == (500, 1000, 4)
     np.testing.assert_array_equal(pixels, rendered(plots.history_figure(rows)))
@@ -50,7 +52,8 @@ def visible_xticks(ax) -> list[float]:
 
 
 def check_panels(fig, rows: list[dict]) -> None:
-    """Both panels hold exactly the history's values: training as blue dots, validation as a red line with markers."""
+    """Both panels hold exactly the history's values: training as blue dots, validation
+    as a red line with markers."""
     epochs = [row["epoch"] for row in rows]
     accuracy, loss = fig.axes
     assert fig.get_suptitle() == "Accuracy & Loss"
@@ -118,7 +121,8 @@ def test_none_and_nan_are_gaps(tmp_path):
     check_panels(fig, expected)
     path = plots.save_figure(fig, tmp_path / "history.png")
     assert_png_shows(path, rows)
-    # The gaps are in the picture too: the figure of the rows without the bad values draws the same pixels.
+    # The gaps are in the picture too: the figure of the rows without the bad
+    # values draws the same pixels.
     assert_png_shows(
         path, [{k: v for k, v in row.items() if v is not None and np.isfinite(v)} for row in rows]
     )

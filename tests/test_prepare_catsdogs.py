@@ -1,4 +1,5 @@
-"""experiments/prepare_catsdogs.py: the book's small split from a (tiny, generated) Kaggle Dogs vs. Cats folder."""
+"""experiments/prepare_catsdogs.py: the book's small split from a (tiny, generated)
+Kaggle Dogs vs. Cats folder."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ SPLITS = {"train": range(0, 3), "validation": range(3, 5), "test": range(5, 7)}
 
 
 def kaggle(folder: Path, per_class: int = 9) -> Path:
-    """cat.0.jpg ... and dog.0.jpg ..., each a different small JPEG, plus Kaggle's neighbours that must not be copied."""
+    """cat.0.jpg ... and dog.0.jpg ..., each a different small JPEG, plus Kaggle's
+    neighbours that must not be copied."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix in ("cat", "dog"):
@@ -64,10 +66,11 @@ def test_main_makes_the_split_with_the_same_names_and_bytes(tmp_path, capsys):
         assert (out / rel).read_bytes() == (src / Path(rel).name).read_bytes(), rel
     lines = stdout.splitlines()  # the library's progress lines (logging), then the summary
     assert lines[0].startswith(f"checked 14 Kaggle images in {src}") and len(lines) == 3
-    assert (
-        lines[-1]
-        == f"{out}: train 6, validation 4, test 4 images (cats and dogs, 14 in all); copied 14, already there 0"
+    summary = (
+        f"{out}: train 6, validation 4, test 4 images (cats and dogs, 14 in all); "
+        "copied 14, already there 0"
     )
+    assert lines[-1] == summary
     data = load_splits(
         out, ("train", "validation", "test"), image_size=(6, 8)
     )  # loads as the lecture's folder
@@ -114,7 +117,8 @@ def test_missing_source_is_one_line_exit_2_nothing_written(tmp_path, capsys):
     code, stdout, stderr = run_main(["--kaggle-dir", str(src), "--out", str(out), *SIZES], capsys)
     assert code == 2 and stdout == ""
     assert stderr == (
-        f"error: {src / 'dog.4.jpg'} is missing: --kaggle-dir must be Kaggle's Dogs vs. Cats train folder, "
+        f"error: {src / 'dog.4.jpg'} is missing: "
+        "--kaggle-dir must be Kaggle's Dogs vs. Cats train folder, "
         "holding cat.0.jpg ... cat.6.jpg and dog.0.jpg ... dog.6.jpg\n"
     )
     assert not out.exists()
@@ -194,10 +198,11 @@ def test_a_different_file_at_a_destination_is_refused_before_anything_is_written
     (out / "test" / "cats" / "cat.6.jpg").unlink()  # would be copied, if anything were written
     code, stdout, stderr = run_main(argv, capsys)
     assert code == 2 and "copied" not in stdout
-    assert (
-        stderr
-        == f"error: refusing to overwrite {mine}: it differs from {src / 'dog.3.jpg'}; move it away or choose another --out\n"
+    refusal = (
+        f"error: refusing to overwrite {mine}: it differs from {src / 'dog.3.jpg'}; "
+        "move it away or choose another --out\n"
     )
+    assert stderr == refusal
     assert (
         mine.read_bytes() == b"someone else's file"
         and not (out / "test" / "cats" / "cat.6.jpg").exists()

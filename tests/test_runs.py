@@ -1,4 +1,5 @@
-"""Runs that survive: resume after SIGKILL at any moment, refusals, the lock, divergence, data checked first.
+"""Runs that survive: resume after SIGKILL at any moment, refusals, the lock,
+divergence, data checked first.
 
 The kill tests run the real experiment scripts in a subprocess (tests/_killed_run.py kills it
 at a chosen moment), resume them, and compare with an uninterrupted run of the same seed:
@@ -54,7 +55,8 @@ def latest_params(folder: Path):
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Two run folders hold the same training: history, latest parameters, best epoch and its parameters."""
+    """Two run folders hold the same training: history, latest parameters,
+    best epoch and its parameters."""
     assert without_seconds(json.loads((a / "history.json").read_text())) == without_seconds(
         json.loads((b / "history.json").read_text())
     )
@@ -121,8 +123,8 @@ def test_mnist_killed_at_any_moment_resumes_to_the_uninterrupted_run(
 
 @pytest.mark.slow  # a killed subprocess and two more
 def test_a_cosine_schedule_and_reduce_on_plateau_resume_exactly_after_sigkill(mnist_data, tmp_path):
-    """Their state (the schedule's step count, the plateau's scale) is in the checkpoint: a run killed mid-epoch
-    and resumed ends with the uninterrupted run's history and parameters."""
+    """Their state (the schedule's step count, the plateau's scale) is in the checkpoint: a run
+    killed mid-epoch and resumed ends with the uninterrupted run's history and parameters."""
     argv = [
         *MNIST_ARGS,
         "--epochs",
@@ -185,7 +187,7 @@ def test_resume_with_another_recipe_is_refused_naming_the_fields(
     } == before  # nothing touched
 
 
-def test_resume_of_a_finished_run_changes_nothing_and_resume_of_an_empty_folder_starts_fresh(
+def test_resume_of_a_finished_run_changes_nothing_and_resume_of_an_empty_folder_is_refused(
     mnist_data, mnist_reference, tmp_path
 ):
     finished = tmp_path / "finished"
@@ -207,10 +209,10 @@ def test_resume_of_a_finished_run_changes_nothing_and_resume_of_an_empty_folder_
     assert again.returncode == 0 and "Resuming" in again.stdout and "Epoch" not in again.stdout
     assert (finished / "history.json").read_text() == history
     assert_same_run(finished, mnist_reference)
-    fresh = (
-        tmp_path / "fresh"
-    )  # Keras's BackupAndRestore: nothing to restore, so start from the beginning
-    started = run_script(
+    # Nothing to resume is a mistyped folder more often than a first start: refused before the data
+    # loads, so a scheduler's first submission drops --resume.
+    fresh = tmp_path / "fresh"
+    refused = run_script(
         [
             "experiments/mnist.py",
             *MNIST_ARGS,
@@ -223,7 +225,11 @@ def test_resume_of_a_finished_run_changes_nothing_and_resume_of_an_empty_folder_
             "--resume",
         ]
     )
-    assert started.returncode == 0 and "Epoch 1/1" in started.stdout
+    assert refused.returncode == 2 and "Epoch" not in refused.stdout, refused
+    assert refused.stderr.strip().endswith(
+        "holds nothing to resume (no run was started there): drop --resume to start a new run in it"
+    ) and refused.stderr.count("\n") == 1, refused.stderr
+    assert not fresh.exists()
 
 
 BAD_FLAGS = [
@@ -362,7 +368,8 @@ def test_labels_outside_the_models_range_are_an_error():
 
 
 def test_divergence_stops_keeps_the_last_finite_state_and_exits_3(tmp_path, monkeypatch, capsys):
-    """Epoch 2 turns the parameters to NaN: training stops, the checkpoints hold epoch 1, the history is strict JSON."""
+    """Epoch 2 turns the parameters to NaN: training stops, the checkpoints hold epoch 1,
+    the history is strict JSON."""
     from experiments import catsdogs as experiment
 
     folder = write_cats_dogs_folder(tmp_path / "data")
@@ -394,7 +401,8 @@ def test_divergence_stops_keeps_the_last_finite_state_and_exits_3(tmp_path, monk
 
 
 def test_tensorboard_holds_each_seeds_history_config_and_figures(tmp_path):
-    """Keras's TensorBoard callback, without TensorFlow: one run per seed, read back and compared with history.json."""
+    """Keras's TensorBoard callback, without TensorFlow: one run per seed, read back and
+    compared with history.json."""
     from experiments import catsdogs as experiment
     from tests.tensorboard_events import read_events
 

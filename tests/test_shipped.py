@@ -1,4 +1,5 @@
-"""The trained models in checkpoints/, through the scripts a user runs on them, and the lecture notebook.
+"""The trained models in checkpoints/, through the scripts a user runs on
+them, and the lecture notebook.
 
 Each shipped model's card states its accuracy; these tests evaluate the shipped weights again
 and must find the card's figures, to the fourth decimal.
@@ -40,7 +41,8 @@ def run_script(name: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedP
 
 
 def card_accuracy(name: str, split: str) -> tuple[float, float]:
-    """(float32, float16) accuracy on `split` from the model card's `| split | float32 | float16 |` row."""
+    """(float32, float16) accuracy on `split` from the model card's
+    `| split | float32 | float16 |` row."""
     card = (SHIPPED[name] / "MODEL_CARD.md").read_text()
     row = re.search(rf"^\| {split} \| ([0-9.]+) \| ([0-9.]+) \|", card, re.M)
     assert row, f"MODEL_CARD.md of {name} has no | {split} | float32 | float16 | row"
@@ -69,7 +71,8 @@ def test_a_shipped_model_is_small_16_bit_sealed_and_carries_its_recipe(name, epo
         description["config"]["data"]["data_dir"] is None
         and description["config"]["run"]["out"] is None
     )
-    # No folder of the machine it was trained or exported on, in any file (orbax's markers named one).
+    # No folder of the machine it was trained or exported on, in any file
+    # (orbax's markers named one).
     assert not any(b"successful to /" in f.read_bytes() for f in folder.rglob("*") if f.is_file())
     # Stored in 16 bits, computed in 32: every weight is a float16 value, read back as float32.
     for leaf in (np.asarray(p) for p in jax.tree.leaves(params)):
@@ -102,7 +105,8 @@ def real_cats() -> Path:
     root = real_cats_dogs_dir()
     if root is None:  # the photos are not part of the repository; CI points CNNJAX_DATA_DIR at them
         pytest.skip(
-            "set CNNJAX_DATA_DIR to a folder holding cats_and_dogs_small/ to test the shipped cats-vs-dogs model"
+            "set CNNJAX_DATA_DIR to a folder holding cats_and_dogs_small/ "
+            "to test the shipped cats-vs-dogs model"
         )
     return root
 
@@ -213,7 +217,8 @@ def test_the_lecture_notebook_runs_top_to_bottom(tmp_path, mnist_dir):
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    # Joined as written: the kernel may send one print's pieces in several stream messages when the machine is busy.
+    # Joined as written: the kernel may send one print's pieces in several stream
+    # messages when the machine is busy.
     printed = "".join(
         out.get("text", "")
         for cell in notebook.cells
@@ -230,7 +235,9 @@ def test_the_lecture_notebook_runs_top_to_bottom(tmp_path, mnist_dir):
     assert shipped_mnist == card_accuracy("mnist", "test")[1]
     assert "100 epochs; last:" in printed and re.search(r"Grad-CAM for (cats|dogs)", printed)
     photo = re.search(r"the photo: (\S+\.jpg)", printed)
-    if photo:  # a real cat (CI's data): the notebook decodes it as predict.py does, so both give the same probability
+    # A real cat (CI's data): the notebook decodes it as predict.py does, so both give the same
+    # probability.
+    if photo:
         said = re.search(r"the model predicts (\w+) \(p = ([0-9.]+)", printed)
         assert (
             run_script("predict.py", photo[1]).stdout.strip().endswith(f": {said[1]} ({said[2]})")

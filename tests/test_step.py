@@ -72,7 +72,8 @@ def test_every_example_gets_its_own_dropout_mask():
 
 
 def test_the_sigmoid_head_counts_a_positive_logit_as_class_1():
-    """Logit 0.3 is p = 0.57: class 1. (Break caught: a logit above 0.5, not 0, taken as class 1.)"""
+    """Logit 0.3 is p = 0.57: class 1. (Break caught: a logit above
+    0.5, not 0, taken as class 1.)"""
     head = models.Sigmoid()
     logits = jnp.array([-2.0, -0.1, 0.3, 4.0])
     np.testing.assert_array_equal(head.predict(logits), [0, 0, 1, 1])
@@ -94,7 +95,8 @@ def test_the_softmax_head():
 
 
 def test_padding_changes_neither_loss_nor_gradient():
-    """10 examples in one batch of 10, or padded with weight-0 rows into a batch of 16: the same update."""
+    """10 examples in one batch of 10, or padded with weight-0 rows into a
+    batch of 16: the same update."""
     model = models.MnistConvNet()
     tx = optax.sgd(0.1)
     state = step.init_state(model, tx, jax.random.PRNGKey(0))
@@ -117,7 +119,8 @@ def test_padding_changes_neither_loss_nor_gradient():
 
 
 def test_the_train_step_augments_with_its_own_key():
-    """With augmentation and no dropout, the step's key changes the update through the images alone."""
+    """With augmentation and no dropout, the step's key changes the
+    update through the images alone."""
     model = models.CatsDogsConvNet(input_shape=(CATS_SIZE, CATS_SIZE, 3))
     tx = optax.sgd(0.1)
     state = step.init_state(model, tx, jax.random.PRNGKey(0))

@@ -1,6 +1,7 @@
-"""Streaming input (cnnjax.data.Stream): the stream's batches are the in-memory arrays gathered, every example
-once per seed and epoch (in one process or split over two), bounded host memory, a broken file skipped
-mid-stream, TFDS by name (mocked), the input choice, and a core that never imports TensorFlow."""
+"""Streaming input (cnnjax.data.Stream): the stream's batches are the in-memory arrays
+gathered, every example once per seed and epoch (in one process or split over two), bounded
+host memory, a broken file skipped mid-stream, TFDS by name (mocked), the input choice, and a
+core that never imports TensorFlow."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ SIZE = 24
 
 
 def numbered_folder(root: Path, n: int, size: int = SIZE) -> Path:
-    """root/{cats,dogs}/NN.png: image i is filled with the value 10 + i, so a pixel says which file it is."""
+    """root/{cats,dogs}/NN.png: image i is filled with the value 10 + i, so a
+    pixel says which file it is."""
     for i in range(n):
         folder = root / ("cats", "dogs")[i % 2]
         folder.mkdir(parents=True, exist_ok=True)
@@ -53,9 +55,9 @@ def folder_stream(folder: Path, size: int = SIZE) -> Stream:
 
 
 def test_stream_batches_are_the_memory_arrays_gathered(tmp_path):
-    """Two seeds, a padded last batch, two epochs: every step of the stream holds exactly the in-memory
-    images and labels the index matrices name (zeros on padding rows), so a training step cannot tell
-    the two inputs apart."""
+    """Two seeds, a padded last batch, two epochs: every step of the stream holds exactly the
+    in-memory images and labels the index matrices name (zeros on padding rows), so a training step
+    cannot tell the two inputs apart."""
     root = write_cats_dogs_folder(tmp_path / "data", {"train": 16}, size=SIZE + 6)
     memory = folders.load_image_folder(root / "train", (SIZE, SIZE))
     streamed = folder_stream(root / "train")
@@ -139,7 +141,7 @@ def test_local_block_of_a_process():
         mesh.local_block(Scattered(), (1, 8))
 
 
-# --- A broken file ---------------------------------------------------------------------------------
+# --- A broken file --------------------------------------------------------------------------------
 
 
 def test_broken_file_mid_stream_is_skipped_with_a_warning(tmp_path):
@@ -163,14 +165,14 @@ def test_broken_file_mid_stream_is_skipped_with_a_warning(tmp_path):
         )  # counts as padding
 
 
-# --- Host memory stays bounded ----------------------------------------------------------------------
+# --- Host memory stays bounded --------------------------------------------------------------------
 
 MEMORY_SCRIPT = r"""
 import json, sys, threading, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from cnnjax import step as steps, train
+from cnnjax import feed, step as steps
 from cnnjax.data import Stream, choose_input, folders
 
 root, n, size, budget = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -179,10 +181,12 @@ for i in range(n):  # smooth random pictures: JPEGs of a few kB that decode to s
     small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     folder = root / ("cats", "dogs")[i % 2]
     folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(small).resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.jpg", quality=90)
+    picture = Image.fromarray(small).resize((size, size), Image.BILINEAR)
+    picture.save(folder / f"{i:04d}.jpg", quality=90)
     if i < 32:
-        (root.parent / "warm" / folder.name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(small).resize((size, size), Image.BILINEAR).save(root.parent / "warm" / folder.name / f"{i}.jpg")
+        warm = root.parent / "warm" / folder.name
+        warm.mkdir(parents=True, exist_ok=True)
+        picture.save(warm / f"{i}.jpg")
 
 def rss():
     for line in open("/proc/self/status"):
@@ -205,7 +209,7 @@ sharding = mesh.sharding(mesh.make_mesh(1), mesh.SEED, mesh.DATA)
 
 def epoch(data, order):  # the Trainer's data path: tf.data, then two batches ahead on the device
     total = 0.0
-    for batch in train._prefetch(data.batches(*order), sharding):
+    for batch in feed.prefetch(data.batches(*order), sharding):
         total += float(batch["weight"].sum())
     return total
 
@@ -294,8 +298,8 @@ def test_tfds_source_by_name_and_split_with_mock_data():
 
 
 def lecture_subset(labels: list[int], sizes: dict[str, int]) -> dict[str, list[int]]:
-    """The rule, written plainly: per class, in TFDS order, the first sizes["train"] for train, then validation, then test;
-    each split's cats, then its dogs (as TFDS indices)."""
+    """The rule, written plainly: per class, in TFDS order, the first sizes["train"] for train, then
+    validation, then test; each split's cats, then its dogs (as TFDS indices)."""
     out = {split: [] for split in sizes}
     for label in (0, 1):
         indices = [i for i, lab in enumerate(labels) if lab == label]
@@ -425,9 +429,13 @@ def test_the_core_never_imports_tensorflow(tmp_path):
         import cnnjax.train, cnnjax.runs, cnnjax.data, cnnjax.data.tfds, cnnjax.ablation
         from types import SimpleNamespace
         from cnnjax.data import load
-        spec = SimpleNamespace(dataset="cats_dogs", data_dir=sys.argv[1], image_size=8, interpolation="nearest", input="auto")
+        spec = SimpleNamespace(
+            dataset="cats_dogs", data_dir=sys.argv[1], image_size=8,
+            interpolation="nearest", input="auto",
+        )
         assert len(load(spec, ("train", "validation"))["train"]) == 4
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")))
+        tf = ("tensorflow", "tensorflow_datasets")
+        print(sorted(m for m in sys.modules if m.split(".")[0] in tf))
     """)
     out = subprocess.run(
         [sys.executable, "-c", code, str(root)],

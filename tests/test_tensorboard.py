@@ -1,4 +1,5 @@
-"""TensorBoard logs written by cnnjax.tensorboard and read back with tensorboard's own event reader."""
+"""TensorBoard logs written by cnnjax.tensorboard and read back with
+tensorboard's own event reader."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def test_an_interrupted_run_is_not_marked_finished(tmp_path):
 
 
 def test_each_epoch_is_on_disk_when_logged(tmp_path):
-    """What a kill -9 right after an epoch leaves (tensorboardX's SummaryWriter would still hold it in its queue)."""
+    """What a kill -9 right after an epoch leaves (tensorboardX's SummaryWriter would
+    still hold it in its queue)."""
     code = (
         f"from cnnjax.tensorboard import Writer; w = Writer({str(tmp_path / 'run')!r}); "
         "w.epoch({'epoch': 1, 'val_accuracy': 0.75}); import os; os._exit(0)"
@@ -111,7 +113,10 @@ def test_each_epoch_is_on_disk_when_logged(tmp_path):
 
 
 def test_import_pulls_in_neither_tensorflow_nor_tensorboard():
-    code = "import sys, cnnjax.tensorboard; print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorboard')))"
+    code = (
+        "import sys, cnnjax.tensorboard; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorboard')))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )

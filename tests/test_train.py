@@ -195,8 +195,9 @@ def test_a_diverged_seed_goes_back_and_waits_while_the_other_trains_on(tmp_path,
 
 
 def test_a_stream_trains_as_the_same_images_in_memory(tmp_path):
-    """The loop fed batch by batch by the host (a tf.data Stream of a folder) against the same images in
-    memory: the same order, augmentation and dropout, so the same history and parameters."""
+    """The loop fed batch by batch by the host (a tf.data Stream of a folder)
+    against the same images in memory: the same order, augmentation and dropout, so
+    the same history and parameters."""
     pytest.importorskip(
         "tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)"
     )

@@ -44,7 +44,8 @@ GOALS = {
 
 
 def splits(cfg, data_dir: str, n_train: int | None, n_val: int | None):
-    """cfg's training and validation split from data_dir, in memory; with sizes (--smoke), subsets."""
+    """cfg's training and validation split from data_dir, in memory; with sizes (--smoke),
+    subsets."""
     datasets = real_data(cfg, data_dir)
     return subset(datasets["train"], n_train), subset(datasets[cfg.data.validation_split], n_val)
 
@@ -98,7 +99,8 @@ def seeds(data: str, smoke: bool) -> dict[str, Any]:
 
 
 def merge(parts: Path) -> dict[str, Any]:
-    """Every part found, a note for each missing one, and each goal: met, missed, or not measured."""
+    """Every part found, a note for each missing one, and each goal: met, missed, or not
+    measured."""
     record: dict[str, Any] = {"goals": GOALS, "parts": {}}
     for name in ("mnist", "catsdogs", "seeds", "scaling_mnist", "scaling_catsdogs"):
         path = parts / f"{name}.json"

@@ -92,14 +92,15 @@ def main() -> None:
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
     total = (mnist_bytes + cats_bytes) / 2**20
+    mnist_mib, cats_mib = mnist_bytes / 2**20, cats_bytes / 2**20
     print(
-        f"wrote {out}/mnist ({mnist_bytes / 2**20:.1f} MiB) and {out}/cats_and_dogs_small ({cats_bytes / 2**20:.1f} MiB: "
-        f"{cats_note}); {total:.1f} MiB in all"
+        f"wrote {out}/mnist ({mnist_mib:.1f} MiB) and "
+        f"{out}/cats_and_dogs_small ({cats_mib:.1f} MiB: {cats_note}); {total:.1f} MiB in all"
     )
     if total > CARRY_LIMIT_MIB:
         sys.exit(
-            f"error: {total:.1f} MiB is more than the {CARRY_LIMIT_MIB} MiB the device tool carries; drop a split or "
-            "lower --quality"
+            f"error: {total:.1f} MiB is more than the {CARRY_LIMIT_MIB} MiB the device tool "
+            "carries; drop a split or lower --quality"
         )
 
 
