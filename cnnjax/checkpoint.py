@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,21 @@ class CheckpointError(Exception):
 
 def _finite_or_inf(value: Any) -> float:
     return float(value) if value is not None and math.isfinite(value) else math.inf
+
+
+def _another_run(
+    description: dict[str, Any], differs: Callable[[dict[str, Any]], list[str]]
+) -> str | None:
+    """Why a sealed checkpoint is not of this run (the seal proves its files are as saved, not
+    whose they are), or None."""
+    try:
+        differences = differs(description)
+    except (KeyError, TypeError, ValueError):
+        return "damaged (its description holds no readable config)"
+    if not differences:
+        return None
+    more = f", and {len(differences) - 1} more" if len(differences) > 1 else ""
+    return f"another run's checkpoint ({differences[0]}{more})"
 
 
 class Checkpoints:
@@ -99,14 +114,20 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def latest_intact(self) -> int | None:
-        """The newest step whose files are all as saved (a warning names each newer damaged one), or
-        None."""
+    def latest_intact(
+        self, differs: Callable[[dict[str, Any]], list[str]] | None = None
+    ) -> int | None:
+        """The newest step whose files are all as saved and, with `differs` (a description -> how
+        its run differs from this one), of this run; a warning names each newer one passed over.
+        None when there is none."""
         for step in reversed(self.steps()):
-            why = damage(self.path(step))
+            damaged = damage(self.path(step))
+            why = f"damaged ({damaged})" if damaged else None
+            if why is None and differs is not None:
+                why = _another_run(self.description(step), differs)
             if why is None:
                 return step
-            log.warning("warning: %s is damaged (%s) and is not used", self.path(step), why)
+            log.warning("warning: %s is %s and is not used", self.path(step), why)
         return None
 
     def save(
@@ -120,9 +141,10 @@ class Checkpoints:
         number)."""
         if set(trees) != set(self.tree_names):
             raise ValueError(f"save needs the trees {self.tree_names}, got {tuple(trees)}")
-        if (
-            step in self._manager.all_steps()
-        ):  # a redone epoch after a crash: the same content again
+        if self.path(step).is_symlink():  # linked in by hand: the link goes, not what it names
+            self.path(step).unlink()
+            self._manager.reload()
+        if step in self._manager.all_steps():  # a redone epoch after a crash: the same content
             self._manager.delete(step)
         args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
         args[DESCRIPTION] = ocp.args.JsonSave(strict_json(dict(description)))
@@ -209,6 +231,11 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / DESCRIPTION).is_dir()
 
 
+def _saved(path: Path) -> bool:
+    """Whether `path` is a checkpoint folder, whole or damaged."""
+    return is_checkpoint(path) or (path / CHECKSUMS).is_file()
+
+
 def _require(path: Path) -> None:
     if not is_checkpoint(path):
         raise CheckpointError(
@@ -272,12 +299,13 @@ def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = 
     if path.name in ("best", "latest") and not path.exists():
         path, which = path.parent, path.name
     folder = path / "checkpoints"
+    # A sealed folder that lost its description/ is a damaged checkpoint, not none.
     steps = (
-        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and is_checkpoint(p))
+        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and _saved(p))
         if folder.is_dir()
         else []
     )
-    if is_checkpoint(path):
+    if _saved(path):
         chosen = path
     elif not steps:
         raise CheckpointError(

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cnnjax import checkpoint, data, feed, models, optim, step
+from cnnjax import checkpoint, data, feed, models, optim, run_folder, step
 from cnnjax import config as configlib
 from cnnjax import history as historylib
 from cnnjax import mesh as meshlib
@@ -103,8 +103,10 @@ def train_and_evaluate(
         keep_latest=cfg.run.keep,
         best_metrics=[f"val_loss/{k}" for k in range(len(seeds))],
     )
+    # The seal proves a checkpoint's files are as saved, not that they are this run's.
+    differs_from_run = functools.partial(run_folder.checkpoint_differs, cfg=cfg)
     state, histories, diverged, stopped, first_epoch = _restore(
-        ckpts, ckpts.latest_intact(), model, tx, seeds, mesh
+        ckpts, ckpts.latest_intact(differs_from_run), model, tx, seeds, mesh
     )
     if first_epoch and verbose:
         print(f"Resuming {workdir} after epoch {first_epoch}", flush=True)
@@ -160,7 +162,8 @@ def train_and_evaluate(
             for k in newly_stopped:
                 rows[k]["stopped"], stopped[k] = True, epoch + 1
             if newly_diverged:
-                last_finite = _restore(ckpts, ckpts.latest_intact(), model, tx, seeds, mesh)[0]
+                newest_finite = ckpts.latest_intact(differs_from_run)
+                last_finite = _restore(ckpts, newest_finite, model, tx, seeds, mesh)[0]
                 held = np.isin(range(len(seeds)), newly_diverged)
                 kept = _select(held, last_finite, state if kept is None else kept, seeded)
             if newly_stopped:

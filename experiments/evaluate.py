@@ -7,6 +7,7 @@
     python experiments/evaluate.py --checkpoint checkpoints/catsdogs-exp2-.../checkpoints/100
         --data-dir DIR
 
+Without --data-dir, the data folder the run trained on (when it named one) is used, and said.
 --checkpoint is a run folder (its best epoch, by validation loss; --which latest or an
 epoch number for others), RUN/checkpoints, RUN/best or RUN/latest, or one
 checkpoints/<epoch> folder; by default the experiment-2 model in checkpoints/catsdogs-exp2.
@@ -20,11 +21,43 @@ one `error:` line and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
-from cnnjax import checkpoint, config, data, flags, runs, train
+from cnnjax import checkpoint, config, data, flags, run_folder, runs, train
+
+log = logging.getLogger("cnnjax.evaluate")
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
+
+
+def recorded_run(step_dir: Path) -> config.Config | None:
+    """The config.json of the run folder a checkpoint sits in; None for a checkpoint alone, an
+    exported model, or a config.json that cannot be read (the checkpoint holds its own)."""
+    record = step_dir.parent.parent / "config.json"
+    if step_dir.parent.name != "checkpoints" or not record.is_file():
+        return None
+    try:
+        return run_folder.saved_config(record)
+    except (run_folder.RunError, OSError, ValueError):
+        return None
+
+
+def name_another_runs_checkpoint(description: dict) -> None:
+    """A warning when the checkpoint is not of the run whose folder holds it (copied in by hand):
+    the figures are then the other run's."""
+    step_dir = Path(description["path"])
+    run = recorded_run(step_dir)
+    if run is None or "config" not in description:
+        return
+    differences = run_folder.checkpoint_differs(description, run)
+    if differences:
+        log.warning(
+            "warning: %s is another run's checkpoint, not of %s (%s): what follows is that run's",
+            step_dir,
+            step_dir.parent.parent / "config.json",
+            "; ".join(differences),
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -75,9 +108,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 image_size=model.input_shape[0],
             )
         )
+        name_another_runs_checkpoint(description)
+        data_dir = args.data_dir or trained.data_dir
+        if args.data_dir is None and trained.data_dir:
+            log.info("data folder: %s (the run's own; --data-dir for another)", data_dir)
         spec = dataclasses.replace(
             trained,
-            data_dir=args.data_dir,
+            data_dir=data_dir,
             interpolation=args.interpolation or trained.interpolation,
             input="memory",
         )

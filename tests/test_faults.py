@@ -112,6 +112,17 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_is_exact(
     assert checkpoint.damage(newest) is None  # saved again, whole
 
 
+def test_a_checkpoint_that_lost_its_description_reads_as_damaged(reference, tmp_path):
+    out = copy_run(reference, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "2" / "description")
+    for path, which in ((out, 2), (out / "checkpoints" / "2", "best")):
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=r"checkpoints/2 is damaged \(description/\S+ is missing",
+        ):
+            checkpoint.load_model(path, which)
+
+
 def test_evaluate_and_load_model_refuse_a_damaged_checkpoint_naming_it(
     folder, reference, tmp_path, capsys
 ):

@@ -1,7 +1,8 @@
 """What `--resume --out RUN` checks before anything loads, and what it refuses, each in one line
 and exit code 2: nothing to resume, a folder that is not a run, another experiment's run, a
 config.json edited by hand (a section gone, or another recipe than its checkpoints), and a lock
-file that holds no object.
+file that holds no object; and a checkpoint of another run, passed over by name (evaluate.py
+names it too, and reads the run's own data folder).
 
 In-process runs of experiments/catsdogs.py on a tiny folder; `--data-dir` names a folder that
 does not exist wherever the refusal must come before the data is read.
@@ -14,7 +15,7 @@ import shutil
 
 import pytest
 
-from experiments import catsdogs
+from experiments import catsdogs, evaluate
 from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
 
 ARGS = ["--epochs", "2", "--batch-size", "8", "--train.eval_batch_size", "8"]
@@ -105,6 +106,59 @@ def test_a_config_json_edited_to_another_recipe_is_refused_naming_the_fields(
     assert f"{out}/config.json disagrees with the run's checkpoints" in err
     assert "optim.learning_rate: 0.001 -> 0.5" in err and "model.dropout: 0.0 -> 0.3" in err
     assert (out / "history.json").read_text() == history
+
+
+def without_seconds(path) -> list[dict]:
+    rows = json.loads(path.read_text())
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def other_run(folder, tmp_path_factory):
+    """The same 2-epoch run at another learning rate: its checkpoints are sealed, but not ours."""
+    out = tmp_path_factory.mktemp("other") / "run"
+    argv = [*ARGS, "--learning-rate", "0.01", "--run.keep", "3"]
+    catsdogs.main([*argv, "--data-dir", str(folder), "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("how", ["copied", "linked"])
+def test_a_checkpoint_of_another_run_is_passed_over_naming_it(
+    finished, other_run, tmp_path, capsys, how
+):
+    """Epoch 2 replaced by another run's epoch 2: --resume names it, goes on from epoch 1, and
+    ends with the history of the uninterrupted run."""
+    out = shutil.copytree(finished, tmp_path / "run")
+    newest, theirs = out / "checkpoints" / "2", other_run / "checkpoints" / "2"
+    shutil.rmtree(newest)
+    if how == "copied":
+        shutil.copytree(theirs, newest)
+    else:
+        newest.symlink_to(theirs, target_is_directory=True)
+    capsys.readouterr()
+    catsdogs.main(["--resume", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert f"{newest} is another run's checkpoint (optim.learning_rate: 0.01 -> " in captured.out
+    assert f"Resuming {out} after epoch 1" in captured.out
+    assert without_seconds(out / "history.json") == without_seconds(finished / "history.json")
+    assert not newest.is_symlink() and (theirs / "checksums.json").is_file()
+
+
+def test_evaluate_uses_the_runs_data_folder_and_names_another_runs_checkpoint(
+    finished, other_run, folder, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("CNNJAX_DATA_DIR", raising=False)
+    out = shutil.copytree(finished, tmp_path / "run")
+    capsys.readouterr()
+    own = evaluate.main(["--checkpoint", str(out), "--which", "2", "--split", "validation"])
+    printed = capsys.readouterr().out
+    assert f"data folder: {folder} (the run's own" in printed and "another run's" not in printed
+    shutil.rmtree(out / "checkpoints" / "2")
+    shutil.copytree(other_run / "checkpoints" / "2", out / "checkpoints" / "2")
+    theirs = evaluate.main(["--checkpoint", str(out), "--which", "2", "--split", "validation"])
+    printed = capsys.readouterr().out
+    assert f"{out}/checkpoints/2 is another run's checkpoint, not of {out}/config.json" in printed
+    assert "optim.learning_rate: 0.01 -> " in printed and theirs != own
 
 
 @pytest.mark.parametrize("content", ["1", "[1, 2]", '"pid"'])
