@@ -10,12 +10,13 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +107,17 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def _quiet_closed_loop(unraisable: Any) -> None:
-    """After a failed save (a full disk), orbax's writes still in flight report into its closed
-    event loop: a traceback each, with nothing left to act on. Any other unraisable error is
-    printed."""
-    if not (
+def _unraisable(unraisable: Any) -> None:
+    """Python drops an exception raised where it cannot propagate (a garbage-collection callback,
+    as jax's, a weakref callback, `__del__`). A Ctrl-C dropped there is sent again a moment later,
+    once that code has returned, so it reaches the loop. After a failed save (a full disk),
+    orbax's writes still in flight report into its closed event loop, with nothing left to act on:
+    not printed. Any other is printed."""
+    if unraisable.exc_type is KeyboardInterrupt:
+        # To the main thread itself: a real signal also wakes it from a sleep or a wait.
+        main = threading.main_thread().ident
+        threading.Timer(0.05, signal.pthread_kill, (main, signal.SIGINT)).start()
+    elif not (
         unraisable.exc_type is RuntimeError and "Event loop is closed" in str(unraisable.exc_value)
     ):
         sys.__unraisablehook__(unraisable)
@@ -131,7 +138,7 @@ def setup_logging() -> None:
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.formatwarning = _one_line_warning
-    sys.unraisablehook = _quiet_closed_loop
+    sys.unraisablehook = _unraisable
     level = logging.INFO if meshlib.is_main_process() else logging.WARNING
     logger = logging.getLogger("cnnjax")
     if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
@@ -194,21 +201,36 @@ def add_flags(parser: Any) -> None:
     meshlib.add_flags(parser)
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    # `kill` or a scheduler's stop ends a run as Ctrl-C does: one line, EXIT_INTERRUPTED, the lock
-    # let go.
+def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C, and `kill` or a scheduler's SIGTERM, as KeyboardInterrupt: one line,
+    EXIT_INTERRUPTED, the lock let go (`_unraisable` sends it again where Python dropped it)."""
     raise KeyboardInterrupt
 
 
 def start(args: Any) -> None:
-    """Join the other processes (when flags or a cluster say so), set up logging, and take SIGTERM
-    as Ctrl-C."""
+    """Join the other processes (when flags or a cluster say so), set up logging, and take Ctrl-C
+    and SIGTERM as an interrupt the loop can catch wherever it lands."""
     meshlib.initialize(
         args.coordinator_address, args.num_processes, args.process_id, args.join_timeout
     )
     setup_logging()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminated)
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def run_as_script(main: Callable[[], Any]) -> None:
+    """A script's entry point: main(), and after an interrupt an exit that skips the interpreter's
+    teardown (XLA may still be compiling on its own threads, and tearing down under them crashes);
+    the lock and the files were let go on the way out of main."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code != EXIT_INTERRUPTED:
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 def versions() -> dict[str, str]:

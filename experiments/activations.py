@@ -235,4 +235,4 @@ def draw(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_as_script(main)

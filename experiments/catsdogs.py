@@ -96,4 +96,4 @@ def main(argv: list[str] | None = None) -> train.Result:
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_as_script(main)

@@ -89,4 +89,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_as_script(main)

@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> kaggle.SmallSplit:
 
 
 if __name__ == "__main__":
-    main()
+    runs.run_as_script(main)

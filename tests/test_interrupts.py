@@ -1,0 +1,100 @@
+"""Ctrl-C and SIGTERM reach the training loop wherever they land: inside a garbage-collection
+callback or a weakref callback (Python prints and drops an exception raised there) as anywhere
+else, and while the first step compiles."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+
+import pytest
+
+from cnnjax import runs
+from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
+
+
+@pytest.fixture()
+def handlers():
+    """The handlers runs.start installs, put back afterwards."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    parser = argparse.ArgumentParser()
+    runs.add_flags(parser)
+    runs.start(parser.parse_args([]))
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+class Dying:
+    pass
+
+
+def interrupted_in(where: str, signum: int) -> list[float]:
+    """Arrange `signum` to arrive inside code whose exceptions Python drops: a garbage-collection
+    callback (as jax's _xla_gc_callback) or a weakref callback. Returns [when it was sent]."""
+    sent: list[float] = []
+
+    def send(*args: object) -> None:
+        if not sent:
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signum)
+            for _ in range(10_000):  # the handler runs here, inside the callback
+                pass
+
+    if where == "gc callback":
+        gc.callbacks.append(send)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(send)
+    else:
+        dying = Dying()
+        alive = weakref.ref(dying, send)  # the callback runs as `dying` goes
+        del dying
+        assert alive() is None
+    return sent
+
+
+@pytest.mark.parametrize("where", ["gc callback", "weakref callback"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_where_python_drops_exceptions_still_reaches_the_loop(handlers, signum, where):
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        assert interrupted_in(where, signum)
+        time.sleep(5)  # dropped, the interrupt would never come
+    assert time.monotonic() - started < 5
+
+
+def test_a_signal_elsewhere_interrupts_at_once(handlers):
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):
+            pass
+
+
+def test_a_signal_while_the_first_step_compiles_is_one_line_and_exit_130(tmp_path):
+    """Stopped while XLA compiles on its own threads: the interpreter's teardown under them
+    crashed (a segmentation fault after the `interrupted` line) in most tries before."""
+    folder = write_cats_dogs_folder(tmp_path / "data")
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        command = [sys.executable, str(REPO / "experiments" / "catsdogs.py"), "--epochs", "3"]
+        command += ["--image-size", str(CATS_SIZE), "--data-dir", str(folder), "--out", str(out)]
+        with subprocess.Popen(
+            command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as process:
+            for line in process.stdout:
+                if "run folder" in line:  # the next thing it does is compile the first step
+                    time.sleep(0.3)
+                    process.send_signal(signal.SIGTERM)
+                    break
+            _, err = process.communicate(timeout=300)
+        assert process.returncode == runs.EXIT_INTERRUPTED, (attempt, process.returncode, err)
+        assert err.strip().startswith("interrupted") and "\n" not in err.strip(), err
+        assert not (out / ".lock").exists()
