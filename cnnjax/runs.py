@@ -51,6 +51,30 @@ BAD_INPUT = (
 )  # OSError: an unreadable file
 
 
+# The advice a user needs for the OS errors a path they gave can meet.
+OS_ADVICE = {
+    errno.EACCES: "no permission: choose another path, or fix its permissions",
+    errno.EPERM: "not permitted: choose another path, or fix its permissions",
+    errno.EROFS: "a read-only filesystem: choose a path on another one",
+    errno.EISDIR: "a folder, where a file was expected: name a file",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    errno.ENOENT: "does not exist: check the path",
+}
+
+
+def error_line(error: BaseException) -> str:
+    """The one line an error a user can act on prints: an OS error names its path and what to do."""
+    if isinstance(error, OSError) and error.errno in OS_ADVICE and error.filename is not None:
+        return f"error: {error.filename}: {OS_ADVICE[error.errno]} ({error.strerror})"
+    return f"error: {error}"
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
 def _disk_full(error: BaseException | None) -> bool:
     while error is not None:
         if (
@@ -64,8 +88,9 @@ def _disk_full(error: BaseException | None) -> bool:
 @contextlib.contextmanager
 def exits(interrupted: str = "", folder: Path | None = None) -> Iterator[None]:
     """What a user can cause or meet, as one line on stderr and an exit code of the README, no
-    traceback: bad input (2), a full disk (EXIT_NO_SPACE), Ctrl-C (EXIT_INTERRUPTED, the line
-    ending with `interrupted`), processes that could not meet or lost one another (EXIT_LOST)."""
+    traceback: bad input (2; out of memory too: a batch too large), a full disk (EXIT_NO_SPACE),
+    Ctrl-C (EXIT_INTERRUPTED, the line ending with `interrupted`), processes that could not meet or
+    lost one another (EXIT_LOST)."""
     try:
         yield
     except KeyboardInterrupt:
@@ -84,8 +109,17 @@ def exits(interrupted: str = "", folder: Path | None = None) -> Iterator[None]:
                 flush=True,
             )
             raise SystemExit(EXIT_NO_SPACE) from None
+        if _out_of_memory(e):
+            what = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(
+                f"error: out of memory ({what}): start again with a lower --batch-size "
+                "(or --train.eval_batch_size) and a new --out",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(EXIT_BAD_INPUT) from None
         if isinstance(e, (meshlib.JoinError, *BAD_INPUT)):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(error_line(e), file=sys.stderr, flush=True)
             raise SystemExit(
                 meshlib.EXIT_LOST if isinstance(e, meshlib.JoinError) else EXIT_BAD_INPUT
             ) from None
