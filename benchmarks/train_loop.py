@@ -30,7 +30,13 @@ import jax
 sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # the repository, for benchmarks.common
-from benchmarks.common import Training, one_step_per_call, random_data, recipe, training  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Training,
+    one_step_per_call,
+    random_data,
+    recipe,
+    training,
+)
 from cnnjax import step  # noqa: E402
 
 RECIPES = {"mnist": "mnist", "cats": "catsdogs2"}

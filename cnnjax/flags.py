@@ -122,7 +122,9 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("usage", "%(prog)s [flags] (--help lists every flag with its default)")
         super().__init__(*args, **kwargs)
 
-    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> Any:
         argv = [
             a.replace("--config.", "--", 1) if a.startswith("--config.") else a
             for a in (sys.argv[1:] if args is None else args)

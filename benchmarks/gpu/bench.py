@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
-from benchmarks.common import backend_line, real_data, recipe, subset, timed_fit, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    backend_line,
+    real_data,
+    recipe,
+    subset,
+    timed_fit,
+    write_json,
+)
 
 GOALS = {
     "mnist_wall_s": 2.0,

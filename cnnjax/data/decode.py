@@ -191,7 +191,8 @@ def read_cached(key: str, size_hw: tuple[int, int]) -> Images | None:
             n and not 0 <= labels.min() <= labels.max() < len(class_names)
         ):
             raise ValueError("bad labels")
-    except Exception as e:  # noqa: BLE001 - a cut-off zip raises BadZipFile, EOFError, OSError, KeyError, ...
+    except Exception as e:  # noqa: BLE001
+        # a cut-off zip raises BadZipFile, EOFError, OSError, KeyError, ...
         warnings.warn(
             f"ignoring damaged cache file {file} ({type(e).__name__}: {e}); decoding again",
             stacklevel=3,

@@ -205,7 +205,8 @@ def _decode_each(
             return listing.broken[i]
         try:
             pixels = decode_file(listing.paths[i], size_hw, interpolation)
-        except Exception as e:  # noqa: BLE001 - any failure of one file skips that file, not the load
+        except Exception as e:  # noqa: BLE001
+            # any failure of one file skips that file, not the load
             return f"cannot be decoded ({type(e).__name__}: {e})"
         if into is not None:
             into[i] = pixels

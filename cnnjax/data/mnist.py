@@ -249,7 +249,8 @@ def fetch_keras_npz(dest: Path) -> Path:
             path=dest,
             progressbar=False,
         )
-    except Exception as e:  # noqa: BLE001 - pooch raises requests' errors and ValueError for a wrong hash
+    except Exception as e:  # noqa: BLE001
+        # pooch raises requests' errors and ValueError for a wrong hash
         raise DataError(f"the download of {KERAS_NPZ} failed: {first_line(e)}") from None
     log.info(
         "mnist.npz: its sha256 matched; kept in %s (%.1f s)", dest, time.perf_counter() - start
