@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnnjax import augment, data, models, plots, run_folder, train
+from cnnjax import augment, data, interrupts, models, plots, run_folder, train
 from cnnjax import config as configlib
 from cnnjax import mesh as meshlib
 from cnnjax.checkpoint import CheckpointError
@@ -38,7 +38,7 @@ EXIT_BAD_INPUT = 2  # flags, data, run folder (argparse uses 2 for bad flags too
 EXIT_DIVERGED = 3  # the training loss stopped being finite
 EXIT_FAILED = 4  # some ablation settings failed (see their error.json)
 EXIT_NO_SPACE = 6  # the disk filled up: free space, then --resume
-EXIT_INTERRUPTED = 130  # Ctrl-C: the run can be resumed
+EXIT_INTERRUPTED = interrupts.EXIT_INTERRUPTED  # Ctrl-C: the run can be resumed
 
 
 BAD_INPUT = (

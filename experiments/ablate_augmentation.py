@@ -23,6 +23,11 @@ Exit codes: 0 done, 2 bad flags or data, 4 some setting failed (its error.json s
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: a stop while jax loads is one line too
+    from cnnjax import interrupts
+
+    interrupts.install()
+
 import argparse
 import dataclasses
 import sys

@@ -25,6 +25,11 @@ split with experiments/evaluate.py. Exit codes: 0 done, 2 bad flags / data / run
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: a stop while jax loads is one line too
+    from cnnjax import interrupts
+
+    interrupts.install()
+
 import dataclasses
 import sys
 

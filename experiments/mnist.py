@@ -14,6 +14,11 @@ process of a multi-process run was lost, 130 interrupted (resumable).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: a stop while jax loads is one line too
+    from cnnjax import interrupts
+
+    interrupts.install()
+
 import sys
 
 from cnnjax import config, flags, mesh, runs, train

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -98,3 +99,30 @@ def test_a_signal_while_the_first_step_compiles_is_one_line_and_exit_130(tmp_pat
         assert process.returncode == runs.EXIT_INTERRUPTED, (attempt, process.returncode, err)
         assert err.strip().startswith("interrupted") and "\n" not in err.strip(), err
         assert not (out / ".lock").exists()
+
+
+def handles_sigterm(pid: int) -> None:
+    """Wait until process `pid` catches SIGTERM (Linux's /proc/PID/status, SigCgt)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        caught = int(status.split("SigCgt:")[1].split()[0], 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} never caught SIGTERM")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("script", ["mnist.py", "catsdogs.py", "ablate_augmentation.py"])
+def test_a_signal_while_a_script_imports_is_one_line_and_exit_130(tmp_path, script, signum):
+    command = [sys.executable, str(REPO / "experiments" / script), "--out", str(tmp_path / "run")]
+    with subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        handles_sigterm(process.pid)  # the script's first lines ran; jax is still loading
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=300)
+    assert process.returncode == runs.EXIT_INTERRUPTED, (process.returncode, err)
+    assert err.strip() == "interrupted while starting: nothing was written", err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,27 @@
+"""Ctrl-C and SIGTERM while a script is still starting (loading jax, reading its flags): nothing
+has been written yet, so a stop is one line and exit 130 at once.
+
+Light on purpose (no jax): a script installs it before its other imports, and cnnjax.runs.start
+replaces it once there is a run to stop cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+EXIT_INTERRUPTED = 130  # Ctrl-C, or SIGTERM from `kill` or a scheduler
+
+
+def _stopped_while_starting(signum: int, frame: Any) -> None:
+    sys.stderr.write("\ninterrupted while starting: nothing was written\n")
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def install() -> None:
+    """Take Ctrl-C and SIGTERM as a stop before anything started."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stopped_while_starting)
