@@ -1,8 +1,9 @@
 """Ctrl-C and SIGTERM while a script is still starting (loading jax, reading its flags): nothing
 has been written yet, so a stop is one line and exit 130 at once.
 
-Light on purpose (no jax): a script installs it before its other imports, and cnnjax.runs.start
-replaces it once there is a run to stop cleanly.
+Light on purpose (no jax): a script installs it before its other imports. In a training script
+cnnjax.runs.start replaces it once there is a run to stop cleanly; evaluate.py and predict.py,
+which write nothing, keep it.
 """
 
 from __future__ import annotations

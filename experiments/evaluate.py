@@ -20,6 +20,11 @@ one `error:` line and exit code 2.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: a stop while jax loads is one line too
+    from cnnjax import interrupts
+
+    interrupts.install()
+
 import dataclasses
 import logging
 from pathlib import Path

@@ -14,6 +14,11 @@ classified; the exit code is then 2. Exit codes: 0 done, 2 bad input.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: a stop while jax loads is one line too
+    from cnnjax import interrupts
+
+    interrupts.install()
+
 import sys
 from pathlib import Path
 
