@@ -75,6 +75,16 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
 
+def _interrupted(error: BaseException | None) -> bool:
+    """Whether a Ctrl-C is behind `error`: a library that runs Python code under its own (XLA's
+    tracing, orbax's threads) may hand it back as an error of its own."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt) or "KeyboardInterrupt" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _disk_full(error: BaseException | None) -> bool:
     while error is not None:
         if (
@@ -97,6 +107,9 @@ def exits(interrupted: str = "", folder: Path | None = None) -> Iterator[None]:
         print(f"\ninterrupted{interrupted}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as e:
+        if _interrupted(e):
+            print(f"\ninterrupted{interrupted}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None
         if jax.process_count() > 1 and meshlib.lost_contact(e):
             # One line, EXIT_LOST, out at once: jax's own watch of the peers may act next.
             meshlib.exit_on_error(e)

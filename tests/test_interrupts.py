@@ -130,3 +130,17 @@ def test_a_signal_while_a_script_imports_is_one_line_and_exit_130(tmp_path, scri
     assert process.returncode == runs.EXIT_INTERRUPTED, (process.returncode, err)
     assert err.strip() == "interrupted while starting: nothing was written", err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_a_library_hands_back_as_its_own_error_is_still_an_interrupt(capsys):
+    for handed_back in (RuntimeError("wrapped"), RuntimeError("KeyboardInterrupt: in a callback")):
+        with pytest.raises(SystemExit) as exit_info:
+            with runs.exits(": resume it"):
+                if "wrapped" in str(handed_back):
+                    try:
+                        raise KeyboardInterrupt
+                    except KeyboardInterrupt as e:
+                        raise handed_back from e
+                raise handed_back
+        assert exit_info.value.code == runs.EXIT_INTERRUPTED
+        assert capsys.readouterr().err.strip() == "interrupted: resume it"
