@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 
+from cnnjax import run_folder
 from experiments import catsdogs, evaluate
 from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
 
@@ -170,3 +171,10 @@ def test_a_lock_holding_no_object_is_an_unreadable_lock(folder, tmp_path, capsys
     assert "Traceback" not in capsys.readouterr().err
     assert len(json.loads((out / "history.json").read_text())) == 1
     assert not (out / ".lock").exists()
+
+
+def test_a_run_without_out_lands_under_runs_not_beside_the_shipped_models():
+    """checkpoints/ holds the shipped models; a user's runs go to runs/ (git-ignored)."""
+    assert run_folder.default_out("catsdogs", 0).parts[0] == "runs"
+    gitignore = (REPO / ".gitignore").read_text().splitlines()
+    assert "runs/" in gitignore
