@@ -20,3 +20,25 @@ def test_the_benchmarks_epochs_are_the_loops_epochs(overrides):
     timed = common.timed_fit(cfg, train_set, val_set, epochs=2)["histories"][0]
     looped = common.run_recipe(cfg, {"train": train_set, "test": val_set}).histories[0]
     assert [[row[k] for k in KEYS] for row in timed] == [[row[k] for k in KEYS] for row in looped]
+
+
+def test_conv_layers_reports_every_conv_layer_with_its_arithmetic_and_routes():
+    """benchmarks/conv_layers.py: one line per conv layer of the model, the arithmetic of the
+    passes a training step runs, and the route of each of them."""
+    from benchmarks import conv_layers
+    from benchmarks.conv_grad import layer_shapes
+
+    lines = conv_layers.layer_lines("mnist", reps=1)
+    shapes = layer_shapes("mnist")[0]
+    assert [line["layer"] for line in lines] == [shape[0] for shape in shapes]
+    for i, (line, (_, n, h, w, c_in, c_out)) in enumerate(zip(lines, shapes)):
+        passes = 2 if i == 0 else 3  # the data needs no gradient
+        assert line["gflop"] == round(
+            passes * 2 * n * (h - 2) * (w - 2) * 9 * c_in * c_out / 1e9, 4
+        )
+        expected = {"conv_forward", "conv_kernel_grad"} | ({"conv_input_grad"} if i else set())
+        assert set(line["routes"]) == expected
+        assert set(line["routes"].values()) <= {"xla", "matmul"}
+        assert line["fraction"] == pytest.approx(
+            line["ours_gflops"] / line["matmul_gflops"], rel=0.02
+        )

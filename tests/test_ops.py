@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import ops
+from cnnjax import ops, routes
 
 IMAGE = np.array(
     [[1, 0, 0, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 3, 1], [2, 1, 0, 1, 1]],
@@ -82,8 +82,10 @@ def test_bad_arguments_are_clear_errors():
 
 # --- The routed CPU convolution against lax, at the models' real layer shapes ----------------
 #
-# On the CPU `conv2d_nhwc` (stride 1, "valid") picks each pass's implementation from the
-# layer's shape (cnnjax/ops.py): the forward pass and the kernel gradient are "direct"
+# On the CPU `conv2d_nhwc` (stride 1, "valid") runs each pass by one of two routes, "xla" or
+# "matmul", the faster as cnnjax.routes measures it; every test below runs under each route.
+# Within "xla" the layer's shape picks the implementation (cnnjax/ops.py): the forward pass and
+# the kernel gradient are "direct"
 # (kh*kw*C_in <= ops._DIRECT_MAX_TAPS: fused taps / a scan of per-image products),
 # "padded" (kw/ow resp. kh/oh <= ops._EIGEN_MAX_WASTE: zero-padded so that Eigen takes it)
 # or "unpadded" (the plain library call); the input gradient has one route ("full": the
@@ -207,7 +209,7 @@ def _traced_routes(h, w, c_in, c_out):
         jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _conv_arrays((h, w, c_in, c_out), 2, 0)
     )
     # The routed function itself: what conv2d_nhwc calls on the CPU (elsewhere it is plain lax).
-    jaxpr = jax.make_jaxpr(_value_and_vjp(ops._conv_valid_fast_kernel_grad))(x, kernel, ct).jaxpr
+    jaxpr = jax.make_jaxpr(_value_and_vjp(ops._conv_valid_routed))(x, kernel, ct).jaxpr
     passes = {
         (x.shape, kernel.shape): "forward",
         (ct.shape, kernel.shape): "input_grad",
@@ -243,7 +245,20 @@ def test_conv_layer_shape_selects_the_route_claimed(layer):
     shape, forward, kernel_grad = CONV_LAYERS[layer]
     claimed = {"forward": forward, "kernel_grad": kernel_grad, "input_grad": "full"}
     assert _predicted_routes(*shape[:3]) == claimed
-    assert _traced_routes(*shape) == claimed
+    with routes.pinned("xla"):
+        assert _traced_routes(*shape) == claimed
+
+
+@pytest.mark.parametrize("layer", CONV_LAYERS)
+def test_matmul_route_traces_one_product_per_pass_and_no_convolution(layer):
+    x, kernel, ct = (
+        jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _conv_arrays(CONV_LAYERS[layer][0], 2, 0)
+    )
+    with routes.pinned("matmul"):
+        jaxpr = jax.make_jaxpr(_value_and_vjp(ops.conv2d_nhwc))(x, kernel, ct).jaxpr
+    names = [e.primitive.name for top in jaxpr.eqns for e in _all_eqns(top)]
+    assert "conv_general_dilated" not in names
+    assert names.count("dot_general") == 3  # forward, input gradient, kernel gradient (per image)
 
 
 def test_conv_layers_cover_every_route():
@@ -255,14 +270,15 @@ def test_conv_layers_cover_every_route():
     assert covered == EVERY_ROUTE
 
 
+@pytest.mark.parametrize("route", ["xla", "matmul"])
 @pytest.mark.parametrize("layer", CONV_LAYERS)
-def test_conv_value_and_both_gradients_match_lax_at_layer_shapes(layer):
+def test_conv_value_and_both_gradients_match_lax_at_layer_shapes(layer, route):
     """conv2d_nhwc against lax.conv_general_dilated (float64): value, input and kernel
     gradients for a random cotangent. Two images, so the kernel gradient's sum over images
     is exercised."""
     shape = CONV_LAYERS[layer][0]
     x, kernel, ct = _conv_arrays(shape, 2, seed=zlib.crc32(layer.encode()))
-    with _float32_exact():
+    with _float32_exact(), routes.pinned(route):
         ours = jax.jit(_value_and_vjp(ops.conv2d_nhwc))(x, kernel, ct)
     reference = _lax_float64(x, kernel, ct)
     for what, a, b in zip(("value", "d_input", "d_kernel"), ours, reference):
@@ -280,11 +296,12 @@ VMAP_AXES = {
 }
 
 
+@pytest.mark.parametrize("route", ["xla", "matmul"])
 @pytest.mark.parametrize("axes", VMAP_AXES)
 @pytest.mark.parametrize(
     "layer", ["mnist_conv2d", "mnist_conv2d_1", "mnist_conv2d_2"]
 )  # direct, padded, unpadded
-def test_conv_under_vmap_equals_lax_one_index_at_a_time(layer, axes):
+def test_conv_under_vmap_equals_lax_one_index_at_a_time(layer, axes, route):
     """jax.vmap of value and vjp over 3 lanes, each lane against lax
     (float64) on that lane alone."""
     in_axes = VMAP_AXES[axes]
@@ -293,9 +310,10 @@ def test_conv_under_vmap_equals_lax_one_index_at_a_time(layer, axes):
         CONV_LAYERS[layer][0], 2, seed=zlib.crc32((layer + axes).encode()), lead=(lanes,)
     )
     args = [a if ax == 0 else a[0] for a, ax in zip(batched, in_axes)]
-    with _float32_exact():
+    with _float32_exact(), routes.pinned(route):
         vmapped = jax.jit(jax.vmap(_value_and_vjp(ops.conv2d_nhwc), in_axes=in_axes))
         ours = vmapped(*args)
+        jaxpr = vmapped.trace(*args).jaxpr
     for s in range(lanes):
         reference = _lax_float64(*[a[s] if ax == 0 else a for a, ax in zip(args, in_axes)])
         for what, a, b in zip(("value", "d_input", "d_kernel"), ours, reference):
@@ -303,7 +321,7 @@ def test_conv_under_vmap_equals_lax_one_index_at_a_time(layer, axes):
             assert err <= CONV_RTOL, f"{layer} {axes} lane {s} {what}: relative error {err:.2e}"
     if jax.default_backend() == "cpu":
         # The custom vmap rule ran, not jax's: a batched kernel would become a grouped convolution.
-        eqns = [e for top in vmapped.trace(*args).jaxpr.eqns for e in _all_eqns(top)]
+        eqns = [e for top in jaxpr.eqns for e in _all_eqns(top)]
         convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
         assert {
             (e.params["feature_group_count"], e.params["batch_group_count"]) for e in convs
