@@ -1,6 +1,6 @@
 """Which implementation of an operation runs: each candidate timed once on this machine.
 
-An operation with several implementations of the same sums (cnnjax.ops's convolution passes)
+An operation with several implementations of the same sums (cnnjax.cpu_conv's convolution passes)
 asks `choose` which to trace. Under the default policy, "measure", the first use of a shape
 compiles every candidate, times them on random inputs of that shape and keeps the fastest;
 the choice is remembered in memory and in a file under the user cache, one per CPU model,
@@ -37,6 +37,7 @@ from cnnjax.data.common import cache_root
 log = logging.getLogger(__name__)
 
 POLICY_ENV = "CNNJAX_CONV_ROUTES"
+FILE_ENV = "CNNJAX_ROUTES_FILE"  # where the choices are kept, instead of the user cache
 MEASURE = "measure"
 # A candidate replaces the default only when it is faster by more than this fraction: timing
 # noise alone should not swap the route, and with it the float sums, from one machine to the next.
@@ -77,7 +78,10 @@ def machine() -> str:
 
 
 def cache_file() -> Path:
-    """Where this machine's choices are kept (one JSON object, key -> route)."""
+    """Where this machine's choices are kept (one JSON object, key -> route): $CNNJAX_ROUTES_FILE,
+    else a file per machine under the user cache."""
+    if os.environ.get(FILE_ENV):
+        return Path(os.environ[FILE_ENV])
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", machine()).strip("-")
     return cache_root() / "routes" / f"{slug}.json"
 

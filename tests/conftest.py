@@ -46,6 +46,17 @@ def shared_data_dir() -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_routes(tmp_path_factory):
+    """One file of convolution routes (cnnjax.routes) for the whole session, subprocesses included:
+    every run of the suite takes the routes the first one measured, as runs on one machine do,
+    whatever cache folder each test has."""
+    path = tmp_path_factory.mktemp("routes") / "routes.json"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CNNJAX_ROUTES_FILE", str(path))
+        yield path
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache folder: nothing leaks into ~/.cache or between tests."""

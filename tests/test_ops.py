@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import ops, routes
+from cnnjax import cpu_conv, ops, routes
 
 IMAGE = np.array(
     [[1, 0, 0, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 0, 3, 1], [2, 1, 0, 1, 1]],
@@ -84,10 +84,10 @@ def test_bad_arguments_are_clear_errors():
 #
 # On the CPU `conv2d_nhwc` (stride 1, "valid") runs each pass by one of two routes, "xla" or
 # "matmul", the faster as cnnjax.routes measures it; every test below runs under each route.
-# Within "xla" the layer's shape picks the implementation (cnnjax/ops.py): the forward pass and
+# Within "xla" the layer's shape picks the implementation (cnnjax/cpu_conv.py): the forward pass and
 # the kernel gradient are "direct"
-# (kh*kw*C_in <= ops._DIRECT_MAX_TAPS: fused taps / a scan of per-image products),
-# "padded" (kw/ow resp. kh/oh <= ops._EIGEN_MAX_WASTE: zero-padded so that Eigen takes it)
+# (kh*kw*C_in <= cpu_conv._DIRECT_MAX_TAPS: fused taps / a scan of per-image products),
+# "padded" (kw/ow resp. kh/oh <= cpu_conv._EIGEN_MAX_WASTE: zero-padded so that Eigen takes it)
 # or "unpadded" (the plain library call); the input gradient has one route ("full": the
 # full correlation with the flipped kernel).
 
@@ -181,12 +181,14 @@ def _rel_err(ours, reference) -> float:
 
 
 def _predicted_routes(h, w, c_in):
-    """The routes the predicates of cnnjax/ops.py choose for a 3x3 layer."""
+    """The routes the predicates of cnnjax/cpu_conv.py choose for a 3x3 layer."""
     oh, ow = h - KH + 1, w - KW + 1
-    direct = KH * KW * c_in <= ops._DIRECT_MAX_TAPS
-    forward = "direct" if direct else "padded" if KW / ow <= ops._EIGEN_MAX_WASTE else "unpadded"
+    direct = KH * KW * c_in <= cpu_conv._DIRECT_MAX_TAPS
+    forward = (
+        "direct" if direct else "padded" if KW / ow <= cpu_conv._EIGEN_MAX_WASTE else "unpadded"
+    )
     kernel_grad = (
-        "direct" if direct else "padded" if KH / oh <= ops._EIGEN_MAX_WASTE else "unpadded"
+        "direct" if direct else "padded" if KH / oh <= cpu_conv._EIGEN_MAX_WASTE else "unpadded"
     )
     return {"forward": forward, "kernel_grad": kernel_grad, "input_grad": "full"}
 
@@ -209,7 +211,7 @@ def _traced_routes(h, w, c_in, c_out):
         jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _conv_arrays((h, w, c_in, c_out), 2, 0)
     )
     # The routed function itself: what conv2d_nhwc calls on the CPU (elsewhere it is plain lax).
-    jaxpr = jax.make_jaxpr(_value_and_vjp(ops._conv_valid_routed))(x, kernel, ct).jaxpr
+    jaxpr = jax.make_jaxpr(_value_and_vjp(cpu_conv.valid_conv))(x, kernel, ct).jaxpr
     passes = {
         (x.shape, kernel.shape): "forward",
         (ct.shape, kernel.shape): "input_grad",

@@ -31,6 +31,7 @@ def _fresh_choices(monkeypatch):
     (conftest's per-test CNNJAX_CACHE_DIR), under the default policy."""
     monkeypatch.setattr(routes, "_chosen", {})
     monkeypatch.delenv(routes.POLICY_ENV, raising=False)
+    monkeypatch.delenv(routes.FILE_ENV, raising=False)
 
 
 def _choose(shape=(64, 64), candidates=CANDIDATES):
@@ -42,6 +43,12 @@ def test_the_measurably_faster_route_is_chosen_and_kept_in_the_machines_file():
     stored = json.loads(routes.cache_file().read_text())
     assert stored == {"test_op float32[64, 64]": "fast"}
     assert routes.chosen() == stored
+
+
+def test_the_routes_file_can_be_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(routes.FILE_ENV, str(tmp_path / "mine.json"))
+    assert _choose() == "fast"
+    assert json.loads((tmp_path / "mine.json").read_text()) == {"test_op float32[64, 64]": "fast"}
 
 
 def test_a_route_no_faster_than_the_margin_leaves_the_default():
