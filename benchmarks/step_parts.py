@@ -13,6 +13,8 @@ whole step's milliseconds and then each part's, with its share of the step:
   optimizer    the optimizer's update and applying it to the parameters,
   rest         the step minus the parts: the loss, and what XLA fuses differently when the parts
                run together (negative when the whole is cheaper than its parts).
+The whole step is timed as a one-seed run compiles it (unbatched, cnnjax.step.compile_steps) and
+also vmapped over a seed axis of 1, the shape a multi-seed run's step has.
 Best of --reps interleaved rounds, wall clock, one JSON line per model after the table.
 """
 
@@ -55,17 +57,15 @@ def parts(model_name: str, reps: int) -> dict[str, float]:
     augment = None if cfg.augment.is_identity else cfg.augment
     state = step.init_state(model, tx, jax.random.PRNGKey(0))
     key = jax.random.PRNGKey(1)
-    seconds = {
-        "step": best_seconds(
-            {
-                "step": jax.jit(
-                    lambda s, b: step.train_step(s, b, model=model, tx=tx, augment=augment)
-                )
-            },
-            (state, batch),
-            reps,
-        )["step"]
-    }
+
+    def one_step(state, batch):
+        return step.train_step(state, batch, model=model, tx=tx, augment=augment)
+
+    seconds = {"step": best_seconds({"s": jax.jit(one_step)}, (state, batch), reps)["s"]}
+    # As compile_steps runs one seed (unbatched), against the same step vmapped over one seed.
+    vmapped = jax.jit(jax.vmap(one_step, in_axes=(0, None)))
+    stacked = jax.tree.map(lambda leaf: leaf[None], state)
+    vmapped_seconds = best_seconds({"v": vmapped}, (stacked, batch), reps)["v"]
     augment_fn = jax.jit(lambda images, k: step.preprocess(images, k, augment))
     seconds["augment"] = (
         best_seconds({"a": augment_fn}, (batch["image"], key), reps)["a"] if augment else 0.0
@@ -113,7 +113,7 @@ def parts(model_name: str, reps: int) -> dict[str, float]:
         {"o": jax.jit(update)}, (state.params, state.opt_state, grads), reps
     )["o"]
     seconds["rest"] = seconds["step"] - sum(v for name, v in seconds.items() if name != "step")
-    return seconds
+    return seconds, vmapped_seconds
 
 
 def main() -> None:
@@ -122,9 +122,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds; the best is kept")
     args = parser.parse_args()
     for model_name in args.models.split(","):
-        seconds = parts(model_name, args.reps)
+        seconds, vmapped_seconds = parts(model_name, args.reps)
         step_ms = seconds["step"] * 1e3
         print(f"\n{model_name} ({RECIPES[model_name]}): one training step {step_ms:.2f} ms")
+        print(f"  (vmapped over a seed axis of 1: {vmapped_seconds * 1e3:.2f} ms)")
         for name, s in seconds.items():
             if name != "step":
                 print(f"  {name:12s} {s * 1e3:8.2f} ms  {s / seconds['step']:6.1%}")
@@ -133,7 +134,12 @@ def main() -> None:
         }
         print(
             json.dumps(
-                {"model": model_name, "step_ms": round(seconds["step"] * 1e3, 2), "shares": shares}
+                {
+                    "model": model_name,
+                    "step_ms": round(seconds["step"] * 1e3, 2),
+                    "vmapped_one_seed_ms": round(vmapped_seconds * 1e3, 2),
+                    "shares": shares,
+                }
             )
         )
 

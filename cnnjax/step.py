@@ -178,7 +178,22 @@ def compile_steps(
         carry, batch_totals = step(carry, batch)
         return carry, jax.tree.map(jnp.add, sums, batch_totals)
 
-    seeds = jax.vmap(one_seed, in_axes=(0, 0, 0 if per_seed else None, None, None))
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0 if per_seed else None, None, None))
+
+    def seeds(
+        carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array
+    ) -> tuple[Any, Totals]:
+        if jax.tree.leaves(sums)[0].shape[0] > 1:
+            return vmapped(carry, sums, batches, data, i)
+        # One seed runs the step itself, unbatched: vmapped, XLA drops the one-trip loops of the
+        # batched convolutions (cnnjax.cpu_conv) and then fuses each layer's ReLU and pool into
+        # the transposing copy its kernel gradient makes, far slower on the CPU
+        # (benchmarks/step_parts.py times both).
+        first = functools.partial(jax.tree.map, lambda leaf: leaf[0])
+        carry, sums = one_seed(
+            first(carry), first(sums), first(batches) if per_seed else batches, data, i
+        )
+        return jax.tree.map(lambda leaf: leaf[None], (carry, sums))
 
     def run(carry: Any, sums: Totals, batches: Batch, data: Batch | None) -> tuple[Any, Totals]:
         num_steps = batches["weight"].shape[1 if per_seed else 0]
