@@ -22,10 +22,10 @@ from cnnjax import routes
 # the running machine, once, and keeps the faster:
 # - "matmul": the convolution as one matrix product per pass. The forward pass multiplies the
 #   patches matrix (im2col: the kh*kw shifted views side by side, (N, oh, ow, kh*kw*C_in)) by
-#   the kernel as a (kh*kw*C_in, C_out) matrix; the kernel gradient multiplies each image's
-#   patches, transposed, by its dy; the input gradient multiplies dy by the kernel's transpose
-#   and adds the kh*kw shifted slices of the result back (col2im). XLA:CPU runs a dot at the
-#   matmul library's rate, which on some CPUs its convolutions are far below.
+#   the kernel as a (kh*kw*C_in, C_out) matrix; the kernel gradient contracts the same patches
+#   with dy over their rows (patches^T dy); the input gradient multiplies dy by the kernel's
+#   transpose and adds the kh*kw shifted slices of the result back (col2im). XLA:CPU runs a dot
+#   at the matmul library's rate, which on some CPUs its convolutions are far below.
 # - "xla": XLA's own convolutions, steered. XLA:CPU (jaxlib 0.10) hands a convolution to
 #   YNNPACK when YNNPACK supports it, else to Eigen, and on a 2-core AVX2 machine that choice
 #   is often the slow one:
@@ -154,9 +154,9 @@ def _patches_bytes(x: jax.Array, kernel_shape: tuple[int, ...]) -> int:
     return oh * ow * kh * kw * x.shape[3] * x.dtype.itemsize
 
 
-def _image_blocks(n: int, image_bytes: int) -> int:
-    """The largest number of images, dividing n, whose patches fit in _BLOCK_BYTES (at least 1)."""
-    fits = max(1, _BLOCK_BYTES // max(image_bytes, 1))
+def _image_blocks(n: int, image_bytes: int, block_bytes: int = _BLOCK_BYTES) -> int:
+    """The largest number of images, dividing n, whose patches fit in block_bytes (at least 1)."""
+    fits = max(1, block_bytes // max(image_bytes, 1))
     return max(d for d in range(1, min(n, fits) + 1) if n % d == 0)
 
 
@@ -199,18 +199,19 @@ def _kernel_grad_xla(x: jax.Array, dy: jax.Array) -> jax.Array:
 
 
 def _kernel_grad_matmul(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """A block of images at a time, the transposed patches (kh*kw*C_in, n*oh*ow) times dy
-    (n*oh*ow, C_out), the blocks summed by a scan."""
+    """A block of images at a time, the patches (n*oh*ow, kh*kw*C_in), as the forward pass builds
+    them, contracted with dy (n*oh*ow, C_out) over their rows; the blocks summed by a scan."""
     n, oh, ow, c_out = dy.shape
     kh, kw, c_in = x.shape[1] - oh + 1, x.shape[2] - ow + 1, x.shape[3]
-    size = _image_blocks(n, _patches_bytes(x, (kh, kw)))
+    # Larger blocks than the other passes': with one image of the first layer per block its
+    # product measured far slower (benchmarks/conv_layers.py).
+    size = _image_blocks(n, _patches_bytes(x, (kh, kw)), 2 * _BLOCK_BYTES)
+    rows = (((0,), (0,)), ((), ()))  # contract the rows: patches^T dy, no transpose written
 
     def add_block(acc, x_dy):
         xb, dyb = x_dy
-        channels_first = xb.transpose(3, 0, 1, 2)  # (C_in, n, H, W): each tap a block of rows
-        taps = [channels_first[..., i : i + oh, j : j + ow] for i in range(kh) for j in range(kw)]
-        patches_t = jnp.stack(taps).reshape(kh * kw * c_in, -1)
-        return acc + patches_t @ dyb.reshape(-1, c_out), None
+        patches = jnp.concatenate(_taps(xb, kh, kw), axis=-1).reshape(-1, kh * kw * c_in)
+        return acc + jax.lax.dot_general(patches, dyb.reshape(-1, c_out), rows), None
 
     blocks = (x.reshape(-1, size, *x.shape[1:]), dy.reshape(-1, size, *dy.shape[1:]))
     d_kernel, _ = jax.lax.scan(add_block, jnp.zeros((kh * kw * c_in, c_out), dy.dtype), blocks)

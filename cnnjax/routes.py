@@ -4,10 +4,11 @@ An operation with several implementations of the same sums (cnnjax.cpu_conv's co
 asks `choose` which to trace. Under the default policy, "measure", the first use of a shape
 compiles every candidate, times them on random inputs of that shape and keeps the fastest;
 the choice is remembered in memory and in a file under the user cache, one per CPU model,
-core count and jax version. The measuring happens while the caller is being traced, so its
-cost is paid once per shape, at compile time, and a rerun on the same machine takes the
-same routes (and so gives the same float sums). Why measure at all: which implementation is
-fastest differs between CPUs of the same instruction set, and moves with jaxlib.
+core count, jax version and revision of cnnjax's code. The measuring happens while the caller
+is being traced, so its cost is paid once per shape, at compile time, and a rerun on the same
+machine takes the same routes (and so gives the same float sums). Why measure at all: which
+implementation is fastest differs between CPUs of the same instruction set, and moves with
+jaxlib.
 
 `CNNJAX_CONV_ROUTES` (or `pinned`) sets the policy instead: "measure", or the name of a route
 ("xla", "matmul"), taken wherever an operation has it. Several processes joined by
@@ -18,6 +19,8 @@ than its peers, so they take the first candidate, the one an operation lists as 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -77,13 +80,22 @@ def machine() -> str:
     return f"{model}, {cores} cores, jax {jax.__version__}"
 
 
+@functools.lru_cache(maxsize=4)
+def code_revision(package: Path = Path(__file__).parent) -> str:
+    """A digest of cnnjax's own sources: a choice holds for the routes' code it timed."""
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def cache_file() -> Path:
     """Where this machine's choices are kept (one JSON object, key -> route): $CNNJAX_ROUTES_FILE,
-    else a file per machine under the user cache."""
+    else a file per machine and revision of cnnjax's code under the user cache."""
     if os.environ.get(FILE_ENV):
         return Path(os.environ[FILE_ENV])
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", machine()).strip("-")
-    return cache_root() / "routes" / f"{slug}.json"
+    return cache_root() / "routes" / f"{slug}-{code_revision()}.json"
 
 
 def choose(operation: str, candidates: Mapping[str, Callable], args: Sequence[Any]) -> str:
@@ -108,6 +120,19 @@ def _measure(key: str, candidates: Mapping[str, Callable], shapes: list) -> str:
     """Time every candidate on random inputs of these shapes; keep the fastest and store it."""
     global measure_seconds
     start = time.perf_counter()
+    best = _best_seconds(candidates, shapes)
+    default = next(iter(candidates))
+    fastest = min(best, key=best.get)
+    route = fastest if best[fastest] < best[default] * (1 - MARGIN) else default
+    measure_seconds += time.perf_counter() - start
+    timings = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in best.items())
+    log.debug("%s: %s (%s)", key, route, timings)
+    _write_cache(key, route)
+    return route
+
+
+def _best_seconds(candidates: Mapping[str, Callable], shapes: list) -> dict[str, float]:
+    """Each candidate's best seconds per call over _ROUNDS interleaved rounds."""
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s.shape).astype(s.dtype) for s in shapes]
     # A compiled executable runs at once even while the caller is being traced.
@@ -126,14 +151,7 @@ def _measure(key: str, candidates: Mapping[str, Callable], shapes: list) -> str:
                 out = fn(*inputs)
             jax.block_until_ready(out)
             best[name] = min(best[name], (time.perf_counter() - once) / calls[name])
-    default = next(iter(candidates))
-    fastest = min(best, key=best.get)
-    route = fastest if best[fastest] < best[default] * (1 - MARGIN) else default
-    measure_seconds += time.perf_counter() - start
-    timings = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in best.items())
-    log.debug("%s: %s (%s)", key, route, timings)
-    _write_cache(key, route)
-    return route
+    return best
 
 
 def _read_cache() -> dict[str, str]:
