@@ -8,7 +8,8 @@ setting is a run of `cnnjax.runs` (its own folder, checkpoints, resume, history)
     OUT/<setting>/seed<N>/       one run per seed (seeds="sequential")
     OUT/<setting>/result.json    written last: histories, per-seed summary, test accuracy
     OUT/<setting>/error.json     instead, when the setting failed (retried on the next run)
-    OUT/results.csv, results.md, curves.png
+    OUT/results.csv, results.md, curves.png, differences.png (each setting against the reference,
+                                 paired by seed: cnnjax.paired)
 
 "auto" takes vmap, the seeds in one compiled program spread over the mesh's seed axis: on a 2-core
 CPU, 3 seeds in one program measured faster than running them in turn (benchmarks/ablation_vmap.py
@@ -29,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnnjax import checkpoint, files, mesh, models, plots, runs, train
+from cnnjax import checkpoint, files, mesh, models, paired, plots, runs, train
 from cnnjax import config as configlib
 from cnnjax import history as historylib
 from cnnjax.augment import AugmentConfig
@@ -230,10 +231,16 @@ def summarize(
     }
 
 
-def check_out(out: Path, base: Config, settings: Sequence[Setting]) -> None:
+def check_out(
+    out: Path,
+    base: Config,
+    settings: Sequence[Setting],
+    inputs: Mapping[str, Any] | None = None,
+) -> None:
     """Refuse, before anything is written, an --out that is a file, holds something other than an
-    ablation, or holds one of another base recipe or other settings of the same names (its finished
-    settings would be taken for this one's)."""
+    ablation, or holds one of another base recipe, other settings of the same names or other
+    `inputs` (what else decides the numbers: the script's --train-subset); its finished settings
+    would be taken for this one's."""
     if out.exists() and not out.is_dir():
         raise runs.RunError(f"--out {out} is a file, not a folder")
     if not (out / "ablation.json").is_file():
@@ -253,6 +260,12 @@ def check_out(out: Path, base: Config, settings: Sequence[Setting]) -> None:
         for s in settings
         if s.name in kept and kept[s.name] != files.strict_json(s.as_dict()["overrides"])
     ]
+    saved_inputs = saved.get("inputs", {})
+    differ += [
+        f"{key}: {saved_inputs.get(key)} -> {value}"
+        for key, value in files.strict_json(dict(inputs or {})).items()
+        if saved_inputs.get(key) != value
+    ]
     if differ:
         raise runs.RunError(
             f"--out {out} holds an ablation of another recipe ({'; '.join(differ)}); "
@@ -268,11 +281,16 @@ def run_ablation(
     out: Path,
     mode: str = "auto",
     verbose: bool = True,
+    reference: str | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every setting in turn (finished ones skipped, unfinished ones resumed, failed ones retried),
-    then the table and the plot. Returns every setting's record, failed ones with status
-    "failed: ..."."""
+    then the table and the plots, each setting against `reference` (default: "none" where it is a
+    setting, else the first). `inputs` (check_out's) are recorded in ablation.json. Returns every
+    setting's record, failed ones with status "failed: ..."."""
     mode = resolve_mode(mode)
+    names = [s.name for s in settings]
+    reference = paired.reference_name(names, reference)
     main = mesh.is_main_process()  # in a run of several processes, process 0 writes and prints
     verbose = verbose and main
     if main:
@@ -283,6 +301,8 @@ def run_ablation(
             {
                 "config": configlib.to_dict(base),
                 "mode": mode,
+                "reference": reference,
+                "inputs": dict(inputs or {}),
                 "settings": [s.as_dict() for s in settings],
             },
         )
@@ -319,25 +339,32 @@ def run_ablation(
                     f"[{setting.name}] failed: {type(e).__name__}: {e} (retried on the next run)",
                     flush=True,
                 )
-    names = [s.name for s in settings]
-    return rebuild_report(out, names) if main else collect_results(out, names)
+    return rebuild_report(out, names, reference) if main else collect_results(out, names)
 
 
-def rebuild_report(out: Path, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The table and plot from the settings on disk, in the order ablation.json lists them."""
+def rebuild_report(
+    out: Path, names: Sequence[str] | None = None, reference: str | None = None
+) -> list[dict[str, Any]]:
+    """The table and plots from the settings on disk, in the order ablation.json lists them,
+    against its reference unless another is named."""
+    saved = files.read_json(out / "ablation.json") if (out / "ablation.json").exists() else {}
     if names is None:
-        listed = (
-            files.read_json(out / "ablation.json")["settings"]
-            if (out / "ablation.json").exists()
-            else []
-        )
-        names = [s["name"] for s in listed] or sorted(
+        names = [s["name"] for s in saved.get("settings", [])] or sorted(
             p.parent.name for p in out.glob("*/result.json")
         )
     results = collect_results(out, names)
-    if results:
-        write_table(results, out)
-        plots.plot_curves([r for r in results if r.get("histories")], out / "curves.png")
+    if not results:
+        return results
+    finished = [r for r in results if r["seeds"]]
+    names_done = [r["name"] for r in finished]
+    wanted = reference or saved.get("reference")
+    # a reference that failed or has not run yet: the differences from the next best one
+    ref = paired.reference_name(names_done, wanted if wanted in names_done else None)
+    diffs = paired.differences(finished, ref) if finished else {}
+    write_table(results, out, diffs, ref)
+    plots.plot_curves([r for r in results if r.get("histories")], out / "curves.png")
+    if diffs:
+        plots.plot_differences(diffs, ref, paired.LABELS, out / "differences.png")
     return results
 
 
@@ -367,6 +394,11 @@ def failed(results: Sequence[dict[str, Any]]) -> list[str]:
     return [r["name"] for r in results if str(r["status"]).startswith("failed")]
 
 
+def diverged(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Settings of which one seed or more diverged."""
+    return [r["name"] for r in results if "diverged" in str(r["status"])]
+
+
 COLUMNS = [
     ("best_val_accuracy", "best val acc"),
     ("final_val_accuracy", "final val acc"),
@@ -384,8 +416,15 @@ def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     return float(np.mean(finite)), float(np.std(finite))
 
 
-def write_table(results: Sequence[dict[str, Any]], out: Path) -> None:
-    """results.csv (every number) and results.md (mean ± std over seeds)."""
+def write_table(
+    results: Sequence[dict[str, Any]],
+    out: Path,
+    diffs: Mapping[str, Sequence[paired.Difference]] | None = None,
+    reference: str = "",
+) -> None:
+    """results.csv (every number) and results.md (mean ± std over seeds, then each setting's paired
+    difference from the reference)."""
+    diffs = diffs or {}
     header = ["setting", "status", "seeds", *(label for _, label in COLUMNS), "wall (s)"]
     rows, lines = [], ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
@@ -402,7 +441,10 @@ def write_table(results: Sequence[dict[str, Any]], out: Path) -> None:
             cells.append("n/a" if math.isnan(mean) else f"{mean:{fmt}} ± {std:{fmt}}")
         row["wall_seconds"] = result.get("wall_seconds", math.nan)
         cells.append("n/a" if math.isnan(row["wall_seconds"]) else f"{row['wall_seconds']:.0f}")
+        row.update(paired.csv_columns(diffs.get(result["name"])))
         rows.append(row)
         lines.append("| " + " | ".join(cells) + " |")
+    if diffs:
+        lines += ["", *paired.table_lines(dict(diffs), reference)]
     files.write_csv(out / "results.csv", rows)
     files.write_text(out / "results.md", "\n".join(lines) + "\n")

@@ -244,3 +244,38 @@ def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
             ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_differences(
+    diffs: Mapping[str, Sequence[Any]], reference: str, labels: Mapping[str, str], path: Path
+) -> Path:
+    """A forest plot: each setting's paired difference from the reference (cnnjax.paired), one
+    panel per metric, the mean as a dot and its 95% interval as a bar, 0 as a line."""
+    names = list(diffs)
+    metrics = [d.metric for d in next(iter(diffs.values()))] if diffs else list(labels)
+    fig = Figure(figsize=(4.5 * len(metrics), 1.2 + 0.45 * max(len(names), 1)))
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
+    y = np.arange(len(names))[::-1]
+    for i, (ax, metric) in enumerate(zip(axes, metrics)):
+        rows = [diffs[name][i] for name in names]
+        mean = np.array([r.mean for r in rows], np.float64)
+        low = np.array([r.low for r in rows], np.float64)
+        high = np.array([r.high for r in rows], np.float64)
+        resolved = np.array([r.verdict in ("better", "worse") for r in rows])
+        ax.axvline(0.0, color="gray", linewidth=1)
+        for keep, color in ((resolved, "C3"), (~resolved, "C0")):
+            ax.errorbar(
+                mean[keep],
+                y[keep],
+                xerr=[mean[keep] - low[keep], high[keep] - mean[keep]],
+                fmt="o",
+                color=color,
+                capsize=3,
+            )
+        ax.set_title(f"{labels[metric]} - {reference}", fontsize=10)
+        ax.set_yticks(y, names)
+        ax.set_ylim(-0.7, len(names) - 0.3)
+    title = "Paired difference from the reference, 95% t interval (red: resolved)"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

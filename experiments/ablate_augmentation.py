@@ -16,9 +16,12 @@ or by path: "sharp:augment.interpolation=nearest").
 sequential one after another; auto is vmap, which measured faster on the CPU too.
 Interrupt it and run the same command again: finished settings are skipped, an
 unfinished one resumes from its latest checkpoint, a failed one is retried.
-Writes into --out: results.csv, results.md, curves.png, and one run folder per setting.
-Exit codes: 0 done, 2 bad flags or data, 4 some setting failed (its error.json says why),
-130 interrupted.
+Writes into --out: results.csv, results.md, curves.png, differences.png, and one run
+folder per setting.
+Each setting is compared with the reference (--reference, default none) seed by seed:
+results.md gives the mean paired difference, its 95% Student's t interval and a verdict,
+differences.png draws them. Exit codes: 0 done, 2 bad flags or data, 4 some setting failed
+(its error.json says why) or diverged, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,6 +90,12 @@ def parse_flags(argv: list[str] | None) -> argparse.Namespace:
         "(default: auto)",
     )
     parser.add_argument(
+        "--reference",
+        default=None,
+        help="the setting every other is compared with, seed by seed (default: none, the base "
+        "recipe, where it is a setting, else the first)",
+    )
+    parser.add_argument(
         "--train-subset",
         type=int,
         default=None,
@@ -123,6 +133,10 @@ def checked_settings(args: argparse.Namespace) -> tuple[config.Config, list[abla
             runs.check_config(ablation.setting_config(base, setting))
         except config.ConfigError as e:
             raise config.ConfigError(f"setting {setting.name!r}: {e}") from None
+    if args.reference is not None and args.reference not in names:
+        raise config.ConfigError(
+            f"--reference {args.reference!r} is not one of the settings ({', '.join(names)})"
+        )
     if args.train_subset is not None and args.train_subset < 2:
         raise config.ConfigError(
             f"--train-subset must be at least 2 (one image per class), got {args.train_subset}"
@@ -172,14 +186,22 @@ def interrupted(out: Path, settings: list[ablation.Setting], main_process: bool)
     return SystemExit(runs.EXIT_INTERRUPTED)
 
 
-def print_report(out: Path, failed: list[str]) -> None:
-    """The results table, what was written, and which settings failed."""
+def print_report(out: Path, failed: list[str], diverged: list[str]) -> None:
+    """The results table, what was written, and which settings failed or diverged."""
     results_md = out / "results.md"
     print(results_md.read_text() if results_md.exists() else "no results", flush=True)
+    figures = "curves.png, differences.png" if (out / "differences.png").exists() else "curves.png"
     print(
-        f"Wrote {out}/: results.csv, results.md, curves.png, one run folder per setting",
+        f"Wrote {out}/: results.csv, results.md, {figures}, one run folder per setting",
         flush=True,
     )
+    if diverged:
+        print(
+            f"error: {len(diverged)} setting(s) diverged: {', '.join(diverged)} (a loss went "
+            "NaN or inf; see results.md); try a lower --optim.learning_rate",
+            file=sys.stderr,
+            flush=True,
+        )
     if failed:
         print(
             f"error: {len(failed)} setting(s) failed: {', '.join(failed)} (see their error.json); "
@@ -193,13 +215,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_flags(argv)
     out = Path(args.out)
     if args.table_only:
-        results = ablation.rebuild_report(out)
+        results = ablation.rebuild_report(out, reference=args.reference)
         print((out / "results.md").read_text() if results else f"no finished settings in {out}")
         return results
     with runs.exits():
         runs.start(args)
         base, settings = checked_settings(args)
-        ablation.check_out(out, base, settings)
+        ablation.check_out(out, base, settings, inputs(args))
         datasets, test = load_datasets(base, args.train_subset)
     # with several processes, process 0 prints (and writes)
     main_process = mesh.is_main_process()
@@ -210,15 +232,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
             flush=True,
         )
     try:
-        results = ablation.run_ablation(settings, base, datasets, test, out, args.seed_mode)
+        results = ablation.run_ablation(
+            settings,
+            base,
+            datasets,
+            test,
+            out,
+            args.seed_mode,
+            reference=args.reference,
+            inputs=inputs(args),
+        )
     except KeyboardInterrupt:
         raise interrupted(out, settings, main_process) from None
-    failed = ablation.failed(results)
+    failed, diverged = ablation.failed(results), ablation.diverged(results)
     if main_process:
-        print_report(out, failed)
-    if failed:
+        print_report(out, failed, diverged)
+    if failed or diverged:
         raise SystemExit(runs.EXIT_FAILED)
     return results
+
+
+def inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """What decides the numbers besides the recipe and the settings: recorded, checked on a
+    rerun."""
+    return {"train_subset": args.train_subset}
 
 
 if __name__ == "__main__":

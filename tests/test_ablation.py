@@ -8,8 +8,9 @@ import types
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from cnnjax import ablation, checkpoint, config, data, plots, runs, train
+from cnnjax import ablation, checkpoint, config, data, paired, plots, runs, train
 from cnnjax import history as historylib
 from cnnjax.augment import AugmentConfig
 from tests.conftest import CATS_SIZE, tiny_cats_dogs, write_cats_dogs_folder
@@ -112,6 +113,26 @@ def test_table_is_the_runs_recomputed_and_best_checkpoints_hold_the_best_epoch(
             digits = ".1f" if key == "best_epoch" else ".3f"
             assert cell == f"{np.mean(values):{digits}} ± {np.std(values):{digits}}"
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3
+    # The paired table: zoom minus none, seed by seed, as scipy's paired t interval.
+    paired_rows = table[
+        table.index(
+            "| setting | " + " | ".join(f"{label} - none" for _, label, _ in paired.METRICS) + " |"
+        )
+        + 2 :
+    ]
+    cells = [c.strip() for c in paired_rows[0].strip("|").split("|")]
+    assert len(paired_rows) == 1 and cells[0] == "zoom"
+    with open(tmp_path / "results.csv", newline="") as f:
+        csv_rows = {row["setting"]: row for row in csv.DictReader(f)}
+    for (key, _, _), cell in zip(paired.METRICS, cells[1:]):
+        zoom, none = ([s[key] for s in r["seeds"]] for r in results[::-1])
+        diff = np.subtract(zoom, none)
+        low, high = stats.ttest_rel(zoom, none).confidence_interval(0.95)
+        digits = "+.4f" if key.endswith("loss") else "+.3f"
+        assert cell.startswith(f"{np.mean(diff):{digits}} [{low:{digits}}, {high:{digits}}] ")
+        np.testing.assert_allclose(float(csv_rows["zoom"][f"{key}_diff_low"]), low, rtol=1e-9)
+        assert csv_rows["none"][f"{key}_diff"] == ""  # the reference has no difference
+    assert (tmp_path / "differences.png").stat().st_size > 0
     for result in results:
         folder = tmp_path / result["name"]
         for k, (seed, history) in enumerate(zip(result["seeds"], result["histories"])):

@@ -1,0 +1,75 @@
+"""experiments/ablate_augmentation.py as a user runs it: the paired report it prints, the flags it
+records and checks on a rerun, and exit 4 when a setting diverges."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CATS_SIZE, write_cats_dogs_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ablate(tmp_path: Path, data: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        str(REPO / "experiments" / "ablate_augmentation.py"),
+        "--data-dir",
+        str(data),
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--train.eval_batch_size",
+        "8",
+        "--image-size",
+        str(CATS_SIZE),
+        "--out",
+        str(tmp_path / "ablation"),
+        *flags,
+    ]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_cats_dogs_folder(
+        tmp_path_factory.mktemp("cats"), {"train": 16, "validation": 8, "test": 8}
+    )
+
+
+def test_the_report_compares_each_setting_with_none_and_a_rerun_checks_the_subset(tmp_path, data):
+    done = _ablate(tmp_path, data, "--settings", "none", "flip", "--train-subset", "12")
+    assert done.returncode == 0, done.stderr
+    assert "Paired differences from 'none'" in done.stdout
+    assert "| flip | " in done.stdout.split("Paired differences")[1]
+    out = tmp_path / "ablation"
+    assert (out / "differences.png").is_file() and "differences.png" in done.stdout
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["inputs"] == {"train_subset": 12} and saved["reference"] == "none"
+    # The same folder with another subset would mix two recipes in one table: refused.
+    other = _ablate(tmp_path, data, "--settings", "none", "flip", "--train-subset", "14")
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines() == [
+        f"error: --out {out} holds an ablation of another recipe (train_subset: 12 -> 14); "
+        "rerun it with its own flags to finish it, or choose another --out"
+    ]
+    unknown = _ablate(tmp_path, data, "--settings", "flip", "--reference", "zoom")
+    assert unknown.returncode == 2 and "--reference 'zoom' is not one of" in unknown.stderr
+
+
+def test_a_diverged_setting_exits_4_with_one_line(tmp_path, data):
+    done = _ablate(tmp_path, data, "--settings", "none", "--optim.learning_rate", "1e12")
+    assert done.returncode == 4, done.stderr
+    assert "| none | diverged | 2 |" in done.stdout
+    assert done.stderr.strip().splitlines() == [
+        "error: 1 setting(s) diverged: none (a loss went NaN or inf; see results.md); "
+        "try a lower --optim.learning_rate"
+    ]
