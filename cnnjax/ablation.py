@@ -11,10 +11,11 @@ setting is a run of `cnnjax.runs` (its own folder, checkpoints, resume, history)
     OUT/results.csv, results.md, curves.png, differences.png (each setting against the reference,
                                  paired by seed: cnnjax.paired)
 
-"auto" takes vmap, the seeds in one compiled program spread over the mesh's seed axis: on a 2-core
-CPU, 3 seeds in one program measured faster than running them in turn (benchmarks/ablation_vmap.py
-prints the ratio; the README has the figures), and on accelerators one program per step is what
-keeps the device busy.
+"auto" takes vmap on accelerators, the seeds in one compiled program spread over the mesh's seed
+axis: one program per step is what keeps the device busy. On the CPU it takes sequential: a
+one-seed run compiles its step unbatched (cnnjax.step), and 3 seeds in one program measured
+slower than running them in turn (benchmarks/ablation_vmap.py prints the ratio; docs/results.md
+has the figures).
 """
 
 from __future__ import annotations
@@ -113,11 +114,13 @@ def setting_config(base: Config, setting: Setting) -> Config:
 
 
 def resolve_mode(mode: str) -> str:
-    """auto: the seeds of a setting in one vmapped program, on every backend (measured faster; see
-    the module docstring)."""
+    """auto: the seeds of a setting one after another on the CPU, in one vmapped program elsewhere
+    (measured; see the module docstring)."""
     if mode not in SEED_MODES:
         raise ConfigError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {mode!r}")
-    return "vmap" if mode == "auto" else mode
+    if mode == "auto":
+        return "sequential" if jax.default_backend() == "cpu" else "vmap"
+    return mode
 
 
 def _folder_name(name: str) -> str:

@@ -13,7 +13,8 @@ alone. --settings picks a subset or adds your own ("rot20:rotation_range=20,drop
 or by path: "sharp:augment.interpolation=nearest").
 
 --seed-mode: vmap trains a setting's seeds in one program (spread over the devices),
-sequential one after another; auto is vmap, which measured faster on the CPU too.
+sequential one after another; auto is sequential on the CPU, where it measured faster,
+and vmap on accelerators.
 Interrupt it and run the same command again: finished settings are skipped, an
 unfinished one resumes from its latest checkpoint, a failed one is retried.
 Writes into --out: results.csv, results.md, curves.png, differences.png, and one run
@@ -86,8 +87,8 @@ def parse_flags(argv: list[str] | None) -> argparse.Namespace:
         "--seed-mode",
         default="auto",
         choices=ablation.SEED_MODES,
-        help="a setting's seeds in one vmapped program (vmap; auto is vmap) or one run each "
-        "(default: auto)",
+        help="a setting's seeds in one vmapped program (vmap: auto on accelerators) or one run "
+        "each (sequential: auto on the CPU) (default: auto)",
     )
     parser.add_argument(
         "--reference",
