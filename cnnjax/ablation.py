@@ -11,11 +11,9 @@ setting is a run of `cnnjax.runs` (its own folder, checkpoints, resume, history)
     OUT/results.csv, results.md, curves.png, differences.png (each setting against the reference,
                                  paired by seed: cnnjax.paired)
 
-"auto" takes vmap on accelerators, the seeds in one compiled program spread over the mesh's seed
-axis: one program per step is what keeps the device busy. On the CPU it takes sequential: a
-one-seed run compiles its step unbatched (cnnjax.step), and 3 seeds in one program measured
-slower than running them in turn (benchmarks/ablation_vmap.py prints the ratio; docs/results.md
-has the figures).
+"auto" takes vmap on accelerators (the seeds in one program spread over the mesh's seed axis keep
+the device busy) and sequential on the CPU, where a one-seed step runs unbatched (cnnjax.step) and
+3 seeds in one program measured slower than in turn (benchmarks/ablation_vmap.py).
 """
 
 from __future__ import annotations
@@ -118,9 +116,7 @@ def resolve_mode(mode: str) -> str:
     (measured; see the module docstring)."""
     if mode not in SEED_MODES:
         raise ConfigError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {mode!r}")
-    if mode == "auto":
-        return "sequential" if jax.default_backend() == "cpu" else "vmap"
-    return mode
+    return ("sequential" if jax.default_backend() == "cpu" else "vmap") if mode == "auto" else mode
 
 
 def _folder_name(name: str) -> str:
