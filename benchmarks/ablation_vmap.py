@@ -12,8 +12,9 @@ steps x 20 training images) is trained once to compile, then once more timed, fo
 seed and for K seeds; the per-step time and the ratio K seeds / one seed are printed (and
 written to --json). Epochs run as the core runs them (scanned calls; --loop for one call
 per step: cnnjax.step.steps_per_call patched to 1). On a GPU the goal is K = 8 seeds for
-at most 2x the time of one; on a 2-core CPU the work itself is the limit, so expect about
-K x or somewhat less (below K x is why the ablation's "auto" seed mode takes vmap there too).
+at most 2x the time of one; on a 2-core CPU the work itself is the limit, so K x or less
+would pay: the ablation's "auto" seed mode takes sequential on the CPU because this measured
+more than K x there.
 """
 
 from __future__ import annotations
