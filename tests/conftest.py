@@ -205,6 +205,12 @@ def numpy_params(model, seed: int = 0):
 # --- Tiny synthetic data, the same everywhere ---------------------------------------------------
 
 CATS_SIZE = 48  # the smallest square input the cats-vs-dogs convnet takes is 46
+# A tiny ablation's flags (2 seeds, 1 epoch, batch 8, CATS_SIZE images); add --data-dir, --settings
+# and --out.
+TINY_ABLATION_FLAGS = (
+    *("--seeds", "2", "--epochs", "1", "--batch-size", "8", "--train.eval_batch_size", "8"),
+    *("--image-size", str(CATS_SIZE)),
+)
 
 
 def tiny_mnist(n: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from scipy import stats
 from cnnjax import ablation, checkpoint, config, data, paired, plots, runs, train
 from cnnjax import history as historylib
 from cnnjax.augment import AugmentConfig
-from tests.conftest import CATS_SIZE, tiny_cats_dogs, write_cats_dogs_folder
+from tests.conftest import CATS_SIZE, TINY_ABLATION_FLAGS, tiny_cats_dogs, write_cats_dogs_folder
 
 BASE = dataclasses.replace(
     config.override(
@@ -283,16 +283,7 @@ def test_a_failed_setting_is_retried_and_the_script_exits_non_zero(tmp_path, mon
         "--settings",
         "none",
         "flip",
-        "--seeds",
-        "2",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--train.eval_batch_size",
-        "8",
-        "--image-size",
-        str(CATS_SIZE),
+        *TINY_ABLATION_FLAGS,
         "--out",
         str(out),
         "--seed-mode",
@@ -329,16 +320,7 @@ def test_the_script_reports_an_interrupt_and_keeps_finished_settings(tmp_path, m
         "--settings",
         "none",
         "flip",
-        "--seeds",
-        "2",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--train.eval_batch_size",
-        "8",
-        "--image-size",
-        str(CATS_SIZE),
+        *TINY_ABLATION_FLAGS,
         "--out",
         str(out),
     ]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CATS_SIZE, write_cats_dogs_folder
+from tests.conftest import TINY_ABLATION_FLAGS, write_cats_dogs_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,16 +21,7 @@ def _ablate(tmp_path: Path, data: Path, *flags: str) -> subprocess.CompletedProc
         str(REPO / "experiments" / "ablate_augmentation.py"),
         "--data-dir",
         str(data),
-        "--seeds",
-        "2",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--train.eval_batch_size",
-        "8",
-        "--image-size",
-        str(CATS_SIZE),
+        *TINY_ABLATION_FLAGS,
         "--out",
         str(tmp_path / "ablation"),
         *flags,
