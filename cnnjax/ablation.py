@@ -354,12 +354,8 @@ def rebuild_report(
     results = collect_results(out, names)
     if not results:
         return results
-    finished = [r for r in results if r["seeds"]]
-    names_done = [r["name"] for r in finished]
-    wanted = reference or saved.get("reference")
     # a reference that failed or has not run yet: the differences from the next best one
-    ref = paired.reference_name(names_done, wanted if wanted in names_done else None)
-    diffs = paired.differences(finished, ref) if finished else {}
+    ref, diffs = paired.from_reference(results, reference or saved.get("reference"))
     write_table(results, out, diffs, ref)
     plots.plot_curves([r for r in results if r.get("histories")], out / "curves.png")
     if diffs:

@@ -98,7 +98,7 @@ def reference_name(names: Sequence[str], wanted: str | None = None) -> str:
         if wanted not in names:
             raise ValueError(f"reference setting {wanted!r} is not among {', '.join(names)}")
         return wanted
-    return "none" if "none" in names or not names else names[0]
+    return "none" if "none" in names else names[0]
 
 
 def differences(results: Sequence[dict[str, Any]], reference: str) -> dict[str, list[Difference]]:
@@ -116,6 +116,20 @@ def differences(results: Sequence[dict[str, Any]], reference: str) -> dict[str, 
             for key, _, direction in METRICS
         ]
     return out
+
+
+def from_reference(
+    results: Sequence[dict[str, Any]], wanted: str | None = None
+) -> tuple[str, dict[str, list[Difference]]]:
+    """The reference among the finished settings (`wanted` where it finished, else as
+    reference_name picks) and every other finished setting's differences from it; ("", {}) when
+    none has finished."""
+    finished = [r for r in results if r["seeds"]]
+    names = [r["name"] for r in finished]
+    if not names:
+        return "", {}
+    reference = reference_name(names, wanted if wanted in names else None)
+    return reference, differences(finished, reference)
 
 
 def _cell(diff: Difference) -> str:

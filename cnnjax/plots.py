@@ -250,10 +250,11 @@ def plot_differences(
     diffs: Mapping[str, Sequence[Any]], reference: str, labels: Mapping[str, str], path: Path
 ) -> Path:
     """A forest plot: each setting's paired difference from the reference (cnnjax.paired), one
-    panel per metric, the mean as a dot and its 95% interval as a bar, 0 as a line."""
+    panel per metric, the mean as a dot and its 95% interval as a bar, 0 as a line. diffs: at
+    least one setting."""
     names = list(diffs)
-    metrics = [d.metric for d in next(iter(diffs.values()))] if diffs else list(labels)
-    fig = Figure(figsize=(4.5 * len(metrics), 1.2 + 0.45 * max(len(names), 1)))
+    metrics = [d.metric for d in diffs[names[0]]]
+    fig = Figure(figsize=(4.5 * len(metrics), 1.2 + 0.45 * len(names)))
     axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
     y = np.arange(len(names))[::-1]
     for i, (ax, metric) in enumerate(zip(axes, metrics)):

@@ -61,3 +61,14 @@ def test_the_reference_is_none_by_default_else_the_first():
     assert paired.reference_name(["flip", "zoom"], "zoom") == "zoom"
     with pytest.raises(ValueError, match="not among"):
         paired.reference_name(["flip"], "none")
+
+
+def test_a_reference_that_did_not_finish_gives_way_to_the_next():
+    def result(name, values):
+        return {"name": name, "seeds": [{key: v for key, _, _ in paired.METRICS} for v in values]}
+
+    results = [result("none", []), result("flip", [0.7, 0.8]), result("zoom", [0.75, 0.9])]
+    reference, diffs = paired.from_reference(results, "none")  # none failed: no seeds
+    assert reference == "flip" and list(diffs) == ["zoom"]
+    np.testing.assert_allclose(diffs["zoom"][0].mean, 0.075)
+    assert paired.from_reference([result("none", [])]) == ("", {})
