@@ -71,4 +71,5 @@ def test_a_reference_that_did_not_finish_gives_way_to_the_next():
     reference, diffs = paired.from_reference(results, "none")  # none failed: no seeds
     assert reference == "flip" and list(diffs) == ["zoom"]
     np.testing.assert_allclose(diffs["zoom"][0].mean, 0.075)
+    assert paired.from_reference(results, "zoom")[0] == "zoom"  # a finished one is kept
     assert paired.from_reference([result("none", [])]) == ("", {})
