@@ -212,7 +212,13 @@ def _say_bye(conn: socket.socket) -> None:
 before_leaving: list[Callable[[], None]] = []
 
 
+# Held by the first thread that leaves: a peer's watch thread and the main thread (its collective
+# failing) can both find the loss at once, and the process says it in one line.
+_leaving = threading.Lock()
+
+
 def _lost(why: str) -> None:
+    _leaving.acquire()  # a second caller waits here until the first one's os._exit
     where = f"process {jax.process_index()} of {jax.process_count()}"
     for cleanup in list(before_leaving):
         # leaving anyway: one cleanup failing must not stop the others

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -327,3 +328,20 @@ def test_bad_process_flags_are_one_line_exit_2(flags, message, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loss_found_by_two_threads_at_once_is_said_once(monkeypatch, capsys):
+    """A peer's watch thread and the main thread (its collective failing) can both call `_lost`:
+    the first one says it and leaves, the other waits for the process to end."""
+    exits = []
+    monkeypatch.setattr(mesh, "_leaving", threading.Lock())
+    monkeypatch.setattr(mesh.os, "_exit", exits.append)  # returns, as the real one never does
+    threads = [
+        threading.Thread(target=mesh._lost, args=(f"why {i}",), daemon=True) for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=2)  # the second stays blocked, as it would until the process ends
+    assert exits == [mesh.EXIT_LOST]
+    assert len(error_lines(capsys.readouterr().err)) == 1
