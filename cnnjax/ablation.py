@@ -156,7 +156,7 @@ def run_setting(
     datasets: {"train": ..., base.data.validation_split: ...} in memory; test: a dataset or None."""
     mode = resolve_mode(mode)
     cfg = setting_config(base, setting)
-    model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
+    model = train.model_for(cfg, datasets)
     histories: list[History] = []
     tests: list[float] = []
     wall = 0.0  # training time: the seeds of one run share each epoch's seconds

@@ -24,7 +24,8 @@ from cnnjax.optim import NAMES as OPTIMIZERS
 from cnnjax.optim import SCHEDULES
 
 INTERPOLATIONS = tuple(RESIZE_FILTERS)  # keras.utils.load_img's names
-DATASETS = ("mnist", "cats_dogs")
+DATASETS = ("mnist", "cats_dogs", "folder")  # and "tfds:NAME", any TFDS image-classification set
+MODELS = ("mnist", "cats_dogs")
 
 
 class ConfigError(ValueError):
@@ -43,7 +44,11 @@ def _field(
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _field("mnist", "which data", choices=DATASETS)
+    dataset: str = _field(
+        "mnist",
+        "which data: mnist, cats_dogs (the lecture's two classes), folder (any image folder of "
+        "N >= 2 classes) or tfds:NAME (a TFDS image-classification set, e.g. tfds:cifar10)",
+    )
     data_dir: str | None = _field(
         None,
         "folder holding the data; none: CNNJAX_DATA_DIR, else the user cache or a download",
@@ -54,6 +59,11 @@ class DataConfig:
         "nearest", "resize filter on load, as keras.utils.load_img", choices=INTERPOLATIONS
     )
     validation_split: str = _field("test", "the split validated on after every epoch")
+    validation_fraction: float = _field(
+        0.2,
+        "a folder without validation/ (or a TFDS set without that split): validate on this "
+        "fraction of train, stratified per class and the same on every rerun",
+    )
     input: str = _field(
         "auto",
         "memory (decoded once, on the device), stream (tf.data) or auto",
@@ -64,7 +74,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    name: str = _field("mnist", "the convnet", choices=DATASETS)
+    name: str = _field("mnist", "the convnet", choices=MODELS)
     dropout: float = _field(0.0, "Dropout rate after Flatten, in [0, 1)")
 
 
@@ -340,16 +350,20 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
             lambda v: number(v) and 0 <= v < 1,
             "in [0, 1)",
         ),
+        (("data.validation_fraction",), lambda v: number(v) and 0 < v < 1, "in (0, 1)"),
         (("optim.decay_rate",), lambda v: number(v) and 0 < v <= 1, "in (0, 1]"),
     ]
     for rule_paths, ok, what in rules:
         for path in rule_paths:
             if isinstance(flat[path], bool) or not ok(flat[path]):
                 raise ConfigError(f"{path} must be {what}, got {flat[path]!r}")
-    if cfg.model.name != cfg.data.dataset:
+    dataset = cfg.data.dataset
+    if dataset not in DATASETS and not (dataset.startswith("tfds:") and len(dataset) > 5):
         raise ConfigError(
-            f"model.name {cfg.model.name!r} does not fit data.dataset {cfg.data.dataset!r}"
+            f"data.dataset must be one of {', '.join(DATASETS)} or tfds:NAME, got {dataset!r}"
         )
+    if (dataset == "mnist") != (cfg.model.name == "mnist") and dataset.split(":")[0] != "tfds":
+        raise ConfigError(f"model.name {cfg.model.name!r} does not fit data.dataset {dataset!r}")
     if cfg.model.name == "mnist":
         if cfg.data.image_size != 28:
             raise ConfigError(f"data.image_size must be 28 for MNIST, got {cfg.data.image_size}")
@@ -410,6 +424,17 @@ def catsdogs(experiment: int = 1) -> Config:
         augment=AugmentConfig.LECTURE if second else AugmentConfig(),
         optim=OptimConfig(name="adam", learning_rate=1e-3),
         train=TrainConfig(epochs=100 if second else 30, batch_size=20, eval_batch_size=100),
+    )
+
+
+def images() -> Config:
+    """Experiment 2 on any image folder (`python experiments/images.py --data-dir DIR`): the
+    cats-vs-dogs convnet with one output per class (the lecture's sigmoid for two classes, a
+    softmax for more), the lecture's augmentation, Dropout(0.5), Adam, batch 20, 100 epochs,
+    validated on validation/ (or a stratified fifth of train/ where there is none)."""
+    lecture = catsdogs(2)
+    return dataclasses.replace(
+        lecture, name="images", data=dataclasses.replace(lecture.data, dataset="folder")
     )
 
 

@@ -175,16 +175,19 @@ class MnistConvNet(nn.Module):
 
 
 class CatsDogsConvNet(nn.Module):
-    """The lecture's cats-vs-dogs convnet: 3,453,121 parameters. Returns one logit per image.
+    """The lecture's cats-vs-dogs convnet: 3,453,121 parameters. Returns one logit per image for
+    two classes (the lecture's sigmoid head), one per class for more (a softmax head, as Keras's
+    class_mode="categorical").
 
     dropout_rate > 0 inserts Dropout after Flatten (the lecture's second experiment)."""
 
     dropout_rate: float = 0.0
     input_shape: tuple[int, int, int] = (150, 150, 3)
+    num_classes: int = 2
 
     @property
-    def head(self) -> Sigmoid:
-        return Sigmoid()
+    def head(self) -> Sigmoid | Softmax:
+        return Sigmoid() if self.num_classes == 2 else Softmax(self.num_classes)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -200,7 +203,9 @@ class CatsDogsConvNet(nn.Module):
         if self.dropout_rate > 0:
             x = Dropout(self.dropout_rate, name="dropout")(x, train)
         x = Dense(512, activation="relu", name="dense")(x)
-        return Dense(1, name="dense_1")(x)[:, 0]  # sigmoid lives in the loss
+        if self.num_classes == 2:
+            return Dense(1, name="dense_1")(x)[:, 0]  # sigmoid lives in the loss
+        return Dense(self.num_classes, name="dense_1")(x)  # softmax lives in the loss
 
 
 MODELS: dict[str, type[nn.Module]] = {"mnist": MnistConvNet, "cats_dogs": CatsDogsConvNet}
@@ -230,12 +235,24 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     return MODELS[name](**config)
 
 
-def from_config(name: str, image_size: int, dropout: float = 0.0) -> nn.Module:
-    """The model a config's model and data sections describe (see cnnjax.config)."""
+def from_config(
+    name: str,
+    image_size: int,
+    dropout: float = 0.0,
+    num_classes: int | None = None,
+    channels: int = 0,
+) -> nn.Module:
+    """The model a config's model and data sections describe (see cnnjax.config), for the data's
+    class count and image channels (None, 0: the lecture's, 10 digits in grey, 2 classes in RGB)."""
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
     if name == "mnist":
-        return MnistConvNet()
+        return MnistConvNet(num_classes=num_classes or 10, input_shape=(28, 28, channels or 1))
     if name == "cats_dogs":
-        return CatsDogsConvNet(dropout_rate=dropout, input_shape=(image_size, image_size, 3))
+        shape = (image_size, image_size, channels or 3)
+        return CatsDogsConvNet(
+            dropout_rate=dropout, input_shape=shape, num_classes=num_classes or 2
+        )
     raise ValueError(f"unknown model {name!r}; known: mnist, cats_dogs")
 
 

@@ -7,6 +7,7 @@ The run folder itself (refused, locked, described by config.json) is cnnjax.run_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import math
@@ -243,6 +244,12 @@ def resolve(recipe: Config, overrides: dict[str, Any]) -> Config:
     return check_config(cfg)
 
 
+def augment_overrides(preset: str) -> dict[str, Any]:
+    """Every augment field of the --augment preset (config.AUGMENT_PRESETS), as overrides."""
+    chosen = configlib.AUGMENT_PRESETS[preset]
+    return {f"augment.{f.name}": getattr(chosen, f.name) for f in dataclasses.fields(chosen)}
+
+
 def add_flags(parser: Any) -> None:
     """The flags every experiment script shares besides its config: where the processes meet."""
     meshlib.add_flags(parser)
@@ -317,14 +324,12 @@ def execute(
     `exit_code(result)`."""
     with exits():
         start(args)
-        model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
         mesh = meshlib.make_mesh(cfg.train.seeds)
         meshlib.check_batch(mesh, cfg.train.batch_size)
         meshlib.check_batch(mesh, cfg.train.eval_batch_size, "train.eval_batch_size")
         datasets = data.load(cfg.data, ("train", cfg.data.validation_split))
         train_set, val_set = datasets["train"], datasets[cfg.data.validation_split]
-        source = "MNIST" if cfg.data.dataset == "mnist" else "the data folder"
-        data.check_classes(datasets, model.head.num_classes, source)
+        model = train.model_for(cfg, datasets)
         folder = RunFolder.open(cfg)
     main = meshlib.is_main_process()
     resume = (

@@ -50,6 +50,37 @@ class Result:
     stopped: list[int | None] = dataclasses.field(default_factory=list)
 
 
+LECTURE_CLASSES = {"mnist": 10, "cats_dogs": 2}  # the datasets whose model has a fixed head
+
+
+def model_for(cfg: configlib.Config, datasets: dict[str, data.Dataset]) -> nn.Module:
+    """cfg's convnet for the data: its head has one unit per class (the lecture's datasets: their
+    fixed count, checked), its input the images' channels. DataError for splits whose classes
+    differ from it."""
+    first = next(iter(datasets.values()))
+    count = LECTURE_CLASSES.get(cfg.data.dataset, len(first.class_names))
+    where = {"mnist": "MNIST", "cats_dogs": "the data folder"}.get(
+        cfg.data.dataset, cfg.data.dataset
+    )
+    try:
+        data.check_classes(datasets, count, where)
+    except data.DataError as e:
+        if cfg.data.dataset != "cats_dogs":
+            raise
+        raise data.DataError(
+            f"{e}; experiments/images.py trains the same convnet on folders of any class count"
+        ) from None
+    if count < 2:
+        raise data.DataError(
+            f"{where} has {count} class ({', '.join(first.class_names)}): a classifier needs at "
+            "least 2 class sub-folders"
+        )
+    channels = first.image_shape[-1]
+    return models.from_config(
+        cfg.model.name, cfg.data.image_size, cfg.model.dropout, count, channels
+    )
+
+
 def train_and_evaluate(
     cfg: configlib.Config,
     workdir: str | Path,
@@ -79,9 +110,7 @@ def train_and_evaluate(
     train_set, val_set = datasets["train"], datasets[cfg.data.validation_split]
 
     # --- Model, optimizer and the compiled steps.
-    model = models.from_config(cfg.model.name, cfg.data.image_size, cfg.model.dropout)
-    source = "MNIST" if cfg.data.dataset == "mnist" else "the data folder"
-    data.check_classes(datasets, model.head.num_classes, source)
+    model = model_for(cfg, datasets)
     steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     tx = optim.make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
     train_data, train_batches = feed.feed(train_set, mesh)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax import ablation, config, data, flags, mesh, models, runs
+from cnnjax import ablation, config, data, flags, mesh, runs, train
 
 
 def base_recipe() -> config.Config:
@@ -163,8 +163,7 @@ def load_datasets(
     datasets = {"train": subset(loaded["train"], train_subset)}
     # validating on "train": the images trained on
     datasets.setdefault(validation, loaded[validation])
-    num_classes = models.from_config(base.model.name, base.data.image_size).head.num_classes
-    data.check_classes(datasets, num_classes, "the data folder")
+    train.model_for(base, datasets)  # checks the classes
     return datasets, loaded["test"]
 
 

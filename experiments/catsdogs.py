@@ -30,7 +30,6 @@ if __name__ == "__main__":  # first: a stop while jax loads is one line too
 
     interrupts.install()
 
-import dataclasses
 import sys
 
 from cnnjax import config, flags, runs, train
@@ -70,12 +69,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[config.Config, object
         runs.start(args)
         fields = flags.overrides_from_args(args)
         # the preset first: a field given by its own flag wins
-        overrides = {}
-        if args.augment is not None:
-            preset = config.AUGMENT_PRESETS[args.augment]
-            overrides.update(
-                {f"augment.{f.name}": getattr(preset, f.name) for f in dataclasses.fields(preset)}
-            )
+        overrides = {} if args.augment is None else runs.augment_overrides(args.augment)
         if args.dropout is not None:
             if (
                 "model.dropout" in fields

@@ -1,7 +1,7 @@
 """Run an experiment script in this process and SIGKILL it at a chosen
 moment (for tests/test_runs.py).
 
-    python -m tests._killed_run mnist|catsdogs \
+    python -m tests._killed_run mnist|catsdogs|images \
         compile|mid-epoch|mid-save|after-save EPOCH -- ARGV...
 
 compile:    as the first training program is about to compile (before any epoch ran)
@@ -79,6 +79,8 @@ def main() -> None:
     sys.argv = [script, *argv]
     if script == "mnist":
         from experiments import mnist as experiment
+    elif script == "images":
+        from experiments import images as experiment
     else:
         from experiments import catsdogs as experiment
     experiment.main(argv)

@@ -15,6 +15,7 @@ skipped file is retried only when a file changes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -160,6 +161,64 @@ def list_splits(root: str | os.PathLike, splits: Sequence[str]) -> dict[str, Lis
                 f"but {root / s} has {classes[s]}; every split needs the same class sub-folders"
             )
     return {s: list_folder(root / s) for s in splits}
+
+
+class ClassCountWarning(UserWarning):
+    """A split whose classes hold few images, or very different numbers of them."""
+
+
+FEW_IMAGES = 10  # fewer in a class: too few to learn or to measure it
+UNBALANCED = 3.0  # the largest class over the smallest: accuracy then hides the small classes
+
+
+def class_counts(listing: Listing) -> dict[str, int]:
+    counts = np.bincount(listing.labels, minlength=len(listing.class_names))
+    return dict(zip(listing.class_names, counts.tolist(), strict=True))
+
+
+def warn_class_counts(listing: Listing, split: str) -> None:
+    """One ClassCountWarning line with every class's count when a class has fewer than FEW_IMAGES
+    images or the largest class UNBALANCED times the smallest."""
+    counts = class_counts(listing)
+    smallest, largest = min(counts.values()), max(counts.values())
+    why = []
+    if smallest < FEW_IMAGES:
+        why.append(f"fewer than {FEW_IMAGES} images in a class")
+    if largest >= UNBALANCED * smallest:
+        why.append(f"the largest class {largest / smallest:.1f} times the smallest")
+    if why:
+        listed = ", ".join(f"{name} {n}" for name, n in counts.items())
+        warnings.warn(f"{split}: {' and '.join(why)} ({listed})", ClassCountWarning, stacklevel=2)
+
+
+def _subset(listing: Listing, keep: Sequence[int]) -> Listing:
+    broken = {new: listing.broken[old] for new, old in enumerate(keep) if old in listing.broken}
+    files = [listing.files[i] for i in keep]
+    labels = [listing.labels[i] for i in keep]
+    return Listing(listing.folder, listing.class_names, files, labels, broken)
+
+
+def split_listing(listing: Listing, fraction: float) -> tuple[Listing, Listing]:
+    """(train, validation): per class, `fraction` of its files (rounded, at least one) held out for
+    validation. Which ones depends only on their names: ordered by the sha256 of each relative
+    path, the first ones are held out, so a rerun, another machine or another device count holds
+    out the same files, and adding an image moves at most one other. Both keep Keras's order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    held: list[int] = []
+    for label, name in enumerate(listing.class_names):
+        members = [i for i, c in enumerate(listing.labels) if c == label]
+        if len(members) < 2:
+            raise DataError(
+                f"class {name} has {len(members)} image in {listing.folder}: a validation split "
+                "needs at least 2 per class; add images or give a validation/ folder"
+            )
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        by_name = sorted(members, key=lambda i: hashlib.sha256(listing.files[i].encode()).digest())
+        held += by_name[:count]
+    held_set = set(held)
+    train = [i for i in range(len(listing.files)) if i not in held_set]
+    return _subset(listing, train), _subset(listing, sorted(held))
 
 
 class FolderSource:

@@ -117,7 +117,9 @@ def load(spec: DataSpec, splits: Sequence[str]) -> dict[str, Dataset]:
         return _mnist(spec, splits)
     if spec.dataset == "cats_dogs":
         return _cats_dogs(spec, splits)
-    raise ValueError(f"dataset must be mnist or cats_dogs, got {spec.dataset!r}")
+    if spec.dataset == "folder":
+        return _folder(spec, splits)
+    raise ValueError(f"dataset must be mnist, cats_dogs or folder, got {spec.dataset!r}")
 
 
 def _mnist(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
@@ -145,23 +147,71 @@ def _mnist(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
 def _cats_dogs(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
     size = check_size((spec.image_size, spec.image_size), spec.interpolation)
     if spec.data_dir is not None or data_dir_from_env() is not None:
-        listings = folders.list_splits(folders.find_cats_dogs_root(spec.data_dir, splits), splits)
-        count = sum(len(listing.files) for listing in listings.values())
-    else:  # TFDS is opened only once the input is chosen: its subset's size is known
-        listings = None
-        sizes = dict(tfds.TFDS_SPLIT_SIZES)
-        if wrong := [s for s in splits if s not in sizes]:
-            raise DataError(
-                f"TFDS cats_vs_dogs has the splits {', '.join(sizes)}, not {wrong[0]!r}"
-            )
-        count = sum(2 * sizes[s] for s in splits)
+        root = folders.find_cats_dogs_root(spec.data_dir, splits)
+        return _from_listings(spec, folders.list_splits(root, splits))
+    # TFDS is opened only once the input is chosen: its subset's size is known
+    sizes = dict(tfds.TFDS_SPLIT_SIZES)
+    if wrong := [s for s in splits if s not in sizes]:
+        raise DataError(f"TFDS cats_vs_dogs has the splits {', '.join(sizes)}, not {wrong[0]!r}")
+    count = sum(2 * sizes[s] for s in splits)
     choice, why = choose_input(spec.input, count * size[0] * size[1] * 3)
     log.info("input: %s (%s)", choice, why)
     if choice == "stream":
         import_tensorflow()  # fails here, before anything is read, when TensorFlow is missing
-        if listings is None:
-            sources = tfds.tfds_cats_vs_dogs_subsets(splits, size, spec.interpolation)
-            return {s: Stream(source) for s, source in sources.items()}
+        sources = tfds.tfds_cats_vs_dogs_subsets(splits, size, spec.interpolation)
+        return {s: Stream(source) for s, source in sources.items()}
+    try:
+        held = tfds.load_tfds_cats_vs_dogs(size, spec.interpolation)
+    except DataError as e:
+        raise DataError(
+            f"cats vs dogs: no --data-dir or CNNJAX_DATA_DIR, and TFDS failed ({e}). "
+            f"Expected {folders.CATS_DOGS_LAYOUT}"
+        ) from None
+    return {s: held[s] for s in splits}
+
+
+def _folder(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
+    """Any folder of N >= 2 classes; without validation/, validation is a stratified part of
+    train/ (folders.split_listing)."""
+    base = spec.data_dir if spec.data_dir is not None else data_dir_from_env()
+    if base is None:
+        raise DataError(
+            "data.dataset folder: no data folder given; pass --data-dir DIR, with "
+            f"{folders.SPLITS_LAYOUT} (validation/ and test/ optional)"
+        )
+    root = Path(base).expanduser()
+    split_off = "validation" in splits and not (root / "validation").is_dir()
+    listed = tuple(
+        dict.fromkeys(s for s in (*splits, "train") if s != "validation" or not split_off)
+    )
+    listings = folders.list_splits(root, listed)
+    if split_off:
+        fraction = spec.validation_fraction
+        listings["train"], listings["validation"] = folders.split_listing(
+            listings["train"], fraction
+        )
+        log.info(
+            "validation: %d images, %g of %s (stratified per class; no validation/ folder)",
+            len(listings["validation"].files),
+            fraction,
+            root / "train",
+        )
+    for split in splits:
+        held = split_off and split == "validation"
+        folders.warn_class_counts(
+            listings[split], f"{root / split}" + held * " (held out of train/)"
+        )
+    return _from_listings(spec, {split: listings[split] for split in splits})
+
+
+def _from_listings(spec: DataSpec, listings: Mapping[str, folders.Listing]) -> dict[str, Dataset]:
+    """The listed images in memory or as streams, as spec.input chooses."""
+    size = check_size((spec.image_size, spec.image_size), spec.interpolation)
+    count = sum(len(listing.files) for listing in listings.values())
+    choice, why = choose_input(spec.input, count * size[0] * size[1] * 3)
+    log.info("input: %s (%s)", choice, why)
+    if choice == "stream":
+        import_tensorflow()  # fails here, before anything is read, when TensorFlow is missing
         return {
             s: Stream(
                 folders.FolderSource(
@@ -172,19 +222,10 @@ def _cats_dogs(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
             )
             for s, listing in listings.items()
         }
-    if listings is not None:
-        return {
-            s: folders.load_listing(listing, size, spec.interpolation)
-            for s, listing in listings.items()
-        }
-    try:
-        held = tfds.load_tfds_cats_vs_dogs(size, spec.interpolation)
-    except DataError as e:
-        raise DataError(
-            f"cats vs dogs: no --data-dir or CNNJAX_DATA_DIR, and TFDS failed ({e}). "
-            f"Expected {folders.CATS_DOGS_LAYOUT}"
-        ) from None
-    return {s: held[s] for s in splits}
+    return {
+        s: folders.load_listing(listing, size, spec.interpolation)
+        for s, listing in listings.items()
+    }
 
 
 def check_classes(datasets: Mapping[str, Dataset], num_classes: int, where: str) -> None:
