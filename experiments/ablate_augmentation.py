@@ -10,7 +10,8 @@ augmentation, no dropout), with any field overridden by its path (--optim.learni
 1e-4). Default grid: none; each transform alone at the lecture's range (flip, rotation,
 shift, shear, zoom); the lecture's full set; the full set with Dropout(0.5); dropout
 alone. --settings picks a subset or adds your own ("rot20:rotation_range=20,dropout=0.3",
-or by path: "sharp:augment.interpolation=nearest").
+or by path: "sharp:augment.interpolation=nearest"). Your own images: --data.dataset folder
+(any number of classes, as experiments/images.py; the folder needs test/ as well).
 
 --seed-mode: vmap trains a setting's seeds in one program (spread over the devices),
 sequential one after another; auto is sequential on the CPU, where it measured faster,
@@ -116,7 +117,7 @@ def parse_flags(argv: list[str] | None) -> argparse.Namespace:
         parser,
         base_recipe(),
         sections=("data", "model", "augment", "optim", "train"),
-        fixed=("data.dataset", "model.name"),
+        fixed=("model.name",),
     )
     runs.add_flags(parser)
     return parser.parse_args(argv)

@@ -64,3 +64,14 @@ def test_a_diverged_setting_exits_4_with_one_line(tmp_path, data):
         "error: 1 setting(s) diverged: none (a loss went NaN or inf; see results.md); "
         "try a lower --optim.learning_rate"
     ]
+
+
+@pytest.mark.slow  # two settings of two seeds
+def test_an_ablation_runs_on_a_folder_of_three_classes(tmp_path):
+    three = write_cats_dogs_folder(tmp_path / "three", classes=("birds", "cats", "dogs"))
+    done = _ablate(tmp_path, three, "--data.dataset", "folder", "--settings", "none", "flip")
+    assert done.returncode == 0, done.stderr
+    assert "| flip | " in done.stdout.split("Paired differences")[1]
+    run_config = json.loads((tmp_path / "ablation" / "none" / "seed0" / "config.json").read_text())
+    assert run_config["class_names"] == ["birds", "cats", "dogs"]
+    assert run_config["model"]["num_classes"] == 3

@@ -88,6 +88,7 @@ CHANGES = {
     "data.image_size": ("64", 64),
     "data.interpolation": ("bilinear", "bilinear"),
     "data.validation_split": ("train", "train"),
+    "data.validation_fraction": ("0.3", 0.3),
     "data.input": ("memory", "memory"),
     "model.dropout": ("0.3", 0.3),
     "augment.rotation_range": ("15", 15.0),
@@ -145,8 +146,8 @@ REFUSED = {
         },
     },
     "catsdogs": NO_FLAG,
-    "ablation": {
-        **NO_FLAG,
+    "ablation": {  # any dataset the cats-vs-dogs convnet trains on, a folder of N classes say
+        "model.name": NO_FLAG["model.name"],
         **{p: f"unknown flag --{p}" for p in config.paths() if p.startswith("run.")},
     },
 }
@@ -235,7 +236,7 @@ def test_every_ablation_flag_alone_changes_only_its_field(resolve_ablation, caps
         ABLATION_SPEC,
         REFUSED["ablation"],
         capsys,
-        {"data.data_dir": (data, data)},
+        {"data.data_dir": (data, data), "data.dataset": ("folder", "folder")},
     )
     assert checked == len(config.paths()) - len(REFUSED["ablation"])
 

@@ -92,6 +92,7 @@ def test_catsdogs_main_records_the_resolved_config(cats_run):
         "model": "cats_dogs",
         "dropout_rate": 0.0,
         "input_shape": [CATS_SIZE, CATS_SIZE, 3],
+        "num_classes": 2,
     }
     history = json.loads((out / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3] and {row["seed"] for row in history} == {
@@ -312,6 +313,7 @@ def test_checkpoint_metadata_reads_back(cats_run):
             "model": "cats_dogs",
             "dropout_rate": 0.0,
             "input_shape": [CATS_SIZE, CATS_SIZE, 3],
+            "num_classes": 2,
         }
         assert without_seconds(description["histories"][0]) == history[: row["epoch"]]
         assert description["best"][0] == {
