@@ -48,6 +48,9 @@ class Softmax:
         """1.0 where the predicted class is the label, else 0.0."""
         return (self.predict(logits) == labels).astype(jnp.float32)
 
+    def describe(self) -> str:
+        return f"softmax over {self.num_classes} units, categorical cross-entropy"
+
     def probabilities(self, logits: jax.Array) -> jax.Array:
         """(N, num_classes): what Keras's softmax layer outputs."""
         return nn.softmax(logits)
@@ -72,6 +75,9 @@ class Sigmoid:
     def correct(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
         labels = labels.astype(logits.dtype)  # as the loss takes them: XLA then fuses both alike
         return ((logits > 0).astype(labels.dtype) == labels).astype(jnp.float32)
+
+    def describe(self) -> str:
+        return "sigmoid of 1 unit, binary cross-entropy"
 
     def probabilities(self, logits: jax.Array) -> jax.Array:
         """(N, 2): 1 - sigmoid(z) and sigmoid(z), Keras's sigmoid output being the second."""

@@ -341,6 +341,7 @@ def execute(
             if main:
                 print(meshlib.summary_line(mesh), flush=True)
                 print(models.summary(model), flush=True)
+                print(f"Output: {model.head.describe()}", flush=True)
                 classes = ", ".join(train_set.class_names)
                 print(
                     f"train: {len(train_set)} images, validation: {len(val_set)}, classes "

@@ -188,6 +188,7 @@ def test_three_classes_train_resume_after_a_kill_and_load_with_their_names(tmp_p
     done = run_script(["experiments/images.py", *argv, "--out", str(reference)])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dense_1 (Dense)                (None, 3)" in done.stdout
+    assert "Output: softmax over 3 units, categorical cross-entropy" in done.stdout
     assert "classes birds, cats, dogs" in done.stdout
     assert "validation: 6 images, 0.2 of" in done.stdout + done.stderr
     assert "warning: " in done.stderr and "fewer than 10 images in a class" in done.stderr
