@@ -1,22 +1,33 @@
-"""TFDS image sets: cats_vs_dogs in the lecture's split sizes, and any image-classification split
-read record by record.
+"""TFDS image sets: any image-classification set by name (`tfds:NAME`), cats_vs_dogs in the
+lecture's split sizes, and any split read record by record.
+
+By name (`tfds_named_sources`, `load_tfds_named`): image shape, channels (1 for a grey set, kept
+grey), class names and splits come from the dataset's info; images are resized to the size asked
+for. A "validation" split the set lacks is held out of "train", stratified: per class
+round(fraction * n) records (at least one, leaving at least one), the ones whose index has the
+smallest sha256, so a rerun or another device count holds out the same records.
 
 TFDS's cats_vs_dogs has a single 'train' split (23,262 images). `tfds_subset` takes, in TFDS order
 (shuffle_files=False, deterministic for a dataset version), per class the first 1000 for "train",
 the next 500 for "validation" and 500 for "test": the sizes of the lecture's cats_and_dogs_small,
-not its pictures; each split holds its cats, then its dogs. Images are decoded with PIL
-(cnnjax.data.decode), as image folders are, not by TFDS. Prepared data is used first; a download
-only when allowed and TFDS's server answers. TensorFlow and TFDS are imported on first use only.
+not its pictures; each split holds its cats, then its dogs.
+
+Images are decoded with PIL (cnnjax.data.decode), as image folders are, not by TFDS. Prepared
+data is used first; a download only when allowed and TFDS's server answers (checked first, so an
+offline machine fails in seconds), prepared as array_record, which reading by index needs.
+TensorFlow and TFDS are imported on first use only.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 import os
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -167,8 +178,9 @@ def load_tfds_cats_vs_dogs(
 def open_tfds(
     name: str, split: str, data_dir: str | os.PathLike | None = None, download: bool = True
 ) -> tuple[Any, Any, Any]:
-    """(random-access source, DatasetInfo, tfds) of a TFDS split with images left encoded.
-    Reading by index needs the array_record format, which TFDS prepares for data sources."""
+    """(random-access source, DatasetInfo, tfds) of a split of a TFDS image-classification set,
+    images left encoded. Reading by index needs the array_record format, which a download here
+    prepares. The info names every split once the set is prepared (none before)."""
     import_tensorflow()
     try:
         import tensorflow_datasets as tfds
@@ -179,22 +191,29 @@ def open_tfds(
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and config errors alike
-        raise DataError(f"TFDS has no dataset {name!r} ({first_line(e)})") from None
+        raise DataError(
+            f"TFDS has no dataset {name!r} ({first_line(e)}); `tfds.list_builders()` or "
+            "https://www.tensorflow.org/datasets/catalog/overview lists the names"
+        ) from None
+    classification_keys(name, builder.info, tfds)  # the info comes from code: before a download
     image_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
     kwargs = {
         "split": split,
-        "data_dir": data_dir,
         "decoders": {k: tfds.decode.SkipDecoding() for k in image_keys},
     }
     try:
-        return tfds.data_source(name, download=False, **kwargs), builder.info, tfds
+        return (
+            tfds.data_source(name, data_dir=data_dir, download=False, **kwargs),
+            builder.info,
+            tfds,
+        )
     except Exception as e:  # noqa: BLE001 - TFDS raises assorted errors for "not prepared"
         if builder.is_prepared():
+            check_split(name, builder.info, split)
             raise DataError(
                 f"TFDS {name!r} is prepared at {builder.data_dir} in a format that cannot be read "
                 f"by index ({builder.info.file_format}); streaming needs array_record: "
-                f"prepare it again with `tfds build {name} --file_format=array_record`, "
-                "or use --input memory"
+                f"prepare it again with `tfds build {name} --file_format=array_record`"
             ) from None
         if not download:
             raise DataError(
@@ -209,9 +228,35 @@ def open_tfds(
         data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets",
     )
     try:
-        return tfds.data_source(name, download=True, **kwargs), builder.info, tfds
+        # tfds.data_source(download=True) would prepare TFRecord files, which it cannot read
+        builder.download_and_prepare(file_format="array_record")
     except Exception as e:  # noqa: BLE001
         raise DataError(f"TFDS {name!r} download failed: {first_line(e)}") from None
+    check_split(name, builder.info, split)  # the splits are known now
+    return builder.as_data_source(**kwargs), builder.info, tfds
+
+
+def classification_keys(name: str, info: Any, tfds: Any) -> tuple[str, str]:
+    """(image feature, label feature) of an image-classification set; DataError for any other."""
+    image_key, label_key = info.supervised_keys or ("image", "label")
+    features = dict(info.features.items())  # a FeaturesDict has no .get
+    if not (
+        isinstance(features.get(image_key), tfds.features.Image)
+        and isinstance(features.get(label_key), tfds.features.ClassLabel)
+    ):
+        raise DataError(
+            f"TFDS {name!r} is not an image-classification dataset "
+            "(no image feature with a class label)"
+        )
+    return image_key, label_key
+
+
+def check_split(name: str, info: Any, split: str) -> None:
+    """DataError naming the splits a prepared set has when `split` (or a part of it, as in
+    "train[:80%]+test") is none of them."""
+    wrong = [part for part in re.split(r"\s*\+\s*", split) if part.split("[")[0] not in info.splits]
+    if info.splits and wrong:
+        raise DataError(f"TFDS {name!r} has the splits {', '.join(info.splits)}, not {wrong[0]!r}")
 
 
 class TfdsSource:
@@ -229,26 +274,16 @@ class TfdsSource:
         download: bool = True,
     ):
         self.name, self.split, self.interpolation = name, split, interpolation
-        self.data, info, tfds = open_tfds(name, split, data_dir, download)
-        image_key, label_key = info.supervised_keys or ("image", "label")
-        features = info.features
-        if (
-            image_key not in features
-            or label_key not in features
-            or not isinstance(features[label_key], tfds.features.ClassLabel)
-        ):
-            raise DataError(
-                f"TFDS {name!r} is not an image-classification dataset "
-                "(no image feature with a class label)"
-            )
-        self.image_key, self.label_key = image_key, label_key
-        shape = features[image_key].shape
+        self.data, self.info, tfds = open_tfds(name, split, data_dir, download)
+        self.image_key, self.label_key = classification_keys(name, self.info, tfds)
+        features = self.info.features
+        shape = features[self.image_key].shape
         if image_size is None:
             if None in shape[:2]:
                 raise DataError(f"TFDS {name!r} has images of varying size; give an image size")
             image_size = shape[:2]
         self.image_shape = (*check_size(image_size, interpolation), shape[-1] or 3)
-        self.class_names = list(features[label_key].names)
+        self.class_names = list(features[self.label_key].names)
         self.indices = np.arange(len(self.data))
 
     def __len__(self) -> int:
@@ -291,10 +326,171 @@ def tfds_cats_vs_dogs_subsets(
     out = {}
     for split in splits:
         cats, dogs = taken[split]
-        part = copy.copy(full)  # the same split, restricted to these records
-        part.indices, part.labels = (
-            full.indices[cats + dogs],
-            np.array([0] * len(cats) + [1] * len(dogs), np.int32),
-        )
-        out[split] = part
+        labels = np.array([0] * len(cats) + [1] * len(dogs), np.int32)
+        out[split] = _restrict(full, cats + dogs, labels)
     return out
+
+
+def _restrict(
+    source: TfdsSource, positions: Sequence[int] | np.ndarray, labels: np.ndarray | None = None
+) -> TfdsSource:
+    """The same split, restricted to the records at these positions of `source`, in their order.
+    labels: theirs when known (else taken from `source` when it has read them, else read on
+    first use)."""
+    part = copy.copy(source)
+    positions = np.asarray(positions, np.int64)
+    part.indices = source.indices[positions]
+    if labels is not None:
+        part.labels = labels
+    elif "labels" in vars(source):  # functools.cached_property keeps them in the instance
+        part.labels = source.labels[positions]
+    else:
+        vars(part).pop("labels", None)
+    return part
+
+
+def stratified_holdout(
+    labels: np.ndarray, class_names: Sequence[str], fraction: float, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held): positions into `labels`, ascending. Per class round(fraction * n) held out
+    (at least one, leaving at least one): those whose position has the smallest sha256 of its
+    decimal string, so the choice depends on nothing but the positions and labels (not on the
+    run, the machine or the device count). A class without records holds out none."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}")
+    held: list[int] = []
+    for label, name in enumerate(class_names):
+        members = np.flatnonzero(labels == label).tolist()
+        if not members:
+            continue
+        if len(members) < 2:
+            raise DataError(
+                f"class {name} has 1 record in {where}: holding out a validation split needs at "
+                "least 2 per class"
+            )
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        members.sort(key=lambda i: hashlib.sha256(str(i).encode()).digest())
+        held += members[:count]
+    is_held = np.zeros(len(labels), bool)
+    is_held[held] = True
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def tfds_named_sources(
+    name: str,
+    splits: Sequence[str],
+    image_size: Sequence[int] | None,
+    interpolation: str,
+    validation_fraction: float,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> dict[str, TfdsSource]:
+    """{split: TfdsSource} of the TFDS image-classification set `name`, for the splits asked
+    for (e.g. ("train", "validation") or ("test",)), TFDS's split names as they are. A
+    "validation" the set lacks is held out of "train" (`stratified_holdout`), and "train" is
+    then the rest; that reads train's labels once. image_size: (height, width) to resize to
+    (None: the set's fixed size). DataError (one line) for a missing extra, an unknown name,
+    a set that is not image classification, one that is neither prepared nor downloadable, or
+    a split it lacks."""
+    if isinstance(splits, str) or not splits:
+        raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
+    splits = tuple(dict.fromkeys(splits))
+    if not 0 < validation_fraction < 1:  # before anything is opened or downloaded
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    # Train first when validation may come out of it: opening it prepares (or downloads) the
+    # whole set, after which the info names every split.
+    first = "train" if "train" in splits or "validation" in splits else splits[0]
+    base = TfdsSource(name, first, image_size, interpolation, data_dir, download)
+    # No split info at all (TFDS's mock data): take the names as they are. A split the set
+    # lacks is refused as it is opened (check_split).
+    available = list(base.info.splits) or list(splits)
+    hold_out = "validation" in splits and "validation" not in available
+    sources = {
+        s: base
+        if s == first
+        else TfdsSource(name, s, image_size, interpolation, data_dir, download)
+        for s in splits
+        if not (hold_out and s == "validation")
+    }
+    if hold_out:
+        kept, held = stratified_holdout(
+            base.labels, base.class_names, validation_fraction, f"TFDS {name!r} train"
+        )
+        sources["validation"] = _restrict(base, held)
+        if "train" in sources:
+            sources["train"] = _restrict(base, kept)
+        log.info(
+            "validation: %d records, %g of TFDS %s train (stratified per class; it has no "
+            "validation split)",
+            len(held),
+            validation_fraction,
+            name,
+        )
+    return {s: sources[s] for s in splits}
+
+
+def load_tfds_named(
+    name: str,
+    splits: Sequence[str],
+    image_size: Sequence[int] | None,
+    interpolation: str,
+    validation_fraction: float,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    cache: bool = True,
+) -> dict[str, Images]:
+    """tfds_named_sources' splits decoded into memory (`tfds_sources_in_memory`)."""
+    sources = tfds_named_sources(
+        name, splits, image_size, interpolation, validation_fraction, data_dir, download
+    )
+    return tfds_sources_in_memory(sources, cache)
+
+
+def tfds_sources_in_memory(
+    sources: Mapping[str, TfdsSource], cache: bool = True
+) -> dict[str, Images]:
+    """Each source decoded into memory, pixel for pixel what it reads, and cached under the
+    set's name and version, the TFDS split, the records' indices, the size and the
+    interpolation. For a caller that has the sources already (to size them): no second
+    opening, no second pass over train's labels."""
+    start = time.perf_counter()
+    if cache:
+        clean_cache()
+    results: dict[str, Images] = {}
+    for split, source in sources.items():
+        key = cache_key(
+            {
+                "source": f"tfds:{source.name}",
+                "version": str(source.info.version),
+                "split": source.split,
+                "indices": hashlib.sha256(source.indices.astype("<i8").tobytes()).hexdigest(),
+                "image_size": list(source.image_shape[:2]),
+                "interpolation": source.interpolation,
+            }
+        )
+        # The decode cache holds 3-channel images only (decode.read_cached): grey sets decode
+        # each time.
+        use_cache = cache and source.image_shape[-1] == 3
+        if use_cache and (held := read_cached(key, source.image_shape[:2])) is not None:
+            results[split] = held
+            continue
+        # the labels come with the pixels: no second pass over the records for source.labels
+        read = thread_map(source.read, range(len(source)))
+        results[split] = Images(
+            np.stack([image for image, _ in read])
+            if read
+            else np.zeros((0, *source.image_shape), np.uint8),
+            np.array([label for _, label in read], np.int32),
+            list(source.class_names),
+            [source.describe(i) for i in range(len(source))],
+        )
+        if use_cache:
+            write_cached(key, results[split])
+    log.info(
+        "TFDS %s (%s) in memory in %.1f s%s",
+        ", ".join(dict.fromkeys(source.name for source in sources.values())),
+        ", ".join(f"{s} {len(r)}" for s, r in results.items()),
+        time.perf_counter() - start,
+        f"; cache {cache_folder()}" if cache else "",
+    )
+    return results
