@@ -7,6 +7,7 @@ names."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -289,3 +290,32 @@ def test_a_download_prepares_array_record_which_reads_by_index(monkeypatch, tmp_
     assert sorted(uids(got["test"])) == [
         100 + 10 * label + i for label in range(3) for i in range(2)
     ]
+
+
+# --- Through the script a user runs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config,channels", [("rgb", 3), ("grey", 1)])
+def test_images_py_trains_on_a_tfds_set_by_name(config, channels, data_dir, tmp_path, capsys):
+    from experiments import images
+
+    out = tmp_path / "run"
+    argv = [
+        *("--data.dataset", f"tfds:cnnjax_tiny_three/{config}", "--data-dir", str(data_dir)),
+        *("--image-size", "46", "--epochs", "1", "--batch-size", "4"),
+        *("--train.eval_batch_size", "4", "--out", str(out)),
+    ]
+    result = images.main(argv)
+    printed = capsys.readouterr().out
+    assert "dense_1 (Dense)                (None, 3)" in printed
+    assert (
+        "conv2d (Conv2D)                (None, 44, 44, 32)        " + str(9 * channels * 32 + 32)
+        in printed
+    )
+    # train holds 12 + 9 + 6 records; 2 + 2 + 1 of them are held out for validation
+    assert f"train: {27 - sum(HELD)} images, validation: {sum(HELD)}, classes ant, bee, cat" in (
+        printed
+    )
+    assert len(result.histories[0]) == 1
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["class_names"] == CLASSES and saved["model"]["input_shape"] == [46, 46, channels]

@@ -15,7 +15,6 @@ skipped file is retried only when a file changes.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnjax.data.common import DataError, Images, SkippedImageWarning, data_dir_from_env, thread_map
+from cnnjax.data.common import (
+    DataError,
+    Images,
+    SkippedImageWarning,
+    data_dir_from_env,
+    stratified_holdout,
+    thread_map,
+)
 from cnnjax.data.decode import (
     cache_file,
     cache_key,
@@ -199,26 +205,19 @@ def _subset(listing: Listing, keep: Sequence[int]) -> Listing:
 
 
 def split_listing(listing: Listing, fraction: float) -> tuple[Listing, Listing]:
-    """(train, validation): per class, `fraction` of its files (rounded, at least one) held out for
-    validation. Which ones depends only on their names: ordered by the sha256 of each relative
-    path, the first ones are held out, so a rerun, another machine or another device count holds
-    out the same files, and adding an image moves at most one other. Both keep Keras's order."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-    held: list[int] = []
-    for label, name in enumerate(listing.class_names):
-        members = [i for i, c in enumerate(listing.labels) if c == label]
-        if len(members) < 2:
-            raise DataError(
-                f"class {name} has {len(members)} image in {listing.folder}: a validation split "
-                "needs at least 2 per class; add images or give a validation/ folder"
-            )
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        by_name = sorted(members, key=lambda i: hashlib.sha256(listing.files[i].encode()).digest())
-        held += by_name[:count]
-    held_set = set(held)
-    train = [i for i in range(len(listing.files)) if i not in held_set]
-    return _subset(listing, train), _subset(listing, sorted(held))
+    """(train, validation): per class, `fraction` of its files held out for validation, chosen by
+    their names alone (common.stratified_holdout), so a rerun, another machine or another device
+    count holds out the same files. Both keep Keras's order."""
+    kept, held = stratified_holdout(
+        np.asarray(listing.labels),
+        listing.class_names,
+        fraction,
+        str(listing.folder),
+        listing.files,
+        "image",
+        "; add images or give a validation/ folder",
+    )
+    return _subset(listing, kept.tolist()), _subset(listing, held.tolist())
 
 
 class FolderSource:

@@ -2,14 +2,17 @@
 then `check_classes`.
 
 MNIST always fits in memory. cats vs dogs comes from the folders of data_dir or CNNJAX_DATA_DIR,
-else from TFDS; `input` says how: "memory" decodes every image once, "stream" reads them batch by
-batch, "auto" keeps them in memory when they fit a budget (`choose_input`). The choice is logged in
+else from TFDS; "folder" is any folder of N >= 2 classes (validation held out of train/ where it
+has no validation/), "tfds:NAME" any TFDS image-classification set. `input` says how: "memory"
+decodes every image once, "stream" reads them batch by batch, "auto" keeps them in memory when they
+fit a budget (`choose_input`). The choice is logged in
 one line, "input: ...".
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +50,7 @@ class DataSpec(Protocol):
     image_size: int
     interpolation: str
     input: str
+    validation_fraction: float
 
 
 def memory_budget(devices: Sequence[Any] | None = None) -> tuple[int, str]:
@@ -119,7 +123,9 @@ def load(spec: DataSpec, splits: Sequence[str]) -> dict[str, Dataset]:
         return _cats_dogs(spec, splits)
     if spec.dataset == "folder":
         return _folder(spec, splits)
-    raise ValueError(f"dataset must be mnist, cats_dogs or folder, got {spec.dataset!r}")
+    if spec.dataset.startswith("tfds:"):
+        return _tfds_named(spec, splits)
+    raise ValueError(f"dataset must be mnist, cats_dogs, folder or tfds:NAME, got {spec.dataset!r}")
 
 
 def _mnist(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
@@ -202,6 +208,22 @@ def _folder(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
             listings[split], f"{root / split}" + held * " (held out of train/)"
         )
     return _from_listings(spec, {split: listings[split] for split in splits})
+
+
+def _tfds_named(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
+    """A TFDS image-classification set by name, from spec.data_dir (else TFDS's own folder),
+    downloaded when it is not prepared there and TFDS's server answers."""
+    name = spec.dataset.removeprefix("tfds:")
+    size = check_size((spec.image_size, spec.image_size), spec.interpolation)
+    found = (name, splits, size, spec.interpolation, spec.validation_fraction, spec.data_dir)
+    sources = tfds.tfds_named_sources(*found)
+    pixels = sum(len(source) * math.prod(source.image_shape) for source in sources.values())
+    choice, why = choose_input(spec.input, pixels)
+    log.info("input: %s (%s)", choice, why)
+    if choice == "stream":
+        import_tensorflow()
+        return {split: Stream(source) for split, source in sources.items()}
+    return dict(tfds.tfds_sources_in_memory(sources))
 
 
 def _from_listings(spec: DataSpec, listings: Mapping[str, folders.Listing]) -> dict[str, Dataset]:

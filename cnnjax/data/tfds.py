@@ -38,6 +38,7 @@ from cnnjax.data.common import (
     Images,
     first_line,
     import_tensorflow,
+    stratified_holdout,
     tfds_reachable,
     thread_map,
 )
@@ -347,33 +348,6 @@ def _restrict(
     else:
         vars(part).pop("labels", None)
     return part
-
-
-def stratified_holdout(
-    labels: np.ndarray, class_names: Sequence[str], fraction: float, where: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held): positions into `labels`, ascending. Per class round(fraction * n) held out
-    (at least one, leaving at least one): those whose position has the smallest sha256 of its
-    decimal string, so the choice depends on nothing but the positions and labels (not on the
-    run, the machine or the device count). A class without records holds out none."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}")
-    held: list[int] = []
-    for label, name in enumerate(class_names):
-        members = np.flatnonzero(labels == label).tolist()
-        if not members:
-            continue
-        if len(members) < 2:
-            raise DataError(
-                f"class {name} has 1 record in {where}: holding out a validation split needs at "
-                "least 2 per class"
-            )
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        members.sort(key=lambda i: hashlib.sha256(str(i).encode()).digest())
-        held += members[:count]
-    is_held = np.zeros(len(labels), bool)
-    is_held[held] = True
-    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
 def tfds_named_sources(
