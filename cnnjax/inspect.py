@@ -1,4 +1,4 @@
-"""Looking inside a trained convnet: activations, filter patterns, Grad-CAM.
+"""Looking inside a trained convnet: activations, filter patterns, Grad-CAM; what it gets right.
 
 `capture_activations` is the lecture's activation model (SPEC.md section 4) and
 `activation_grid` lays the channels out as its plotting loop does. Beyond the lecture, the
@@ -23,6 +23,7 @@ import numpy as np
 
 from cnnjax import models
 from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
+from cnnjax.step import preprocess
 
 LayerSpec = int | Sequence[str] | None
 
@@ -362,3 +363,56 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) 
     return np.clip((1 - alpha) * image + alpha * colour, 0, 1).astype(
         np.float32
     )  # a gray image broadcasts to 3 channels
+
+
+# --- What a classifier gets right: predictions and the confusion matrix ------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _classes_fn(model: nn.Module):
+    # uint8 pixels preprocessed as training's evaluation step does (/ 255, no augmentation)
+    return jax.jit(
+        lambda params, pixels: model.head.predict(
+            model.apply({"params": params}, preprocess(pixels), train=False)
+        )
+    )
+
+
+def predicted_classes(model: nn.Module, params: Any, dataset: Any, batch_size: int) -> np.ndarray:
+    """The class the model predicts for every image of `dataset` (in memory or a stream), int
+    (N,), in the dataset's order; one compiled batch shape, the last batch padded."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = min(batch_size, max(len(dataset), 1))  # a small set: no batch of padding
+    held = getattr(dataset, "images", None)  # Images: slices; a Stream decodes image by image
+    fn, out = _classes_fn(model), []
+    for start in range(0, len(dataset), batch_size):
+        stop = min(start + batch_size, len(dataset))
+        pixels = (
+            held[start:stop]
+            if held is not None
+            else np.stack([dataset.image(i) for i in range(start, stop)])
+        )
+        padded = np.zeros((batch_size, *pixels.shape[1:]), pixels.dtype)
+        padded[: len(pixels)] = pixels
+        out.append(np.asarray(jax.device_get(fn(params, padded)))[: len(pixels)])
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def confusion_matrix(
+    labels: Sequence[int], predicted: Sequence[int], num_classes: int
+) -> np.ndarray:
+    """Counts (num_classes, num_classes), int64: row = true class, column = predicted class. Its
+    sum is the number of examples; its diagonal, those classified right."""
+    labels, predicted = np.asarray(labels, np.int64), np.asarray(predicted, np.int64)
+    if labels.shape != predicted.shape or labels.ndim != 1:
+        raise ValueError(
+            f"labels and predictions must be two (N,) arrays, got {labels.shape}, {predicted.shape}"
+        )
+    if len(labels) and (
+        min(labels.min(), predicted.min()) < 0 or max(labels.max(), predicted.max()) >= num_classes
+    ):
+        raise ValueError(f"classes must be in 0..{num_classes - 1}")
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix

@@ -195,6 +195,58 @@ def plot_heatmap(
     return save_figure(fig, path)
 
 
+# --- What a classifier gets right (experiments/evaluate.py) ------------------------------
+
+
+def confusion_figure(
+    matrix: np.ndarray, class_names: Sequence[str], title: str | None = None
+) -> Figure:
+    """A confusion matrix (rows: true class, columns: predicted; `cnnjax.inspect.confusion_matrix`)
+    as a grid of counts, returned unsaved: each cell's count written in it, shaded by the share of
+    its row (its true class), so a small class's mistakes show as clearly as a large one's."""
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    if matrix.shape != (n, n):
+        raise ValueError(f"a confusion matrix of {n} classes is ({n}, {n}), got {matrix.shape}")
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
+    side = min(max(4.0, 0.6 * n + 2.0), 24.0)  # room for the names; 40 classes still fit a page
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
+    size = max(5, min(11, 120 // max(n, 1)))
+    for (row, column), count in np.ndenumerate(matrix):
+        ax.text(
+            column,
+            row,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=size,
+            color="white" if share[row, column] > 0.5 else "black",  # legible on dark cells
+        )
+    ax.set_xticks(
+        range(n), list(class_names), rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center"
+    )
+    ax.set_yticks(range(n), list(class_names))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot_confusion(
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """`confusion_figure` written to `path` (PNG)."""
+    return save_figure(confusion_figure(matrix, class_names, title), path)
+
+
 # --- Ablations (cnnjax.ablation) ---------------------------------------------------------
 
 

@@ -51,6 +51,15 @@ def default_out(name: str, seed: int) -> Path:
     )
 
 
+def inspect_folder(checkpoint_dir: Path) -> Path:
+    """Where activations.py and evaluate.py put their figures by default: RUN/inspect for a
+    checkpoint RUN/checkpoints/<epoch>, else <checkpoint>/inspect (git-ignored for the shipped
+    models)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    in_run = checkpoint_dir.parent.name == "checkpoints"
+    return (checkpoint_dir.parent.parent if in_run else checkpoint_dir) / "inspect"
+
+
 def saved_config(path: Path) -> Config:
     """The config a run folder's config.json holds; RunError, naming it, when it holds none."""
     record = files.read_json(path)

@@ -19,10 +19,11 @@ Writes into --out (default: RUN/inspect/):
                                    16 per row
     filters_<layer>.png            with --filters: what --num-filters filters of --filter-layer
                                    respond to most
-    heatmap.png                    with --heatmap: Grad-CAM of --class-index (default: the
-                                   predicted class)
-Bad input (no checkpoint there, an unreadable image) prints one `error: ...` line and exits
-with code 2 before anything is written.
+    heatmap.png                    with --heatmap: Grad-CAM of --class NAME (a class name of
+                                   the checkpoint) or --class-index (default: the predicted
+                                   class)
+Bad input (no checkpoint there, an unreadable image, a --class the model does not have) prints
+one `error: ...` line and exits with code 2 before anything is written.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cnnjax import checkpoint, data, files, flags, models, plots, runs
+from cnnjax import checkpoint, data, files, flags, models, plots, run_folder, runs
 from cnnjax import inspect as look
 from cnnjax.data.folders import IMAGE_EXTENSIONS, find_cats_dogs_root
 
@@ -97,6 +98,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--class-index", type=int, help="class Grad-CAM explains (default: the predicted one)"
     )
+    parser.add_argument(
+        "--class",
+        dest="class_name",
+        metavar="NAME",
+        help="class Grad-CAM explains, by name: one the checkpoint was trained on",
+    )
     return parser.parse_args(argv)
 
 
@@ -123,15 +130,6 @@ def load_input(model, args: argparse.Namespace, interpolation: str) -> np.ndarra
         return data.load_mnist(args.data_dir)["test_images"][0].astype(np.float32) / 255.0
     return look.load_image(
         default_image_path(args.data_dir), (height, width), channels, interpolation
-    )
-
-
-def run_folder_of(checkpoint_dir: Path) -> Path:
-    """RUN for RUN/checkpoints/<epoch>; the checkpoint folder itself otherwise."""
-    return (
-        checkpoint_dir.parent.parent
-        if checkpoint_dir.parent.name == "checkpoints"
-        else checkpoint_dir
     )
 
 
@@ -162,6 +160,26 @@ def check_args(model, args: argparse.Namespace, first_layer_channels: int) -> No
         )
 
 
+def class_to_explain(args: argparse.Namespace, class_names: list[str]) -> int | None:
+    """The class index Grad-CAM explains: --class NAME's among the checkpoint's classes, else
+    --class-index; None (the predicted class) for neither. Both, naming different classes, is an
+    error: which one was meant cannot be guessed."""
+    if args.class_name is None:
+        return args.class_index
+    if args.class_name not in class_names:
+        raise ValueError(
+            f"--class {args.class_name}: not a class of this model "
+            f"(its classes: {', '.join(class_names)})"
+        )
+    index = class_names.index(args.class_name)
+    if args.class_index is not None and args.class_index != index:
+        raise ValueError(
+            f"--class {args.class_name} is class {index} but --class-index is {args.class_index}; "
+            "give one of them"
+        )
+    return index
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     runs.setup_logging()
@@ -179,6 +197,7 @@ def draw(args: argparse.Namespace) -> list[Path]:
     activations = look.capture_activations(model, params, image, conv_pool[: max(args.layers, 1)])
     check_args(model, args, activations[0][1].shape[-1])
     class_names = checkpoint.class_names(model, description)
+    class_index = class_to_explain(args, class_names)
     if args.filters:
         filter_layer = args.filter_layer or look.last_conv_layer(model)
         ascent = look.filter_ascent(model, params, filter_layer, args.num_filters, steps=args.steps)
@@ -187,7 +206,7 @@ def draw(args: argparse.Namespace) -> list[Path]:
             f"{filter_layer}: mean activation {before:.3g} -> {after:.3g} after {args.steps} steps"
         )
     if args.heatmap:
-        cam = look.grad_cam(model, params, image, args.class_index)
+        cam = look.grad_cam(model, params, image, class_index)
         label = class_names[cam.class_index]
         predicted = class_names[cam.predicted]
         print(
@@ -195,7 +214,7 @@ def draw(args: argparse.Namespace) -> list[Path]:
             f"the model predicts {predicted}"
         )
 
-    out = Path(args.out) if args.out else run_folder_of(Path(description["path"])) / "inspect"
+    out = Path(args.out) if args.out else run_folder.inspect_folder(Path(description["path"]))
     out.mkdir(parents=True, exist_ok=True)
     written = [save_png(image, out / "input.png")]
     # One channel of the first layer, then every channel of each layer, 16 per row.

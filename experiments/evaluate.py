@@ -14,8 +14,22 @@ checkpoints/<epoch> folder; by default the experiment-2 model in checkpoints/cat
 The architecture, the resize filter and the class names come from the checkpoint; the
 folder's classes must be the ones the model was trained on. For MNIST the split is
 test (or train); for cats vs dogs any split folder (train / validation / test), and a
-data folder holding only that split is enough. Prints loss and accuracy. Bad input is
-one `error:` line and exit code 2.
+data folder holding only that split is enough; another image folder (DIR/<split>/<class>/)
+needs its train/ besides. A checkpoint without its recipe (as cnnjax.checkpoint.save_model
+writes) of more than two classes reads --data-dir as such an image folder.
+
+Prints loss and accuracy, then one line per class (its images classified right, of how
+many), and writes the confusion matrix (rows: true class, columns: predicted, the count in
+each cell) to --out/confusion.png, by default RUN/inspect/confusion.png as activations.py's
+figures (<checkpoint>/inspect/ for a checkpoint outside a run folder; each evaluation
+replaces it, its title naming the split):
+
+    .../checkpoints/12 (epoch 12) on test (30 images): loss 1.0912 - accuracy 0.4000
+      birds: 6/10 right - accuracy 0.6000
+      ...
+    confusion matrix: RUN/inspect/confusion.png
+
+Bad input is one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -29,7 +43,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from cnnjax import checkpoint, config, data, flags, run_folder, runs, train
+import numpy as np
+
+from cnnjax import checkpoint, config, data, flags, interrupts, plots, run_folder, runs, train
+from cnnjax import inspect as look
 
 log = logging.getLogger("cnnjax.evaluate")
 
@@ -63,6 +80,28 @@ def name_another_runs_checkpoint(description: dict) -> None:
             step_dir.parent.parent / "config.json",
             "; ".join(differences),
         )
+
+
+def trained_data(model, description: dict) -> config.DataConfig:
+    """The data the checkpoint's run trained on; for a checkpoint without its recipe, the kind its
+    model fits: MNIST for one channel, cats vs dogs for two classes, else an image folder."""
+    if "config" in description:
+        return config.from_dict(description["config"]).data
+    if model.input_shape[-1] == 1:
+        dataset = "mnist"
+    else:
+        dataset = "cats_dogs" if model.head.num_classes == 2 else "folder"
+    return config.DataConfig(dataset=dataset, image_size=model.input_shape[0])
+
+
+def class_lines(matrix: np.ndarray, class_names: list[str]) -> list[str]:
+    """Per class (a row of the confusion matrix): its images classified right, of how many."""
+    lines = []
+    for name, row, right in zip(class_names, matrix, np.diag(matrix), strict=True):
+        total = int(row.sum())
+        accuracy = f"accuracy {right / total:.4f}" if total else "no images"
+        lines.append(f"  {name}: {right}/{total} right - {accuracy}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -99,20 +138,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--batch-size", type=int, default=100, help="images per evaluation step (default: 100)"
     )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for confusion.png (default: RUN/inspect, as activations.py)",
+    )
     args = parser.parse_args(argv)
     runs.setup_logging()
     with runs.exits():
         if args.batch_size < 1:
             raise config.ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
         model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed)
-        trained = (
-            config.from_dict(description["config"]).data
-            if "config" in description
-            else config.DataConfig(
-                dataset="mnist" if model.input_shape[-1] == 1 else "cats_dogs",
-                image_size=model.input_shape[0],
-            )
-        )
+        trained = trained_data(model, description)
         name_another_runs_checkpoint(description)
         data_dir = args.data_dir or trained.data_dir
         if args.data_dir is None and trained.data_dir:
@@ -134,11 +171,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             {args.split: dataset}, model.head.num_classes, f"the {args.split} folder"
         )
         metrics = train.evaluate(model, params, dataset, args.batch_size)
-    epoch = description.get("epoch", "?")
-    print(
-        f"{description['path']} (epoch {epoch}) on {args.split} ({len(dataset)} images): "
-        f"loss {metrics['loss']:.4f} - accuracy {metrics['accuracy']:.4f}"
-    )
+        # A second pass for each image's class: the evaluation step sums over batches on device.
+        predicted = look.predicted_classes(model, params, dataset, args.batch_size)
+        matrix = look.confusion_matrix(dataset.labels, predicted, model.head.num_classes)
+        epoch = description.get("epoch", "?")
+        print(
+            f"{description['path']} (epoch {epoch}) on {args.split} ({len(dataset)} images): "
+            f"loss {metrics['loss']:.4f} - accuracy {metrics['accuracy']:.4f}"
+        )
+        class_names = list(dataset.class_names)
+        print("\n".join(class_lines(matrix, class_names)))
+        figures = run_folder.inspect_folder(Path(description["path"]))
+        out = Path(args.out) if args.out else figures
+        interrupts.writing()
+        title = f"{figures.parent.name}, epoch {epoch}: {args.split} ({len(dataset)} images)"
+        written = plots.plot_confusion(matrix, class_names, out / "confusion.png", title)
+        print(f"confusion matrix: {written}", flush=True)
     return metrics
 
 

@@ -8,8 +8,10 @@
 another), RUN/checkpoints, or one RUN/checkpoints/<epoch> folder; by default the
 experiment-2 model that ships in checkpoints/catsdogs-exp2. Each image (JPEG or PNG, any
 size and mode) is decoded and resized exactly as in training (the run's resize filter,
-/ 255). A file that is not an image gets one `error:` line and the others are still
-classified; the exit code is then 2. Exit codes: 0 done, 2 bad input.
+/ 255). Per image one line, `IMAGE: CLASS (P)`; for a model of more than two classes the
+three most probable, best first: `IMAGE: birds (0.612), cats (0.301), dogs (0.087)`. A file
+that is not an image gets one `error:` line and the others are still classified; the exit
+code is then 2. Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ from cnnjax import checkpoint, flags, models, runs
 from cnnjax import inspect as look
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "catsdogs-exp2"
+TOP = 3  # classes said per image by a model of more than two
+
+
+def ranked_classes(probabilities: np.ndarray, top: int = TOP) -> list[int]:
+    """The class said for an image, most probable first (the lower index first on a tie): the
+    best alone for two classes, where the other's probability is 1 minus it; else the `top`
+    best."""
+    order = np.argsort(-np.asarray(probabilities), kind="stable")
+    return [int(c) for c in order[: 1 if len(order) <= 2 else top]]
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
@@ -85,9 +96,13 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
             probabilities = np.asarray(jax.device_get(models.predict(model, params, image[None])))[
                 0
             ]
-            best = int(np.argmax(probabilities))
+            ranked = ranked_classes(probabilities)
+            best = ranked[0]
             predicted.append((path, classes[best], float(probabilities[best])))
-            print(f"{path}: {classes[best]} ({probabilities[best]:.3f})", flush=True)
+            print(
+                f"{path}: " + ", ".join(f"{classes[c]} ({probabilities[c]:.3f})" for c in ranked),
+                flush=True,
+            )
     if failed:
         raise SystemExit(runs.EXIT_BAD_INPUT)
     return predicted

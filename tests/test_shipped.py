@@ -50,8 +50,9 @@ def card_accuracy(name: str, split: str) -> tuple[float, float]:
 
 
 def evaluated_accuracy(done: subprocess.CompletedProcess) -> float:
+    """The accuracy of evaluate.py's first line, "... on SPLIT (N images): loss L - accuracy A"."""
     assert done.returncode == 0, done.stderr
-    return float(re.search(r"accuracy ([0-9.]+)$", done.stdout.strip().splitlines()[-1])[1])
+    return float(re.search(r"images\): loss [0-9.]+ - accuracy ([0-9.]+)$", done.stdout, re.M)[1])
 
 
 @pytest.mark.parametrize(
@@ -94,10 +95,12 @@ def test_a_shipped_model_is_small_16_bit_sealed_and_carries_its_recipe(name, epo
 
 
 @pytest.mark.slow  # the real MNIST test set
-def test_the_shipped_mnist_model_scores_its_card_on_the_test_set(mnist_dir):
-    accuracy = evaluated_accuracy(
-        run_script("evaluate.py", "--checkpoint", "checkpoints/mnist", "--data-dir", str(mnist_dir))
-    )
+def test_the_shipped_mnist_model_scores_its_card_on_the_test_set(mnist_dir, tmp_path):
+    shipped = ("--checkpoint", "checkpoints/mnist", "--data-dir", str(mnist_dir))
+    done = run_script("evaluate.py", *shipped, "--out", str(tmp_path))
+    accuracy = evaluated_accuracy(done)
+    assert (tmp_path / "confusion.png").is_file()  # --out given: nothing beside the shipped model
+    assert not (SHIPPED["mnist"] / "inspect").exists()
     assert accuracy == card_accuracy("mnist", "test")[1] and accuracy >= 0.990
 
 
@@ -112,10 +115,12 @@ def real_cats() -> Path:
 
 
 @pytest.mark.parametrize("split", ["validation", "test"])
-def test_the_shipped_exp2_model_scores_its_card_on_the_real_photos(split):
-    accuracy = evaluated_accuracy(
-        run_script("evaluate.py", "--data-dir", str(real_cats()), "--split", split)
-    )  # the default checkpoint
+def test_the_shipped_exp2_model_scores_its_card_on_the_real_photos(split, tmp_path):
+    accuracy = evaluated_accuracy(  # the default checkpoint
+        run_script(
+            "evaluate.py", "--data-dir", str(real_cats()), "--split", split, "--out", str(tmp_path)
+        )
+    )
     assert accuracy == card_accuracy("catsdogs-exp2", split)[1] and accuracy >= 0.80
 
 
