@@ -260,6 +260,9 @@ def import_tensorflow() -> Any:
     """TensorFlow with its accelerators hidden (JAX owns them) and its C++ start-up logs quiet.
     Only streaming and TFDS import it, on first use: the rest of cnnjax never does."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Its oneDNN notice is logged before absl's logging starts, which TF_CPP_MIN_LOG_LEVEL cannot
+    # silence; cnnjax runs no TensorFlow arithmetic (tf.data and TFDS only), so oneDNN is moot.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow as tf
     except ImportError:

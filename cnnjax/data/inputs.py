@@ -187,10 +187,9 @@ def _folder(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
         )
     root = Path(base).expanduser()
     split_off = "validation" in splits and not (root / "validation").is_dir()
-    listed = tuple(
-        dict.fromkeys(s for s in (*splits, "train") if s != "validation" or not split_off)
-    )
-    listings = folders.list_splits(root, listed)
+    # train/ is read for the validation it holds out, not when only test/ is asked for
+    listed = [s for s in splits if s != "validation"] + ["train"] if split_off else list(splits)
+    listings = folders.list_splits(root, tuple(dict.fromkeys(listed)))
     if split_off:
         fraction = spec.validation_fraction
         listings["train"], listings["validation"] = folders.split_listing(

@@ -221,7 +221,11 @@ def open_tfds(
                 f"TFDS {name!r} is not prepared and downloading is off ({first_line(e)})"
             ) from None
     if not tfds_reachable():
-        raise DataError(f"TFDS {name!r} is not prepared and its download server cannot be reached")
+        raise DataError(
+            f"TFDS {name!r} is not prepared and its download server cannot be reached; prepare "
+            f"it where there is a network (tfds build {name} --file_format=array_record) and "
+            "pass that data folder with --data-dir"
+        )
     log.info(
         "downloading TFDS %s from TFDS's download server into TFDS's data folder (%s), "
         "prepared as array_record",
