@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -209,12 +210,19 @@ def test_memory_and_source_agree_pixel_for_pixel_and_are_cached(data_dir, tmp_pa
                         uid = int(image[0, 0, 0])
                         np.testing.assert_array_equal(image, expected_pixels(uid, channels))
     cached = sorted((tmp_path / "cache" / "folders").glob("*.npz"))
-    assert len(cached) == 6  # rgb, 2 sizes x 3 splits; grey is not cached (3 channels only)
+    assert len(cached) == 12  # rgb and grey, 2 sizes x 3 splits
     stamps = [f.stat().st_mtime_ns for f in cached]
+    for config in ("rgb", "grey"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a cache file read as damaged would warn
+            again = tfds_data.load_tfds_named(
+                f"cnnjax_tiny_three/{config}", splits, (6, 6), "bilinear", 0.2, data_dir
+            )
+    assert [f.stat().st_mtime_ns for f in cached] == stamps  # read, not written again
+    assert again["validation"].images.shape[-1] == 1
     again = tfds_data.load_tfds_named(
         "cnnjax_tiny_three/rgb", splits, (6, 6), "bilinear", 0.2, data_dir
     )
-    assert [f.stat().st_mtime_ns for f in cached] == stamps  # read, not written again
     np.testing.assert_array_equal(again["validation"].images, held_rgb_validation(data_dir))
     other = tfds_data.load_tfds_named(
         "cnnjax_tiny_three/rgb", splits, (6, 6), "bilinear", 0.4, data_dir

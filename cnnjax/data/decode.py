@@ -167,7 +167,7 @@ def clean_cache() -> None:
         )
 
 
-def read_cached(key: str, size_hw: tuple[int, int]) -> Images | None:
+def read_cached(key: str, size_hw: tuple[int, int], channels: int = 3) -> Images | None:
     """The cached result, or None when absent; a damaged file is reported and ignored."""
     file = cache_file(key)
     if not file.is_file():
@@ -183,7 +183,7 @@ def read_cached(key: str, size_hw: tuple[int, int]) -> Images | None:
         if (
             stored_key != key
             or images.dtype != np.uint8
-            or images.shape != (n, *size_hw, 3)
+            or images.shape != (n, *size_hw, channels)
             or len(files) != n
         ):
             raise ValueError("contents do not match what was asked for")

@@ -446,10 +446,8 @@ def tfds_sources_in_memory(
                 "interpolation": source.interpolation,
             }
         )
-        # The decode cache holds 3-channel images only (decode.read_cached): grey sets decode
-        # each time.
-        use_cache = cache and source.image_shape[-1] == 3
-        if use_cache and (held := read_cached(key, source.image_shape[:2])) is not None:
+        height, width, channels = source.image_shape
+        if cache and (held := read_cached(key, (height, width), channels)) is not None:
             results[split] = held
             continue
         # the labels come with the pixels: no second pass over the records for source.labels
@@ -462,7 +460,7 @@ def tfds_sources_in_memory(
             list(source.class_names),
             [source.describe(i) for i in range(len(source))],
         )
-        if use_cache:
+        if cache:
             write_cached(key, results[split])
     log.info(
         "TFDS %s (%s) in memory in %.1f s%s",
