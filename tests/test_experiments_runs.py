@@ -243,19 +243,20 @@ def test_the_tiny_run_has_a_best_epoch_before_its_last(cats_run):
 
 
 @pytest.mark.parametrize("where", ["RUN", "RUN/best"])
-def test_evaluate_reproduces_the_best_epochs_validation_metrics(cats_run, where, capsys):
+def test_evaluate_reproduces_the_best_epochs_validation_metrics(cats_run, where, capsys, tmp_path):
     _, out, data = cats_run
     best, _ = best_and_last(out)
     checkpoint = out if where == "RUN" else out / "best"
     metrics = evaluate.main(
         ["--checkpoint", str(checkpoint), "--data-dir", str(data), "--split", "validation"]
+        + ["--out", str(tmp_path)]
     )
     assert metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert metrics["accuracy"] == best["val_accuracy"]
     assert f"(epoch {best['epoch']}) on validation (8 images)" in capsys.readouterr().out
 
 
-def test_evaluate_latest_is_the_last_epoch_and_the_resize_filter_is_the_runs(cats_run):
+def test_evaluate_latest_is_the_last_epoch_and_the_resize_filter_is_the_runs(cats_run, tmp_path):
     _, out, data = cats_run
     _, last = best_and_last(out)
     latest = evaluate.main(
@@ -268,6 +269,7 @@ def test_evaluate_latest_is_the_last_epoch_and_the_resize_filter_is_the_runs(cat
             str(data),
             "--split",
             "validation",
+            *("--out", str(tmp_path)),
         ]
     )
     assert (
@@ -286,6 +288,7 @@ def test_evaluate_latest_is_the_last_epoch_and_the_resize_filter_is_the_runs(cat
             "validation",
             "--interpolation",
             "nearest",
+            *("--out", str(tmp_path)),
         ]
     )
     assert (
@@ -335,6 +338,7 @@ def test_evaluate_needs_only_the_split_asked_for(cats_run, tmp_path):
     )  # the validation images, as the only split there
     metrics = evaluate.main(
         ["--checkpoint", str(out), "--data-dir", str(only_test), "--split", "test"]
+        + ["--out", str(tmp_path)]
     )
     assert (
         metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
@@ -407,7 +411,8 @@ def test_activations_resizes_with_the_runs_interpolation(cats_run, cats_photos, 
 
 
 def test_the_checks_above_left_the_run_as_main_wrote_it(cats_run):
-    """activations.py writes into RUN/inspect unless told otherwise: every test above gave --out."""
+    """activations.py and evaluate.py write into RUN/inspect unless told otherwise: every test
+    above gave --out."""
     _, out, _ = cats_run
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoints",
