@@ -13,10 +13,10 @@ epoch number for others), RUN/checkpoints, RUN/best or RUN/latest, or one
 checkpoints/<epoch> folder; by default the experiment-2 model in checkpoints/catsdogs-exp2.
 The architecture, the resize filter and the class names come from the checkpoint; the
 folder's classes must be the ones the model was trained on. For MNIST the split is
-test (or train); for cats vs dogs any split folder (train / validation / test), and a
-data folder holding only that split is enough; another image folder (DIR/<split>/<class>/)
-needs its train/ besides. A checkpoint without its recipe (as cnnjax.checkpoint.save_model
-writes) of more than two classes reads --data-dir as such an image folder.
+test (or train); for cats vs dogs and other image folders (DIR/<split>/<class>/) any split
+folder (train / validation / test), and a data folder holding only that split is enough. A
+checkpoint without its recipe (as cnnjax.checkpoint.save_model writes) of more than two
+classes reads --data-dir as such an image folder.
 
 Prints loss and accuracy, then one line per class (its images classified right, of how
 many), and writes the confusion matrix (rows: true class, columns: predicted, the count in

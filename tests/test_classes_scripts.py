@@ -26,14 +26,12 @@ CLASS_LINE = re.compile(r"  (\w+): (\d+)/(\d+) right - (?:accuracy ([0-9.]+)|no 
 @pytest.fixture(scope="module")
 def three_classes(tmp_path_factory):
     """(model, params, checkpoint folder, data folder): a 3-class model of random parameters and a
-    folder with train/ (the folder loader lists it) and 10 test images."""
+    folder holding only test/, 10 images (evaluating on test needs no train/)."""
     root = tmp_path_factory.mktemp("three")
     model = models.CatsDogsConvNet(num_classes=3, input_shape=SHAPE)
     params = numpy_params(model, seed=1)
     ckpt = checkpoint.save_model(root / "run", model, params, class_names=CLASSES)
-    data = write_cats_dogs_folder(
-        root / "data", {"train": 3, "test": TEST_IMAGES}, classes=tuple(CLASSES)
-    )
+    data = write_cats_dogs_folder(root / "data", {"test": TEST_IMAGES}, classes=tuple(CLASSES))
     return model, params, ckpt, data
 
 
