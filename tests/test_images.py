@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from cnnjax import checkpoint, config, data, models
-from cnnjax.data import folders
+from cnnjax.data import folders, splits
 from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
 from tests.test_runs import assert_same_run, run_script
 
@@ -43,33 +43,33 @@ def write_train_only(root: Path, per_class: int = 10) -> Path:
 def test_split_listing_is_stratified_disjoint_deterministic_and_stable(tmp_path):
     root = write_train_only(tmp_path / "data")
     listing = folders.list_folder(root / "train")
-    train, held = folders.split_listing(listing, 0.2)
-    assert folders.class_counts(held) == {name: 2 for name in THREE}
-    assert folders.class_counts(train) == {name: 8 for name in THREE}
+    train, held = splits.split_listing(listing, 0.2)
+    assert splits.class_counts(held) == {name: 2 for name in THREE}
+    assert splits.class_counts(train) == {name: 8 for name in THREE}
     assert not set(train.files) & set(held.files)
     assert sorted(train.files + held.files) == sorted(listing.files)
     # labels follow their files; Keras's order kept within each part
     by_file = dict(zip(listing.files, listing.labels))
     assert all(by_file[f] == c for f, c in zip(held.files, held.labels))
     assert held.files == [f for f in listing.files if f in set(held.files)]
-    again = folders.split_listing(folders.list_folder(root / "train"), 0.2)
+    again = splits.split_listing(folders.list_folder(root / "train"), 0.2)
     assert (again[0].files, again[1].files) == (train.files, held.files)
     # a new image moves at most one other file between the parts
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "cats" / "new.png")
-    _, held_after = folders.split_listing(folders.list_folder(root / "train"), 0.2)
+    _, held_after = splits.split_listing(folders.list_folder(root / "train"), 0.2)
     assert len(set(held.files) ^ (set(held_after.files) - {"cats/new.png"})) <= 1
 
 
 def test_split_listing_needs_two_images_per_class(tmp_path):
     root = write_cats_dogs_folder(tmp_path / "data", {"train": 3}, classes=THREE)
     with pytest.raises(data.DataError, match="class birds has 1 image.*at least 2 per class"):
-        folders.split_listing(folders.list_folder(root / "train"), 0.2)
+        splits.split_listing(folders.list_folder(root / "train"), 0.2)
 
 
 def test_few_or_unbalanced_classes_warn_once_with_the_counts(tmp_path):
     few = folders.list_folder(write_train_only(tmp_path / "few", per_class=4) / "train")
-    with pytest.warns(folders.ClassCountWarning) as caught:
-        folders.warn_class_counts(few, "few/train")
+    with pytest.warns(splits.ClassCountWarning) as caught:
+        splits.warn_class_counts(few, "few/train")
     assert len(caught) == 1
     assert str(caught[0].message) == (
         "few/train: fewer than 10 images in a class (birds 4, cats 4, dogs 4)"
@@ -77,13 +77,13 @@ def test_few_or_unbalanced_classes_warn_once_with_the_counts(tmp_path):
     balanced = folders.list_folder(write_train_only(tmp_path / "ok") / "train")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        folders.warn_class_counts(balanced, "ok/train")
+        splits.warn_class_counts(balanced, "ok/train")
     unbalanced = dataclasses.replace(
         balanced, files=balanced.files + [f"dogs/x{i}.png" for i in range(20)]
     )
     unbalanced.labels = balanced.labels + [2] * 20
-    with pytest.warns(folders.ClassCountWarning, match=r"3\.0 times the smallest.*dogs 30"):
-        folders.warn_class_counts(unbalanced, "ok/train")
+    with pytest.warns(splits.ClassCountWarning, match=r"3\.0 times the smallest.*dogs 30"):
+        splits.warn_class_counts(unbalanced, "ok/train")
 
 
 def test_a_train_only_folder_validates_on_its_held_out_part(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 
 from cnnjax.data import DataError
 from cnnjax.data import tfds as tfds_data
+from cnnjax.data.splits import stratified_holdout
 
 pytest.importorskip(
     "tensorflow", reason="the tfds extra: pip install -e '.[dev,tfds]' (CI installs it)"
@@ -98,6 +99,11 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path / "cache"))
 
 
+def load_named(name, *args, **kwargs):
+    """A named set in memory, as data.load holds it."""
+    return tfds_data.tfds_sources_in_memory(tfds_data.tfds_named_sources(name, *args, **kwargs))
+
+
 def sources(config, splits, data_dir, image_size=(6, 6), fraction=FRACTION):
     return tfds_data.tfds_named_sources(
         f"cnnjax_tiny_three/{config}", splits, image_size, "bilinear", fraction, data_dir
@@ -175,13 +181,13 @@ def test_validation_is_held_out_of_train_stratified_deterministic_and_disjoint(d
 def test_stratified_holdout_needs_two_records_per_class_and_a_fraction_in_0_1():
     labels = np.array([0, 0, 1, 1, 1, 2])
     with pytest.raises(DataError, match=r"^class c has 1 record in here: holding out"):
-        tfds_data.stratified_holdout(labels, ["a", "b", "c"], 0.5, "here")
-    kept, held = tfds_data.stratified_holdout(labels[:5], ["a", "b", "c"], 0.5, "here")
+        stratified_holdout(labels, ["a", "b", "c"], 0.5, "here")
+    kept, held = stratified_holdout(labels[:5], ["a", "b", "c"], 0.5, "here")
     assert np.bincount(labels[held], minlength=3).tolist() == [1, 2, 0]  # round(1.5) == 2
     assert sorted(kept.tolist() + held.tolist()) == list(range(5))
     for fraction in (0, 1):
         with pytest.raises(ValueError, match="validation_fraction must be in"):
-            tfds_data.stratified_holdout(labels, ["a", "b", "c"], fraction, "here")
+            stratified_holdout(labels, ["a", "b", "c"], fraction, "here")
 
 
 # --- In memory ------------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ def test_memory_and_source_agree_pixel_for_pixel_and_are_cached(data_dir, tmp_pa
         name = f"cnnjax_tiny_three/{config}"
         for size in ((6, 6), SHAPE):
             streamed = sources(config, splits, data_dir, size)
-            held = tfds_data.load_tfds_named(name, splits, size, "bilinear", FRACTION, data_dir)
+            held = load_named(name, splits, size, "bilinear", FRACTION, data_dir)
             from_sources = tfds_data.tfds_sources_in_memory(streamed, cache=False)
             for split in splits:
                 source, images = streamed[split], held[split]
@@ -215,18 +221,14 @@ def test_memory_and_source_agree_pixel_for_pixel_and_are_cached(data_dir, tmp_pa
     for config in ("rgb", "grey"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a cache file read as damaged would warn
-            again = tfds_data.load_tfds_named(
+            again = load_named(
                 f"cnnjax_tiny_three/{config}", splits, (6, 6), "bilinear", 0.2, data_dir
             )
     assert [f.stat().st_mtime_ns for f in cached] == stamps  # read, not written again
     assert again["validation"].images.shape[-1] == 1
-    again = tfds_data.load_tfds_named(
-        "cnnjax_tiny_three/rgb", splits, (6, 6), "bilinear", 0.2, data_dir
-    )
+    again = load_named("cnnjax_tiny_three/rgb", splits, (6, 6), "bilinear", 0.2, data_dir)
     np.testing.assert_array_equal(again["validation"].images, held_rgb_validation(data_dir))
-    other = tfds_data.load_tfds_named(
-        "cnnjax_tiny_three/rgb", splits, (6, 6), "bilinear", 0.4, data_dir
-    )
+    other = load_named("cnnjax_tiny_three/rgb", splits, (6, 6), "bilinear", 0.4, data_dir)
     assert len(other["validation"]) != len(again["validation"])  # other indices, another key
 
 
@@ -263,9 +265,7 @@ def test_unknown_name_not_classification_and_offline_fail_fast_in_one_line(tmp_p
     )
     # a real name, not prepared, download allowed, the server unreachable (the fixture says so)
     with pytest.raises(DataError) as e:
-        tfds_data.load_tfds_named(
-            "cifar10", ("train", "validation"), (32, 32), "nearest", 0.1, tmp_path
-        )
+        load_named("cifar10", ("train", "validation"), (32, 32), "nearest", 0.1, tmp_path)
     assert str(e.value).startswith(
         "TFDS 'cifar10' is not prepared and its download server cannot be reached; prepare it"
     )
@@ -281,7 +281,7 @@ def test_unknown_name_not_classification_and_offline_fail_fast_in_one_line(tmp_p
 def test_without_tensorflow_datasets_it_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # importing it raises ImportError
     with pytest.raises(DataError) as e:
-        tfds_data.load_tfds_named("cifar10", ("train",), (32, 32), "nearest", 0.1, tmp_path)
+        load_named("cifar10", ("train",), (32, 32), "nearest", 0.1, tmp_path)
     assert str(e.value) == (
         "TFDS 'cifar10': tensorflow-datasets is not installed (pip install 'cnnjax[tfds]')"
     )

@@ -2,8 +2,8 @@
 (inputs) is the way in.
 
 Below it: decode (pixels as keras.utils.load_img, and the decode cache), folders (Keras's
-flow_from_directory layout), tfds, mnist (the IDX files), kaggle (making cats_and_dogs_small) and
-common (what they share).
+flow_from_directory layout), splits (validation held out of train, class counts), tfds, mnist
+(the IDX files), kaggle (making cats_and_dogs_small) and common (what they share).
 """
 
 from cnnjax.data.common import DataError, Dataset, Images, SkippedImageWarning, Stream, cache_root

@@ -4,7 +4,6 @@ threads, TensorFlow."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 import socket
@@ -214,42 +213,6 @@ def thread_map(
         return list(pool.map(fn, items))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def stratified_holdout(
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    fraction: float,
-    where: str,
-    names: Sequence[str] | None = None,
-    unit: str = "record",
-    hint: str = "",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held): positions into `labels`, ascending. Per class round(fraction * n) held out
-    (at least one, leaving at least one): those whose name (a file's relative path; by default
-    the position as a decimal string) has the smallest sha256, so the choice depends on nothing
-    but the names and labels (not on the run, the machine or the device count), and a new
-    example moves at most one other. A class without examples holds out none."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}")
-    labels = np.asarray(labels)
-    names = [str(i) for i in range(len(labels))] if names is None else names
-    held: list[int] = []
-    for label, name in enumerate(class_names):
-        members = np.flatnonzero(labels == label).tolist()
-        if not members:
-            continue
-        if len(members) < 2:
-            raise DataError(
-                f"class {name} has 1 {unit} in {where}: holding out a validation split needs at "
-                f"least 2 per class{hint}"
-            )
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        members.sort(key=lambda i: hashlib.sha256(names[i].encode()).digest())
-        held += members[:count]
-    is_held = np.zeros(len(labels), bool)
-    is_held[held] = True
-    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
 def tensorflow_available() -> bool:

@@ -31,7 +31,6 @@ from cnnjax.data.common import (
     Images,
     SkippedImageWarning,
     data_dir_from_env,
-    stratified_holdout,
     thread_map,
 )
 from cnnjax.data.decode import (
@@ -167,57 +166,6 @@ def list_splits(root: str | os.PathLike, splits: Sequence[str]) -> dict[str, Lis
                 f"but {root / s} has {classes[s]}; every split needs the same class sub-folders"
             )
     return {s: list_folder(root / s) for s in splits}
-
-
-class ClassCountWarning(UserWarning):
-    """A split whose classes hold few images, or very different numbers of them."""
-
-
-FEW_IMAGES = 10  # fewer in a class: too few to learn or to measure it
-UNBALANCED = 3.0  # the largest class over the smallest: accuracy then hides the small classes
-
-
-def class_counts(listing: Listing) -> dict[str, int]:
-    counts = np.bincount(listing.labels, minlength=len(listing.class_names))
-    return dict(zip(listing.class_names, counts.tolist(), strict=True))
-
-
-def warn_class_counts(listing: Listing, split: str) -> None:
-    """One ClassCountWarning line with every class's count when a class has fewer than FEW_IMAGES
-    images or the largest class UNBALANCED times the smallest."""
-    counts = class_counts(listing)
-    smallest, largest = min(counts.values()), max(counts.values())
-    why = []
-    if smallest < FEW_IMAGES:
-        why.append(f"fewer than {FEW_IMAGES} images in a class")
-    if largest >= UNBALANCED * smallest:
-        why.append(f"the largest class {largest / smallest:.1f} times the smallest")
-    if why:
-        listed = ", ".join(f"{name} {n}" for name, n in counts.items())
-        warnings.warn(f"{split}: {' and '.join(why)} ({listed})", ClassCountWarning, stacklevel=2)
-
-
-def _subset(listing: Listing, keep: Sequence[int]) -> Listing:
-    broken = {new: listing.broken[old] for new, old in enumerate(keep) if old in listing.broken}
-    files = [listing.files[i] for i in keep]
-    labels = [listing.labels[i] for i in keep]
-    return Listing(listing.folder, listing.class_names, files, labels, broken)
-
-
-def split_listing(listing: Listing, fraction: float) -> tuple[Listing, Listing]:
-    """(train, validation): per class, `fraction` of its files held out for validation, chosen by
-    their names alone (common.stratified_holdout), so a rerun, another machine or another device
-    count holds out the same files. Both keep Keras's order."""
-    kept, held = stratified_holdout(
-        np.asarray(listing.labels),
-        listing.class_names,
-        fraction,
-        str(listing.folder),
-        listing.files,
-        "image",
-        "; add images or give a validation/ folder",
-    )
-    return _subset(listing, kept.tolist()), _subset(listing, held.tolist())
 
 
 class FolderSource:

@@ -33,6 +33,7 @@ from cnnjax.data.common import (
 )
 from cnnjax.data.decode import check_size
 from cnnjax.data.mnist import load_mnist
+from cnnjax.data.splits import split_listing, warn_class_counts
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def _cats_dogs(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
 
 def _folder(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
     """Any folder of N >= 2 classes; without validation/, validation is a stratified part of
-    train/ (folders.split_listing)."""
+    train/ (split_listing)."""
     base = spec.data_dir if spec.data_dir is not None else data_dir_from_env()
     if base is None:
         raise DataError(
@@ -192,9 +193,7 @@ def _folder(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
     listings = folders.list_splits(root, tuple(dict.fromkeys(listed)))
     if split_off:
         fraction = spec.validation_fraction
-        listings["train"], listings["validation"] = folders.split_listing(
-            listings["train"], fraction
-        )
+        listings["train"], listings["validation"] = split_listing(listings["train"], fraction)
         log.info(
             "validation: %d images, %g of %s (stratified per class; no validation/ folder)",
             len(listings["validation"].files),
@@ -203,9 +202,7 @@ def _folder(spec: DataSpec, splits: tuple[str, ...]) -> dict[str, Dataset]:
         )
     for split in splits:
         held = split_off and split == "validation"
-        folders.warn_class_counts(
-            listings[split], f"{root / split}" + held * " (held out of train/)"
-        )
+        warn_class_counts(listings[split], f"{root / split}" + held * " (held out of train/)")
     return _from_listings(spec, {split: listings[split] for split in splits})
 
 

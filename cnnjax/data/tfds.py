@@ -1,21 +1,17 @@
 """TFDS image sets: any image-classification set by name (`tfds:NAME`), cats_vs_dogs in the
 lecture's split sizes, and any split read record by record.
 
-By name (`tfds_named_sources`, `load_tfds_named`): image shape, channels (1 for a grey set, kept
-grey), class names and splits come from the dataset's info; images are resized to the size asked
-for. A "validation" split the set lacks is held out of "train", stratified: per class
-round(fraction * n) records (at least one, leaving at least one), the ones whose index has the
-smallest sha256, so a rerun or another device count holds out the same records.
+By name (`tfds_named_sources`, `tfds_sources_in_memory`): image shape, channels (1 for a grey set,
+kept grey), class names and splits come from the dataset's info; images are resized to the size
+asked for. A "validation" split the set lacks is held out of "train" (splits.stratified_holdout).
 
-TFDS's cats_vs_dogs has a single 'train' split (23,262 images). `tfds_subset` takes, in TFDS order
-(shuffle_files=False, deterministic for a dataset version), per class the first 1000 for "train",
-the next 500 for "validation" and 500 for "test": the sizes of the lecture's cats_and_dogs_small,
-not its pictures; each split holds its cats, then its dogs.
+TFDS's cats_vs_dogs has one 'train' split (23,262 images); `tfds_subset` takes from it in TFDS
+order (shuffle_files=False) per class 1000 for "train", then 500 for "validation" and 500 for
+"test", cats then dogs: the lecture's split sizes (cats_and_dogs_small), not its pictures.
 
-Images are decoded with PIL (cnnjax.data.decode), as image folders are, not by TFDS. Prepared
-data is used first; a download only when allowed and TFDS's server answers (checked first, so an
-offline machine fails in seconds), prepared as array_record, which reading by index needs.
-TensorFlow and TFDS are imported on first use only.
+Images are decoded with PIL (cnnjax.data.decode), as folders are. Prepared data first; a download
+(as array_record, which reading by index needs) only when allowed and TFDS's server answers, checked
+first so that offline fails in seconds. TensorFlow and TFDS are imported on first use.
 """
 
 from __future__ import annotations
@@ -38,7 +34,6 @@ from cnnjax.data.common import (
     Images,
     first_line,
     import_tensorflow,
-    stratified_holdout,
     tfds_reachable,
     thread_map,
 )
@@ -53,6 +48,7 @@ from cnnjax.data.decode import (
 )
 from cnnjax.data.folders import CATS_DOGS_LAYOUT
 from cnnjax.data.kaggle import BOOK_SPLIT_SIZES
+from cnnjax.data.splits import stratified_holdout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -363,13 +359,11 @@ def tfds_named_sources(
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
 ) -> dict[str, TfdsSource]:
-    """{split: TfdsSource} of the TFDS image-classification set `name`, for the splits asked
-    for (e.g. ("train", "validation") or ("test",)), TFDS's split names as they are. A
-    "validation" the set lacks is held out of "train" (`stratified_holdout`), and "train" is
-    then the rest; that reads train's labels once. image_size: (height, width) to resize to
-    (None: the set's fixed size). DataError (one line) for a missing extra, an unknown name,
-    a set that is not image classification, one that is neither prepared nor downloadable, or
-    a split it lacks."""
+    """{split: TfdsSource} of the TFDS image-classification set `name` (TFDS's split names); a
+    "validation" the set lacks is held out of "train" (`stratified_holdout`), which is then the
+    rest. image_size: (height, width) to resize to (None: the set's own). DataError (one line)
+    for a missing extra, an unknown name, a set not of image classes, one neither prepared nor
+    downloadable, or a split it lacks."""
     if isinstance(splits, str) or not splits:
         raise ValueError(f"splits must be a non-empty sequence of split names, got {splits!r}")
     splits = tuple(dict.fromkeys(splits))
@@ -405,23 +399,6 @@ def tfds_named_sources(
             name,
         )
     return {s: sources[s] for s in splits}
-
-
-def load_tfds_named(
-    name: str,
-    splits: Sequence[str],
-    image_size: Sequence[int] | None,
-    interpolation: str,
-    validation_fraction: float,
-    data_dir: str | os.PathLike | None = None,
-    download: bool = True,
-    cache: bool = True,
-) -> dict[str, Images]:
-    """tfds_named_sources' splits decoded into memory (`tfds_sources_in_memory`)."""
-    sources = tfds_named_sources(
-        name, splits, image_size, interpolation, validation_fraction, data_dir, download
-    )
-    return tfds_sources_in_memory(sources, cache)
 
 
 def tfds_sources_in_memory(
