@@ -59,9 +59,9 @@ def model_for(cfg: configlib.Config, datasets: dict[str, data.Dataset]) -> nn.Mo
     differ from it."""
     first = next(iter(datasets.values()))
     count = LECTURE_CLASSES.get(cfg.data.dataset, len(first.class_names))
-    where = {"mnist": "MNIST", "cats_dogs": "the data folder"}.get(
-        cfg.data.dataset, cfg.data.dataset
-    )
+    folder = "the data folder"
+    names = {"mnist": "MNIST", "cats_dogs": folder, "folder": folder}
+    where = names.get(cfg.data.dataset, cfg.data.dataset)
     try:
         data.check_classes(datasets, count, where)
     except data.DataError as e:

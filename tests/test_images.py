@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import checkpoint, config, data, models
+from cnnjax import checkpoint, config, data, models, train
 from cnnjax.data import folders, splits
 from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
 from tests.test_runs import assert_same_run, run_script
@@ -204,3 +204,15 @@ def test_three_classes_train_resume_after_a_kill_and_load_with_their_names(tmp_p
     images = jnp.zeros((2, CATS_SIZE, CATS_SIZE, 3))
     probabilities = models.predict(model, params, images)
     np.testing.assert_allclose(np.asarray(probabilities).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_folder_of_one_class_is_refused_in_one_line(tmp_path):
+    root = write_cats_dogs_folder(
+        tmp_path / "data", {"train": 4, "validation": 2}, classes=("cats",)
+    )
+    cfg = config.override(
+        config.images(), {"data.data_dir": str(root), "data.image_size": CATS_SIZE}
+    )
+    datasets = data.load(cfg.data, ("train", "validation"))
+    with pytest.raises(data.DataError, match=r"^the data folder has 1 class \(cats\): a classif"):
+        train.model_for(cfg, datasets)
