@@ -358,11 +358,12 @@ def check(cfg: Config, min_image_size: Callable[[Config], int] | None = None) ->
             if isinstance(flat[path], bool) or not ok(flat[path]):
                 raise ConfigError(f"{path} must be {what}, got {flat[path]!r}")
     dataset = cfg.data.dataset
-    if dataset not in DATASETS and not (dataset.startswith("tfds:") and len(dataset) > 5):
+    by_name = dataset.startswith("tfds:")
+    if dataset not in DATASETS and not (by_name and len(dataset) > len("tfds:")):
         raise ConfigError(
             f"data.dataset must be one of {', '.join(DATASETS)} or tfds:NAME, got {dataset!r}"
         )
-    if (dataset == "mnist") != (cfg.model.name == "mnist") and dataset.split(":")[0] != "tfds":
+    if (dataset == "mnist") != (cfg.model.name == "mnist") and not by_name:
         raise ConfigError(f"model.name {cfg.model.name!r} does not fit data.dataset {dataset!r}")
     if cfg.model.name == "mnist":
         if cfg.data.image_size != 28:

@@ -21,19 +21,10 @@ from PIL import Image
 from cnnjax import checkpoint, config, data, models, train
 from cnnjax.data import folders, splits
 from tests.conftest import CATS_SIZE, REPO, write_cats_dogs_folder
-from tests.test_runs import assert_same_run, run_script
+from tests.test_runs import CATS_ARGS, assert_same_run, run_script
 
 THREE = ("birds", "cats", "dogs")
-ARGS = [
-    "--epochs",
-    "3",
-    "--batch-size",
-    "8",
-    "--train.eval_batch_size",
-    "8",
-    "--image-size",
-    str(CATS_SIZE),
-]
+ARGS = [arg for arg in CATS_ARGS if arg != "--dropout"]  # images.py is experiment 2 already
 
 
 def write_train_only(root: Path, per_class: int = 10) -> Path:
