@@ -1,25 +1,29 @@
 """Ablations: a grid of settings, each a list of overrides of one recipe, several seeds each.
 
-A setting is a name and overrides by path, e.g. ("rotation", {"augment.rotation_range": 40}). Each
-setting is a run of `cnnjax.runs` (its own folder, checkpoints, resume, history):
+A setting is a name and overrides by path, e.g. ("rotation", {"augment.rotation_range": 40}).
+Settings run as runs of `cnnjax.runs` (folders, checkpoints, resume, history), one of three ways:
 
     OUT/ablation.json            the base recipe and the settings
-    OUT/<setting>/seeds/         one run of K seeds together (seeds="vmap"), or
+    OUT/grid-<hash>/             one run of every (setting, seed) pair of the settings that differ
+                                 only in numbers (seeds="grid", cnnjax.grid), or
+    OUT/<setting>/seeds/         one run of a setting's K seeds together (seeds="vmap"), or
     OUT/<setting>/seed<N>/       one run per seed (seeds="sequential")
     OUT/<setting>/result.json    written last: histories, per-seed summary, test accuracy
     OUT/<setting>/error.json     instead, when the setting failed (retried on the next run)
-    OUT/results.csv, results.md, curves.png, differences.png (each setting against the reference,
-                                 paired by seed: cnnjax.paired)
+    OUT/results.csv, results.md, curves.png, differences.png (cnnjax.report: each setting against
+                                 the reference, paired by seed, cnnjax.paired)
 
-"auto" takes vmap on accelerators (the seeds in one program spread over the mesh's seed axis keep
-the device busy) and sequential on the CPU, where a one-seed step runs unbatched (cnnjax.step) and
-3 seeds in one program measured slower than in turn (benchmarks/ablation_vmap.py).
+"auto" is grid everywhere: on accelerators the members are vmapped, one batched program filling
+the device; on the CPU they run in turn inside the program (cnnjax.step), each step unbatched as a
+run alone, and the grid saves the compiling and feeding of one run per setting
+(benchmarks/ablation_vmap.py measures both against the settings in turn).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import traceback
 from collections.abc import Mapping, Sequence
@@ -27,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
-from cnnjax import checkpoint, files, mesh, models, paired, plots, runs, train
+from cnnjax import checkpoint, files, grid, mesh, models, paired, report, runs, train
 from cnnjax import config as configlib
 from cnnjax import history as historylib
 from cnnjax.augment import AugmentConfig
@@ -37,7 +40,12 @@ from cnnjax.config import Config, ConfigError
 from cnnjax.history import History
 
 LECTURE = AugmentConfig.LECTURE
-SEED_MODES = ("auto", "vmap", "sequential")
+SEED_MODES = ("auto", "grid", "vmap", "sequential")
+HOW = {
+    "grid": "the settings that differ only in numbers, all their seeds, as members of one program",
+    "vmap": "the seeds of a setting together in one program",
+    "sequential": "each seed a run of its own, one after another",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +120,10 @@ def setting_config(base: Config, setting: Setting) -> Config:
 
 
 def resolve_mode(mode: str) -> str:
-    """auto: the seeds of a setting one after another on the CPU, in one vmapped program elsewhere
-    (measured; see the module docstring)."""
+    """auto: grid, on every backend (see the module docstring)."""
     if mode not in SEED_MODES:
         raise ConfigError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {mode!r}")
-    return ("sequential" if jax.default_backend() == "cpu" else "vmap") if mode == "auto" else mode
-
-
-def _folder_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+    return "grid" if mode == "auto" else mode
 
 
 def _run_configs(cfg: Config, folder: Path, mode: str) -> list[Config]:
@@ -155,6 +158,8 @@ def run_setting(
 
     datasets: {"train": ..., base.data.validation_split: ...} in memory; test: a dataset or None."""
     mode = resolve_mode(mode)
+    if mode == "grid":
+        return run_grid([setting], base, datasets, test, folder.parent, verbose)[0]
     cfg = setting_config(base, setting)
     model = train.model_for(cfg, datasets)
     histories: list[History] = []
@@ -172,24 +177,99 @@ def run_setting(
             )
             result = train.train_and_evaluate(run_cfg, run_folder.path, datasets, verbose=verbose)
         histories += result.histories
-        # A diverged seed's history stops while the others train on: the longest one is the run's
-        # time.
-        wall += max(sum(row["seconds"] for row in history) for history in result.histories)
-        for seed, best in zip(
-            result.seeds, result.best
-        ):  # each seed's best checkpoint (lowest validation loss) on the test split
-            if test is None or best is None:
-                tests.append(math.nan)
-            else:
-                _, params, _ = checkpoint.load_model(run_folder.path, "best", seed)
-                tests.append(
-                    train.evaluate(model, params, test, cfg.train.eval_batch_size)["accuracy"]
-                )
+        wall += _run_seconds(result.histories)
+        tests += _best_on_test(run_folder.path, result, model, test, cfg)
     summary = summarize(setting, histories, tests, wall)
+    return _write_result(setting, cfg, mode, summary, histories, folder)
+
+
+def run_grid(
+    settings: Sequence[Setting],
+    base: Config,
+    datasets: dict[str, Any],
+    test: Any,
+    out: Path,
+    verbose: bool = True,
+) -> list[dict[str, Any]]:
+    """Train every (setting, seed) pair of settings that differ only in numbers as the members of
+    one program (cnnjax.grid), in OUT/grid-<hash of their names>/ (resuming where it stopped), then
+    write each setting's result.json."""
+    named = [(s.name, setting_config(base, s)) for s in settings]
+    if len(grid.groups(named)) > 1:
+        raise ConfigError(f"settings {', '.join(dict(named))} differ in more than numbers")
+    members = grid.members(named)
+    names = ",".join(dict(named))
+    grid_folder = out / f"grid-{hashlib.sha256(names.encode()).hexdigest()[:8]}"
+    run_cfg = configlib.override(
+        grid.program_config(members, f"{base.name}-grid"),
+        {"run.resume": True, "run.out": str(grid_folder)},
+    )
+    model = train.model_for(run_cfg, datasets)
+    with contextlib.closing(runs.RunFolder.open(run_cfg)) as run_folder:
+        run_folder.write_config(
+            {
+                "config": configlib.to_dict(run_cfg),
+                "settings": [s.as_dict() for s in settings],
+                "members": grid.describe(members),
+                "class_names": list(datasets["train"].class_names),
+                "model": models.model_config(model),
+            }
+        )
+        result = train.train_and_evaluate(
+            run_cfg, run_folder.path, datasets, verbose=verbose, grid=members
+        )
+    # One program: every member shares each epoch's seconds, each setting its share of them.
+    share = _run_seconds(result.histories) / len(settings)
+    tests = _best_on_test(run_folder.path, result, model, test, run_cfg, by_member=True)
+    records = []
+    for setting, (_, cfg) in zip(settings, named):
+        own = [k for k, m in enumerate(members) if m.setting == setting.name]
+        histories = [result.histories[k] for k in own]
+        summary = summarize(setting, histories, [tests[k] for k in own], share)
+        folder = out / report.folder_name(setting.name)
+        extra = {"grid": grid_folder.name}
+        records.append(_write_result(setting, cfg, "grid", summary, histories, folder, extra))
+    return records
+
+
+def _run_seconds(histories: Sequence[History]) -> float:
+    """A run's training time: a diverged seed's history stops while the others train on, so the
+    longest one."""
+    return max(sum(row["seconds"] for row in history) for history in histories)
+
+
+def _best_on_test(
+    path: Path, result: train.Result, model: Any, test: Any, cfg: Config, by_member: bool = False
+) -> list[float]:
+    """Each seed's best checkpoint (lowest validation loss) on the test split, found by its seed
+    or (a grid's members, whose seeds repeat) its position; NaN without a test split or a best
+    epoch."""
+    tests = []
+    for k, (seed, best) in enumerate(zip(result.seeds, result.best)):
+        if test is None or best is None:
+            tests.append(math.nan)
+            continue
+        by = {"member": k} if by_member else {"seed": seed}
+        _, params, _ = checkpoint.load_model(path, "best", **by)
+        tests.append(train.evaluate(model, params, test, cfg.train.eval_batch_size)["accuracy"])
+    return tests
+
+
+def _write_result(
+    setting: Setting,
+    cfg: Config,
+    mode: str,
+    summary: dict[str, Any],
+    histories: Sequence[History],
+    folder: Path,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A setting's result.json: its recipe, how it ran, its summary and its seeds' histories."""
     record = {
         "setting": setting.as_dict(),
         "config": configlib.to_dict(cfg),
         "mode": mode,
+        **(extra or {}),
         **summary,
         "histories": histories,
     }
@@ -272,6 +352,19 @@ def check_out(
         )
 
 
+def _write_error(folder: Path, setting: Setting, e: Exception) -> None:
+    """A failed setting's error.json (it is retried on the next run), and the line that says so."""
+    files.write_json(
+        folder / "error.json",
+        {
+            "setting": setting.as_dict(),
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+        },
+    )
+    print(f"[{setting.name}] failed: {type(e).__name__}: {e} (retried on the next run)", flush=True)
+
+
 def run_ablation(
     settings: Sequence[Setting],
     base: Config,
@@ -306,140 +399,43 @@ def run_ablation(
             },
         )
     if verbose:
-        how = "together in one program (vmap)" if mode == "vmap" else "one after another"
         print(
-            f"{len(settings)} settings x {base.train.seeds} seeds; "
-            f"the seeds of a setting train {how} "
+            f"{len(settings)} settings x {base.train.seeds} seeds; {HOW[mode]} "
             f"({jax.default_backend()}, {jax.device_count()} device(s))",
             flush=True,
         )
+    pending = []
     for setting in settings:
-        folder = out / _folder_name(setting.name)
-        if (folder / "result.json").exists():
+        if (out / report.folder_name(setting.name) / "result.json").exists():
             if verbose:
                 print(f"[{setting.name}] finished earlier, skipped", flush=True)
-            continue
+        else:
+            pending.append(setting)
+    if mode == "grid":  # one program per group of settings that differ only in numbers
+        by_name = {s.name: s for s in pending}
+        named = [(s.name, setting_config(base, s)) for s in pending]
+        programs = [[by_name[name] for name in group] for group in grid.groups(named)]
+    else:
+        programs = [[s] for s in pending]
+    for program in programs:
         if verbose:
-            print(f"[{setting.name}] {dict(setting.overrides) or 'the base recipe'}", flush=True)
+            for setting in program:
+                overrides = dict(setting.overrides) or "the base recipe"
+                print(f"[{setting.name}] {overrides}", flush=True)
+            if mode == "grid":
+                members = len(program) * base.train.seeds
+                print(f"[grid] {members} members train in one program", flush=True)
         try:
-            run_setting(setting, base, datasets, test, folder, mode, verbose)
-        # one broken setting must not end the whole ablation (Ctrl-C is no Exception)
+            if mode == "grid":
+                run_grid(program, base, datasets, test, out, verbose)
+            else:
+                folder = out / report.folder_name(program[0].name)
+                run_setting(program[0], base, datasets, test, folder, mode, verbose)
+        # one broken program must not end the whole ablation (Ctrl-C is no Exception)
         except Exception as e:  # noqa: BLE001
             if main:
-                files.write_json(
-                    folder / "error.json",
-                    {
-                        "setting": setting.as_dict(),
-                        "error": f"{type(e).__name__}: {e}",
-                        "traceback": traceback.format_exc(),
-                    },
-                )
-                print(
-                    f"[{setting.name}] failed: {type(e).__name__}: {e} (retried on the next run)",
-                    flush=True,
-                )
-    return rebuild_report(out, names, reference) if main else collect_results(out, names)
-
-
-def rebuild_report(
-    out: Path, names: Sequence[str] | None = None, reference: str | None = None
-) -> list[dict[str, Any]]:
-    """The table and plots from the settings on disk, in the order ablation.json lists them,
-    against its reference unless another is named."""
-    saved = files.read_json(out / "ablation.json") if (out / "ablation.json").exists() else {}
-    if names is None:
-        names = [s["name"] for s in saved.get("settings", [])] or sorted(
-            p.parent.name for p in out.glob("*/result.json")
-        )
-    results = collect_results(out, names)
-    if not results:
-        return results
-    # a reference that failed or has not run yet: the differences from the next best one
-    ref, diffs = paired.from_reference(results, reference or saved.get("reference"))
-    write_table(results, out, diffs, ref)
-    plots.plot_curves([r for r in results if r.get("histories")], out / "curves.png")
-    if diffs:
-        plots.plot_differences(diffs, ref, paired.LABELS, out / "differences.png")
-    return results
-
-
-def collect_results(out: Path, names: Sequence[str]) -> list[dict[str, Any]]:
-    """Each named setting's result.json, or its error.json as a failed record; unstarted ones left
-    out."""
-    results = []
-    for name in names:
-        folder = out / _folder_name(name)
-        if (folder / "result.json").exists():
-            results.append(files.read_json(folder / "result.json"))
-        elif (folder / "error.json").exists():
-            error = files.read_json(folder / "error.json")
-            results.append(
-                {
-                    "name": name,
-                    "status": f"failed: {error['error']}",
-                    "seeds": [],
-                    "histories": [],
-                    "wall_seconds": math.nan,
-                }
-            )
-    return results
-
-
-def failed(results: Sequence[dict[str, Any]]) -> list[str]:
-    return [r["name"] for r in results if str(r["status"]).startswith("failed")]
-
-
-def diverged(results: Sequence[dict[str, Any]]) -> list[str]:
-    """Settings of which one seed or more diverged."""
-    return [r["name"] for r in results if "diverged" in str(r["status"])]
-
-
-COLUMNS = [
-    ("best_val_accuracy", "best val acc"),
-    ("final_val_accuracy", "final val acc"),
-    ("final_val_loss", "final val loss"),
-    ("best_epoch", "best epoch (val loss)"),
-    ("test_accuracy", "test acc (best ckpt)"),
-]
-
-
-def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-    """Mean and (population) standard deviation of the finite values; NaN when there are none."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite))
-
-
-def write_table(
-    results: Sequence[dict[str, Any]],
-    out: Path,
-    diffs: Mapping[str, Sequence[paired.Difference]] | None = None,
-    reference: str = "",
-) -> None:
-    """results.csv (every number) and results.md (mean ± std over seeds, then each setting's paired
-    difference from the reference)."""
-    diffs = diffs or {}
-    header = ["setting", "status", "seeds", *(label for _, label in COLUMNS), "wall (s)"]
-    rows, lines = [], ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in results:
-        row: dict[str, Any] = {
-            "setting": result["name"],
-            "status": result["status"],
-            "seeds": len(result["seeds"]),
-        }
-        cells = [row["setting"], row["status"], str(row["seeds"])]
-        for key, _ in COLUMNS:
-            mean, std = mean_std([s[key] for s in result["seeds"]])
-            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
-            fmt = ".1f" if key == "best_epoch" else ".3f"
-            cells.append("n/a" if math.isnan(mean) else f"{mean:{fmt}} ± {std:{fmt}}")
-        row["wall_seconds"] = result.get("wall_seconds", math.nan)
-        cells.append("n/a" if math.isnan(row["wall_seconds"]) else f"{row['wall_seconds']:.0f}")
-        row.update(paired.csv_columns(diffs.get(result["name"])))
-        rows.append(row)
-        lines.append("| " + " | ".join(cells) + " |")
-    if diffs:
-        lines += ["", *paired.table_lines(dict(diffs), reference)]
-    files.write_csv(out / "results.csv", rows)
-    files.write_text(out / "results.md", "\n".join(lines) + "\n")
+                for setting in program:
+                    _write_error(out / report.folder_name(setting.name), setting, e)
+    return (
+        report.rebuild_report(out, names, reference) if main else report.collect_results(out, names)
+    )

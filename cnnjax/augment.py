@@ -48,7 +48,15 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-__all__ = ["FILL_MODES", "AugmentConfig", "affine_transform", "random_augment", "sample_params"]
+__all__ = [
+    "FILL_MODES",
+    "AugmentConfig",
+    "affine_transform",
+    "draw_bounds",
+    "member_augment",
+    "random_augment",
+    "sample_params",
+]
 
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
 _ORDERS = {"bilinear": 1, "nearest": 0}
@@ -307,6 +315,40 @@ AugmentConfig.LECTURE_PREVIEW = AugmentConfig(
 )
 
 
+PARAMS = ("theta", "tx", "ty", "shear", "zx", "zy")  # the drawn ones, in draw_bounds' order
+
+
+def draw_bounds(config: AugmentConfig, height: int, width: int) -> tuple[tuple[float, float], ...]:
+    """Per parameter of PARAMS, (lo, span): it is drawn as lo + span * U[0, 1), exactly lo (the
+    identity) when span is 0. Computed in float64 on the host, so a grid member's bounds (arrays,
+    cnnjax.grid) give the draws of its setting alone bit for bit."""
+
+    def symmetric(r: float) -> tuple[float, float]:
+        return (-r if r else 0.0), 2 * r  # U[-r, r]; a zero range is 0.0, not -0.0
+
+    def shift(s: float, size: int) -> tuple[float, float]:
+        return symmetric(s * size if s < 1 else s)  # Keras: below 1, fractions of the size
+
+    lo, hi = config.zoom_bounds
+    return (
+        symmetric(config.rotation_range),
+        shift(config.width_shift_range, width),
+        shift(config.height_shift_range, height),
+        symmetric(config.shear_range),
+        (lo, hi - lo),
+        (lo, hi - lo),
+    )
+
+
+def _uniforms(rng: Array, n: int) -> Array:
+    """Eight independent U[0, 1) variates per image, one row per parameter (8, n). Image i draws
+    from rng folded with i, its position in the (global) batch, so what an image gets does not
+    depend on how the batch is split over devices."""
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (8,), jnp.float32))(
+        jnp.arange(n)
+    ).T
+
+
 @functools.partial(jax.jit, static_argnames=("config", "n", "height", "width"))
 def sample_params(
     rng: Array, config: AugmentConfig, n: int, height: int, width: int
@@ -316,32 +358,24 @@ def sample_params(
     Keys: theta, tx (horizontal), ty (vertical), shear, zx, zy, flip (horizontal, bool) and
     vflip. Ranges that are zero give exact identity values.
     """
-    # Eight independent U[0, 1) variates per image, one row per parameter. Image i draws
-    # from rng folded with i, its position in the (global) batch, so what an image gets
-    # does not depend on how the batch is split over devices.
-    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (8,), jnp.float32))(
-        jnp.arange(n)
-    ).T
-    zeros, ones = jnp.zeros((n,), jnp.float32), jnp.ones((n,), jnp.float32)
-
-    def between(row: int, lo: float, hi: float, identity: Array) -> Array:
-        return identity if lo == hi else lo + (hi - lo) * u[row]
-
-    def shift(row: int, s: float, size: int) -> Array:
-        pixels = s * size if s < 1 else s  # Keras: ranges below 1 are fractions of the size
-        return between(row, -pixels, pixels, zeros)
-
-    lo, hi = config.zoom_bounds
-    return {
-        "theta": between(0, -config.rotation_range, config.rotation_range, zeros),
-        "tx": shift(1, config.width_shift_range, width),
-        "ty": shift(2, config.height_shift_range, height),
-        "shear": between(3, -config.shear_range, config.shear_range, zeros),
-        "zx": between(4, lo, hi, ones),
-        "zy": between(5, lo, hi, ones),
+    u = _uniforms(rng, n)
+    drawn = {
+        name: jnp.full((n,), lo, jnp.float32) if span == 0 else lo + span * u[row]
+        for row, (name, (lo, span)) in enumerate(zip(PARAMS, draw_bounds(config, height, width)))
+    }
+    flips = {
         "flip": (u[6] < 0.5) & config.horizontal_flip,
         "vflip": (u[7] < 0.5) & config.vertical_flip,
     }
+    return {**drawn, **flips}
+
+
+def sample_member_params(rng: Array, bounds: Array, flips: Array, n: int) -> dict[str, Array]:
+    """sample_params with the ranges as arrays (a grid member's, cnnjax.grid): bounds (6, 2) holds
+    draw_bounds' (lo, span) per parameter, flips (2,) whether each flip is on."""
+    u = _uniforms(rng, n)
+    drawn = {name: bounds[row, 0] + bounds[row, 1] * u[row] for row, name in enumerate(PARAMS)}
+    return {**drawn, "flip": (u[6] < 0.5) & flips[0], "vflip": (u[7] < 0.5) & flips[1]}
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -358,3 +392,12 @@ def random_augment(rng: Array, images: Array, config: AugmentConfig) -> Array:
     return _transform(
         images, sample_params(rng, config, n, h, w), config.fill_mode, config.cval, config.order
     )
+
+
+def member_augment(
+    rng: Array, images: Array, config: AugmentConfig, bounds: Array, flips: Array
+) -> Array:
+    """random_augment with a grid member's ranges (sample_member_params); `config` says only how to
+    sample (fill_mode, cval, interpolation)."""
+    params = sample_member_params(rng, bounds, flips, images.shape[0])
+    return _transform(images, params, config.fill_mode, config.cval, config.order)

@@ -283,10 +283,16 @@ def restore_trees(path: str | os.PathLike, abstract: Mapping[str, Any]) -> dict[
 # --- A saved model, from a run folder alone -----------------------------------------------------
 
 
-def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = None) -> Path:
+def find(
+    path: str | os.PathLike,
+    which: str | int = "best",
+    seed: int | None = None,
+    member: int | None = None,
+) -> Path:
     """The checkpoint folder `path` means: a checkpoint folder itself, or a run folder (its best
-    epoch for `seed`, default the run's first seed; its latest; or epoch N), or RUN/best,
-    RUN/latest. The folder is checked (`damage`): a damaged one is an error naming it."""
+    epoch for `seed`, default the run's first seed, or for the seed at position `member`, as a
+    grid's members are told apart; its latest; or epoch N), or RUN/best, RUN/latest. The folder is
+    checked (`damage`): a damaged one is an error naming it."""
     if isinstance(which, str) and which.isdigit():
         which = int(which)
     if which not in ("best", "latest") and not (isinstance(which, int) and which >= 0):
@@ -325,7 +331,7 @@ def find(path: str | os.PathLike, which: str | int = "best", seed: int | None = 
                 f"(the newest: {damage(folder / str(steps[-1]))}); none is used"
             )
         description = read_description(intact)
-        k = seed_index(description, seed, path)
+        k = seed_index(description, seed, path) if member is None else member
         if description["best"][k] is None:
             raise CheckpointError(
                 f"{path}: seed {description['seeds'][k]} has no finite validation loss, "
@@ -366,17 +372,21 @@ def seed_index(description: Mapping[str, Any], seed: int | None, where: Any) -> 
 
 
 def load_model(
-    path: str | os.PathLike, which: str | int = "best", seed: int | None = None
+    path: str | os.PathLike,
+    which: str | int = "best",
+    seed: int | None = None,
+    member: int | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, params, description) of one seed (default: the run's first) from a checkpoint,
-    rebuilt from the folder alone; the description gains "path", the checkpoint folder read.
+    """(model, params, description) of one seed (default: the run's first; `member`: the seed at
+    that position) from a checkpoint, rebuilt from the folder alone; the description gains "path",
+    the checkpoint folder read.
 
     On a run being written, the epoch found may be pruned while it is read (a new best replaced
     it): it is then found again, so what comes back is always one whole, checked checkpoint."""
     for attempt in range(5):
-        step_dir = find(path, which, seed)
+        step_dir = find(path, which, seed, member)
         try:
-            model, params, description = _read_model(step_dir, seed)
+            model, params, description = _read_model(step_dir, seed, member)
             if damage(step_dir) is None:  # still whole after the read
                 return model, params, description
         except (CheckpointError, OSError, ValueError):
@@ -386,10 +396,12 @@ def load_model(
     raise CheckpointError(f"{path} kept changing while it was read; try again")
 
 
-def _read_model(step_dir: Path, seed: int | None) -> tuple[Any, Any, dict[str, Any]]:
+def _read_model(
+    step_dir: Path, seed: int | None, member: int | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
     description = read_description(step_dir)
     model = models.build_model(description["model"])
-    k = seed_index(description, seed, step_dir)
+    k = seed_index(description, seed, step_dir) if member is None else member
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     count = len(description.get("seeds", [0]))
     shapes = jax.eval_shape(

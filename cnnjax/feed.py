@@ -133,12 +133,14 @@ def train_fn(
     resident: bool,
     steps_per_epoch: int,
     epochs: int,
+    grid: bool = False,
 ) -> Callable:
-    """The compiled training steps of a recipe, shared by every run of it in this process."""
+    """The compiled training steps of a recipe, shared by every run of it in this process; a grid's
+    (cnnjax.grid) with the learning rate in the optimizer state."""
     train_step = functools.partial(
         step.train_step,
         model=model,
-        tx=optim.make_optimizer(optim_cfg, steps_per_epoch, epochs),
+        tx=optim.make_optimizer(optim_cfg, steps_per_epoch, epochs, injected=grid),
         augment=None if augment.is_identity else augment,
     )
     return step.compile_steps(train_step, mesh, per_seed=True, resident=resident, donate=True)

@@ -75,9 +75,20 @@ def epochs_since_best(history: History) -> int:
     return len(losses) - 1 - int(np.argmin(losses))
 
 
-def write(workdir: Path, seeds: Sequence[int], histories: Sequence[History]) -> None:
-    """history.json and history.csv: one row per seed and epoch (column "seed"); process 0 only."""
+def write(
+    workdir: Path,
+    seeds: Sequence[int],
+    histories: Sequence[History],
+    grid: Sequence[Any] | None = None,
+) -> None:
+    """history.json and history.csv: one row per seed and epoch (column "seed"; a grid's members,
+    cnnjax.grid.Member, add "setting"); process 0 only."""
     if meshlib.is_main_process():
-        rows = [{"seed": seed, **row} for seed, history in zip(seeds, histories) for row in history]
+        settings = [{"setting": m.setting} for m in grid or ()] or [{} for _ in seeds]
+        rows = [
+            {**setting, "seed": seed, **row}
+            for setting, seed, history in zip(settings, seeds, histories)
+            for row in history
+        ]
         files.write_json(workdir / "history.json", rows)
         files.write_csv(workdir / "history.csv", rows)

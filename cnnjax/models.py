@@ -143,13 +143,18 @@ class Dropout(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if not train or self.rate == 0:
+    def __call__(
+        self, x: jax.Array, train: bool = False, keep: jax.Array | None = None
+    ) -> jax.Array:
+        """keep: a grid member's probability of keeping a unit (an array, cnnjax.grid), instead of
+        1 - rate; at 1 every unit is kept, unscaled."""
+        if not train or (keep is None and self.rate == 0):
             return x
+        keep = 1.0 - self.rate if keep is None else keep
         rng = self.make_rng("dropout")
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(x.shape[0]))
-        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.rate, x.shape[1:]))(keys)
-        return jnp.where(keep, x / (1.0 - self.rate), 0.0)
+        kept = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(keys)
+        return jnp.where(kept, x / keep, 0.0)
 
 
 class Flatten(nn.Module):
@@ -168,8 +173,10 @@ class MnistConvNet(nn.Module):
         return Softmax(self.num_classes)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no dropout here; the argument keeps one calling convention for all models
+    def __call__(
+        self, x: jax.Array, train: bool = False, dropout_keep: jax.Array | None = None
+    ) -> jax.Array:
+        del train, dropout_keep  # no dropout here; one calling convention for all models
         x = Conv2D(32, (3, 3), activation="relu", name="conv2d")(x)
         x = MaxPooling2D(name="max_pooling2d")(x)
         x = Conv2D(64, (3, 3), activation="relu", name="conv2d_1")(x)
@@ -196,7 +203,10 @@ class CatsDogsConvNet(nn.Module):
         return Sigmoid() if self.num_classes == 2 else Softmax(self.num_classes)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, dropout_keep: jax.Array | None = None
+    ) -> jax.Array:
+        """dropout_keep: a grid member's own keep probability for the Dropout layer (Dropout)."""
         x = Conv2D(32, (3, 3), activation="relu", name="conv2d")(x)
         x = MaxPooling2D(name="max_pooling2d")(x)
         x = Conv2D(64, (3, 3), activation="relu", name="conv2d_1")(x)
@@ -207,7 +217,7 @@ class CatsDogsConvNet(nn.Module):
         x = MaxPooling2D(name="max_pooling2d_3")(x)
         x = Flatten(name="flatten")(x)
         if self.dropout_rate > 0:
-            x = Dropout(self.dropout_rate, name="dropout")(x, train)
+            x = Dropout(self.dropout_rate, name="dropout")(x, train, dropout_keep)
         x = Dense(512, activation="relu", name="dense")(x)
         if self.num_classes == 2:
             return Dense(1, name="dense_1")(x)[:, 0]  # sigmoid lives in the loss

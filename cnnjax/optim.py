@@ -139,26 +139,34 @@ def plateau_scale(optim: Any, val_losses: list[float]) -> float:
 
 
 def make_optimizer(
-    optim: Any, steps_per_epoch: int = 1, epochs: int = 1
+    optim: Any, steps_per_epoch: int = 1, epochs: int = 1, injected: bool = False
 ) -> optax.GradientTransformation:
     """The optimizer a config's optim section describes (cnnjax.config.OptimConfig), over `epochs`
-    of `steps_per_epoch` steps (what a schedule needs)."""
+    of `steps_per_epoch` steps (what a schedule needs). `injected`: the learning rate is an array
+    in the optimizer state (optax.inject_hyperparams), where each member of a grid holds its own
+    (cnnjax.grid); the arithmetic is the same."""
     rate = schedule(optim, steps_per_epoch, epochs)
-    peak = (
-        optim.learning_rate if rate is None else 1.0
-    )  # with a schedule, the peak rate scales with it
-    if optim.name == "rmsprop":
-        base = rmsprop_keras(peak, optim.rho, optim.epsilon)
-    elif optim.name == "adam":
-        base = adam_keras(peak, optim.beta_1, optim.beta_2, optim.epsilon)
-    else:
+
+    def base(learning_rate: Any) -> optax.GradientTransformation:
+        if optim.name == "rmsprop":
+            return rmsprop_keras(learning_rate, optim.rho, optim.epsilon)
+        if optim.name == "adam":
+            return adam_keras(learning_rate, optim.beta_1, optim.beta_2, optim.epsilon)
         raise ValueError(f"unknown optimizer {optim.name!r}; known: {', '.join(NAMES)}")
-    stages = [base]
-    if rate is not None:
-        stages.append(optax.scale_by_schedule(lambda count: optim.learning_rate * rate(count)))
+
+    def scheduled(learning_rate: Any) -> optax.GradientTransformation:
+        return optax.scale_by_schedule(lambda count: learning_rate * rate(count))
+
+    # With a schedule, the optimizer's own rate is 1 and the rate scales the schedule.
+    with_rate = base if rate is None else scheduled
+    if injected:
+        rated = optax.inject_hyperparams(with_rate)(learning_rate=optim.learning_rate)
+    else:
+        rated = with_rate(optim.learning_rate)
+    stages = [rated] if rate is None else [base(1.0), rated]
     if optim.plateau_factor:
         stages.append(plateau())
-    return optax.chain(*stages) if len(stages) > 1 else base
+    return optax.chain(*stages) if len(stages) > 1 else stages[0]
 
 
 def current_rate(

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from cnnjax import mesh as meshlib
 from cnnjax import models
-from cnnjax.augment import AugmentConfig, random_augment
+from cnnjax.augment import AugmentConfig, member_augment, random_augment
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -42,6 +42,9 @@ class TrainState:
     opt_state: Any
     # raw uint32 PRNG key; each step folds in its step number for augmentation and dropout
     rng: Array
+    # a grid member's own augmentation and dropout (cnnjax.grid.member_numbers); None outside a
+    # grid. Not checkpointed: the grid's recipe gives them again.
+    numbers: Any = None
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array) -> TrainState:
@@ -95,14 +98,27 @@ def abstract_states(
 
 
 def preprocess(
-    images: Array, rng: Array | None = None, augment: AugmentConfig | None = None
+    images: Array,
+    rng: Array | None = None,
+    augment: AugmentConfig | None = None,
+    numbers: dict[str, Array] | None = None,
 ) -> Array:
     """uint8 pixels -> float, augmented (when given) on the 0..255 scale, then / 255: Keras's
     ImageDataGenerator also rescales after augmenting, so a constant fill value (cval) means the
-    same."""
+    same. A grid member's `numbers` bring its own ranges (`augment` then says how to sample), or
+    none: it skips the transform, as its setting alone does."""
     x = images.astype(jnp.float32)
-    if augment is not None and not augment.is_identity:
+    if augment is None or augment.is_identity:
+        pass
+    elif numbers is None:
         x = random_augment(rng, x, augment)
+    else:
+        x = jax.lax.cond(
+            numbers["augments"],
+            lambda x: member_augment(rng, x, augment, numbers["bounds"], numbers["flips"]),
+            lambda x: x,
+            x,
+        )
     return x / 255.0
 
 
@@ -128,12 +144,16 @@ def train_step(
     tx: optax.GradientTransformation,
     augment: AugmentConfig | None,
 ) -> tuple[TrainState, Totals]:
-    """One optimizer step on one batch, for one seed: augment, dropout, loss, gradient, update."""
+    """One optimizer step on one batch, for one seed: augment, dropout, loss, gradient, update.
+    A grid member (cnnjax.grid) augments and drops out by its state's numbers."""
     augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    x = preprocess(batch["image"], augment_rng, augment)
+    x = preprocess(batch["image"], augment_rng, augment, state.numbers)
+    own = {} if state.numbers is None else {"dropout_keep": state.numbers["dropout_keep"]}
 
     def loss_fn(params: Any) -> tuple[Array, tuple[Array, Array]]:
-        logits = model.apply({"params": params}, x, train=True, rngs={"dropout": dropout_rng})
+        logits = model.apply(
+            {"params": params}, x, train=True, rngs={"dropout": dropout_rng}, **own
+        )
         loss, correct = totals(model, logits, batch)
         # The mean over the real examples: padding has weight 0 and adds nothing.
         return jnp.sum(loss * batch["weight"]) / jnp.sum(batch["weight"]), (loss, correct)
@@ -162,11 +182,12 @@ def compile_steps(
 ) -> Callable:
     """`step(carry, batch) -> (carry, totals)` as one jitted
     `run(carry, totals, batches, data) -> (carry, totals)` over many steps (lax.scan) and every seed
-    (vmap). carry (a TrainState or params) and totals have a leading seed axis, sharded over `seed`;
-    batches hold the call's steps on a leading axis (after the seed axis when `per_seed`: each seed
-    its own order), sharded over `data`. With `resident`, a batch is {"index", "weight"} and the
-    step gathers its images and labels from `data` ({"image", "label"}, the whole set, replicated on
-    every device); else batches are whole and data is None."""
+    (vmap, or in turn: `mesh.seeds_in_turn`). carry (a TrainState or params) and totals have a
+    leading seed axis, sharded over `seed`; batches hold the call's steps on a leading axis (after
+    the seed axis when `per_seed`: each seed its own order), sharded over `data`. With `resident`,
+    a batch is {"index", "weight"} and the step gathers its images and labels from `data`
+    ({"image", "label"}, the whole set, replicated on every device); else batches are whole and
+    data is None."""
 
     def one_seed(
         carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array
@@ -178,13 +199,18 @@ def compile_steps(
         carry, batch_totals = step(carry, batch)
         return carry, jax.tree.map(jnp.add, sums, batch_totals)
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0 if per_seed else None, None, None))
+    def scanned(
+        carry: Any, sums: Totals, batches: Batch, data: Batch | None, stepper: Callable
+    ) -> tuple[Any, Totals]:
+        num_steps = batches["weight"].shape[-2]
+        (carry, sums), _ = jax.lax.scan(
+            lambda c, i: (stepper(*c, batches, data, i), None), (carry, sums), jnp.arange(num_steps)
+        )
+        return carry, sums
 
-    def seeds(
+    def unbatched(
         carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array
     ) -> tuple[Any, Totals]:
-        if jax.tree.leaves(sums)[0].shape[0] > 1:
-            return vmapped(carry, sums, batches, data, i)
         # One seed runs the step itself, unbatched: vmapped, XLA drops the one-trip loops of the
         # batched convolutions (cnnjax.cpu_conv) and then fuses each layer's ReLU and pool into
         # the transposing copy its kernel gradient makes, far slower on the CPU
@@ -195,12 +221,23 @@ def compile_steps(
         )
         return jax.tree.map(lambda leaf: leaf[None], (carry, sums))
 
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0 if per_seed else None, None, None))
+    in_turn = meshlib.seeds_in_turn(mesh)
+
     def run(carry: Any, sums: Totals, batches: Batch, data: Batch | None) -> tuple[Any, Totals]:
-        num_steps = batches["weight"].shape[1 if per_seed else 0]
-        (carry, sums), _ = jax.lax.scan(
-            lambda c, i: (seeds(*c, batches, data, i), None), (carry, sums), jnp.arange(num_steps)
-        )
-        return carry, sums
+        num_seeds = jax.tree.leaves(sums)[0].shape[0]
+        if num_seeds == 1:
+            return scanned(carry, sums, batches, data, unbatched)
+        if not in_turn:
+            return scanned(carry, sums, batches, data, vmapped)
+
+        # The seeds one after another, each its call's steps unbatched: the numbers of one seed
+        # alone, and on the CPU faster than vmapped (benchmarks/ablation_vmap.py).
+        def each(seed: tuple[Any, Totals, Batch | None]) -> tuple[Any, Totals]:
+            carry, sums, own = seed
+            return scanned(carry, sums, own if per_seed else batches, data, one_seed)
+
+        return jax.lax.map(each, (carry, sums, batches if per_seed else None))
 
     seeded = meshlib.sharding(mesh, meshlib.SEED)
     batch_sharding = meshlib.sharding(

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cnnjax import checkpoint, data, feed, models, optim, run_folder, step
+from cnnjax import checkpoint, data, feed, files, models, optim, run_folder, step
 from cnnjax import config as configlib
+from cnnjax import grid as gridlib
 from cnnjax import history as historylib
 from cnnjax import mesh as meshlib
 from cnnjax.history import History
@@ -88,15 +89,22 @@ def train_and_evaluate(
     *,
     mesh: Mesh | None = None,
     verbose: bool = True,
+    grid: Sequence[gridlib.Member] | None = None,
 ) -> Result:
     """Train cfg's recipe, writing into `workdir`: checkpoints/, history.json/.csv, history*.png,
     tensorboard/ (process 0). Continues from the newest intact checkpoint there when it has one.
     datasets: {"train": ..., cfg.data.validation_split: ...} already loaded (default:
-    data.load(cfg.data)).
+    data.load(cfg.data)). grid: the members of a grid (cnnjax.grid), trained together as its seeds
+    are, each with its own numbers; cfg is then the program's recipe (grid.program_config).
     """
     workdir = Path(workdir)
     verbose = verbose and meshlib.is_main_process()
     seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
+    # each seed's (member's) own recipe and name
+    own_cfgs = [m.cfg for m in grid] if grid else [_one_seed(cfg, seed) for seed in seeds]
+    labels = [m.label for m in grid] if grid else [f"seed{seed}" for seed in seeds]
+    shown = [f"{m.setting} seed {m.seed}" for m in grid] if grid else [f"seed {s}" for s in seeds]
+    seeds = [c.train.seed for c in own_cfgs]
 
     # --- Mesh: seeds over the `seed` axis, each batch over `data`.
     mesh = meshlib.make_mesh(len(seeds)) if mesh is None else mesh
@@ -112,7 +120,7 @@ def train_and_evaluate(
     # --- Model, optimizer and the compiled steps.
     model = model_for(cfg, datasets)
     steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
-    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs)
+    tx = optim.make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs, injected=bool(grid))
     train_data, train_batches = feed.feed(train_set, mesh)
     train_fn = feed.train_fn(
         model,
@@ -122,6 +130,7 @@ def train_and_evaluate(
         train_data is not None,
         steps_per_epoch,
         cfg.train.epochs,
+        grid=bool(grid),
     )
     evaluate_val = feed.evaluator(model, val_set, mesh, cfg.train.eval_batch_size)
 
@@ -133,17 +142,29 @@ def train_and_evaluate(
         best_metrics=[f"val_loss/{k}" for k in range(len(seeds))],
     )
     # The seal proves a checkpoint's files are as saved, not that they are this run's.
-    differs_from_run = functools.partial(run_folder.checkpoint_differs, cfg=cfg)
-    state, histories, diverged, stopped, first_epoch = _restore(
-        ckpts, ckpts.latest_intact(differs_from_run), model, tx, seeds, mesh
+    members = files.strict_json(gridlib.describe(grid)) if grid else None
+
+    def differs_from_run(description: dict[str, Any]) -> list[str]:
+        differ = run_folder.checkpoint_differs(description, cfg)
+        return differ + (["the grid's members"] if description.get("members") != members else [])
+
+    def restore(epoch: int | None) -> tuple[TrainState, list, list, list, int]:
+        restored = _restore(ckpts, epoch, model, tx, seeds, mesh)
+        if not grid:
+            return restored
+        state = gridlib.with_numbers(restored[0], grid, *model.input_shape[:2], seeded)
+        return state, *restored[1:]
+
+    state, histories, diverged, stopped, first_epoch = restore(
+        ckpts.latest_intact(differs_from_run)
     )
     if first_epoch and verbose:
         print(f"Resuming {workdir} after epoch {first_epoch}", flush=True)
     # The states of seeds that diverged or stopped, held once one did (a copy: training donates
     # `state`).
     kept = jax.tree.map(jnp.copy, state) if any(diverged) or any(stopped) else None
-    historylib.write(workdir, seeds, histories)
-    writers = _tensorboard(cfg, workdir, seeds)
+    historylib.write(workdir, seeds, histories, grid)
+    writers = _tensorboard(own_cfgs, labels, workdir)
 
     # --- The loop.
     _count_compile_time()
@@ -192,7 +213,7 @@ def train_and_evaluate(
                 rows[k]["stopped"], stopped[k] = True, epoch + 1
             if newly_diverged:
                 newest_finite = ckpts.latest_intact(differs_from_run)
-                last_finite = _restore(ckpts, newest_finite, model, tx, seeds, mesh)[0]
+                last_finite = restore(newest_finite)[0]
                 held = np.isin(range(len(seeds)), newly_diverged)
                 kept = _select(held, last_finite, state if kept is None else kept, seeded)
             if newly_stopped:
@@ -217,19 +238,22 @@ def train_and_evaluate(
                     histories,
                     diverged,
                     stopped,
+                    members,
                 )
-            historylib.write(workdir, seeds, histories)
+            historylib.write(workdir, seeds, histories, grid)
             steps_done = meshlib.to_host(state.step)
             compiling = _compile_seconds[0] - compiled_before
             for k in training:
                 if verbose:
-                    prefix = f"[seed {seeds[k]}] " if len(seeds) > 1 else ""
+                    prefix = f"[{shown[k]}] " if len(seeds) > 1 else ""
                     line = historylib.format_epoch(rows[k], cfg.train.epochs, compiling, patience)
                     print(prefix + line, flush=True)
                 if writers:
-                    rate = _learning_rate(cfg, steps_per_epoch, histories[k], int(steps_done[k]))
+                    rate = _learning_rate(
+                        own_cfgs[k], steps_per_epoch, histories[k], int(steps_done[k])
+                    )
                     writers[k].epoch({**rows[k], "learning_rate": rate})
-        _write_figures(workdir, seeds, histories, writers)
+        _write_figures(workdir, labels, histories, writers)
         finished = True
     finally:
         ckpts.close()
@@ -313,8 +337,10 @@ def _save(
     histories: Sequence[History],
     diverged: Sequence[int | None],
     stopped: Sequence[int | None],
+    members: list[dict[str, Any]] | None = None,
 ) -> None:
-    """The epoch's checkpoint; each seed's val_loss (inf once it no longer trains) decides which
+    """The epoch's checkpoint (a grid's: with its members, cnnjax.grid.describe); each seed's
+    val_loss (inf once it no longer trains) decides which
     epoch is its best."""
     metrics = {
         f"val_loss/{k}": h[-1]["val_loss"]
@@ -337,6 +363,7 @@ def _save(
         "diverged": list(diverged),
         "stopped": list(stopped),
         "best": historylib.best_epochs(histories),
+        **({"members": members} if members else {}),
     }
     ckpts.save(epoch, trees, description, metrics)
 
@@ -387,27 +414,29 @@ def _with_plateau_scale(
     return state.replace(opt_state=(*state.opt_state[:-1], plateau))
 
 
-def _tensorboard(cfg: configlib.Config, workdir: Path, seeds: Sequence[int]) -> list[Any]:
-    """One TensorBoard run per seed: tensorboard/, or tensorboard/seedN/ for several; process 0
-    only."""
-    if not cfg.run.tensorboard or not meshlib.is_main_process():
+def _one_seed(cfg: configlib.Config, seed: int) -> configlib.Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, seeds=1))
+
+
+def _tensorboard(
+    cfgs: Sequence[configlib.Config], labels: Sequence[str], workdir: Path
+) -> list[Any]:
+    """One TensorBoard run per seed (member): tensorboard/, or tensorboard/LABEL/ for several;
+    process 0 only."""
+    if not cfgs[0].run.tensorboard or not meshlib.is_main_process():
         return []
     from cnnjax.tensorboard import Writer
 
     writers = []
-    for seed in seeds:
-        writer = Writer(workdir / "tensorboard" / (f"seed{seed}" if len(seeds) > 1 else ""))
-        writer.config(
-            configlib.flatten(
-                dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, seeds=1))
-            )
-        )
+    for cfg, label in zip(cfgs, labels):
+        writer = Writer(workdir / "tensorboard" / (label if len(cfgs) > 1 else ""))
+        writer.config(configlib.flatten(cfg))
         writers.append(writer)
     return writers
 
 
 def _write_figures(
-    workdir: Path, seeds: Sequence[int], histories: Sequence[History], writers: Sequence[Any]
+    workdir: Path, labels: Sequence[str], histories: Sequence[History], writers: Sequence[Any]
 ) -> None:
     """The lecture's accuracy & loss figure per seed; with the augmentation preview, into
     TensorBoard too; process 0 only."""
@@ -415,9 +444,9 @@ def _write_figures(
         return
     from cnnjax import plots
 
-    for k, (seed, history) in enumerate(zip(seeds, histories)):
+    for k, (label, history) in enumerate(zip(labels, histories)):
         path = plots.plot_history(
-            history, workdir / ("history.png" if len(seeds) == 1 else f"history-seed{seed}.png")
+            history, workdir / ("history.png" if len(labels) == 1 else f"history-{label}.png")
         )
         if writers:
             writers[k].png("history", path, history[-1]["epoch"] if history else 0)

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax import ablation, config, data, flags, mesh, runs, train
+from cnnjax import ablation, config, data, flags, mesh, report, runs, train
 
 
 def base_recipe() -> config.Config:
@@ -172,11 +172,9 @@ def interrupted(out: Path, settings: list[ablation.Setting], main_process: bool)
     """After Ctrl-C: the report of the finished settings rebuilt (process 0), said on stderr."""
     names = [s.name for s in settings]
     results = (
-        ablation.rebuild_report(out, names)
-        if main_process
-        else ablation.collect_results(out, names)
+        report.rebuild_report(out, names) if main_process else report.collect_results(out, names)
     )
-    done = len(results) - len(ablation.failed(results))
+    done = len(results) - len(report.failed(results))
     if main_process:
         print(
             f"\ninterrupted: {done} finished setting(s) are in {out}/results.md; "
@@ -216,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_flags(argv)
     out = Path(args.out)
     if args.table_only:
-        results = ablation.rebuild_report(out, reference=args.reference)
+        results = report.rebuild_report(out, reference=args.reference)
         print((out / "results.md").read_text() if results else f"no finished settings in {out}")
         return results
     with runs.exits():
@@ -245,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     except KeyboardInterrupt:
         raise interrupted(out, settings, main_process) from None
-    failed, diverged = ablation.failed(results), ablation.diverged(results)
+    failed, diverged = report.failed(results), report.diverged(results)
     if main_process:
         print_report(out, failed, diverged)
     if failed or diverged:

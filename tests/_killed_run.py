@@ -1,7 +1,7 @@
 """Run an experiment script in this process and SIGKILL it at a chosen
 moment (for tests/test_runs.py).
 
-    python -m tests._killed_run mnist|catsdogs|images \
+    python -m tests._killed_run mnist|catsdogs|images|ablate \
         compile|mid-epoch|mid-save|after-save EPOCH -- ARGV...
 
 compile:    as the first training program is about to compile (before any epoch ran)
@@ -81,6 +81,8 @@ def main() -> None:
         from experiments import mnist as experiment
     elif script == "images":
         from experiments import images as experiment
+    elif script == "ablate":
+        from experiments import ablate_augmentation as experiment
     else:
         from experiments import catsdogs as experiment
     experiment.main(argv)

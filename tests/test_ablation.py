@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cnnjax import ablation, checkpoint, config, data, paired, plots, runs, train
+from cnnjax import ablation, checkpoint, config, data, paired, plots, report, runs, train
 from cnnjax import history as historylib
 from cnnjax.augment import AugmentConfig
 from tests.conftest import CATS_SIZE, TINY_ABLATION_FLAGS, tiny_cats_dogs, write_cats_dogs_folder
@@ -108,7 +108,7 @@ def test_table_is_the_runs_recomputed_and_best_checkpoints_hold_the_best_epoch(
     for result, line in zip(results, table[2:]):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:3] == [result["name"], "ok", "2"]
-        for (key, _), cell in zip(ablation.COLUMNS, cells[3:]):
+        for (key, _), cell in zip(report.COLUMNS, cells[3:]):
             values = [s[key] for s in result["seeds"]]
             digits = ".1f" if key == "best_epoch" else ".3f"
             assert cell == f"{np.mean(values):{digits}} ± {np.std(values):{digits}}"
@@ -183,8 +183,8 @@ def test_resume_after_an_interrupt_and_skip_finished_settings(
     ]
     real_write = historylib.write
 
-    def interrupted_after_first_epoch_of_flip(workdir, seeds, histories):
-        real_write(workdir, seeds, histories)
+    def interrupted_after_first_epoch_of_flip(workdir, seeds, histories, *grid):
+        real_write(workdir, seeds, histories, *grid)
         if workdir.parent.name == "flip" and histories[0]:
             raise KeyboardInterrupt  # Ctrl-C right after epoch 1 was saved
 
@@ -323,6 +323,8 @@ def test_the_script_reports_an_interrupt_and_keeps_finished_settings(tmp_path, m
         *TINY_ABLATION_FLAGS,
         "--out",
         str(out),
+        "--seed-mode",
+        "sequential",  # a setting at a time: one finishes before the other is interrupted
     ]
     with pytest.raises(SystemExit) as exit_info:
         ablate_augmentation.main(argv)

@@ -15,10 +15,19 @@ from tests.conftest import TINY_ABLATION_FLAGS, write_cats_dogs_folder
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ablate(tmp_path: Path, data: Path, *flags: str) -> subprocess.CompletedProcess:
+def _ablate(
+    tmp_path: Path, data: Path, *flags: str, killed: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """The script on `data`, into tmp_path/ablation; `killed`: through tests/_killed_run.py, killed
+    at (point, epoch)."""
+    script = (
+        ["-m", "tests._killed_run", "ablate", *killed, "--"]
+        if killed
+        else [str(REPO / "experiments" / "ablate_augmentation.py")]
+    )
     command = [
         sys.executable,
-        str(REPO / "experiments" / "ablate_augmentation.py"),
+        *script,
         "--data-dir",
         str(data),
         *TINY_ABLATION_FLAGS,
@@ -26,7 +35,9 @@ def _ablate(tmp_path: Path, data: Path, *flags: str) -> subprocess.CompletedProc
         str(tmp_path / "ablation"),
         *flags,
     ]
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        command, cwd=REPO if killed else tmp_path, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +83,45 @@ def test_an_ablation_runs_on_a_folder_of_three_classes(tmp_path):
     done = _ablate(tmp_path, three, "--data.dataset", "folder", "--settings", "none", "flip")
     assert done.returncode == 0, done.stderr
     assert "| flip | " in done.stdout.split("Paired differences")[1]
-    run_config = json.loads((tmp_path / "ablation" / "none" / "seed0" / "config.json").read_text())
+    grid_folder = next((tmp_path / "ablation").glob("grid-*"))
+    run_config = json.loads((grid_folder / "config.json").read_text())
     assert run_config["class_names"] == ["birds", "cats", "dogs"]
     assert run_config["model"]["num_classes"] == 3
+
+
+def _without_seconds(out: Path) -> dict:
+    """Every setting's result.json, less what depends on the clock (seconds, wall time)."""
+    results = {}
+    for path in sorted(out.glob("*/result.json")):
+        result = json.loads(path.read_text())
+        result.pop("wall_seconds")
+        for history in result["histories"]:
+            for row in history:
+                row.pop("seconds")
+        results[path.parent.name] = result
+    return results
+
+
+@pytest.mark.slow  # an ablation run whole, one killed mid-epoch and its resume
+def test_a_grid_killed_mid_epoch_resumes_to_the_same_table(tmp_path, data):
+    flags = ("--settings", "none", "flip", "rotation", "--epochs", "2")
+    for folder in ("whole", "killed"):
+        (tmp_path / folder).mkdir()
+    whole = _ablate(tmp_path / "whole", data, *flags)
+    assert whole.returncode == 0, whole.stderr
+    assert "[grid] 6 members train in one program" in whole.stdout
+    killed = _ablate(tmp_path / "killed", data, *flags, killed=("mid-epoch", "2"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    out = tmp_path / "killed" / "ablation"
+    assert not list(out.glob("*/result.json"))  # nothing finished
+    resumed = _ablate(tmp_path / "killed", data, *flags)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming" in resumed.stdout and "after epoch 1" in resumed.stdout
+    assert _without_seconds(out) == _without_seconds(tmp_path / "whole" / "ablation")
+    table = (out / "results.md").read_text().split("Paired differences")[1]
+    assert (
+        table
+        == (tmp_path / "whole" / "ablation" / "results.md")
+        .read_text()
+        .split("Paired differences")[1]
+    )

@@ -1,0 +1,75 @@
+"""A grid's members: each one trains as its setting alone does with its seed (cnnjax.grid)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cnnjax import ablation, config, data, grid, train
+from tests.conftest import CATS_SIZE, tiny_cats_dogs
+
+CLASSES = ["cats", "dogs"]
+BASE = dataclasses.replace(
+    config.override(
+        config.catsdogs(1),
+        {
+            "data.image_size": CATS_SIZE,
+            "train.epochs": 2,
+            "train.batch_size": 8,
+            "train.eval_batch_size": 10,
+            "train.seeds": 2,
+            "run.tensorboard": False,
+        },
+    ),
+    name="grid",
+)
+# Every number a member may have of its own, each away from the base recipe in some setting.
+SETTINGS = [
+    ablation.Setting.of("none"),
+    ablation.Setting.of("flip", {"augment.horizontal_flip": True}),
+    ablation.Setting.of(
+        "lecture+dropout",
+        {
+            **{
+                f"augment.{k}": v
+                for k, v in dataclasses.asdict(config.AUGMENT_PRESETS["lecture"]).items()
+            },
+            "model.dropout": 0.3,
+        },
+    ),
+    ablation.Setting.of("lr", {"optim.learning_rate": 3e-4, "augment.zoom_range": 0.2}),
+]
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {
+        "train": data.Images(*tiny_cats_dogs(24), CLASSES),
+        "validation": data.Images(*tiny_cats_dogs(10, 1), CLASSES),
+    }
+
+
+def _close(member: list[dict], alone: list[dict], examples: int) -> None:
+    """Losses within 2e-4 relative, accuracies within one example."""
+    assert len(member) == len(alone)
+    for a, b in zip(member, alone):
+        for key in ("loss", "val_loss"):
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-4)
+        assert abs(a["accuracy"] - b["accuracy"]) * 24 <= 1 + 1e-9
+        assert abs(a["val_accuracy"] - b["val_accuracy"]) * examples <= 1 + 1e-9
+
+
+def test_each_member_trains_as_its_setting_alone(splits, tmp_path):
+    named = [(s.name, ablation.setting_config(BASE, s)) for s in SETTINGS]
+    assert grid.groups(named) == [[s.name for s in SETTINGS]]  # numbers only: one program
+    members = grid.members(named)
+    assert [(m.setting, m.seed) for m in members[:3]] == [("none", 0), ("none", 1), ("flip", 0)]
+    program = grid.program_config(members, "grid")
+    together = train.train_and_evaluate(
+        program, tmp_path / "grid", splits, verbose=False, grid=members
+    )
+    by_member = dict(zip([(m.setting, m.seed) for m in members], together.histories))
+    for name, cfg in named:
+        alone = train.train_and_evaluate(cfg, tmp_path / name, splits, verbose=False)
+        for seed, history in zip(alone.seeds, alone.histories):
+            _close(by_member[name, seed], history, len(splits["validation"]))
