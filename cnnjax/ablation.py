@@ -14,8 +14,8 @@ Settings run as runs of `cnnjax.runs` (folders, checkpoints, resume, history), o
                                  the reference, paired by seed, cnnjax.paired)
 
 "auto" is grid everywhere: on accelerators the members are vmapped, one batched program filling
-the device; on the CPU they run in turn inside the program (cnnjax.step), each step unbatched as a
-run alone, and the grid saves the compiling and feeding of one run per setting
+the device; on the CPU they take turns through it (cnnjax.step), each step unbatched as a run
+alone, and the grid saves the compiling and checkpointing of one run per setting
 (benchmarks/ablation_vmap.py measures both against the settings in turn).
 """
 
@@ -211,6 +211,8 @@ def run_grid(
                 "config": configlib.to_dict(run_cfg),
                 "settings": [s.as_dict() for s in settings],
                 "members": grid.describe(members),
+                # the member axis over the devices, as train_and_evaluate lays it out
+                "devices": mesh.describe(mesh.make_mesh(len(members))),
                 "class_names": list(datasets["train"].class_names),
                 "model": models.model_config(model),
             }

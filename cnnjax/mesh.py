@@ -311,10 +311,10 @@ def make_mesh(num_seeds: int = 1, devices: Sequence[jax.Device] | None = None) -
 
 
 def seeds_in_turn(mesh: Mesh) -> bool:
-    """Whether a program of several seeds runs them one after another (lax.map) rather than
-    batched (vmap): on the CPU, where the batched step measured slower than the seeds in turn, and
-    only where one device block holds every seed (a seed axis over several devices is vmapped, each
-    device its own seeds)."""
+    """Whether several seeds take turns through the one-seed program (cnnjax.step.compile_steps)
+    rather than run batched (vmap): on the CPU, where the batched step measured slower than the
+    seeds in turn, and only where one device block holds every seed (a seed axis over several
+    devices is vmapped, each device its own seeds)."""
     return mesh.devices.flat[0].platform == "cpu" and mesh.shape[SEED] == 1
 
 

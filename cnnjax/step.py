@@ -182,12 +182,12 @@ def compile_steps(
 ) -> Callable:
     """`step(carry, batch) -> (carry, totals)` as one jitted
     `run(carry, totals, batches, data) -> (carry, totals)` over many steps (lax.scan) and every seed
-    (vmap, or in turn: `mesh.seeds_in_turn`). carry (a TrainState or params) and totals have a
-    leading seed axis, sharded over `seed`; batches hold the call's steps on a leading axis (after
-    the seed axis when `per_seed`: each seed its own order), sharded over `data`. With `resident`,
-    a batch is {"index", "weight"} and the step gathers its images and labels from `data`
-    ({"image", "label"}, the whole set, replicated on every device); else batches are whole and
-    data is None."""
+    (vmap; on the CPU the seeds take turns through it: `mesh.seeds_in_turn`). carry (a TrainState
+    or params) and totals have a leading seed axis, sharded over `seed`; batches hold the call's
+    steps on a leading axis (after the seed axis when `per_seed`: each seed its own order), sharded
+    over `data`. With `resident`, a batch is {"index", "weight"} and the step gathers its images
+    and labels from `data` ({"image", "label"}, the whole set, replicated on every device); else
+    batches are whole and data is None."""
 
     def one_seed(
         carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array
@@ -222,33 +222,49 @@ def compile_steps(
         return jax.tree.map(lambda leaf: leaf[None], (carry, sums))
 
     vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0 if per_seed else None, None, None))
-    in_turn = meshlib.seeds_in_turn(mesh)
 
     def run(carry: Any, sums: Totals, batches: Batch, data: Batch | None) -> tuple[Any, Totals]:
         num_seeds = jax.tree.leaves(sums)[0].shape[0]
-        if num_seeds == 1:
-            return scanned(carry, sums, batches, data, unbatched)
-        if not in_turn:
-            return scanned(carry, sums, batches, data, vmapped)
-
-        # The seeds one after another, each its call's steps unbatched: the numbers of one seed
-        # alone, and on the CPU faster than vmapped (benchmarks/ablation_vmap.py).
-        def each(seed: tuple[Any, Totals, Batch | None]) -> tuple[Any, Totals]:
-            carry, sums, own = seed
-            return scanned(carry, sums, own if per_seed else batches, data, one_seed)
-
-        return jax.lax.map(each, (carry, sums, batches if per_seed else None))
+        return scanned(carry, sums, batches, data, unbatched if num_seeds == 1 else vmapped)
 
     seeded = meshlib.sharding(mesh, meshlib.SEED)
     batch_sharding = meshlib.sharding(
         mesh, *((meshlib.SEED,) if per_seed else ()), None, meshlib.DATA
     )
-    return jax.jit(
+    compiled = jax.jit(
         run,
         in_shardings=(seeded, seeded, batch_sharding, meshlib.replicated(mesh)),
         out_shardings=(seeded, seeded),
         donate_argnums=(0,) if donate else (),
     )  # not the totals: the host waits on earlier calls' totals
+    if not meshlib.seeds_in_turn(mesh):
+        return compiled
+
+    def in_turn(carry: Any, sums: Totals, batches: Batch, data: Batch | None) -> tuple[Any, Totals]:
+        # Several seeds take turns through the one-seed program, compiled once for them all: the
+        # numbers of each seed alone, and on the CPU faster than vmapped or than the seeds in turn
+        # inside one program (lax.map), which XLA runs slower (benchmarks/ablation_vmap.py).
+        num_seeds = jax.tree.leaves(sums)[0].shape[0]
+        if num_seeds == 1:
+            return compiled(carry, sums, batches, data)
+        turns = [
+            compiled(*_seed((carry, sums), k), _seed(batches, k) if per_seed else batches, data)
+            for k in range(num_seeds)
+        ]
+        return _stacked(turns)
+
+    return in_turn
+
+
+@jax.jit
+def _seed(tree: Any, k: int) -> Any:
+    """Seed k of a stacked tree, its seed axis kept (of 1)."""
+    return jax.tree.map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, k, 1), tree)
+
+
+@jax.jit
+def _stacked(turns: list[Any]) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *turns)
 
 
 def zero_totals(num_seeds: int) -> Totals:

@@ -13,13 +13,14 @@ alone. --settings picks a subset or adds your own ("rot20:rotation_range=20,drop
 or by path: "sharp:augment.interpolation=nearest"). Your own images: --data.dataset folder
 (any number of classes, as experiments/images.py; the folder needs test/ as well).
 
---seed-mode: vmap trains a setting's seeds in one program (spread over the devices),
-sequential one after another; auto is sequential on the CPU, where it measured faster,
-and vmap on accelerators.
+--seed-mode: grid (auto) trains the settings that differ only in numbers (augmentation
+ranges, flips, dropout, learning rate), with all their seeds, as the members of one
+program, spread over every device and process (cnnjax.grid); vmap one program per
+setting; sequential one run per seed. Each member trains as its setting alone would.
 Interrupt it and run the same command again: finished settings are skipped, an
 unfinished one resumes from its latest checkpoint, a failed one is retried.
-Writes into --out: results.csv, results.md, curves.png, differences.png, and one run
-folder per setting.
+Writes into --out: results.csv, results.md, curves.png, differences.png, a run folder
+per program (grid-<hash>/) and a folder per setting with its result.json.
 Each setting is compared with the reference (--reference, default none) seed by seed:
 results.md gives the mean paired difference, its 95% Student's t interval and a verdict,
 differences.png draws them. Exit codes: 0 done, 2 bad flags or data, 4 some setting failed
@@ -88,8 +89,9 @@ def parse_flags(argv: list[str] | None) -> argparse.Namespace:
         "--seed-mode",
         default="auto",
         choices=ablation.SEED_MODES,
-        help="a setting's seeds in one vmapped program (vmap: auto on accelerators) or one run "
-        "each (sequential: auto on the CPU) (default: auto)",
+        help="grid: every (setting, seed) pair of settings that differ only in numbers in one "
+        "program (what auto takes); vmap: one program per setting; sequential: one run per seed "
+        "(default: auto)",
     )
     parser.add_argument(
         "--reference",

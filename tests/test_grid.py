@@ -73,3 +73,25 @@ def test_each_member_trains_as_its_setting_alone(splits, tmp_path):
         alone = train.train_and_evaluate(cfg, tmp_path / name, splits, verbose=False)
         for seed, history in zip(alone.seeds, alone.histories):
             _close(by_member[name, seed], history, len(splits["validation"]))
+
+
+def test_settings_that_change_code_or_shapes_are_programs_of_their_own(splits, tmp_path):
+    settings = [
+        *SETTINGS[:2],
+        ablation.Setting.of(
+            "sharp", {"augment.interpolation": "nearest", "augment.zoom_range": 0.2}
+        ),
+        ablation.Setting.of("rmsprop", {"optim.name": "rmsprop"}),
+        ablation.Setting.of(
+            "sharp-flip", {"augment.interpolation": "nearest", "augment.horizontal_flip": True}
+        ),
+    ]
+    named = [(s.name, ablation.setting_config(BASE, s)) for s in settings]
+    assert grid.groups(named) == [["none", "flip"], ["sharp", "sharp-flip"], ["rmsprop"]]
+    base = config.override(BASE, {"train.epochs": 1})
+    results = ablation.run_ablation(settings, base, splits, None, tmp_path, "grid", verbose=False)
+    assert [r["status"] for r in results] == ["ok"] * 5 and all(
+        r["mode"] == "grid" for r in results
+    )
+    assert len(list(tmp_path.glob("grid-*/checkpoints"))) == 3  # one program, one run, per group
+    assert {r["grid"] for r in results[:2]} != {r["grid"] for r in results[2:3]}

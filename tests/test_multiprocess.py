@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cnnjax import mesh
-from tests.conftest import REPO, write_mnist_folder
+from tests.conftest import REPO, TINY_ABLATION_FLAGS, write_cats_dogs_folder, write_mnist_folder
 
 ARGS = ["--epochs", "3", "--batch-size", "32", "--train.eval_batch_size", "32"]
 TOLERANCE = 1e-5
@@ -58,6 +58,7 @@ class Launch:
         out: Path,
         num_processes: int = 2,
         die: dict[int, int] | None = None,
+        script: str = "experiments/mnist.py",
     ):
         self.dir = tmp / name
         self.dir.mkdir()
@@ -83,7 +84,7 @@ class Launch:
                 str(self.dir / f"writes{i}"),
                 *kill,
                 "--",
-                "experiments/mnist.py",
+                script,
                 *argv,
                 *flags,
             ]
@@ -345,3 +346,53 @@ def test_a_loss_found_by_two_threads_at_once_is_said_once(monkeypatch, capsys):
         thread.join(timeout=2)  # the second stays blocked, as it would until the process ends
     assert exits == [mesh.EXIT_LOST]
     assert len(error_lines(capsys.readouterr().err)) == 1
+
+
+@pytest.mark.slow  # an ablation grid as two processes and as one
+def test_a_grid_shares_its_members_over_two_processes(tmp_path):
+    """4 members (2 settings x 2 seeds) over 2 processes of one CPU device each: the member axis
+    is sharded, two members a process. The table's numbers are the single process's (there the
+    members run in turn, here two vmapped on each device), and process 0 alone writes."""
+    data = write_cats_dogs_folder(tmp_path / "cats", {"train": 16, "validation": 8, "test": 8})
+    argv = [
+        *("--data-dir", str(data), *TINY_ABLATION_FLAGS, "--settings", "none", "flip"),
+    ]
+    single = subprocess.run(
+        [
+            sys.executable,
+            "experiments/ablate_augmentation.py",
+            *argv,
+            "--out",
+            str(tmp_path / "one"),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    out = tmp_path / "two"
+    launch = Launch(
+        tmp_path,
+        "grid",
+        [*argv, "--out", str(out)],
+        out,
+        script="experiments/ablate_augmentation.py",
+    )
+    assert launch.wait() == [0, 0], launch.err(0)[-3000:] + launch.err(1)[-3000:]
+    assert "[grid] 4 members train in one program" in launch.out(0)
+    grid_config = json.loads(next(out.glob("grid-*/config.json")).read_text())
+    assert grid_config["devices"]["mesh"] == {"seed": 2, "data": 1}
+    for setting in ("none", "flip"):
+        ours, theirs = (
+            json.loads((folder / setting / "result.json").read_text())
+            for folder in (out, tmp_path / "one")
+        )
+        for a, b in zip(ours["histories"], theirs["histories"]):
+            for x, y in zip(a, b):
+                for key in ("loss", "val_loss"):
+                    assert x[key] == pytest.approx(y[key], rel=2e-4)
+                assert abs(x["accuracy"] - y["accuracy"]) * 16 <= 1 + 1e-9
+                assert abs(x["val_accuracy"] - y["val_accuracy"]) * 8 <= 1 + 1e-9
+    assert_only_process_0_writes(launch)

@@ -4,6 +4,7 @@ puts the parts together with the goals.
     python benchmarks/gpu/bench.py mnist    --data .devdata --json OUT/parts/mnist.json    [--smoke]
     python benchmarks/gpu/bench.py catsdogs --data .devdata --json OUT/parts/catsdogs.json [--smoke]
     python benchmarks/gpu/bench.py seeds    --data .devdata --json OUT/parts/seeds.json    [--smoke]
+    python benchmarks/gpu/bench.py grid     --data .devdata --json OUT/parts/grid.json     [--smoke]
     python benchmarks/gpu/bench.py merge    --parts OUT/parts --json OUT/results.json
 
 mnist     the MNIST recipe (cnnjax.config.mnist()), 5 epochs with validation, the data on the
@@ -15,6 +16,10 @@ catsdogs  experiment 2 (cnnjax.config.catsdogs(2)) at 150 px: seconds per epoch 
           the timed epochs after a compiling one) and 100 epochs projected; goal <= 60 s.
 seeds     K=8 seeds of experiment 2 at 150 px in one program against one seed, ms per
           step (benchmarks/ablation_vmap.py); goal <= 2x.
+grid      an ablation grid (none, flip, rotation, lecture x 4 seeds, experiment 1's base at
+          150 px, 2 epochs) as one program against its settings in turn, one program each,
+          each way a fresh process, compiling included (benchmarks/ablation_vmap.py --grid);
+          goal <= 0.9; its seconds per epoch also give the lecture-sized grid's duration.
 The device-count comparison is benchmarks/scaling.py's (run.sh calls it).
 
 --smoke: tiny settings (subsets, small images, 1-2 epochs, K=2) so the whole chain can be
@@ -47,6 +52,7 @@ GOALS = {
     "mnist_accuracy": 0.990,
     "catsdogs_100_epochs_s": 60.0,
     "seeds_k_over_one": 2.0,
+    "grid_over_settings": 0.9,
 }
 
 
@@ -105,11 +111,32 @@ def seeds(data: str, smoke: bool) -> dict[str, Any]:
     return measure(cfg, real_data(cfg, data, ("train",))["train"], k, steps)
 
 
+def grid(data: str, smoke: bool) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ablation_vmap import grid_against_settings
+
+    size, seeds, epochs, images = (48, 2, 1, "40") if smoke else (150, 4, 2, "2000")
+    argv = [
+        *("--data-dir", data, "--grid", "none,flip,rotation,lecture"),
+        *("--seeds", str(seeds), "--epochs", str(epochs), "--image-size", str(size)),
+        *("--train-images", images),
+    ]
+    result = grid_against_settings(argv, modes=("grid", "vmap"))
+    members_epochs = 4 * seeds * epochs
+    return {
+        "image_size": size,
+        "seeds": seeds,
+        "epochs": epochs,
+        **result,
+        "grid_s_per_member_epoch": result["seconds"]["grid"] / members_epochs,
+    }
+
+
 def merge(parts: Path) -> dict[str, Any]:
     """Every part found, a note for each missing one, and each goal: met, missed, or not
     measured."""
     record: dict[str, Any] = {"goals": GOALS, "parts": {}}
-    for name in ("mnist", "catsdogs", "seeds", "scaling_mnist", "scaling_catsdogs"):
+    for name in ("mnist", "catsdogs", "seeds", "grid", "scaling_mnist", "scaling_catsdogs"):
         path = parts / f"{name}.json"
         missing = {"missing": "no result (timed out or failed: see log.txt)"}
         record["parts"][name] = json.loads(path.read_text()) if path.is_file() else missing
@@ -131,13 +158,14 @@ def merge(parts: Path) -> dict[str, Any]:
             "catsdogs", "projected_100_epochs_s", GOALS["catsdogs_100_epochs_s"]
         ),
         "seeds_k_over_one": check("seeds", "k_over_one", GOALS["seeds_k_over_one"]),
+        "grid_over_settings": check("grid", "grid_over_vmap", GOALS["grid_over_settings"]),
     }
     return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("mnist", "catsdogs", "seeds", "merge"))
+    parser.add_argument("part", choices=("mnist", "catsdogs", "seeds", "grid", "merge"))
     parser.add_argument(
         "--data", default=".devdata", help="holds mnist/ and cats_and_dogs_small/ (prepare_data.py)"
     )
@@ -153,7 +181,7 @@ def main() -> None:
         print(json.dumps(record["verdict"], indent=1))
         return
     start = time.perf_counter()
-    result = {"mnist": mnist, "catsdogs": catsdogs, "seeds": seeds}[args.part](
+    result = {"mnist": mnist, "catsdogs": catsdogs, "seeds": seeds, "grid": grid}[args.part](
         args.data, args.smoke
     )
     record = {

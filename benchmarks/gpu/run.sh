@@ -11,6 +11,7 @@
 #   mnist     MNIST recipe, 5 epochs, data on the device, compile apart   goal <= 2 s, >= 0.990
 #   catsdogs  experiment 2 at 150 px, seconds per epoch, x100             goal <= 60 s
 #   seeds     K=8 seeds against one (experiment 2, 150 px), per step      goal <= 2x
+#   grid      an ablation grid in one program against its settings in turn  goal <= 0.9
 #   scaling   1 device against all (benchmarks/scaling.py), where the machine has several
 # Nothing is installed: PYTHONPATH=$PWD, the GPU image's jax/flax/optax/orbax/numpy/pillow.
 set -uo pipefail
@@ -19,10 +20,11 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 CNNJAX_CACHE_DIR=${CNNJAX_CACHE_DIR:-/
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/gpu}
 DATA=${DATA:-.devdata}
-PARTS=${PARTS:-mnist catsdogs seeds scaling}
+PARTS=${PARTS:-mnist catsdogs seeds grid scaling}
 MNIST_S=${MNIST_S:-120}
 CATS_S=${CATS_S:-150}
 SEEDS_S=${SEEDS_S:-150}
+GRID_S=${GRID_S:-240}
 SCALING_S=${SCALING_S:-120}
 SMOKE=${SMOKE:-}
 smoke=()
@@ -47,7 +49,7 @@ part() {  # part NAME SECONDS COMMAND...: run under a timeout, log its output an
 
 for p in $PARTS; do
   case $p in
-    mnist|catsdogs|seeds)
+    mnist|catsdogs|seeds|grid)
       limit_var="$(echo "$p" | tr a-z A-Z)_S"; [[ $p == catsdogs ]] && limit_var=CATS_S
       part "$p" "${!limit_var}" "$PY" benchmarks/gpu/bench.py "$p" --data "$DATA" --json "$OUT/parts/$p.json" "${smoke[@]}" ;;
     scaling)
