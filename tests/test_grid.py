@@ -6,22 +6,12 @@ import numpy as np
 import pytest
 
 from cnnjax import ablation, config, data, grid, train
-from tests.conftest import CATS_SIZE, tiny_cats_dogs
+from tests import test_ablation
+from tests.conftest import tiny_cats_dogs
 
 CLASSES = ["cats", "dogs"]
 BASE = dataclasses.replace(
-    config.override(
-        config.catsdogs(1),
-        {
-            "data.image_size": CATS_SIZE,
-            "train.epochs": 2,
-            "train.batch_size": 8,
-            "train.eval_batch_size": 10,
-            "train.seeds": 2,
-            "run.tensorboard": False,
-        },
-    ),
-    name="grid",
+    config.override(test_ablation.BASE, {"run.tensorboard": False}), name="grid"
 )
 # Every number a member may have of its own, each away from the base recipe in some setting.
 SETTINGS = [
