@@ -68,6 +68,22 @@ def members(settings: Sequence[tuple[str, Config]]) -> list[Member]:
     ]
 
 
+def seeds_of(
+    cfg: Config, grid: Sequence[Member] | None = None
+) -> tuple[list[Config], list[str], list[str]]:
+    """Per seed of a run of cfg (a grid's: per member), its own recipe, the label of its files
+    (seed0, none-seed0) and its name in printed lines (seed 0, none seed 0)."""
+    if grid:
+        return (
+            [m.cfg for m in grid],
+            [m.label for m in grid],
+            [f"{m.setting} seed {m.seed}" for m in grid],
+        )
+    seeds = range(cfg.train.seed, cfg.train.seed + cfg.train.seeds)
+    one = [configlib.override(cfg, {"train.seed": s, "train.seeds": 1}) for s in seeds]
+    return one, [f"seed{s}" for s in seeds], [f"seed {s}" for s in seeds]
+
+
 def program_key(cfg: Config) -> tuple[tuple[str, Any], ...]:
     """What members of one program must share: every recipe field but the numbers, the name and
     the seeds."""

@@ -332,3 +332,19 @@ def plot_differences(
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_run(
+    workdir: Path, labels: Sequence[str], histories: Sequence[Any], writers: Sequence[Any] = ()
+) -> None:
+    """A training's figures: the lecture's accuracy & loss figure per seed (history.png, or
+    history-LABEL.png for several); with TensorBoard writers, into them too, with the
+    augmentation preview."""
+    for k, (label, history) in enumerate(zip(labels, histories)):
+        path = plot_history(
+            history, workdir / ("history.png" if len(labels) == 1 else f"history-{label}.png")
+        )
+        if writers:
+            writers[k].png("history", path, history[-1]["epoch"] if history else 0)
+            if (workdir / "preview.png").is_file():
+                writers[k].png("preview", workdir / "preview.png", 0)

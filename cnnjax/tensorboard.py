@@ -16,7 +16,7 @@ import io
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +79,16 @@ class Writer:
         if finished and self._session_end is not None:
             self._write(self._session_end)
         self._events.close()
+
+
+def writers(
+    workdir: Path, labels: Sequence[str], configs: Sequence[Mapping[str, Any]]
+) -> list[Writer]:
+    """One run per seed of a training (a grid's: per member), each with its flat config as
+    hyperparameters: WORKDIR/tensorboard/, or tensorboard/LABEL/ for several."""
+    opened = []
+    for label, flat in zip(labels, configs):
+        writer = Writer(workdir / "tensorboard" / (label if len(labels) > 1 else ""))
+        writer.config(flat)
+        opened.append(writer)
+    return opened

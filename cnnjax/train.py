@@ -99,11 +99,7 @@ def train_and_evaluate(
     """
     workdir = Path(workdir)
     verbose = verbose and meshlib.is_main_process()
-    seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
-    # each seed's (member's) own recipe and name
-    own_cfgs = [m.cfg for m in grid] if grid else [_one_seed(cfg, seed) for seed in seeds]
-    labels = [m.label for m in grid] if grid else [f"seed{seed}" for seed in seeds]
-    shown = [f"{m.setting} seed {m.seed}" for m in grid] if grid else [f"seed {s}" for s in seeds]
+    own_cfgs, labels, shown = gridlib.seeds_of(cfg, grid)
     seeds = [c.train.seed for c in own_cfgs]
 
     # --- Mesh: seeds over the `seed` axis, each batch over `data`.
@@ -122,15 +118,9 @@ def train_and_evaluate(
     steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     tx = optim.make_optimizer(cfg.optim, steps_per_epoch, cfg.train.epochs, injected=bool(grid))
     train_data, train_batches = feed.feed(train_set, mesh)
+    resident, epochs = train_data is not None, cfg.train.epochs
     train_fn = feed.train_fn(
-        model,
-        cfg.optim,
-        cfg.augment,
-        mesh,
-        train_data is not None,
-        steps_per_epoch,
-        cfg.train.epochs,
-        grid=bool(grid),
+        model, cfg.optim, cfg.augment, mesh, resident, steps_per_epoch, epochs, bool(grid)
     )
     evaluate_val = feed.evaluator(model, val_set, mesh, cfg.train.eval_batch_size)
 
@@ -142,19 +132,10 @@ def train_and_evaluate(
         best_metrics=[f"val_loss/{k}" for k in range(len(seeds))],
     )
     # The seal proves a checkpoint's files are as saved, not that they are this run's.
-    members = files.strict_json(gridlib.describe(grid)) if grid else None
-
-    def differs_from_run(description: dict[str, Any]) -> list[str]:
-        differ = run_folder.checkpoint_differs(description, cfg)
-        return differ + (["the grid's members"] if description.get("members") != members else [])
-
-    def restore(epoch: int | None) -> tuple[TrainState, list, list, list, int]:
-        restored = _restore(ckpts, epoch, model, tx, seeds, mesh)
-        if not grid:
-            return restored
-        state = gridlib.with_numbers(restored[0], grid, *model.input_shape[:2], seeded)
-        return state, *restored[1:]
-
+    differs_from_run = functools.partial(_differs, cfg=cfg, grid=grid)
+    restore = functools.partial(
+        _restore, ckpts, model=model, tx=tx, seeds=seeds, mesh=mesh, grid=grid
+    )
     state, histories, diverged, stopped, first_epoch = restore(
         ckpts.latest_intact(differs_from_run)
     )
@@ -238,7 +219,7 @@ def train_and_evaluate(
                     histories,
                     diverged,
                     stopped,
-                    members,
+                    _members(grid),
                 )
             historylib.write(workdir, seeds, histories, grid)
             steps_done = meshlib.to_host(state.step)
@@ -278,6 +259,17 @@ def evaluate(
 # --- State, checkpoints, logs ---------------------------------------------------------------------
 
 
+def _members(grid: Sequence[gridlib.Member] | None) -> list[dict[str, Any]] | None:
+    return files.strict_json(gridlib.describe(grid)) if grid else None
+
+
+def _differs(description: dict[str, Any], cfg: configlib.Config, grid: Any) -> list[str]:
+    """How a checkpoint differs from this run: its recipe, and a grid's members."""
+    differ = run_folder.checkpoint_differs(description, cfg)
+    same = description.get("members") == _members(grid)
+    return differ + ([] if same else ["the grid's members"])
+
+
 def _restore(
     ckpts: checkpoint.Checkpoints,
     epoch: int | None,
@@ -285,45 +277,45 @@ def _restore(
     tx: Any,
     seeds: Sequence[int],
     mesh: Mesh,
+    grid: Sequence[gridlib.Member] | None = None,
 ) -> tuple[TrainState, list[History], list[int | None], list[int | None], int]:
     """(state, histories, diverged, stopped, epoch) of the checkpoint of `epoch`; for None, a new
-    state per seed at epoch 0."""
+    state per seed at epoch 0. A grid's state gets its members' numbers."""
     num_seeds = len(seeds)
     if epoch is None:
-        return (
-            step.init_states(model, tx, seeds, mesh),
-            [[] for _ in seeds],
-            [None] * num_seeds,
-            [None] * num_seeds,
-            0,
+        state = step.init_states(model, tx, seeds, mesh)
+        description = {"histories": [[] for _ in seeds], "diverged": [None] * num_seeds}
+    else:
+        description = ckpts.description(epoch)
+        saved_seeds = len(description.get("seeds", []))
+        if saved_seeds != num_seeds:
+            raise checkpoint.CheckpointError(
+                f"{ckpts.path(epoch)} holds {saved_seeds} seeds, this run trains {num_seeds}"
+            )
+        target = step.abstract_states(model, tx, num_seeds, mesh)
+        trees = ckpts.restore(
+            epoch,
+            {
+                "params": target.params,
+                "opt_state": target.opt_state,
+                "progress": {"step": target.step, "rng": target.rng},
+            },
         )
-    description = ckpts.description(epoch)
-    saved_seeds = len(description.get("seeds", []))
-    if saved_seeds != num_seeds:
-        raise checkpoint.CheckpointError(
-            f"{ckpts.path(epoch)} holds {saved_seeds} seeds, this run trains {num_seeds}"
+        state = TrainState(
+            step=trees["progress"]["step"],
+            params=trees["params"],
+            opt_state=trees["opt_state"],
+            rng=trees["progress"]["rng"],
         )
-    target = step.abstract_states(model, tx, num_seeds, mesh)
-    trees = ckpts.restore(
-        epoch,
-        {
-            "params": target.params,
-            "opt_state": target.opt_state,
-            "progress": {"step": target.step, "rng": target.rng},
-        },
-    )
-    state = TrainState(
-        step=trees["progress"]["step"],
-        params=trees["params"],
-        opt_state=trees["opt_state"],
-        rng=trees["progress"]["rng"],
-    )
+    if grid:
+        seeded = meshlib.sharding(mesh, meshlib.SEED)
+        state = gridlib.with_numbers(state, grid, *model.input_shape[:2], seeded)
     histories = [
         [{k: math.nan if v is None else v for k, v in row.items()} for row in h]
         for h in description["histories"]
     ]
     stopped = list(description.get("stopped", [None] * num_seeds))
-    return state, histories, list(description["diverged"]), stopped, int(description["epoch"])
+    return state, histories, list(description["diverged"]), stopped, int(epoch or 0)
 
 
 def _save(
@@ -414,44 +406,24 @@ def _with_plateau_scale(
     return state.replace(opt_state=(*state.opt_state[:-1], plateau))
 
 
-def _one_seed(cfg: configlib.Config, seed: int) -> configlib.Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, seeds=1))
-
-
 def _tensorboard(
     cfgs: Sequence[configlib.Config], labels: Sequence[str], workdir: Path
 ) -> list[Any]:
-    """One TensorBoard run per seed (member): tensorboard/, or tensorboard/LABEL/ for several;
-    process 0 only."""
+    """One TensorBoard run per seed (member); process 0 only."""
     if not cfgs[0].run.tensorboard or not meshlib.is_main_process():
         return []
-    from cnnjax.tensorboard import Writer
+    from cnnjax import tensorboard
 
-    writers = []
-    for cfg, label in zip(cfgs, labels):
-        writer = Writer(workdir / "tensorboard" / (label if len(cfgs) > 1 else ""))
-        writer.config(configlib.flatten(cfg))
-        writers.append(writer)
-    return writers
+    return tensorboard.writers(workdir, labels, [configlib.flatten(c) for c in cfgs])
 
 
 def _write_figures(
     workdir: Path, labels: Sequence[str], histories: Sequence[History], writers: Sequence[Any]
 ) -> None:
-    """The lecture's accuracy & loss figure per seed; with the augmentation preview, into
-    TensorBoard too; process 0 only."""
-    if not meshlib.is_main_process():
-        return
-    from cnnjax import plots
+    if meshlib.is_main_process():
+        from cnnjax import plots
 
-    for k, (label, history) in enumerate(zip(labels, histories)):
-        path = plots.plot_history(
-            history, workdir / ("history.png" if len(labels) == 1 else f"history-{label}.png")
-        )
-        if writers:
-            writers[k].png("history", path, history[-1]["epoch"] if history else 0)
-            if (workdir / "preview.png").is_file():
-                writers[k].png("preview", workdir / "preview.png", 0)
+        plots.plot_run(workdir, labels, histories, writers)
 
 
 _compile_seconds = [0.0]
