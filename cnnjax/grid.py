@@ -79,9 +79,8 @@ def seeds_of(
             [m.label for m in grid],
             [f"{m.setting} seed {m.seed}" for m in grid],
         )
-    seeds = range(cfg.train.seed, cfg.train.seed + cfg.train.seeds)
-    one = [configlib.override(cfg, {"train.seed": s, "train.seeds": 1}) for s in seeds]
-    return one, [f"seed{s}" for s in seeds], [f"seed {s}" for s in seeds]
+    one = members([("", cfg)])
+    return [m.cfg for m in one], [f"seed{m.seed}" for m in one], [f"seed {m.seed}" for m in one]
 
 
 def program_key(cfg: Config) -> tuple[tuple[str, Any], ...]:
@@ -111,14 +110,13 @@ def program_config(grid: Sequence[Member], name: str) -> Config:
     first = grid[0].cfg
     augmenting = [m.cfg.augment for m in grid if not m.cfg.augment.is_identity]
     dropout = max(m.cfg.model.dropout for m in grid)
-    cfg = dataclasses.replace(
+    return dataclasses.replace(
         first,
         name=name,
         augment=augmenting[0] if augmenting else first.augment,
         model=dataclasses.replace(first.model, dropout=dropout),
         train=dataclasses.replace(first.train, seeds=len(grid)),
     )
-    return cfg
 
 
 def member_numbers(grid: Sequence[Member], height: int, width: int) -> dict[str, np.ndarray]:

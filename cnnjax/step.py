@@ -199,18 +199,13 @@ def compile_steps(
         carry, batch_totals = step(carry, batch)
         return carry, jax.tree.map(jnp.add, sums, batch_totals)
 
-    def scanned(
-        carry: Any, sums: Totals, batches: Batch, data: Batch | None, stepper: Callable
-    ) -> tuple[Any, Totals]:
-        num_steps = batches["weight"].shape[-2]
-        (carry, sums), _ = jax.lax.scan(
-            lambda c, i: (stepper(*c, batches, data, i), None), (carry, sums), jnp.arange(num_steps)
-        )
-        return carry, sums
+    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0 if per_seed else None, None, None))
 
-    def unbatched(
+    def seeds(
         carry: Any, sums: Totals, batches: Batch, data: Batch | None, i: Array
     ) -> tuple[Any, Totals]:
+        if jax.tree.leaves(sums)[0].shape[0] > 1:
+            return vmapped(carry, sums, batches, data, i)
         # One seed runs the step itself, unbatched: vmapped, XLA drops the one-trip loops of the
         # batched convolutions (cnnjax.cpu_conv) and then fuses each layer's ReLU and pool into
         # the transposing copy its kernel gradient makes, far slower on the CPU
@@ -221,11 +216,12 @@ def compile_steps(
         )
         return jax.tree.map(lambda leaf: leaf[None], (carry, sums))
 
-    vmapped = jax.vmap(one_seed, in_axes=(0, 0, 0 if per_seed else None, None, None))
-
     def run(carry: Any, sums: Totals, batches: Batch, data: Batch | None) -> tuple[Any, Totals]:
-        num_seeds = jax.tree.leaves(sums)[0].shape[0]
-        return scanned(carry, sums, batches, data, unbatched if num_seeds == 1 else vmapped)
+        num_steps = batches["weight"].shape[1 if per_seed else 0]
+        (carry, sums), _ = jax.lax.scan(
+            lambda c, i: (seeds(*c, batches, data, i), None), (carry, sums), jnp.arange(num_steps)
+        )
+        return carry, sums
 
     seeded = meshlib.sharding(mesh, meshlib.SEED)
     batch_sharding = meshlib.sharding(
