@@ -318,6 +318,16 @@ def seeds_in_turn(mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform == "cpu" and mesh.shape[SEED] == 1
 
 
+def seeds_at_once(mesh: Mesh, num_seeds: int) -> int:
+    """How many seeds taking turns (`seeds_in_turn`) run side by side: one per usable core, on a
+    mesh of one device in one process. A program over several devices or processes runs alone:
+    side by side, two programs' collectives could meet in different orders on different devices."""
+    if mesh.devices.size > 1 or jax.process_count() > 1:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(num_seeds, cores or 1))
+
+
 def describe(mesh: Mesh) -> dict[str, Any]:
     """What config.json records under "devices"."""
     device = mesh.devices.flat[0]

@@ -11,6 +11,7 @@ global batch, so 1, 2 or 8 devices compute the same numbers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -243,10 +244,19 @@ def compile_steps(
         num_seeds = jax.tree.leaves(sums)[0].shape[0]
         if num_seeds == 1:
             return compiled(carry, sums, batches, data)
-        turns = [
-            compiled(*_seed((carry, sums), k), _seed(batches, k) if per_seed else batches, data)
-            for k in range(num_seeds)
-        ]
+
+        def turn(k: int) -> tuple[Any, Totals]:
+            seed_batches = _seed(batches, k) if per_seed else batches
+            return compiled(*_seed((carry, sums), k), seed_batches, data)
+
+        at_once = meshlib.seeds_at_once(mesh, num_seeds)
+        if at_once == 1:
+            return _stacked([turn(k) for k in range(num_seeds)])
+        # One seed's program leaves part of the cores idle (its small operations run on one
+        # thread), so turns run side by side, one host thread each; one after another, XLA
+        # runs the calls in order. Each seed's numbers are the same either way.
+        with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+            turns = list(pool.map(lambda k: jax.block_until_ready(turn(k)), range(num_seeds)))
         return _stacked(turns)
 
     return in_turn

@@ -164,3 +164,53 @@ def test_steps_per_call_divides_the_pass_into_few_calls():
         calls = num_steps // each
         assert calls == 1 or 2 <= calls <= 20
     assert step.steps_per_call(100) == 10 and step.steps_per_call(938) == 67
+
+
+def test_seeds_taking_turns_side_by_side_compute_each_seed_alone(monkeypatch):
+    """On a one-device CPU mesh, K seeds take turns through the one-seed program, several at once
+    on host threads (mesh.seeds_at_once): every seed's carry and totals are what it computes
+    alone, bit for bit, however many run side by side."""
+    from cnnjax import mesh as meshlib
+
+    def toy_step(carry, batch):
+        # a matmul, so XLA's threads are at work too; each seed's numbers its own
+        w = jnp.tanh(carry["w"] @ batch["image"].T).mean() + carry["w"] * 0.99
+        totals = {"loss_sum": w.sum(), "correct": jnp.float32(1), "count": batch["weight"].sum()}
+        return {"w": w}, totals
+
+    num_seeds, steps = 5, 3
+    rng = np.random.default_rng(0)
+    carry = {"w": jnp.asarray(rng.standard_normal((num_seeds, 64)), jnp.float32)}
+    batches = {
+        "image": jnp.asarray(rng.standard_normal((num_seeds, steps, 32, 64)), jnp.float32),
+        "weight": jnp.ones((num_seeds, steps, 32), jnp.float32),
+    }
+    one_device = meshlib.make_mesh(num_seeds, jax.devices()[:1])
+    assert meshlib.seeds_in_turn(one_device)
+
+    def run(at_once: int):
+        monkeypatch.setattr(meshlib, "seeds_at_once", lambda mesh, k: at_once)
+        compiled = step.compile_steps(
+            toy_step, one_device, per_seed=True, resident=False, donate=False
+        )
+        return jax.device_get(compiled(carry, step.zero_totals(num_seeds), batches, None))
+
+    alone = run(1)
+    for at_once in (2, 5):
+        together = run(at_once)
+        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(together)):
+            np.testing.assert_array_equal(a, b)
+    for k in range(num_seeds):
+        w = carry["w"][k]
+        for i in range(steps):
+            w = jnp.tanh(w @ batches["image"][k, i].T).mean() + w * 0.99
+        np.testing.assert_allclose(alone[0]["w"][k], w, rtol=1e-5, atol=1e-6)
+
+
+def test_seeds_run_side_by_side_only_on_one_device_in_one_process():
+    from cnnjax import mesh as meshlib
+
+    assert 1 <= meshlib.seeds_at_once(meshlib.make_mesh(4, jax.devices()[:1]), 4) <= 4
+    assert meshlib.seeds_at_once(meshlib.make_mesh(4, jax.devices()[:1]), 1) == 1
+    if len(jax.devices()) > 1:
+        assert meshlib.seeds_at_once(meshlib.make_mesh(1, jax.devices()[:2]), 4) == 1
