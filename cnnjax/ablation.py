@@ -222,7 +222,8 @@ def run_grid(
         )
     # One program: every member shares each epoch's seconds, each setting its share of them.
     share = _run_seconds(result.histories) / len(settings)
-    tests = _best_on_test(run_folder.path, result, model, test, run_cfg, by_member=True)
+    by_setting = [m.setting for m in members]
+    tests = _best_on_test(run_folder.path, result, model, test, run_cfg, by_setting)
     records = []
     for setting, (_, cfg) in zip(settings, named):
         own = [k for k, m in enumerate(members) if m.setting == setting.name]
@@ -241,18 +242,23 @@ def _run_seconds(histories: Sequence[History]) -> float:
 
 
 def _best_on_test(
-    path: Path, result: train.Result, model: Any, test: Any, cfg: Config, by_member: bool = False
+    path: Path,
+    result: train.Result,
+    model: Any,
+    test: Any,
+    cfg: Config,
+    settings: Sequence[str | None] | None = None,
 ) -> list[float]:
     """Each seed's best checkpoint (lowest validation loss) on the test split, found by its seed
-    or (a grid's members, whose seeds repeat) its position; NaN without a test split or a best
+    and (a grid's members, whose seeds repeat) its setting; NaN without a test split or a best
     epoch."""
     tests = []
     for k, (seed, best) in enumerate(zip(result.seeds, result.best)):
         if test is None or best is None:
             tests.append(math.nan)
             continue
-        by = {"member": k} if by_member else {"seed": seed}
-        _, params, _ = checkpoint.load_model(path, "best", **by)
+        setting = settings[k] if settings else None
+        _, params, _ = checkpoint.load_model(path, "best", seed, setting=setting)
         tests.append(train.evaluate(model, params, test, cfg.train.eval_batch_size)["accuracy"])
     return tests
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from cnnjax import files, models
+from cnnjax import files, grid, models
 from cnnjax.files import strict_json
 
 log = logging.getLogger(__name__)
@@ -287,11 +287,11 @@ def find(
     path: str | os.PathLike,
     which: str | int = "best",
     seed: int | None = None,
-    member: int | None = None,
+    setting: str | None = None,
 ) -> Path:
     """The checkpoint folder `path` means: a checkpoint folder itself, or a run folder (its best
-    epoch for `seed`, default the run's first seed, or for the seed at position `member`, as a
-    grid's members are told apart; its latest; or epoch N), or RUN/best, RUN/latest. The folder is
+    epoch for `seed`, default the run's first seed, in an ablation grid's run of `setting`; its
+    latest; or epoch N), or RUN/best, RUN/latest. The folder is
     checked (`damage`): a damaged one is an error naming it."""
     if isinstance(which, str) and which.isdigit():
         which = int(which)
@@ -331,7 +331,7 @@ def find(
                 f"(the newest: {damage(folder / str(steps[-1]))}); none is used"
             )
         description = read_description(intact)
-        k = seed_index(description, seed, path) if member is None else member
+        k = seed_index(description, seed, path, setting)
         if description["best"][k] is None:
             raise CheckpointError(
                 f"{path}: seed {description['seeds'][k]} has no finite validation loss, "
@@ -359,34 +359,33 @@ def find(
     return chosen
 
 
-def seed_index(description: Mapping[str, Any], seed: int | None, where: Any) -> int:
-    """The position of `seed` (default: the first) among the seeds a checkpoint holds."""
-    seeds = list(description.get("seeds", [0]))
-    if seed is None:
-        return 0
-    if seed not in seeds:
-        raise CheckpointError(
-            f"{where} holds seed(s) {', '.join(map(str, seeds))}; seed {seed} is not one of them"
-        )
-    return seeds.index(seed)
+def seed_index(
+    description: Mapping[str, Any], seed: int | None, where: Any, setting: str | None = None
+) -> int:
+    """The position of `seed` (default: the first) among the seeds a checkpoint holds; in an
+    ablation grid's, of `setting`'s member with that seed (`cnnjax.grid.position`)."""
+    try:
+        return grid.position(description, seed, setting)
+    except ValueError as error:
+        raise CheckpointError(f"{where} {error}") from None
 
 
 def load_model(
     path: str | os.PathLike,
     which: str | int = "best",
     seed: int | None = None,
-    member: int | None = None,
+    setting: str | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, params, description) of one seed (default: the run's first; `member`: the seed at
-    that position) from a checkpoint, rebuilt from the folder alone; the description gains "path",
-    the checkpoint folder read.
+    """(model, params, description) of one seed (default: the run's first; in an ablation grid's
+    run, of `setting`) from a checkpoint, rebuilt from the folder alone; the description gains
+    "path", the checkpoint folder read.
 
     On a run being written, the epoch found may be pruned while it is read (a new best replaced
     it): it is then found again, so what comes back is always one whole, checked checkpoint."""
     for attempt in range(5):
-        step_dir = find(path, which, seed, member)
+        step_dir = find(path, which, seed, setting)
         try:
-            model, params, description = _read_model(step_dir, seed, member)
+            model, params, description = _read_model(step_dir, seed, setting)
             if damage(step_dir) is None:  # still whole after the read
                 return model, params, description
         except (CheckpointError, OSError, ValueError):
@@ -397,11 +396,11 @@ def load_model(
 
 
 def _read_model(
-    step_dir: Path, seed: int | None, member: int | None = None
+    step_dir: Path, seed: int | None, setting: str | None = None
 ) -> tuple[Any, Any, dict[str, Any]]:
     description = read_description(step_dir)
     model = models.build_model(description["model"])
-    k = seed_index(description, seed, step_dir) if member is None else member
+    k = seed_index(description, seed, step_dir, setting)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     count = len(description.get("seeds", [0]))
     shapes = jax.eval_shape(

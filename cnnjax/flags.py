@@ -40,6 +40,21 @@ ALIASES = {
 }
 
 
+def add_member_flags(parser: argparse.ArgumentParser) -> None:
+    """--seed and --setting: which model of a run that trained several (seeds, or a grid)."""
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="which seed of a run that trained several (default: its first)",
+    )
+    parser.add_argument(
+        "--setting",
+        default=None,
+        help="in an ablation grid's run (OUT/grid-*), which setting's model (default: the first)",
+    )
+
+
 def add_flags(
     parser: argparse.ArgumentParser,
     defaults: Config,

@@ -16,7 +16,7 @@ change shapes or code: `groups` puts them in separate programs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -155,3 +155,27 @@ def describe(grid: Sequence[Member]) -> list[dict[str, Any]]:
         }
         for m in grid
     ]
+
+
+def position(description: Mapping[str, Any], seed: int | None, setting: str | None = None) -> int:
+    """Where a checkpoint's `description` holds `seed` (default: its first) of `setting` (a grid's
+    members share seeds: there, seed alone names no member); ValueError saying why none."""
+    members = description.get("members") or []
+    settings = list(dict.fromkeys(m["setting"] for m in members))
+    if setting is None and seed is not None and len(settings) > 1:
+        raise ValueError(
+            f"is an ablation grid: seed {seed} is one of each setting ({', '.join(settings)}); "
+            "name one with --setting"
+        )
+    if setting is not None and setting not in settings:
+        held = f"the settings {', '.join(settings)}" if settings else "no ablation grid's settings"
+        raise ValueError(f"holds {held}; --setting {setting!r} is not one")
+    seeds = list(description.get("seeds", [0]))
+    if setting is not None:
+        seeds = [m["seed"] if m["setting"] == setting else None for m in members]
+        seed = next(s for s in seeds if s is not None) if seed is None else seed
+    if seed is not None and seed not in seeds:
+        held = ", ".join(str(s) for s in seeds if s is not None)
+        of = f" of {setting}" if setting else ""
+        raise ValueError(f"holds seed(s) {held}{of}; seed {seed} is not one of them")
+    return 0 if seed is None else seeds.index(seed)

@@ -55,12 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="best",
         help="with a run folder: best, latest or an epoch number (default: best)",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="which seed of a run that trained several (default: its first)",
-    )
+    flags.add_member_flags(parser)
     parser.add_argument(
         "--image",
         help="an image file (default: the first validation cat, or MNIST's first test image)",
@@ -189,7 +184,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 def draw(args: argparse.Namespace) -> list[Path]:
     """Everything that can fail on bad input happens before the first file is written."""
-    model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed)
+    model, params, description = checkpoint.load_model(
+        args.checkpoint, args.which, args.seed, setting=args.setting
+    )
     interpolation = description.get("config", {}).get("data", {}).get("interpolation", "nearest")
     image = load_input(model, args, interpolation)
     conv_pool = [n for n in look.resolve_layers(model) if n.startswith(("conv2d", "max_pooling2d"))]

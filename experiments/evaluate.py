@@ -117,12 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         default="best",
         help="with a run folder: best, latest or an epoch number (default: best)",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="which seed of a run that trained several (default: its first)",
-    )
+    flags.add_member_flags(parser)
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -148,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with runs.exits():
         if args.batch_size < 1:
             raise config.ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model, params, description = checkpoint.load_model(args.checkpoint, args.which, args.seed)
+        model, params, description = checkpoint.load_model(
+            args.checkpoint, args.which, args.seed, setting=args.setting
+        )
         trained = trained_data(model, description)
         name_another_runs_checkpoint(description)
         data_dir = args.data_dir or trained.data_dir

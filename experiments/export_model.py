@@ -32,12 +32,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--which", default="best", help="best (by validation loss), latest or an epoch number"
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="which seed of a run that trained several (default: its first)",
-    )
+    flags.add_member_flags(parser)
     parser.add_argument(
         "--dtype",
         default="float16",
@@ -50,8 +45,10 @@ def main(argv: list[str] | None = None) -> Path:
         out = Path(args.out)
         if out.exists() and any(out.iterdir()):
             raise config.ConfigError(f"{out} is not empty; remove it or choose another folder")
-        model, params, description = checkpoint.load_model(args.run, args.which, args.seed)
-        k = checkpoint.seed_index(description, args.seed, args.run)
+        model, params, description = checkpoint.load_model(
+            args.run, args.which, args.seed, setting=args.setting
+        )
+        k = checkpoint.seed_index(description, args.seed, args.run, args.setting)
         stored = jax.tree.map(lambda leaf: jnp.asarray(leaf, args.dtype), params)
         keep = {
             key: [description[key][k]]

@@ -125,3 +125,47 @@ def test_a_grid_killed_mid_epoch_resumes_to_the_same_table(tmp_path, data):
         .read_text()
         .split("Paired differences")[1]
     )
+
+
+def test_evaluate_picks_a_grid_member_by_its_setting_and_seed(tmp_path, data, capsys):
+    """A grid's run holds every member: evaluate.py --setting S --seed K scores that member's best
+    checkpoint, and a seed alone, which every setting has, is refused in one line."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax import checkpoint, models, train
+    from cnnjax import data as datalib
+    from experiments import evaluate
+
+    result = _ablate(tmp_path, data, "--settings", "none", "flip", "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    grid_run = next((tmp_path / "ablation").glob("grid-*"))
+    members = json.loads((grid_run / "config.json").read_text())["members"]
+    position = {(m["setting"], m["seed"]): i for i, m in enumerate(members)}
+
+    def member_loss(setting: str, seed: int) -> float:
+        k = position[setting, seed]  # read by position, as the checkpoint stacks the members
+        best = checkpoint.read_description(checkpoint.find(grid_run, "latest"))["best"][k]["epoch"]
+        model, _, description = checkpoint.load_model(grid_run, best)
+        keys = jax.ShapeDtypeStruct((len(members), 2), jnp.uint32)
+        shapes = jax.eval_shape(jax.vmap(lambda key: models.init_params(model, key)), keys)
+        stacked = checkpoint.restore_trees(grid_run / "checkpoints" / str(best), {"params": shapes})
+        params = jax.tree.map(lambda leaf: leaf[k], stacked["params"])
+        spec = dataclasses.replace(evaluate.trained_data(model, description), input="memory")
+        test_set = datalib.load(spec, ("test",))["test"]
+        return train.evaluate(model, params, test_set, 100)["loss"]
+
+    scored = evaluate.main(["--checkpoint", str(grid_run), "--setting", "flip", "--seed", "1"])
+    assert scored["loss"] == member_loss("flip", 1) != member_loss("none", 1)
+    capsys.readouterr()
+    for argv, says in (
+        (["--seed", "1"], "is an ablation grid: seed 1 is one of each setting (none, flip)"),
+        (["--setting", "zoom"], "holds the settings none, flip; --setting 'zoom' is not one"),
+        (["--setting", "flip", "--seed", "7"], "holds seed(s) 0, 1 of flip; seed 7 is not one"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            evaluate.main(["--checkpoint", str(grid_run), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(err) == 1 and says in err[0], err

@@ -199,17 +199,17 @@ def test_a_read_of_a_run_being_written_finds_the_checkpoint_again_when_it_is_pru
     out = copy_run(reference, tmp_path)
     real_read, calls = checkpoint._read_model, []
 
-    def pruned_first(step_dir, seed, member):
+    def pruned_first(step_dir, *choice):
         calls.append(step_dir.name)
         if len(calls) == 1:
             shutil.rmtree(step_dir)  # the writer's preservation policy, at the worst moment
-        return real_read(step_dir, seed, member)
+        return real_read(step_dir, *choice)
 
     monkeypatch.setattr(checkpoint, "_read_model", pruned_first)
     monkeypatch.setattr(
         checkpoint,
         "find",
-        lambda path, which, seed, member: out / "checkpoints" / (calls and "3" or "1"),
+        lambda path, *choice: out / "checkpoints" / (calls and "3" or "1"),
     )
     _, params, description = checkpoint.load_model(out, "best")
     assert calls == ["1", "3"] and description["epoch"] == 3
