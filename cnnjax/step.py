@@ -255,8 +255,11 @@ def compile_steps(
         # One seed's program leaves part of the cores idle (its small operations run on one
         # thread), so turns run side by side, one host thread each; one after another, XLA
         # runs the calls in order. Each seed's numbers are the same either way.
-        with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(at_once)
+        try:
             turns = list(pool.map(lambda k: jax.block_until_ready(turn(k)), range(num_seeds)))
+        finally:  # a Ctrl-C waits for the turns running, not for those still to start
+            pool.shutdown(cancel_futures=True)
         return _stacked(turns)
 
     return in_turn
