@@ -131,6 +131,18 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+def run_alone(script: str, argv: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """One process of `script` (relative to the repository) with `argv`, its output captured."""
+    return subprocess.run(
+        [sys.executable, script, *argv],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="module")
 def mnist_data(tmp_path_factory) -> Path:
     return write_mnist_folder(tmp_path_factory.mktemp("mnist"), n_train=200, n_test=64)
@@ -139,21 +151,8 @@ def mnist_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_process(mnist_data, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("single") / "run"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "experiments/mnist.py",
-            *ARGS,
-            "--data-dir",
-            str(mnist_data),
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    done = run_alone(
+        "experiments/mnist.py", [*ARGS, "--data-dir", str(mnist_data), "--out", str(out)], 240
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return history(out)
@@ -257,23 +256,8 @@ def test_a_peer_that_never_starts_is_one_line_within_the_join_timeout(
         "5",
     ]
     start = time.monotonic()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "experiments/mnist.py",
-            *ARGS,
-            "--data-dir",
-            str(mnist_data),
-            "--out",
-            str(tmp_path / "run"),
-            *flags,
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    argv = [*ARGS, "--data-dir", str(mnist_data), "--out", str(tmp_path / "run"), *flags]
+    done = run_alone("experiments/mnist.py", argv, 120)
     assert done.returncode == mesh.EXIT_LOST and time.monotonic() - start < 60, done.stderr[-2000:]
     lines = error_lines(done.stderr)
     assert (
@@ -357,19 +341,8 @@ def test_a_grid_shares_its_members_over_two_processes(tmp_path):
     argv = [
         *("--data-dir", str(data), *TINY_ABLATION_FLAGS, "--settings", "none", "flip"),
     ]
-    single = subprocess.run(
-        [
-            sys.executable,
-            "experiments/ablate_augmentation.py",
-            *argv,
-            "--out",
-            str(tmp_path / "one"),
-        ],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    single = run_alone(
+        "experiments/ablate_augmentation.py", [*argv, "--out", str(tmp_path / "one")], 240
     )
     assert single.returncode == 0, single.stderr[-3000:]
     out = tmp_path / "two"
