@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cnnjax.data.common import first_line
+from cnnjax.data.common import first_line, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,7 @@ def seeds_at_once(mesh: Mesh, num_seeds: int) -> int:
     side by side, two programs' collectives could meet in different orders on different devices."""
     if mesh.devices.size > 1 or jax.process_count() > 1:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(num_seeds, cores or 1))
+    return min(num_seeds, usable_cores())
 
 
 def describe(mesh: Mesh) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from cnnjax import files
-from cnnjax.data.common import cache_root
+from cnnjax.data.common import cache_root, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def machine() -> str:
     with contextlib.suppress(OSError):
         found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
         model = found.group(1).strip() if found else model
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores, jax {jax.__version__}"
+    return f"{model}, {usable_cores()} cores, jax {jax.__version__}"
 
 
 @functools.lru_cache(maxsize=4)

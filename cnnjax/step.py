@@ -11,7 +11,6 @@ global batch, so 1, 2 or 8 devices compute the same numbers.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from jax.sharding import Mesh
 from cnnjax import mesh as meshlib
 from cnnjax import models
 from cnnjax.augment import AugmentConfig, member_augment, random_augment
+from cnnjax.data.common import thread_map
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -249,18 +249,13 @@ def compile_steps(
             seed_batches = _seed(batches, k) if per_seed else batches
             return compiled(*_seed((carry, sums), k), seed_batches, data)
 
-        at_once = meshlib.seeds_at_once(mesh, num_seeds)
-        if at_once == 1:
-            return _stacked([turn(k) for k in range(num_seeds)])
         # One seed's program leaves part of the cores idle (its small operations run on one
-        # thread), so turns run side by side, one host thread each; one after another, XLA
-        # runs the calls in order. Each seed's numbers are the same either way.
-        pool = concurrent.futures.ThreadPoolExecutor(at_once)
-        try:
-            turns = list(pool.map(lambda k: jax.block_until_ready(turn(k)), range(num_seeds)))
-        finally:  # a Ctrl-C waits for the turns running, not for those still to start
-            pool.shutdown(cancel_futures=True)
-        return _stacked(turns)
+        # thread), so turns run side by side, one host thread each, each waiting for its own
+        # call: dispatched from one thread, XLA runs the calls in order. Each seed's numbers are
+        # the same either way.
+        at_once = meshlib.seeds_at_once(mesh, num_seeds)
+        run_turn = turn if at_once == 1 else lambda k: jax.block_until_ready(turn(k))
+        return _stacked(thread_map(run_turn, list(range(num_seeds)), at_once, "cnnjax-seeds"))
 
     return in_turn
 

@@ -189,12 +189,16 @@ def first_line(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:300]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one: Linux)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def default_workers() -> int:
     """Threads for decoding, hashing and copying files: twice the cores, as file reads and the
     Python between PIL calls leave cores idle at one per core."""
-    # os.sched_getaffinity exists on Linux only
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(16, 2 * cpus)
+    return min(16, 2 * usable_cores())
 
 
 def thread_map(
