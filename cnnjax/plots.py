@@ -268,8 +268,8 @@ def curve_stats(
 
 
 def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Mean validation accuracy and loss per epoch of each ablation setting, with a ±1 std band over
-    seeds."""
+    """Mean validation accuracy and loss per epoch of each ablation setting, with a ±1 std band
+    over seeds."""
     fig = Figure(figsize=(13, 5))
     axes = fig.subplots(1, 2)
     for result in results:
@@ -285,10 +285,8 @@ def plot_curves(results: Sequence[dict[str, Any]], path: Path) -> Path:
             )
             (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    for ax, title in zip(
-        axes,
-        ("Validation accuracy (mean ± std over seeds)", "Validation loss (mean ± std over seeds)"),
-    ):
+    titles = [f"Validation {what} (mean ± std over seeds)" for what in ("accuracy", "loss")]
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
