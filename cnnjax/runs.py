@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnnjax import augment, data, interrupts, models, plots, run_folder, train
+from cnnjax import augment, compile_cache, data, interrupts, models, plots, run_folder, train
 from cnnjax import config as configlib
 from cnnjax import mesh as meshlib
 from cnnjax.checkpoint import CheckpointError
@@ -274,9 +274,11 @@ def start(args: Any) -> None:
 
 
 def run_as_script(main: Callable[[], Any]) -> None:
-    """A script's entry point: main(), and after an interrupt an exit that skips the interpreter's
-    teardown (XLA may still be compiling on its own threads, and tearing down under them crashes);
-    the lock and the files were let go on the way out of main."""
+    """A script's entry point: main(), with compiled programs kept on disk (cnnjax.compile_cache),
+    and after an interrupt an exit that skips the interpreter's teardown (XLA may still be
+    compiling on its own threads, and tearing down under them crashes); the lock and the files
+    were let go on the way out of main."""
+    compile_cache.enable()
     try:
         main()
     except SystemExit as e:
