@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 from pathlib import Path
 
 import jax
@@ -71,12 +70,8 @@ class AtomicFileCache(CacheInterface):
 
 def folder() -> Path:
     """This machine's entries: cache_root()/xla/<CPU model, flags digest, cores, jax version>."""
-    flags = ""
-    with contextlib.suppress(OSError):
-        found = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        flags = found.group(1) if found else ""
-    kind = f"{routes.machine()} {hashlib.sha256(flags.encode()).hexdigest()[:8]}"
-    return cache_root() / "xla" / re.sub(r"[^A-Za-z0-9.]+", "-", kind).strip("-")
+    flags = hashlib.sha256((routes.cpuinfo("flags") or "").encode()).hexdigest()[:8]
+    return cache_root() / "xla" / routes.slug(f"{routes.machine()} {flags}")
 
 
 def enable() -> AtomicFileCache | None:
@@ -112,11 +107,14 @@ def prune(path: Path, max_bytes: int = MAX_BYTES) -> list[Path]:
     for entry in path.iterdir():
         with contextlib.suppress(OSError):
             if not entry.name.startswith("."):  # a writer's temporary: clean_orphans' business
-                entries.append((entry.stat().st_mtime, entry.stat().st_size, entry))
+                stat = entry.stat()
+                entries.append((stat.st_mtime, stat.st_size, entry))
     total = sum(size for _, size, _ in entries)
     removed = []
+    if total <= max_bytes:
+        return removed
     for _, size, entry in sorted(entries):
-        if total <= (max_bytes if not removed else max_bytes // 2):
+        if total <= max_bytes // 2:
             break
         entry.unlink(missing_ok=True)
         total -= size

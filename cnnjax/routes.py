@@ -70,13 +70,23 @@ def pinned(route_policy: str) -> Iterator[None]:
         _pinned.pop()
 
 
+def cpuinfo(field: str) -> str | None:
+    """One field of the first CPU in /proc/cpuinfo ("model name", "flags"); None where absent."""
+    with contextlib.suppress(OSError):
+        found = re.search(rf"^{field}\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        return found.group(1).strip() if found else None
+    return None
+
+
 def machine() -> str:
     """The CPU model, the cores usable and the jax version: what choices hold for."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = found.group(1).strip() if found else model
+    model = cpuinfo("model name") or platform.processor() or platform.machine()
     return f"{model}, {usable_cores()} cores, jax {jax.__version__}"
+
+
+def slug(text: str) -> str:
+    """text as a file name: each run of other characters than letters, digits and dots a dash."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
 @functools.lru_cache(maxsize=4)
@@ -93,8 +103,7 @@ def cache_file() -> Path:
     else a file per machine and revision of cnnjax's code under the user cache."""
     if os.environ.get(FILE_ENV):
         return Path(os.environ[FILE_ENV])
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", machine()).strip("-")
-    return cache_root() / "routes" / f"{slug}-{code_revision()}.json"
+    return cache_root() / "routes" / f"{slug(machine())}-{code_revision()}.json"
 
 
 def choose(operation: str, candidates: Mapping[str, Callable], args: Sequence[Any]) -> str:
