@@ -1,5 +1,5 @@
 """The convolution the models run on the CPU (stride 1, "valid"): each pass, the forward one and
-both gradients, by the faster of two routes for its shape, as cnnjax.routes measures it.
+both gradients, by the fastest of its routes at its shape, as cnnjax.routes measures it.
 
 Same sums as `lax.conv_general_dilated` in another order (float32 rounding aside);
 tests/test_ops.py checks every route against lax in float64 at every layer shape of both models.
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from cnnjax import routes
 
 # On the CPU a stride-1 "valid" convolution is routed by hand, pass by pass; elsewhere it is
-# plain `lax.conv_general_dilated` (cuDNN on a GPU). Each pass has two routes, the same sums in
-# another order (float32 rounding aside), and cnnjax.routes times both at the layer's shape on
-# the running machine, once, and keeps the faster:
+# plain `lax.conv_general_dilated` (cuDNN on a GPU). Each pass has two or more routes, the same
+# sums in another order (float32 rounding aside), and cnnjax.routes times them at the layer's
+# shape on the running machine, once, and keeps the fastest:
 # - "matmul": the convolution as one matrix product per pass. The forward pass multiplies the
 #   patches matrix (im2col: the kh*kw shifted views side by side, (N, oh, ow, kh*kw*C_in)) by
 #   the kernel as a (kh*kw*C_in, C_out) matrix; the kernel gradient contracts the same patches
@@ -36,6 +36,9 @@ from cnnjax import routes
 #     and slicing the extra away, moves the same sums to Eigen at the price of kh rows of
 #     zeros: worth it while they are a small part of the layer (`_EIGEN_MAX_WASTE`).
 #   - The input gradient's output is larger than its input: it goes to Eigen by itself.
+#   - The kernel gradient may also run a few images at a time ("xla_blocksK", K images per
+#     block, see `_kernel_grad_routes`): a shorter contraction, which at some layers Eigen
+#     computes faster than the whole batch's.
 #   - With 1-3 input channels (the first layer), 9-27 multiply-adds per output are too few
 #     for either library to amortise its call: fused multiply-adds (forward) and small matrix
 #     products image by image (kernel gradient) beat both.
@@ -198,6 +201,19 @@ def _kernel_grad_xla(x: jax.Array, dy: jax.Array) -> jax.Array:
     return out.transpose(1, 2, 0, 3)  # (C_in, kh, kw, C_out) -> (kh, kw, C_in, C_out)
 
 
+def _kernel_grad_xla_blocks(size: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The "xla" kernel gradient `size` images at a time (size divides N), the blocks summed."""
+
+    def kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+        # Unrolled: a scan over the blocks measured slower than the same convolutions written out.
+        blocks = [
+            _kernel_grad_xla(x[i : i + size], dy[i : i + size]) for i in range(0, len(x), size)
+        ]
+        return reduce(operator.add, blocks)
+
+    return kernel_grad
+
+
 def _kernel_grad_matmul(x: jax.Array, dy: jax.Array) -> jax.Array:
     """A block of images at a time, the patches (n*oh*ow, kh*kw*C_in), as the forward pass builds
     them, contracted with dy (n*oh*ow, C_out) over their rows; the blocks summed by a scan."""
@@ -259,23 +275,49 @@ def _input_grad_matmul(dy: jax.Array, kernel: jax.Array) -> jax.Array:
 FORWARD_ROUTES = {"xla": _forward_xla, "matmul": _forward_matmul}
 KERNEL_GRAD_ROUTES = {"xla": _kernel_grad_xla, "matmul": _kernel_grad_matmul}
 INPUT_GRAD_ROUTES = {"xla": _input_grad_xla, "matmul": _input_grad_matmul}
+# The kernel gradient's contraction runs over N*oh*ow rows. At some layers Eigen computes it
+# faster a few images at a time, in blocks of up to about this many rows of dy, than for the whole
+# batch at once; which size, if any, differs by layer, so each is one more route to measure.
+_KERNEL_GRAD_BLOCK_ROWS = (1024, 4096)
 
 
-def _routed(operation: str, candidates: dict[str, Callable[..., jax.Array]]):
-    """One pass: the route cnnjax.routes chooses for the shape it is traced at."""
+def _kernel_grad_routes(x: jax.Array, dy: jax.Array) -> dict[str, Callable[..., jax.Array]]:
+    """KERNEL_GRAD_ROUTES, and "xla_blocksK" (K images per block) for each block size that
+    `_KERNEL_GRAD_BLOCK_ROWS` gives this shape short of the whole batch. Not for the first
+    layer, whose "xla" route already goes image by image."""
+    n, oh, ow, _ = dy.shape
+    kh, kw = x.shape[1] - oh + 1, x.shape[2] - ow + 1
+    found = dict(KERNEL_GRAD_ROUTES)
+    if kh * kw * x.shape[3] <= _DIRECT_MAX_TAPS:
+        return found
+    for rows in _KERNEL_GRAD_BLOCK_ROWS:
+        size = _image_blocks(n, oh * ow, rows)
+        if size < n:
+            found[f"xla_blocks{size}"] = _kernel_grad_xla_blocks(size)
+    return found
+
+
+def _routed(
+    operation: str, candidates: Callable[..., dict[str, Callable[..., jax.Array]]]
+) -> Callable[..., jax.Array]:
+    """One pass: of the routes `candidates` offers for the arguments' shapes, the one cnnjax.routes
+    chooses."""
 
     def run(*args: jax.Array) -> jax.Array:
-        return candidates[routes.choose(operation, candidates, args)](*args)
+        offered = candidates(*args)
+        return offered[routes.choose(operation, offered, args)](*args)
 
     return run
 
 
 _forward = _seed_loop_under_vmap(
-    _routed("conv_forward", FORWARD_ROUTES), n_axis_args=(0,), output_has_n_axis=True
+    _routed("conv_forward", lambda *_: FORWARD_ROUTES), n_axis_args=(0,), output_has_n_axis=True
 )
 _kernel_grad = _seed_loop_under_vmap(
-    _routed("conv_kernel_grad", KERNEL_GRAD_ROUTES), n_axis_args=(0, 1), output_has_n_axis=False
+    _routed("conv_kernel_grad", _kernel_grad_routes), n_axis_args=(0, 1), output_has_n_axis=False
 )
 _input_grad = _seed_loop_under_vmap(
-    _routed("conv_input_grad", INPUT_GRAD_ROUTES), n_axis_args=(0,), output_has_n_axis=True
+    _routed("conv_input_grad", lambda *_: INPUT_GRAD_ROUTES),
+    n_axis_args=(0,),
+    output_has_n_axis=True,
 )

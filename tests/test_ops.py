@@ -82,8 +82,9 @@ def test_bad_arguments_are_clear_errors():
 
 # --- The routed CPU convolution against lax, at the models' real layer shapes ----------------
 #
-# On the CPU `conv2d_nhwc` (stride 1, "valid") runs each pass by one of two routes, "xla" or
-# "matmul", the faster as cnnjax.routes measures it; every test below runs under each route.
+# On the CPU `conv2d_nhwc` (stride 1, "valid") runs each pass by one of its routes, "xla",
+# "matmul" or (the kernel gradient) "xla_blocksK", the fastest as cnnjax.routes measures it;
+# the tests below run under each.
 # Within "xla" the layer's shape picks the implementation (cnnjax/cpu_conv.py): the forward pass and
 # the kernel gradient are "direct"
 # (kh*kw*C_in <= cpu_conv._DIRECT_MAX_TAPS: fused taps / a scan of per-image products),
@@ -272,7 +273,7 @@ def test_conv_layers_cover_every_route():
     assert covered == EVERY_ROUTE
 
 
-@pytest.mark.parametrize("route", ["xla", "matmul"])
+@pytest.mark.parametrize("route", ["xla", "matmul", "xla_blocks1"])
 @pytest.mark.parametrize("layer", CONV_LAYERS)
 def test_conv_value_and_both_gradients_match_lax_at_layer_shapes(layer, route):
     """conv2d_nhwc against lax.conv_general_dilated (float64): value, input and kernel
@@ -286,6 +287,45 @@ def test_conv_value_and_both_gradients_match_lax_at_layer_shapes(layer, route):
     for what, a, b in zip(("value", "d_input", "d_kernel"), ours, reference):
         err = _rel_err(a, b)
         assert err <= CONV_RTOL, f"{layer} {what}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("layer", CONV_LAYERS)
+def test_kernel_gradient_in_blocks_of_images_matches_lax_at_layer_shapes(layer):
+    """The "xla_blocksK" routes, 1 and 2 images per block of 4: every block counted once."""
+    x, kernel, ct = _conv_arrays(CONV_LAYERS[layer][0], 4, seed=zlib.crc32(layer.encode()))
+    d_kernel = _lax_float64(x, kernel, ct)[2]
+    for size in (1, 2):
+        ours = jax.jit(cpu_conv._kernel_grad_xla_blocks(size))(x, ct)
+        err = _rel_err(ours, d_kernel)
+        assert err <= CONV_RTOL, f"{layer} blocks of {size}: relative error {err:.2e}"
+
+
+def test_kernel_gradient_offers_blocks_only_where_they_split_the_batch():
+    def offered(n, layer):
+        x, _, ct = _conv_arrays(CONV_LAYERS[layer][0], n, seed=0)
+        return list(cpu_conv._kernel_grad_routes(x, ct))
+
+    base = list(cpu_conv.KERNEL_GRAD_ROUTES)
+    # 72*72 rows of dy per image: one image per block under either bound.
+    assert offered(20, "cats_conv2d_1") == [*base, "xla_blocks1"]
+    # 11*11 rows per image: blocks of the most images under 1024 and 4096 rows dividing 64.
+    assert offered(64, "mnist_conv2d_1") == [*base, "xla_blocks8", "xla_blocks32"]
+    assert offered(64, "mnist_conv2d_2") == base  # 3*3 rows: the whole batch fits either bound
+    assert offered(20, "cats_conv2d") == base  # the first layer goes image by image already
+    # Under the blocked route the program holds one kernel-gradient convolution per block.
+    x, kernel, ct = (
+        jax.ShapeDtypeStruct(a.shape, a.dtype)
+        for a in _conv_arrays(CONV_LAYERS["cats_conv2d_1"][0], 3, 0)
+    )
+    with routes.pinned("xla_blocks1"):
+        jaxpr = jax.make_jaxpr(_value_and_vjp(cpu_conv.valid_conv))(x, kernel, ct).jaxpr
+    convs = [
+        e
+        for top in jaxpr.eqns
+        for e in _all_eqns(top)
+        if e.primitive.name == "conv_general_dilated"
+    ]
+    assert len(convs) == 1 + 1 + 3  # forward, input gradient, kernel gradient in 3 blocks
 
 
 # vmap: kernel batched (seeds trained together: one call per seed, lax.map) or only the
