@@ -3,6 +3,7 @@ training the loop runs, or their figures measure something else."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import common
@@ -27,6 +28,7 @@ def test_conv_layers_reports_every_conv_layer_with_its_arithmetic_and_routes():
     passes a training step runs, and the route of each of them."""
     from benchmarks import conv_layers
     from benchmarks.conv_grad import layer_shapes
+    from cnnjax import cpu_conv
 
     lines = conv_layers.layer_lines("mnist", reps=1)
     shapes = layer_shapes("mnist")[0]
@@ -38,7 +40,15 @@ def test_conv_layers_reports_every_conv_layer_with_its_arithmetic_and_routes():
         )
         expected = {"conv_forward", "conv_kernel_grad"} | ({"conv_input_grad"} if i else set())
         assert set(line["routes"]) == expected
-        assert set(line["routes"].values()) <= {"xla", "matmul"}
+        # Each pass took one of the routes it offers at this layer's shape.
+        x, dy = jnp.zeros((n, h, w, c_in)), jnp.zeros((n, h - 2, w - 2, c_out))
+        offered = {
+            "conv_forward": cpu_conv.FORWARD_ROUTES,
+            "conv_kernel_grad": cpu_conv._kernel_grad_routes(x, dy),
+            "conv_input_grad": cpu_conv.INPUT_GRAD_ROUTES,
+        }
+        for operation, route in line["routes"].items():
+            assert route in offered[operation], (line["layer"], operation, route)
         assert line["fraction"] == pytest.approx(
             line["ours_gflops"] / line["matmul_gflops"], rel=0.02
         )
