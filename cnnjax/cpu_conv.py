@@ -46,20 +46,20 @@ from cnnjax import routes
 # the "xla" routes against plain lax; rerun them when jaxlib changes.
 
 NHWC = ("NHWC", "HWIO", "NHWC")  # dimension numbers: channels last, kernels as flax stores them
-_DIRECT_MAX_TAPS = 27  # kh * kw * C_in up to this: forward as a fused sum of taps (3x3x3)
+DIRECT_MAX_TAPS = 27  # kh * kw * C_in up to this: forward as a fused sum of taps (3x3x3)
 _EIGEN_MAX_WASTE = 0.3  # zero rows / useful rows up to this: pad to reach Eigen
 
 
 @jax.custom_vjp
 def valid_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A stride-1 'valid' convolution whose passes each take the CPU route chosen for its shape."""
-    return _forward(x, kernel)
+    return forward(x, kernel)
 
 
 def _conv_fwd(x, kernel):
     # symbolic_zeros: each primal comes with whether it is differentiated. The data's input to
     # the first layer is not, so its input gradient is neither traced nor timed.
-    y = _forward(x.value, kernel.value)
+    y = forward(x.value, kernel.value)
     return y, (x.value, kernel.value, x.perturbed)
 
 
@@ -67,14 +67,14 @@ def _conv_bwd(residuals, dy):
     x, kernel, x_perturbed = residuals
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         dy = jnp.zeros(dy.shape, dy.dtype)
-    d_input = _input_grad(dy, kernel) if x_perturbed else None
-    return d_input, _kernel_grad(x, dy)
+    d_input = input_grad(dy, kernel) if x_perturbed else None
+    return d_input, kernel_grad(x, dy)
 
 
 valid_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
 
 
-def _seed_loop_under_vmap(
+def seed_loop_under_vmap(
     fn: Callable[..., jax.Array], n_axis_args: tuple[int, ...], output_has_n_axis: bool
 ):
     """`fn` (one convolution pass), with a vmap rule of its own. Same sums either way.
@@ -113,7 +113,7 @@ def _taps(x: jax.Array, kh: int, kw: int) -> list[jax.Array]:
 def _forward_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
     kh, kw, c_in, c_out = kernel.shape
     ow = x.shape[2] - kw + 1
-    if kh * kw * c_in <= _DIRECT_MAX_TAPS:
+    if kh * kw * c_in <= DIRECT_MAX_TAPS:
         # Few channels in: sum kh*kw*C_in broadcast products. XLA fuses them (with the
         # bias and ReLU that follow) into one loop; no im2col, no library call.
         taps = _taps(x, kh, kw)
@@ -167,7 +167,7 @@ def _kernel_grad_xla(x: jax.Array, dy: jax.Array) -> jax.Array:
     """dK[i, j, c, d] = sum over n, y, x of x[n, y+i, x+j, c] * dy[n, y, x, d]."""
     n, oh, ow, c_out = dy.shape
     kh, kw, c_in = x.shape[1] - oh + 1, x.shape[2] - ow + 1, x.shape[3]
-    if kh * kw * c_in <= _DIRECT_MAX_TAPS:
+    if kh * kw * c_in <= DIRECT_MAX_TAPS:
         # First layer: per image, the (kh*kw*C_in, oh*ow) patches matrix (taps stacked on
         # the leading axis: a cheap copy) times dy, summed over images by a scan. Image by
         # image everything stays in cache, which beats one big product, Eigen and YNNPACK
@@ -204,14 +204,14 @@ def _kernel_grad_xla(x: jax.Array, dy: jax.Array) -> jax.Array:
 def _kernel_grad_xla_blocks(size: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The "xla" kernel gradient `size` images at a time (size divides N), the blocks summed."""
 
-    def kernel_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    def in_blocks(x: jax.Array, dy: jax.Array) -> jax.Array:
         # Unrolled: a scan over the blocks measured slower than the same convolutions written out.
         blocks = [
             _kernel_grad_xla(x[i : i + size], dy[i : i + size]) for i in range(0, len(x), size)
         ]
         return reduce(operator.add, blocks)
 
-    return kernel_grad
+    return in_blocks
 
 
 def _kernel_grad_matmul(x: jax.Array, dy: jax.Array) -> jax.Array:
@@ -288,7 +288,7 @@ def _kernel_grad_routes(x: jax.Array, dy: jax.Array) -> dict[str, Callable[..., 
     n, oh, ow, _ = dy.shape
     kh, kw = x.shape[1] - oh + 1, x.shape[2] - ow + 1
     found = dict(KERNEL_GRAD_ROUTES)
-    if kh * kw * x.shape[3] <= _DIRECT_MAX_TAPS:
+    if kh * kw * x.shape[3] <= DIRECT_MAX_TAPS:
         return found
     for rows in _KERNEL_GRAD_BLOCK_ROWS:
         size = _image_blocks(n, oh * ow, rows)
@@ -297,7 +297,7 @@ def _kernel_grad_routes(x: jax.Array, dy: jax.Array) -> dict[str, Callable[..., 
     return found
 
 
-def _routed(
+def routed(
     operation: str, candidates: Callable[..., dict[str, Callable[..., jax.Array]]]
 ) -> Callable[..., jax.Array]:
     """One pass: of the routes `candidates` offers for the arguments' shapes, the one cnnjax.routes
@@ -310,14 +310,14 @@ def _routed(
     return run
 
 
-_forward = _seed_loop_under_vmap(
-    _routed("conv_forward", lambda *_: FORWARD_ROUTES), n_axis_args=(0,), output_has_n_axis=True
+forward = seed_loop_under_vmap(
+    routed("conv_forward", lambda *_: FORWARD_ROUTES), n_axis_args=(0,), output_has_n_axis=True
 )
-_kernel_grad = _seed_loop_under_vmap(
-    _routed("conv_kernel_grad", _kernel_grad_routes), n_axis_args=(0, 1), output_has_n_axis=False
+kernel_grad = seed_loop_under_vmap(
+    routed("conv_kernel_grad", _kernel_grad_routes), n_axis_args=(0, 1), output_has_n_axis=False
 )
-_input_grad = _seed_loop_under_vmap(
-    _routed("conv_input_grad", lambda *_: INPUT_GRAD_ROUTES),
+input_grad = seed_loop_under_vmap(
+    routed("conv_input_grad", lambda *_: INPUT_GRAD_ROUTES),
     n_axis_args=(0,),
     output_has_n_axis=True,
 )

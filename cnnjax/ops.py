@@ -14,7 +14,7 @@ from functools import partial, reduce
 import jax
 import jax.numpy as jnp
 
-from cnnjax import cpu_conv
+from cnnjax import conv_pool, cpu_conv
 
 
 def same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -125,6 +125,15 @@ def conv2d_nhwc(
     if jax.default_backend() == "cpu" and stride == 1 and padding == "valid":
         return cpu_conv.valid_conv(x, kernel)
     return _lax_conv(x, kernel, stride, padding)
+
+
+def conv_relu_pool_nhwc(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """`max_pool_nhwc(relu(conv2d_nhwc(x, kernel) + bias), 2)`: a ReLU conv layer and the pool after
+    it. On the CPU, at a large first layer, one op whose gradient does not write the convolution's
+    whole output (cnnjax/conv_pool.py), with the same values; elsewhere the two layers' own ops."""
+    if jax.default_backend() == "cpu" and conv_pool.pays(x.shape, kernel.shape):
+        return conv_pool.conv_relu_pool(x, kernel, bias)
+    return max_pool_nhwc(jax.nn.relu(conv2d_nhwc(x, kernel) + bias), 2)
 
 
 def _lax_conv(

@@ -87,7 +87,7 @@ def test_bad_arguments_are_clear_errors():
 # the tests below run under each.
 # Within "xla" the layer's shape picks the implementation (cnnjax/cpu_conv.py): the forward pass and
 # the kernel gradient are "direct"
-# (kh*kw*C_in <= cpu_conv._DIRECT_MAX_TAPS: fused taps / a scan of per-image products),
+# (kh*kw*C_in <= cpu_conv.DIRECT_MAX_TAPS: fused taps / a scan of per-image products),
 # "padded" (kw/ow resp. kh/oh <= cpu_conv._EIGEN_MAX_WASTE: zero-padded so that Eigen takes it)
 # or "unpadded" (the plain library call); the input gradient has one route ("full": the
 # full correlation with the flipped kernel).
@@ -184,7 +184,7 @@ def _rel_err(ours, reference) -> float:
 def _predicted_routes(h, w, c_in):
     """The routes the predicates of cnnjax/cpu_conv.py choose for a 3x3 layer."""
     oh, ow = h - KH + 1, w - KW + 1
-    direct = KH * KW * c_in <= cpu_conv._DIRECT_MAX_TAPS
+    direct = KH * KW * c_in <= cpu_conv.DIRECT_MAX_TAPS
     forward = (
         "direct" if direct else "padded" if KW / ow <= cpu_conv._EIGEN_MAX_WASTE else "unpadded"
     )
