@@ -74,15 +74,13 @@ def tune_malloc() -> None:
 
 @contextlib.contextmanager
 def layers_use(conv, pool):
-    """Make the model layers call `conv` and `pool` while a step is traced (a conv layer and its
-    pool too, which the models may run as one op)."""
-    saved = models.conv2d_nhwc, models.max_pool_nhwc, models.conv_relu_pool_nhwc
+    """Make the model layers call `conv` and `pool` while a step is traced."""
+    saved = models.conv2d_nhwc, models.max_pool_nhwc
     models.conv2d_nhwc, models.max_pool_nhwc = conv, pool
-    models.conv_relu_pool_nhwc = lambda x, k, bias: pool(jax.nn.relu(conv(x, k) + bias), 2)
     try:
         yield
     finally:
-        models.conv2d_nhwc, models.max_pool_nhwc, models.conv_relu_pool_nhwc = saved
+        models.conv2d_nhwc, models.max_pool_nhwc = saved
 
 
 def setup(model_name: str, batch: int, steps: int):
