@@ -12,6 +12,10 @@ cnnjax.routes to time against the other.
 Same values as `max_pool_nhwc(relu(conv2d_nhwc(x, kernel) + bias))` and the same gradient, ties
 included (each position equal to its window's maximum takes an equal share); only the float sums
 of the kernel and bias gradients may run in another order.
+
+Not yet taken by cnnjax.models. A layer's own output must stay reachable for what inspects it:
+Grad-CAM (cnnjax.inspect) intercepts the last conv layer's call and adds to its output, which
+this op, returning the pooled map, does not have.
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ from functools import reduce
 import jax
 import jax.numpy as jnp
 
-from cnnjax import cpu_conv
+from cnnjax import cpu_conv, ops
 
 WINDOW = 2  # the models' pool: 2x2, stride 2, "valid"
-_OFFSETS = [(a, b) for a in range(WINDOW) for b in range(WINDOW)]  # bit o of the mask: (a, b)
+# bit o of the mask: offset (a, b) of the window, in the order of ops.pool_views
+_OFFSETS = [(a, b) for a in range(WINDOW) for b in range(WINDOW)]
 
 
 def _window_views(z: jax.Array) -> list[jax.Array]:
-    """z[:, a::2, b::2, :] for each offset (a, b), cropped to whole windows ("valid")."""
+    """z[:, a::2, b::2, :] for each offset (a, b), cropped to whole windows ("valid").
+
+    ops.pool_views holds the same elements, but its crop-then-stride slicing made XLA fuse the
+    first layer's sum of taps otherwise, and the pooled values differed from the layers' own in
+    the last bit (tests/test_conv_pool.py)."""
     height, width = WINDOW * (z.shape[1] // WINDOW), WINDOW * (z.shape[2] // WINDOW)
     return [z[:, a:height:WINDOW, b:width:WINDOW, :] for a, b in _OFFSETS]
 
@@ -64,12 +73,9 @@ def _shares(pooled: jax.Array, hits: jax.Array, d_pooled: jax.Array) -> list[jax
 def _output_grad(x, kernel, pooled, hits, d_pooled) -> jax.Array:
     """The convolution's output gradient, (N, oh, ow, C_out), zero on the border no window
     covered."""
-    parts = _shares(pooled, hits, d_pooled)
-    n, ph, pw, c = d_pooled.shape
-    rows = [jnp.stack(parts[a * WINDOW : (a + 1) * WINDOW], axis=3) for a in range(WINDOW)]
-    dz = jnp.stack(rows, axis=2).reshape(n, WINDOW * ph, WINDOW * pw, c)
     oh, ow = x.shape[1] - kernel.shape[0] + 1, x.shape[2] - kernel.shape[1] + 1
-    return jnp.pad(dz, ((0, 0), (0, oh - dz.shape[1]), (0, ow - dz.shape[2]), (0, 0)))
+    shape = (x.shape[0], oh, ow, kernel.shape[3])
+    return ops.from_window_parts(_shares(pooled, hits, d_pooled), WINDOW, shape)
 
 
 def _grads_whole(x, kernel, pooled, hits, d_pooled):

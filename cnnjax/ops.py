@@ -14,7 +14,7 @@ from functools import partial, reduce
 import jax
 import jax.numpy as jnp
 
-from cnnjax import conv_pool, cpu_conv
+from cnnjax import cpu_conv
 
 
 def same_padding(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -127,15 +127,6 @@ def conv2d_nhwc(
     return _lax_conv(x, kernel, stride, padding)
 
 
-def conv_relu_pool_nhwc(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """`max_pool_nhwc(relu(conv2d_nhwc(x, kernel) + bias), 2)`: a ReLU conv layer and the pool after
-    it. On the CPU, at a large first layer, one op whose gradient does not write the convolution's
-    whole output (cnnjax/conv_pool.py), with the same values; elsewhere the two layers' own ops."""
-    if jax.default_backend() == "cpu" and conv_pool.pays(x.shape, kernel.shape):
-        return conv_pool.conv_relu_pool(x, kernel, bias)
-    return max_pool_nhwc(jax.nn.relu(conv2d_nhwc(x, kernel) + bias), 2)
-
-
 def _lax_conv(
     x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "valid"
 ) -> jax.Array:
@@ -160,7 +151,7 @@ def max_pool_nhwc(x: jax.Array, window: int = 2) -> jax.Array:
     return x.reshape(n, oh, window, ow, window, c).max(axis=(2, 4))
 
 
-def _pool_views(x: jax.Array, window: int) -> list[jax.Array]:
+def pool_views(x: jax.Array, window: int) -> list[jax.Array]:
     """x[:, a::w, b::w, :] for each (a, b) of the window, cropped to whole windows ("valid")."""
     oh, ow = x.shape[1] // window, x.shape[2] // window
     x = x[:, : oh * window, : ow * window, :]
@@ -169,7 +160,7 @@ def _pool_views(x: jax.Array, window: int) -> list[jax.Array]:
 
 def _max_pool_forward(x: jax.Array, window: int) -> jax.Array:
     return reduce(
-        jnp.maximum, _pool_views(x, window)
+        jnp.maximum, pool_views(x, window)
     )  # elementwise: XLA fuses it with the ReLU before
 
 
@@ -191,16 +182,19 @@ def _max_pool_bwd(window, residuals, dy):
     into fewer passes, measured markedly faster for ReLU + pool, forward and gradient.
     """
     x, y = residuals
-    n, h, w, c = x.shape
-    oh, ow = y.shape[1], y.shape[2]
-    hits = [(view == y).astype(dy.dtype) for view in _pool_views(x, window)]
+    hits = [(view == y).astype(dy.dtype) for view in pool_views(x, window)]
     share = dy / sum(hits)  # ties share the gradient, as jax's reduce-max rule does
-    parts = [hit * share for hit in hits]  # (N, oh, ow, C) each, in window order (a, b)
+    return (from_window_parts([hit * share for hit in hits], window, x.shape),)
+
+
+def from_window_parts(parts: list[jax.Array], window: int, shape: tuple[int, ...]) -> jax.Array:
+    """The inverse of `pool_views`: the (N, oh, ow, C) parts, in window order (a, b), interleaved
+    into one (N, H, W, C) array of `shape`, zero on the border "valid" pooling dropped."""
+    n, oh, ow, c = parts[0].shape
     rows = [jnp.stack(parts[a * window : (a + 1) * window], axis=3) for a in range(window)]
-    dx = jnp.stack(rows, axis=2).reshape(n, oh * window, ow * window, c)
-    if dx.shape != x.shape:  # the border "valid" pooling dropped gets no gradient
-        dx = jnp.pad(dx, ((0, 0), (0, h - oh * window), (0, w - ow * window), (0, 0)))
-    return (dx,)
+    out = jnp.stack(rows, axis=2).reshape(n, oh * window, ow * window, c)
+    border = ((0, 0), (0, shape[1] - oh * window), (0, shape[2] - ow * window), (0, 0))
+    return out if out.shape == tuple(shape) else jnp.pad(out, border)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
