@@ -13,9 +13,9 @@ Same values as `max_pool_nhwc(relu(conv2d_nhwc(x, kernel) + bias))` and the same
 included (each position equal to its window's maximum takes an equal share); only the float sums
 of the kernel and bias gradients may run in another order.
 
-Not yet taken by cnnjax.models. A layer's own output must stay reachable for what inspects it:
-Grad-CAM (cnnjax.inspect) intercepts the last conv layer's call and adds to its output, which
-this op, returning the pooled map, does not have.
+cnnjax.models takes it in training only (`models.sequential`): a layer's own output must stay
+reachable for what inspects it, and Grad-CAM (cnnjax.inspect) intercepts the last conv layer's
+call and adds to its output, which this op, returning the pooled map, does not have.
 """
 
 from __future__ import annotations
@@ -130,6 +130,12 @@ def pays(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
     n, h, w, _ = x_shape
     output_bytes = n * (h - kh + 1) * (w - kw + 1) * c_out * 4
     return kh * kw * c_in <= cpu_conv.DIRECT_MAX_TAPS and output_bytes >= _MIN_OUTPUT_BYTES
+
+
+def applies(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
+    """Whether a ReLU conv layer followed by the pool should run as this op: on the CPU, where it
+    `pays`; elsewhere (cuDNN) the layers on their own."""
+    return jax.default_backend() == "cpu" and pays(x_shape, kernel_shape)
 
 
 def _grad_routes(*_) -> dict:

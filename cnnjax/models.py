@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnnjax import conv_pool
 from cnnjax.ops import conv2d_nhwc, max_pool_nhwc
 
 glorot_uniform = nn.initializers.glorot_uniform()
@@ -106,12 +107,16 @@ class Conv2D(nn.Module):
     activation: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, then_pool: bool = False) -> jax.Array:
+        """then_pool: return the 2x2 max pool of the output instead (see `sequential`)."""
         kernel = self.param(
             "kernel", glorot_uniform, (*self.kernel_size, x.shape[-1], self.features)
         )
         bias = self.param("bias", zeros, (self.features,))
-        return ACTIVATIONS[self.activation](conv2d_nhwc(x, kernel) + bias)
+        if then_pool and self.activation == "relu" and conv_pool.applies(x.shape, kernel.shape):
+            return conv_pool.conv_relu_pool(x, kernel, bias)
+        out = ACTIVATIONS[self.activation](conv2d_nhwc(x, kernel) + bias)
+        return max_pool_nhwc(out, 2) if then_pool else out
 
 
 class Dense(nn.Dense):
@@ -130,6 +135,24 @@ class MaxPooling2D(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return max_pool_nhwc(x, 2)
+
+
+def sequential(model: nn.Module, layers: list[nn.Module], x: jax.Array, train: bool) -> jax.Array:
+    """The layers in turn, as Keras's Sequential runs them.
+
+    In training, where no layer's output is recorded, a Conv2D and the MaxPooling2D after it run
+    as one op (cnnjax.conv_pool): the same values, and a gradient that does not write the conv
+    layer's whole output. Everywhere else each layer runs on its own, its output reachable by
+    what records or intercepts it (`layer_outputs`, Grad-CAM in cnnjax.inspect)."""
+    fuse = train and not model.is_mutable_collection("intermediates")
+    i = 0
+    while i < len(layers):
+        pool_next = i + 1 < len(layers) and isinstance(layers[i + 1], MaxPooling2D)
+        if fuse and isinstance(layers[i], Conv2D) and pool_next:
+            x, i = layers[i](x, then_pool=True), i + 2
+        else:
+            x, i = layers[i](x), i + 1
+    return x
 
 
 class Dropout(nn.Module):
@@ -207,14 +230,17 @@ class CatsDogsConvNet(nn.Module):
         self, x: jax.Array, train: bool = False, dropout_keep: jax.Array | None = None
     ) -> jax.Array:
         """dropout_keep: a grid member's own keep probability for the Dropout layer (Dropout)."""
-        x = Conv2D(32, (3, 3), activation="relu", name="conv2d")(x)
-        x = MaxPooling2D(name="max_pooling2d")(x)
-        x = Conv2D(64, (3, 3), activation="relu", name="conv2d_1")(x)
-        x = MaxPooling2D(name="max_pooling2d_1")(x)
-        x = Conv2D(128, (3, 3), activation="relu", name="conv2d_2")(x)
-        x = MaxPooling2D(name="max_pooling2d_2")(x)
-        x = Conv2D(128, (3, 3), activation="relu", name="conv2d_3")(x)
-        x = MaxPooling2D(name="max_pooling2d_3")(x)
+        convolutions = [
+            Conv2D(32, (3, 3), activation="relu", name="conv2d"),
+            MaxPooling2D(name="max_pooling2d"),
+            Conv2D(64, (3, 3), activation="relu", name="conv2d_1"),
+            MaxPooling2D(name="max_pooling2d_1"),
+            Conv2D(128, (3, 3), activation="relu", name="conv2d_2"),
+            MaxPooling2D(name="max_pooling2d_2"),
+            Conv2D(128, (3, 3), activation="relu", name="conv2d_3"),
+            MaxPooling2D(name="max_pooling2d_3"),
+        ]
+        x = sequential(self, convolutions, x, train)
         x = Flatten(name="flatten")(x)
         if self.dropout_rate > 0:
             x = Dropout(self.dropout_rate, name="dropout")(x, train, dropout_keep)
