@@ -28,10 +28,12 @@ def _inputs(shape, c_out, seed=0):
 def test_same_values_and_gradients_as_the_layers(route, shape):
     x, kernel, bias = _inputs(shape, 8)
     d_pooled = jax.random.normal(jax.random.PRNGKey(9), _layers(x, kernel, bias).shape)
+    # Both sides under the pin: the forward convolution then takes one route on both (its
+    # default), not the pinned one and a measured one, which sum in other orders.
     with routes.pinned(route):
         fused, fused_vjp = jax.vjp(lambda k, b: conv_pool.conv_relu_pool(x, k, b), kernel, bias)
         grads = fused_vjp(d_pooled)
-    plain, plain_vjp = jax.vjp(lambda k, b: _layers(x, k, b), kernel, bias)
+        plain, plain_vjp = jax.vjp(lambda k, b: _layers(x, k, b), kernel, bias)
     np.testing.assert_array_equal(fused, plain)
     for ours, theirs in zip(grads, plain_vjp(d_pooled)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
